@@ -1,0 +1,173 @@
+//! The model catalog: which Claude models Spillway offers, under which names,
+//! and in which Vertex regions.
+//!
+//! Clients name models three ways: the Vertex id (`claude-3-haiku@20240307`),
+//! the Anthropic API id (`claude-3-haiku-20240307`, translated by the caller
+//! before lookup) or a configured alias (`haiku`). Vertex pins versions with
+//! `@date`; Google advises against unversioned ids, so a [`Resolution`] says
+//! whether an alias was used and the edge can warn about it.
+//!
+//! Each model lists its regions in preference order. The first is the
+//! primary region; the rest are where traffic spills when it is full.
+
+use std::collections::HashMap;
+
+/// The per-(region, model) budget Vertex grants, as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionBudget {
+    /// Vertex location, e.g. `us-central1` or `global`.
+    pub region: String,
+    /// Requests per window (Vertex: per minute).
+    pub requests_per_min: u32,
+    /// Input plus output tokens per window.
+    pub tokens_per_min: u64,
+}
+
+/// One model as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The Vertex model id, used verbatim in upstream URLs.
+    pub id: String,
+    /// Other names clients may use for this model.
+    pub aliases: Vec<String>,
+    /// Largest input plus output the model accepts, in tokens.
+    pub context_window: u64,
+    /// Characters per token for estimating text (Claude: about 3.5).
+    pub chars_per_token: f64,
+    /// Regions serving the model, primary first. May be empty: the model is
+    /// known but switched off, and requests for it get a clear error.
+    pub regions: Vec<RegionBudget>,
+}
+
+/// How a requested name was resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolution<'a> {
+    pub model: &'a ModelSpec,
+    /// The client used an alias rather than a versioned id.
+    pub via_alias: bool,
+}
+
+/// Configuration mistakes that make a catalog unusable.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CatalogError {
+    #[error("models: the name {name:?} is used by both {first:?} and {second:?}")]
+    DuplicateName {
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("models.{model}: region {region:?} is listed twice")]
+    DuplicateRegion { model: String, region: String },
+}
+
+/// The set of configured models, indexed by every name they answer to.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    models: Vec<ModelSpec>,
+    /// name → (index into `models`, is an alias)
+    names: HashMap<String, (usize, bool)>,
+}
+
+impl Catalog {
+    pub fn new(models: Vec<ModelSpec>) -> Result<Self, CatalogError> {
+        let mut names: HashMap<String, (usize, bool)> = HashMap::new();
+        for (index, model) in models.iter().enumerate() {
+            let mut seen_regions = std::collections::HashSet::new();
+            for budget in &model.regions {
+                if !seen_regions.insert(budget.region.as_str()) {
+                    return Err(CatalogError::DuplicateRegion {
+                        model: model.id.clone(),
+                        region: budget.region.clone(),
+                    });
+                }
+            }
+            let all_names = std::iter::once((&model.id, false))
+                .chain(model.aliases.iter().map(|alias| (alias, true)));
+            for (name, is_alias) in all_names {
+                if let Some((other, _)) = names.insert(name.clone(), (index, is_alias)) {
+                    return Err(CatalogError::DuplicateName {
+                        name: name.clone(),
+                        first: models[other].id.clone(),
+                        second: model.id.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Self { models, names })
+    }
+
+    /// Looks a client-supplied name up among ids and aliases.
+    pub fn resolve(&self, name: &str) -> Option<Resolution<'_>> {
+        self.names
+            .get(name)
+            .map(|&(index, via_alias)| Resolution {
+                model: &self.models[index],
+                via_alias,
+            })
+    }
+
+    pub fn models(&self) -> &[ModelSpec] {
+        &self.models
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, aliases: &[&str], regions: &[&str]) -> ModelSpec {
+        ModelSpec {
+            id: id.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            context_window: 200_000,
+            chars_per_token: 3.5,
+            regions: regions
+                .iter()
+                .map(|r| RegionBudget {
+                    region: r.to_string(),
+                    requests_per_min: 60,
+                    tokens_per_min: 50_000,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn resolves_ids_and_aliases() {
+        let catalog = Catalog::new(vec![
+            spec("claude-3-haiku@20240307", &["haiku"], &["us-central1"]),
+            spec("claude-3-sonnet@20240229", &[], &["us-central1"]),
+        ])
+        .unwrap();
+        let by_id = catalog.resolve("claude-3-haiku@20240307").unwrap();
+        assert_eq!(by_id.model.id, "claude-3-haiku@20240307");
+        assert!(!by_id.via_alias);
+        let by_alias = catalog.resolve("haiku").unwrap();
+        assert_eq!(by_alias.model.id, "claude-3-haiku@20240307");
+        assert!(by_alias.via_alias);
+        assert!(catalog.resolve("claude-3-opus@20240229").is_none());
+    }
+
+    #[test]
+    fn rejects_a_name_used_twice() {
+        let err = Catalog::new(vec![
+            spec("a@1", &["x"], &[]),
+            spec("b@1", &["x"], &[]),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err,
+            CatalogError::DuplicateName {
+                name: "x".into(),
+                first: "a@1".into(),
+                second: "b@1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_a_region_listed_twice() {
+        let err = Catalog::new(vec![spec("a@1", &[], &["r", "r"])]).unwrap_err();
+        assert!(matches!(err, CatalogError::DuplicateRegion { .. }));
+    }
+}

@@ -1,0 +1,459 @@
+//! Configuration: layered, validated once at start, then immutable.
+//!
+//! Layers, lowest first: the defaults compiled in from `config/default.toml`,
+//! then each `--config` file, then environment variables named
+//! `SPILLWAY__SECTION__KEY` (double underscores, because keys themselves
+//! contain single ones). A bad value fails start-up with the key and the
+//! problem, never later on the request path.
+//!
+//! Secrets (the upstream static token) never leave this module unredacted:
+//! [`Settings::redacted_toml`] is what `spillway check-config` prints.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use spillway_core::{Catalog, ModelSpec, RegionBudget};
+
+/// The defaults shipped with Spillway, embedded so the binary needs no files.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+/// The demo overlay (simulated upstream, no client auth on loopback).
+pub const DEMO_TOML: &str = include_str!("../../../config/demo.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub quota: QuotaDefaults,
+    /// Keyed by Vertex model id, so a layer can add or change one model.
+    pub models: BTreeMap<String, ModelSettings>,
+    /// Keyed by tenant name.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    ApiKey,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub auth: ClientAuth,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamAuth {
+    Gcp,
+    Static,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub project: String,
+    pub regional_url: String,
+    pub global_url: String,
+    #[serde(default)]
+    pub multi_region_urls: BTreeMap<String, String>,
+    pub auth: UpstreamAuth,
+    pub key_file: String,
+    pub token: String,
+    pub connect_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub pool_idle_timeout_ms: u64,
+    pub pool_max_idle_per_host: usize,
+    pub drop_vertex_events: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaDefaults {
+    pub requests_per_min: u32,
+    pub tokens_per_min: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default = "default_context_window")]
+    pub context_window: u64,
+    #[serde(default = "default_chars_per_token")]
+    pub chars_per_token: f64,
+    #[serde(default)]
+    pub regions: Vec<RegionSettings>,
+}
+
+fn default_context_window() -> u64 {
+    200_000
+}
+fn default_chars_per_token() -> f64 {
+    3.5
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionSettings {
+    pub name: String,
+    pub requests_per_min: Option<u32>,
+    pub tokens_per_min: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Hex SHA-256 of the client's key; the key itself is never stored.
+    pub key_sha256: String,
+}
+
+impl Settings {
+    /// Loads defaults, then `files` in order, then `SPILLWAY__*` variables.
+    pub fn load(files: &[PathBuf]) -> Result<Self, ConfigError> {
+        Self::load_layers(&[], files, None)
+    }
+
+    /// Like [`Settings::load`] with extra TOML text layered right above the
+    /// defaults (the demo overlay) and, for tests, an explicit environment.
+    pub fn load_layers(
+        overlays: &[&str],
+        files: &[PathBuf],
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        use config::{Environment, File, FileFormat};
+        let mut builder = config::Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        for overlay in overlays {
+            builder = builder.add_source(File::from_str(overlay, FileFormat::Toml));
+        }
+        for file in files {
+            builder = builder.add_source(File::from(file.as_path()).format(FileFormat::Toml));
+        }
+        let environment = Environment::with_prefix("SPILLWAY")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks everything serde cannot: cross-field rules and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.auth == ClientAuth::None && !self.server.listen.ip().is_loopback() {
+            return Err(invalid(
+                "server.auth",
+                format!(
+                    "\"none\" is only allowed when server.listen is a loopback address, not {}",
+                    self.server.listen
+                ),
+            ));
+        }
+        if self.server.auth == ClientAuth::ApiKey && self.tenants.is_empty() {
+            return Err(invalid(
+                "tenants",
+                "server.auth is \"api_key\" but no [tenants.NAME] are configured (add one with a key from `spillway hash-key`, or set server.auth = \"none\" on loopback)",
+            ));
+        }
+        let up = &self.upstream;
+        if !up.regional_url.contains("{region}") && !is_loopback_url(&up.regional_url) {
+            return Err(invalid(
+                "upstream.regional_url",
+                "must contain {region} (only a loopback simulator URL may omit it)",
+            ));
+        }
+        check_url("upstream.regional_url", &up.regional_url.replace("{region}", "r"))?;
+        check_url("upstream.global_url", &up.global_url)?;
+        for (name, url) in &up.multi_region_urls {
+            check_url(&format!("upstream.multi_region_urls.{name}"), url)?;
+        }
+        if !up.project.is_empty() && !is_gcp_project_id(&up.project) {
+            return Err(invalid(
+                "upstream.project",
+                format!("{:?} is not a GCP project id (6-30 of a-z, 0-9, -)", up.project),
+            ));
+        }
+        if up.auth == UpstreamAuth::Static && up.token.is_empty() {
+            return Err(invalid("upstream.token", "upstream.auth is \"static\" but token is empty"));
+        }
+        if up.connect_timeout_ms == 0 || up.read_timeout_ms == 0 {
+            return Err(invalid("upstream.connect_timeout_ms", "timeouts must be positive"));
+        }
+        if self.quota.requests_per_min == 0 || self.quota.tokens_per_min == 0 {
+            return Err(invalid("quota", "requests_per_min and tokens_per_min must be positive"));
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "at least one model must be configured"));
+        }
+        for (id, model) in &self.models {
+            let key = format!("models.{id:?}");
+            if !spillway_vertex::is_valid_model_id(id) {
+                return Err(invalid(key, "not a valid Vertex model id"));
+            }
+            if !(model.chars_per_token > 0.0 && model.chars_per_token.is_finite()) {
+                return Err(invalid(format!("{key}.chars_per_token"), "must be a positive number"));
+            }
+            if model.context_window == 0 {
+                return Err(invalid(format!("{key}.context_window"), "must be positive"));
+            }
+            for (j, region) in model.regions.iter().enumerate() {
+                if !is_region_name(&region.name) {
+                    return Err(invalid(
+                        format!("{key}.regions[{j}].name"),
+                        format!("{:?} is not a Vertex location name", region.name),
+                    ));
+                }
+                if region.requests_per_min == Some(0) || region.tokens_per_min == Some(0) {
+                    return Err(invalid(
+                        format!("{key}.regions[{j}]"),
+                        "budgets must be positive",
+                    ));
+                }
+            }
+        }
+        self.catalog()
+            .map_err(|e| invalid("models", e.to_string()))?;
+        for (name, tenant) in &self.tenants {
+            if name.trim().is_empty() {
+                return Err(invalid("tenants", "a tenant name must not be empty"));
+            }
+            if tenant.key_sha256.len() != 64 || hex::decode(&tenant.key_sha256).is_err() {
+                return Err(invalid(
+                    format!("tenants.{name}.key_sha256"),
+                    "must be 64 hex characters (the output of `spillway hash-key`)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The model catalog with every region's effective budget.
+    pub fn catalog(&self) -> Result<Catalog, spillway_core::CatalogError> {
+        let models = self
+            .models
+            .iter()
+            .map(|(id, m)| ModelSpec {
+                id: id.clone(),
+                aliases: m.aliases.clone(),
+                context_window: m.context_window,
+                chars_per_token: m.chars_per_token,
+                regions: m
+                    .regions
+                    .iter()
+                    .map(|r| RegionBudget {
+                        region: r.name.clone(),
+                        requests_per_min: r.requests_per_min.unwrap_or(self.quota.requests_per_min),
+                        tokens_per_min: r.tokens_per_min.unwrap_or(self.quota.tokens_per_min),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Catalog::new(models)
+    }
+
+    /// The effective configuration as TOML, secrets replaced.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.upstream.token.is_empty() {
+            shown.upstream.token = "<redacted>".into();
+        }
+        for tenant in shown.tenants.values_mut() {
+            // A digest is not the key, but showing all of it helps nobody.
+            tenant.key_sha256 = format!("{}…", &tenant.key_sha256[..8.min(tenant.key_sha256.len())]);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Loads and validates a config file for `spillway check-config`.
+pub fn check_file(path: &Path) -> Result<Settings, ConfigError> {
+    if !path.exists() {
+        return Err(invalid(path.display().to_string(), "file not found"));
+    }
+    Settings::load(&[path.to_path_buf()])
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let parsed = url
+        .parse::<http::Uri>()
+        .map_err(|e| invalid(key, format!("{url:?} is not a URL: {e}")))?;
+    match parsed.scheme_str() {
+        Some("https") => {}
+        Some("http") if is_loopback_url(url) => {}
+        Some("http") => {
+            return Err(invalid(key, "plain http is only allowed to a loopback address"));
+        }
+        _ => return Err(invalid(key, format!("{url:?} must start with https://"))),
+    }
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(invalid(key, format!("{url:?} has no host")));
+    }
+    if parsed.path() != "/" && !parsed.path().is_empty() {
+        return Err(invalid(key, "give the scheme and host only; Spillway adds /v1/..."));
+    }
+    Ok(())
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+fn is_gcp_project_id(s: &str) -> bool {
+    (6..=30).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn is_region_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn defaults_plus_demo_are_valid_and_carry_vertex_quotas() {
+        let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let haiku = catalog.resolve("claude-3-haiku@20240307").unwrap().model;
+        let regions: Vec<_> = haiku.regions.iter().map(|r| r.region.as_str()).collect();
+        assert_eq!(regions, ["us-central1", "europe-west4"]);
+        assert_eq!(haiku.regions[0].requests_per_min, 60);
+        assert_eq!(haiku.regions[0].tokens_per_min, 50_000);
+        assert_eq!(haiku.context_window, 200_000);
+        let sonnet = catalog.resolve("claude-3-sonnet@20240229").unwrap().model;
+        assert_eq!(sonnet.regions[1].region, "asia-southeast1");
+    }
+
+    #[test]
+    fn defaults_alone_need_tenants() {
+        let err = Settings::load_layers(&[], &[], env(&[])).unwrap_err();
+        assert!(err.to_string().starts_with("tenants:"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_use_double_underscores() {
+        let s = Settings::load_layers(
+            &[DEMO_TOML],
+            &[],
+            env(&[
+                ("SPILLWAY__SERVER__LISTEN", "127.0.0.1:9999"),
+                ("SPILLWAY__QUOTA__REQUESTS_PER_MIN", "120"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen.port(), 9999);
+        let catalog = s.catalog().unwrap();
+        let haiku = catalog.resolve("claude-3-haiku").unwrap().model;
+        assert_eq!(haiku.regions[0].requests_per_min, 120);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Settings::load_layers(
+            &[DEMO_TOML],
+            &[],
+            env(&[("SPILLWAY__SERVER__LISTEN", "not-an-address")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+
+        let err = Settings::load_layers(
+            &[DEMO_TOML, "[server]\nlisten = \"0.0.0.0:8080\"\n"],
+            &[],
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("server.auth:"), "{err}");
+
+        let err = Settings::load_layers(
+            &[DEMO_TOML, "[upstream]\nregional_url = \"http://evil.example.com\"\n"],
+            &[],
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("upstream.regional_url:"), "{err}");
+
+        let err = Settings::load_layers(&[DEMO_TOML, "[server]\nlisten_port = 1\n"], &[], env(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn a_new_model_is_a_few_lines() {
+        let extra = r#"
+[models."claude-sonnet-4-5@20250929"]
+aliases = ["claude-sonnet-4-5"]
+regions = [{ name = "global" }, { name = "us-east5", requests_per_min = 120 }]
+"#;
+        let s = Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let m = catalog.resolve("claude-sonnet-4-5").unwrap().model;
+        assert!(catalog.resolve("claude-3-haiku@20240307").is_some());
+        assert_eq!(m.regions[1].requests_per_min, 120);
+        assert_eq!(m.regions[1].tokens_per_min, 50_000);
+    }
+
+    #[test]
+    fn redaction_hides_the_upstream_token() {
+        let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("demo-upstream-token"));
+        assert!(shown.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,91 @@
+//! Every error a client can get from Spillway, and its HTTP form.
+//!
+//! This is the only place errors become HTTP: handlers and the upstream
+//! client return [`ApiError`], and [`IntoResponse`] renders it in Anthropic's
+//! shape, `{"type":"error","error":{"type":..,"message":..}}`, with the
+//! status the official SDKs map to the right exception. Errors the client
+//! cannot fix by retrying carry `x-should-retry: false`, which the SDKs obey.
+//!
+//! Messages never include upstream credentials: upstream failures are
+//! described by what failed, and the details go to the log.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use spillway_vertex::{ErrorKind, RequestError, UpstreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    InvalidRequest(#[from] RequestError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("content-type must be application/json, not {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("method not allowed: use POST")]
+    MethodNotAllowed,
+    /// The upstream answered with an error; already normalized.
+    #[error("{}", .0.message)]
+    Upstream(UpstreamError),
+    /// The upstream could not be reached or did not answer in time.
+    #[error("upstream {region} unavailable: {reason}")]
+    UpstreamUnavailable { region: String, reason: String },
+    #[error("upstream {region} did not answer in time")]
+    UpstreamTimeout { region: String },
+    /// Google credentials could not produce a token.
+    #[error("upstream credentials are not usable; see the Spillway log")]
+    Credentials,
+}
+
+impl ApiError {
+    pub fn kind_and_status(&self) -> (ErrorKind, StatusCode) {
+        use ApiError::*;
+        match self {
+            InvalidRequest(_) | BadRequest(_) => (ErrorKind::InvalidRequest, StatusCode::BAD_REQUEST),
+            Unauthenticated(_) => (ErrorKind::Authentication, StatusCode::UNAUTHORIZED),
+            NotFound(_) => (ErrorKind::NotFound, StatusCode::NOT_FOUND),
+            TooLarge { .. } => (ErrorKind::RequestTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            UnsupportedMediaType(_) => {
+                (ErrorKind::InvalidRequest, StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            }
+            MethodNotAllowed => (ErrorKind::InvalidRequest, StatusCode::METHOD_NOT_ALLOWED),
+            Upstream(e) => (
+                e.kind,
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            ),
+            UpstreamUnavailable { .. } => (ErrorKind::Api, StatusCode::BAD_GATEWAY),
+            UpstreamTimeout { .. } => (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT),
+            Credentials => (ErrorKind::Api, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    /// Whether retrying the same request could ever succeed.
+    fn retryable(&self) -> bool {
+        let (_, status) = self.kind_and_status();
+        status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status.is_server_error()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (kind, status) = self.kind_and_status();
+        let body = spillway_vertex::error_body(kind, &self.to_string(), None);
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if !self.retryable() {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}

@@ -1,0 +1,23 @@
+//! The Spillway gateway: the HTTP edge between backend services and
+//! Claude on Vertex AI.
+//!
+//! A request travels: [`request_id`] layer → [`auth`] layer → a handler in
+//! [`routes`] (content type, size, JSON and Messages validation, model
+//! resolution) → [`proxy::forward`] (region, upstream call, relay, log) →
+//! [`upstream`] (URL from config, Google credentials) and, for streams,
+//! [`passthrough`] (bytes relayed as they arrive, usage read on the side).
+//! Errors are [`error::ApiError`] until the edge renders them in Anthropic's
+//! shape. [`config`] loads and validates settings once at start.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod passthrough;
+pub mod proxy;
+pub mod request_id;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+pub use config::Settings;
+pub use server::{AppState, Gateway, StartError};

@@ -1,0 +1,305 @@
+//! The upstream: Vertex AI's Anthropic endpoints, reached over pooled
+//! connections with Google credentials.
+//!
+//! Three facts shape this module:
+//! - **Hosts come only from config.** A URL is built from the configured
+//!   template, a configured region and a catalog model id; nothing a client
+//!   sends can name a host, and redirects are never followed.
+//! - **No total timeout.** A stream may legitimately run for many minutes,
+//!   so only connecting and each read are bounded.
+//! - **Credentials stay here.** The bearer token is attached at the last
+//!   moment and never logged; a client's own key was already stripped by the
+//!   auth layer and nothing of the client's headers is forwarded except
+//!   `anthropic-beta`, which Vertex understands.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::config::{UpstreamAuth, UpstreamSettings};
+use crate::error::ApiError;
+
+/// OAuth scope Vertex AI requires.
+const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// Which Vertex endpoint to call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    RawPredict,
+    StreamRawPredict,
+    CountTokens,
+}
+
+impl Action {
+    fn path_suffix(self) -> &'static str {
+        match self {
+            Action::RawPredict | Action::CountTokens => "rawPredict",
+            Action::StreamRawPredict => "streamRawPredict",
+        }
+    }
+}
+
+/// Start-up failures of the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamInitError {
+    #[error("Google credentials: {0}")]
+    Credentials(String),
+    #[error("upstream.project is empty and no project could be found (set upstream.project or GOOGLE_CLOUD_PROJECT)")]
+    NoProject,
+    #[error("HTTP client: {0}")]
+    Client(String),
+}
+
+/// Where upstream bearer tokens come from.
+#[derive(Clone)]
+pub enum TokenSource {
+    /// gcp_auth providers cache and refresh tokens themselves.
+    Gcp(Arc<dyn gcp_auth::TokenProvider>),
+    Static(HeaderValue),
+    None,
+}
+
+impl std::fmt::Debug for TokenSource {
+    // Deliberately opaque: a Debug print must never show a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenSource::Gcp(_) => "TokenSource::Gcp",
+            TokenSource::Static(_) => "TokenSource::Static(<redacted>)",
+            TokenSource::None => "TokenSource::None",
+        })
+    }
+}
+
+impl TokenSource {
+    pub async fn authorization(&self) -> Result<Option<HeaderValue>, ApiError> {
+        match self {
+            TokenSource::Gcp(provider) => {
+                let token = provider.token(&[CLOUD_PLATFORM_SCOPE]).await.map_err(|e| {
+                    tracing::error!(error = %e, "could not get a Google access token");
+                    ApiError::Credentials
+                })?;
+                let mut value = HeaderValue::try_from(format!("Bearer {}", token.as_str()))
+                    .map_err(|_| ApiError::Credentials)?;
+                value.set_sensitive(true);
+                Ok(Some(value))
+            }
+            TokenSource::Static(value) => Ok(Some(value.clone())),
+            TokenSource::None => Ok(None),
+        }
+    }
+}
+
+/// The Vertex client: one connection pool for every region.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    tokens: TokenSource,
+    project: String,
+    regional_url: String,
+    global_url: String,
+    multi_region_urls: BTreeMap<String, String>,
+}
+
+impl Upstream {
+    pub async fn from_settings(settings: &UpstreamSettings) -> Result<Self, UpstreamInitError> {
+        let tokens = match settings.auth {
+            UpstreamAuth::None => TokenSource::None,
+            UpstreamAuth::Static => {
+                let mut value = HeaderValue::try_from(format!("Bearer {}", settings.token))
+                    .map_err(|_| {
+                        UpstreamInitError::Credentials(
+                            "upstream.token contains characters not allowed in a header".into(),
+                        )
+                    })?;
+                value.set_sensitive(true);
+                TokenSource::Static(value)
+            }
+            UpstreamAuth::Gcp => {
+                let provider: Arc<dyn gcp_auth::TokenProvider> = if settings.key_file.is_empty() {
+                    gcp_auth::provider().await.map_err(|e| {
+                        UpstreamInitError::Credentials(format!(
+                            "{e}; set upstream.key_file or GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+                        ))
+                    })?
+                } else {
+                    Arc::new(
+                        gcp_auth::CustomServiceAccount::from_file(&settings.key_file).map_err(
+                            |e| {
+                                UpstreamInitError::Credentials(format!(
+                                    "upstream.key_file {:?}: {e}",
+                                    settings.key_file
+                                ))
+                            },
+                        )?,
+                    )
+                };
+                TokenSource::Gcp(provider)
+            }
+        };
+        let project = if !settings.project.is_empty() {
+            settings.project.clone()
+        } else if let Some(p) = std::env::var("GOOGLE_CLOUD_PROJECT").ok().filter(|p| !p.is_empty()) {
+            p
+        } else if let TokenSource::Gcp(provider) = &tokens {
+            provider
+                .project_id()
+                .await
+                .map(|p| p.to_string())
+                .map_err(|_| UpstreamInitError::NoProject)?
+        } else {
+            return Err(UpstreamInitError::NoProject);
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .read_timeout(Duration::from_millis(settings.read_timeout_ms))
+            .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| UpstreamInitError::Client(e.to_string()))?;
+        Ok(Self {
+            client,
+            tokens,
+            project,
+            regional_url: settings.regional_url.trim_end_matches('/').to_string(),
+            global_url: settings.global_url.trim_end_matches('/').to_string(),
+            multi_region_urls: settings
+                .multi_region_urls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.trim_end_matches('/').to_string()))
+                .collect(),
+        })
+    }
+
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    /// Scheme and host for a Vertex location, by the SDK's rule.
+    pub fn base_url(&self, region: &str) -> String {
+        if region == "global" {
+            self.global_url.clone()
+        } else if let Some(url) = self.multi_region_urls.get(region) {
+            url.clone()
+        } else {
+            self.regional_url.replace("{region}", region)
+        }
+    }
+
+    /// The full endpoint URL. `region` and `model` come from config only.
+    pub fn url(&self, region: &str, model: &str, action: Action) -> String {
+        let model_segment = if action == Action::CountTokens {
+            "count-tokens"
+        } else {
+            model
+        };
+        format!(
+            "{}/v1/projects/{}/locations/{}/publishers/anthropic/models/{}:{}",
+            self.base_url(region),
+            self.project,
+            region,
+            model_segment,
+            action.path_suffix()
+        )
+    }
+
+    /// Sends one request; the caller interprets status and body.
+    pub async fn send(
+        &self,
+        region: &str,
+        model: &str,
+        action: Action,
+        body: Bytes,
+        beta: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut request = self
+            .client
+            .post(self.url(region, model, action))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if action == Action::StreamRawPredict {
+            request = request.header(http::header::ACCEPT, "text/event-stream");
+        }
+        if let Some(beta) = beta {
+            request = request.header("anthropic-beta", beta);
+        }
+        if let Some(authorization) = self.tokens.authorization().await? {
+            request = request.header(http::header::AUTHORIZATION, authorization);
+        }
+        request.send().await.map_err(|e| classify_send_error(region, e))
+    }
+
+    /// Readiness: can we produce credentials right now?
+    pub async fn ready(&self) -> Result<(), ApiError> {
+        tokio::time::timeout(Duration::from_secs(5), self.tokens.authorization())
+            .await
+            .map_err(|_| ApiError::Credentials)?
+            .map(|_| ())
+    }
+}
+
+/// Turns a transport failure into a client-facing error without leaking
+/// the URL (which names the project) or any header.
+pub fn classify_send_error(region: &str, error: reqwest::Error) -> ApiError {
+    let region = region.to_string();
+    if error.is_timeout() {
+        ApiError::UpstreamTimeout { region }
+    } else {
+        let reason = if error.is_connect() {
+            "connection failed"
+        } else {
+            "connection error"
+        };
+        tracing::warn!(%region, error = %error.without_url(), "upstream transport error");
+        ApiError::UpstreamUnavailable {
+            region,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream() -> Upstream {
+        Upstream {
+            client: reqwest::Client::new(),
+            tokens: TokenSource::None,
+            project: "my-proj".into(),
+            regional_url: "https://{region}-aiplatform.googleapis.com".into(),
+            global_url: "https://aiplatform.googleapis.com".into(),
+            multi_region_urls: [("us".to_string(), "https://aiplatform.us.rep.googleapis.com".to_string())]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn urls_follow_the_vertex_host_rule() {
+        let u = upstream();
+        assert_eq!(
+            u.url("us-central1", "claude-3-haiku@20240307", Action::RawPredict),
+            "https://us-central1-aiplatform.googleapis.com/v1/projects/my-proj/locations/us-central1/publishers/anthropic/models/claude-3-haiku@20240307:rawPredict"
+        );
+        assert_eq!(
+            u.url("global", "m@1", Action::StreamRawPredict),
+            "https://aiplatform.googleapis.com/v1/projects/my-proj/locations/global/publishers/anthropic/models/m@1:streamRawPredict"
+        );
+        assert_eq!(
+            u.url("us", "m@1", Action::CountTokens),
+            "https://aiplatform.us.rep.googleapis.com/v1/projects/my-proj/locations/us/publishers/anthropic/models/count-tokens:rawPredict"
+        );
+    }
+
+    #[test]
+    fn token_sources_never_print_tokens() {
+        let t = TokenSource::Static(HeaderValue::from_static("Bearer secret"));
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,178 @@
+//! `spillway`: the command line.
+//!
+//! - `spillway serve [--config FILE]...`: run the gateway.
+//! - `spillway demo`: the gateway in front of the bundled Vertex simulator,
+//!   needing no Google account.
+//! - `spillway check-config FILE`: validate a config and print the effective
+//!   settings with secrets redacted.
+//! - `spillway hash-key [KEY]`: the SHA-256 digest to put in config for a
+//!   client key (a fresh key is generated when none is given).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spillway_gateway::config::{check_file, LogFormat, Settings, DEMO_TOML};
+use spillway_gateway::Gateway;
+use spillway_sim::{SimConfig, Simulator};
+
+#[derive(Parser)]
+#[command(name = "spillway", version, about = "A quota-aware gateway for Claude on Vertex AI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config files layered over the built-in defaults, in order.
+        #[arg(long = "config", short = 'c')]
+        config: Vec<PathBuf>,
+    },
+    /// Run the gateway in front of a simulated Vertex AI (no Google account needed).
+    Demo {
+        /// Where the gateway listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the simulator listens (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        sim_listen: SocketAddr,
+    },
+    /// Validate a config file and print the effective config, secrets redacted.
+    CheckConfig { file: PathBuf },
+    /// Print the SHA-256 digest of a client key for `[tenants.NAME] key_sha256`.
+    HashKey {
+        /// The key; omitted, a new random key is generated and printed too.
+        key: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::HashKey { key } => {
+            hash_key(key);
+            Ok(())
+        }
+        Command::Serve { config } => run(|| async move {
+            let settings = Settings::load(&config)?;
+            serve(settings).await
+        }),
+        Command::Demo { listen, sim_listen } => run(|| demo(listen, sim_listen)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spillway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run<F, Fut>(f: F) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f())
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let settings = check_file(file)?;
+    println!("# {}: valid\n{}", file.display(), settings.redacted_toml());
+    Ok(())
+}
+
+fn hash_key(key: Option<String>) {
+    match key {
+        Some(key) => println!("{}", spillway_gateway::auth::hash_key(&key)),
+        None => {
+            let key = spillway_gateway::auth::new_client_key();
+            println!("key:        {key}");
+            println!("key_sha256: {}", spillway_gateway::auth::hash_key(&key));
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A second init (tests, demo restarts) is harmless; ignore it.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    init_logging(settings.server.log_format);
+    let gateway = Gateway::new(settings).await?;
+    let listener = gateway.bind().await?;
+    tracing::info!(addr = %listener.local_addr()?, "spillway listening");
+    gateway.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr, sim_listen: SocketAddr) -> anyhow::Result<()> {
+    let mut sim_config = SimConfig::vertex_defaults();
+    sim_config.bearer_token = Some("demo-upstream-token".into());
+    let sim = Simulator::start(sim_config, sim_listen)
+        .await
+        .context("starting the Vertex simulator")?;
+    let sim_url = sim.base_url();
+    let env = [
+        ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim_url.as_str()),
+        ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim_url.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain(std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")))
+    .chain([("SPILLWAY__SERVER__LISTEN".to_string(), listen.to_string())])
+    .collect();
+    let settings = Settings::load_layers(&[DEMO_TOML], &[], Some(env))?;
+    init_logging(settings.server.log_format);
+    let gateway = Gateway::new(settings).await?;
+    let listener = gateway.bind().await?;
+    let addr = listener.local_addr()?;
+    println!("Spillway demo: gateway on http://{addr}, simulated Vertex AI on {sim_url}");
+    println!("Try:");
+    println!(
+        "  curl -s http://{addr}/v1/messages -H 'content-type: application/json' \\\n    -d '{{\"model\":\"claude-3-haiku@20240307\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello, Claude\"}}]}}'"
+    );
+    println!("Press Ctrl-C to stop.");
+    gateway.serve(listener, shutdown_signal()).await?;
+    sim.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
