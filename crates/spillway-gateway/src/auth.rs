@@ -72,7 +72,12 @@ impl KeyRing {
             .iter()
             .filter_map(|(name, tenant)| {
                 let bytes: [u8; 32] = hex::decode(&tenant.key_sha256).ok()?.try_into().ok()?;
-                Some((bytes, Tenant { name: Arc::from(name.as_str()) }))
+                Some((
+                    bytes,
+                    Tenant {
+                        name: Arc::from(name.as_str()),
+                    },
+                ))
             })
             .collect();
         Self {
@@ -142,7 +147,12 @@ mod tests {
                 .iter()
                 .map(|(name, key)| {
                     let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-                    (d, Tenant { name: Arc::from(*name) })
+                    (
+                        d,
+                        Tenant {
+                            name: Arc::from(*name),
+                        },
+                    )
                 })
                 .collect(),
         }

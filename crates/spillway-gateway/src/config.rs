@@ -154,8 +154,8 @@ impl Settings {
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
         use config::{Environment, File, FileFormat};
-        let mut builder = config::Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let mut builder =
+            config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         for overlay in overlays {
             builder = builder.add_source(File::from_str(overlay, FileFormat::Toml));
         }
@@ -198,7 +198,10 @@ impl Settings {
                 "must contain {region} (only a loopback simulator URL may omit it)",
             ));
         }
-        check_url("upstream.regional_url", &up.regional_url.replace("{region}", "r"))?;
+        check_url(
+            "upstream.regional_url",
+            &up.regional_url.replace("{region}", "r"),
+        )?;
         check_url("upstream.global_url", &up.global_url)?;
         for (name, url) in &up.multi_region_urls {
             check_url(&format!("upstream.multi_region_urls.{name}"), url)?;
@@ -206,17 +209,29 @@ impl Settings {
         if !up.project.is_empty() && !is_gcp_project_id(&up.project) {
             return Err(invalid(
                 "upstream.project",
-                format!("{:?} is not a GCP project id (6-30 of a-z, 0-9, -)", up.project),
+                format!(
+                    "{:?} is not a GCP project id (6-30 of a-z, 0-9, -)",
+                    up.project
+                ),
             ));
         }
         if up.auth == UpstreamAuth::Static && up.token.is_empty() {
-            return Err(invalid("upstream.token", "upstream.auth is \"static\" but token is empty"));
+            return Err(invalid(
+                "upstream.token",
+                "upstream.auth is \"static\" but token is empty",
+            ));
         }
         if up.connect_timeout_ms == 0 || up.read_timeout_ms == 0 {
-            return Err(invalid("upstream.connect_timeout_ms", "timeouts must be positive"));
+            return Err(invalid(
+                "upstream.connect_timeout_ms",
+                "timeouts must be positive",
+            ));
         }
         if self.quota.requests_per_min == 0 || self.quota.tokens_per_min == 0 {
-            return Err(invalid("quota", "requests_per_min and tokens_per_min must be positive"));
+            return Err(invalid(
+                "quota",
+                "requests_per_min and tokens_per_min must be positive",
+            ));
         }
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model must be configured"));
@@ -227,7 +242,10 @@ impl Settings {
                 return Err(invalid(key, "not a valid Vertex model id"));
             }
             if !(model.chars_per_token > 0.0 && model.chars_per_token.is_finite()) {
-                return Err(invalid(format!("{key}.chars_per_token"), "must be a positive number"));
+                return Err(invalid(
+                    format!("{key}.chars_per_token"),
+                    "must be a positive number",
+                ));
             }
             if model.context_window == 0 {
                 return Err(invalid(format!("{key}.context_window"), "must be positive"));
@@ -295,7 +313,8 @@ impl Settings {
         }
         for tenant in shown.tenants.values_mut() {
             // A digest is not the key, but showing all of it helps nobody.
-            tenant.key_sha256 = format!("{}…", &tenant.key_sha256[..8.min(tenant.key_sha256.len())]);
+            tenant.key_sha256 =
+                format!("{}…", &tenant.key_sha256[..8.min(tenant.key_sha256.len())]);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
@@ -317,7 +336,10 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
         Some("https") => {}
         Some("http") if is_loopback_url(url) => {}
         Some("http") => {
-            return Err(invalid(key, "plain http is only allowed to a loopback address"));
+            return Err(invalid(
+                key,
+                "plain http is only allowed to a loopback address",
+            ));
         }
         _ => return Err(invalid(key, format!("{url:?} must start with https://"))),
     }
@@ -325,7 +347,10 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
         return Err(invalid(key, format!("{url:?} has no host")));
     }
     if parsed.path() != "/" && !parsed.path().is_empty() {
-        return Err(invalid(key, "give the scheme and host only; Spillway adds /v1/..."));
+        return Err(invalid(
+            key,
+            "give the scheme and host only; Spillway adds /v1/...",
+        ));
     }
     Ok(())
 }
@@ -347,13 +372,15 @@ fn is_loopback_url(url: &str) -> bool {
 
 fn is_gcp_project_id(s: &str) -> bool {
     (6..=30).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn is_region_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 40
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
 }
 
@@ -363,7 +390,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -422,12 +454,18 @@ mod tests {
         assert!(err.to_string().starts_with("server.auth:"), "{err}");
 
         let err = Settings::load_layers(
-            &[DEMO_TOML, "[upstream]\nregional_url = \"http://evil.example.com\"\n"],
+            &[
+                DEMO_TOML,
+                "[upstream]\nregional_url = \"http://evil.example.com\"\n",
+            ],
             &[],
             env(&[]),
         )
         .unwrap_err();
-        assert!(err.to_string().starts_with("upstream.regional_url:"), "{err}");
+        assert!(
+            err.to_string().starts_with("upstream.regional_url:"),
+            "{err}"
+        );
 
         let err = Settings::load_layers(&[DEMO_TOML, "[server]\nlisten_port = 1\n"], &[], env(&[]))
             .unwrap_err();

@@ -46,13 +46,16 @@ impl ApiError {
     pub fn kind_and_status(&self) -> (ErrorKind, StatusCode) {
         use ApiError::*;
         match self {
-            InvalidRequest(_) | BadRequest(_) => (ErrorKind::InvalidRequest, StatusCode::BAD_REQUEST),
+            InvalidRequest(_) | BadRequest(_) => {
+                (ErrorKind::InvalidRequest, StatusCode::BAD_REQUEST)
+            }
             Unauthenticated(_) => (ErrorKind::Authentication, StatusCode::UNAUTHORIZED),
             NotFound(_) => (ErrorKind::NotFound, StatusCode::NOT_FOUND),
             TooLarge { .. } => (ErrorKind::RequestTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
-            UnsupportedMediaType(_) => {
-                (ErrorKind::InvalidRequest, StatusCode::UNSUPPORTED_MEDIA_TYPE)
-            }
+            UnsupportedMediaType(_) => (
+                ErrorKind::InvalidRequest,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
             MethodNotAllowed => (ErrorKind::InvalidRequest, StatusCode::METHOD_NOT_ALLOWED),
             Upstream(e) => (
                 e.kind,

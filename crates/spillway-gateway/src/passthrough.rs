@@ -21,7 +21,9 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use spillway_vertex::{is_vertex_event, sse_error_event, ErrorKind, SseSplitter, StreamUsage, Usage};
+use spillway_vertex::{
+    is_vertex_event, sse_error_event, ErrorKind, SseSplitter, StreamUsage, Usage,
+};
 
 /// Largest single SSE event accepted from upstream.
 const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
@@ -80,7 +82,11 @@ impl SsePassthrough {
     }
 
     /// Ends the stream with an Anthropic error event for the client.
-    fn fail(&mut self, kind: ErrorKind, message: String) -> Poll<Option<Result<Bytes, Infallible>>> {
+    fn fail(
+        &mut self,
+        kind: ErrorKind,
+        message: String,
+    ) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.finished = true;
         let event = sse_error_event(kind, &message);
         self.report(Some(message), false);
@@ -116,7 +122,8 @@ impl Stream for SsePassthrough {
                             (Some(buf), _) => buf.extend_from_slice(&event.raw),
                             (None, None) => out = Some(event.raw),
                             (None, Some(first)) => {
-                                let mut buf = BytesMut::with_capacity(first.len() + event.raw.len());
+                                let mut buf =
+                                    BytesMut::with_capacity(first.len() + event.raw.len());
                                 buf.extend_from_slice(&first);
                                 buf.extend_from_slice(&event.raw);
                                 joined = Some(buf);
@@ -130,7 +137,10 @@ impl Stream for SsePassthrough {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let (kind, what) = if e.is_timeout() {
-                        (ErrorKind::Timeout, "upstream stopped sending (read timeout)")
+                        (
+                            ErrorKind::Timeout,
+                            "upstream stopped sending (read timeout)",
+                        )
                     } else {
                         (ErrorKind::Api, "upstream connection lost mid-stream")
                     };

@@ -14,14 +14,15 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use serde_json::{Map, Value};
 use spillway_core::ModelSpec;
-use spillway_vertex::{normalize_upstream_error, to_vertex_body, usage_from_message_body, Operation, Usage};
+use spillway_vertex::{
+    normalize_upstream_error, to_vertex_body, usage_from_message_body, Operation, Usage,
+};
 
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::passthrough::{SsePassthrough, StreamOutcome};
 use crate::request_id::RequestId;
 use crate::server::AppState;
-use crate::upstream::Action;
 
 /// One client call, validated and resolved to a model.
 pub struct Call<'a> {
@@ -54,15 +55,11 @@ fn choose_region(model: &ModelSpec) -> Result<&str, ApiError> {
 pub async fn forward(state: &AppState, call: Call<'_>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let region = choose_region(call.model)?.to_string();
-    let action = match (call.op, call.stream) {
-        (Operation::CountTokens, _) => Action::CountTokens,
-        (Operation::Messages, true) => Action::StreamRawPredict,
-        (Operation::Messages, false) => Action::RawPredict,
-    };
+    let stream = call.op == Operation::Messages && call.stream;
     let body = Bytes::from(to_vertex_body(call.body, call.op, &call.model.id));
     let upstream = state
         .upstream
-        .send(&region, &call.model.id, action, body, call.beta)
+        .send(&region, &call.model.id, call.op, stream, body, call.beta)
         .await;
     let log = RequestLog {
         request_id: call.request_id,
@@ -87,27 +84,32 @@ pub async fn forward(state: &AppState, call: Call<'_>) -> Result<Response, ApiEr
         return Err(ApiError::Upstream(error));
     }
 
-    let mut builder = Response::builder()
-        .status(StatusCode::OK)
-        .header("x-spillway-region", HeaderValue::from_str(&region).expect("region names are validated ASCII"));
+    let mut builder = Response::builder().status(StatusCode::OK).header(
+        "x-spillway-region",
+        HeaderValue::from_str(&region).expect("region names are validated ASCII"),
+    );
     if let Some(warning) = &call.alias_warning {
         if let Ok(value) = HeaderValue::from_str(warning) {
             builder = builder.header(header::WARNING, value);
         }
     }
 
-    if action == Action::StreamRawPredict {
+    if stream {
         let drop_vertex_events = state.settings.upstream.drop_vertex_events;
-        let body = SsePassthrough::new(response.bytes_stream(), drop_vertex_events, move |outcome: StreamOutcome| {
-            let result = if outcome.completed {
-                "ok"
-            } else if outcome.client_gone {
-                "client_gone"
-            } else {
-                "stream_error"
-            };
-            log.emit(200, Some(outcome.usage), result);
-        });
+        let body = SsePassthrough::new(
+            response.bytes_stream(),
+            drop_vertex_events,
+            move |outcome: StreamOutcome| {
+                let result = if outcome.completed {
+                    "ok"
+                } else if outcome.client_gone {
+                    "client_gone"
+                } else {
+                    "stream_error"
+                };
+                log.emit(200, Some(outcome.usage), result);
+            },
+        );
         let response = builder
             .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
             .header(header::CACHE_CONTROL, "no-cache")

@@ -23,7 +23,10 @@ use axum::Extension;
 use http::{header, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 use spillway_core::Resolution;
-use spillway_vertex::{anthropic_to_vertex_id, is_valid_model_id, parse_body, validate, Operation};
+use spillway_vertex::{
+    anthropic_to_vertex_id, is_valid_model_id, parse_body, parse_model_action, validate,
+    Operation, Specifier, COUNT_TOKENS_MODEL,
+};
 
 use crate::auth::Tenant;
 use crate::error::ApiError;
@@ -122,9 +125,16 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    anthropic_surface(state, Operation::Messages, tenant, request_id, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    anthropic_surface(
+        state,
+        Operation::Messages,
+        tenant,
+        request_id,
+        headers,
+        body,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn count_tokens(
@@ -134,9 +144,16 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    anthropic_surface(state, Operation::CountTokens, tenant, request_id, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    anthropic_surface(
+        state,
+        Operation::CountTokens,
+        tenant,
+        request_id,
+        headers,
+        body,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /v1/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{action}`.
@@ -164,22 +181,18 @@ async fn vertex_surface(
     let Path((_project, _location_hint, model_action)) =
         path.map_err(|e| ApiError::NotFound(format!("path: {e}")))?;
     // The route cannot split `{model}:{action}` itself (one segment).
-    let (model_name, action) = model_action
-        .rsplit_once(':')
-        .ok_or_else(|| ApiError::NotFound(format!("no method in {model_action:?}; expected MODEL:rawPredict or MODEL:streamRawPredict")))?;
-    let path_stream = match action {
-        "rawPredict" => false,
-        "streamRawPredict" => true,
-        other => {
-            return Err(ApiError::NotFound(format!(
-                "unknown method {other:?}; expected rawPredict or streamRawPredict"
-            )))
-        }
-    };
+    let (model_name, specifier) = parse_model_action(&model_action).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "{model_action:?}: expected MODEL:rawPredict or MODEL:streamRawPredict"
+        ))
+    })?;
+    let path_stream = specifier == Specifier::StreamRawPredict;
     let mut body = read_json(&headers, body, state.settings.server.max_body_bytes).await?;
-    if model_name == "count-tokens" {
+    if model_name == COUNT_TOKENS_MODEL {
         if path_stream {
-            return Err(ApiError::NotFound("count-tokens supports rawPredict only".into()));
+            return Err(ApiError::NotFound(
+                "count-tokens supports rawPredict only".into(),
+            ));
         }
         let summary = validate(&body, Operation::CountTokens, true)?;
         let name = summary.model.as_deref().unwrap_or_default();

@@ -19,28 +19,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 
+use spillway_vertex::{vertex_path, Operation};
+
 use crate::config::{UpstreamAuth, UpstreamSettings};
 use crate::error::ApiError;
 
 /// OAuth scope Vertex AI requires.
 const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-
-/// Which Vertex endpoint to call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    RawPredict,
-    StreamRawPredict,
-    CountTokens,
-}
-
-impl Action {
-    fn path_suffix(self) -> &'static str {
-        match self {
-            Action::RawPredict | Action::CountTokens => "rawPredict",
-            Action::StreamRawPredict => "streamRawPredict",
-        }
-    }
-}
 
 /// Start-up failures of the upstream client.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +126,10 @@ impl Upstream {
         };
         let project = if !settings.project.is_empty() {
             settings.project.clone()
-        } else if let Some(p) = std::env::var("GOOGLE_CLOUD_PROJECT").ok().filter(|p| !p.is_empty()) {
+        } else if let Some(p) = std::env::var("GOOGLE_CLOUD_PROJECT")
+            .ok()
+            .filter(|p| !p.is_empty())
+        {
             p
         } else if let TokenSource::Gcp(provider) = &tokens {
             provider
@@ -192,19 +180,11 @@ impl Upstream {
     }
 
     /// The full endpoint URL. `region` and `model` come from config only.
-    pub fn url(&self, region: &str, model: &str, action: Action) -> String {
-        let model_segment = if action == Action::CountTokens {
-            "count-tokens"
-        } else {
-            model
-        };
+    pub fn url(&self, region: &str, model: &str, op: Operation, stream: bool) -> String {
         format!(
-            "{}/v1/projects/{}/locations/{}/publishers/anthropic/models/{}:{}",
+            "{}/v1{}",
             self.base_url(region),
-            self.project,
-            region,
-            model_segment,
-            action.path_suffix()
+            vertex_path(&self.project, region, model, op, stream)
         )
     }
 
@@ -213,16 +193,17 @@ impl Upstream {
         &self,
         region: &str,
         model: &str,
-        action: Action,
+        op: Operation,
+        stream: bool,
         body: Bytes,
         beta: Option<HeaderValue>,
     ) -> Result<reqwest::Response, ApiError> {
         let mut request = self
             .client
-            .post(self.url(region, model, action))
+            .post(self.url(region, model, op, stream))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
-        if action == Action::StreamRawPredict {
+        if stream {
             request = request.header(http::header::ACCEPT, "text/event-stream");
         }
         if let Some(beta) = beta {
@@ -231,7 +212,10 @@ impl Upstream {
         if let Some(authorization) = self.tokens.authorization().await? {
             request = request.header(http::header::AUTHORIZATION, authorization);
         }
-        request.send().await.map_err(|e| classify_send_error(region, e))
+        request
+            .send()
+            .await
+            .map_err(|e| classify_send_error(region, e))
     }
 
     /// Readiness: can we produce credentials right now?
@@ -274,9 +258,12 @@ mod tests {
             project: "my-proj".into(),
             regional_url: "https://{region}-aiplatform.googleapis.com".into(),
             global_url: "https://aiplatform.googleapis.com".into(),
-            multi_region_urls: [("us".to_string(), "https://aiplatform.us.rep.googleapis.com".to_string())]
-                .into_iter()
-                .collect(),
+            multi_region_urls: [(
+                "us".to_string(),
+                "https://aiplatform.us.rep.googleapis.com".to_string(),
+            )]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -284,15 +271,15 @@ mod tests {
     fn urls_follow_the_vertex_host_rule() {
         let u = upstream();
         assert_eq!(
-            u.url("us-central1", "claude-3-haiku@20240307", Action::RawPredict),
+            u.url("us-central1", "claude-3-haiku@20240307", Operation::Messages, false),
             "https://us-central1-aiplatform.googleapis.com/v1/projects/my-proj/locations/us-central1/publishers/anthropic/models/claude-3-haiku@20240307:rawPredict"
         );
         assert_eq!(
-            u.url("global", "m@1", Action::StreamRawPredict),
+            u.url("global", "m@1", Operation::Messages, true),
             "https://aiplatform.googleapis.com/v1/projects/my-proj/locations/global/publishers/anthropic/models/m@1:streamRawPredict"
         );
         assert_eq!(
-            u.url("us", "m@1", Action::CountTokens),
+            u.url("us", "m@1", Operation::CountTokens, false),
             "https://aiplatform.us.rep.googleapis.com/v1/projects/my-proj/locations/us/publishers/anthropic/models/count-tokens:rawPredict"
         );
     }
