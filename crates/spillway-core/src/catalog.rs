@@ -98,12 +98,10 @@ impl Catalog {
 
     /// Looks a client-supplied name up among ids and aliases.
     pub fn resolve(&self, name: &str) -> Option<Resolution<'_>> {
-        self.names
-            .get(name)
-            .map(|&(index, via_alias)| Resolution {
-                model: &self.models[index],
-                via_alias,
-            })
+        self.names.get(name).map(|&(index, via_alias)| Resolution {
+            model: &self.models[index],
+            via_alias,
+        })
     }
 
     pub fn models(&self) -> &[ModelSpec] {
@@ -150,11 +148,8 @@ mod tests {
 
     #[test]
     fn rejects_a_name_used_twice() {
-        let err = Catalog::new(vec![
-            spec("a@1", &["x"], &[]),
-            spec("b@1", &["x"], &[]),
-        ])
-        .unwrap_err();
+        let err =
+            Catalog::new(vec![spec("a@1", &["x"], &[]), spec("b@1", &["x"], &[])]).unwrap_err();
         assert_eq!(
             err,
             CatalogError::DuplicateName {

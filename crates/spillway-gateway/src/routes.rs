@@ -24,8 +24,8 @@ use http::{header, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 use spillway_core::Resolution;
 use spillway_vertex::{
-    anthropic_to_vertex_id, is_valid_model_id, parse_body, parse_model_action, validate,
-    Operation, Specifier, COUNT_TOKENS_MODEL,
+    anthropic_to_vertex_id, is_valid_model_id, parse_body, parse_model_action, validate, Operation,
+    Specifier, COUNT_TOKENS_MODEL,
 };
 
 use crate::auth::Tenant;
