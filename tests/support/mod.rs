@@ -30,11 +30,22 @@ impl Harness {
         Self::start_with(overlay, SimConfig::vertex_defaults()).await
     }
 
-    pub async fn start_with(overlay: &str, mut sim_config: SimConfig) -> Self {
+    pub async fn start_with(overlay: &str, sim_config: SimConfig) -> Self {
+        Self::start_custom(sim_config, |_| overlay.to_string()).await
+    }
+
+    /// Like [`Harness::start_with`], with an overlay that may depend on the
+    /// simulator's URL.
+    pub async fn start_custom(
+        mut sim_config: SimConfig,
+        overlay: impl FnOnce(&str) -> String,
+    ) -> Self {
         sim_config.bearer_token = Some(UPSTREAM_TOKEN.into());
         let sim = Simulator::start(sim_config, "127.0.0.1:0".parse().unwrap())
             .await
             .expect("simulator starts");
+        let overlay = overlay(&sim.base_url());
+        let overlay = overlay.as_str();
         let env: HashMap<String, String> = [
             ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim.base_url()),
             ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim.base_url()),
