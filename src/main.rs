@@ -19,7 +19,11 @@ use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, Simulator};
 
 #[derive(Parser)]
-#[command(name = "spillway", version, about = "A quota-aware gateway for Claude on Vertex AI")]
+#[command(
+    name = "spillway",
+    version,
+    about = "A quota-aware gateway for Claude on Vertex AI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -38,9 +38,7 @@ pub mod usage;
 /// The `anthropic_version` Vertex requires in every request body (the SDK's default).
 pub const VERTEX_ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
 
-pub use endpoint::{
-    parse_model_action, vertex_path, Specifier, COUNT_TOKENS_MODEL,
-};
+pub use endpoint::{parse_model_action, vertex_path, Specifier, COUNT_TOKENS_MODEL};
 pub use error::{error_body, normalize_upstream_error, sse_error_event, ErrorKind, UpstreamError};
 pub use model_id::{anthropic_to_vertex_id, is_valid_model_id, vertex_to_anthropic_id};
 pub use request::{parse_body, to_vertex_body, validate, Operation, RequestError, RequestSummary};
