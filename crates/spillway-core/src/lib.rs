@@ -8,7 +8,10 @@
 //!
 //! - [`catalog`]: the configured models, their aliases and the regions that
 //!   serve each one; resolves whatever name a client sent to one model.
+//! - [`ledger`]: one (region, model) budget as a reservation log that is
+//!   never over quota in any window and can be settled to actual usage.
 
 pub mod catalog;
+pub mod ledger;
 
 pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution};
