@@ -8,10 +8,20 @@
 //!
 //! - [`catalog`]: the configured models, their aliases and the regions that
 //!   serve each one; resolves whatever name a client sent to one model.
+//! - [`estimate`]: input-token estimates of request bodies (text by the
+//!   3.5-characters rule, images from their headers), to reserve quota
+//!   before a request is sent.
+//! - [`adaptive`]: what upstream 429s teach: cooldowns, learned limits, probing back up.
 //! - [`ledger`]: one (region, model) budget as a reservation log that is
 //!   never over quota in any window and can be settled to actual usage.
 
+pub mod adaptive;
 pub mod catalog;
+pub mod estimate;
 pub mod ledger;
 
 pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution};
+pub use estimate::{
+    base64_image_dimensions, estimate_input, image_dimensions, image_tokens, ImageRule,
+    InputEstimate,
+};
