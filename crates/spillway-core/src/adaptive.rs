@@ -60,7 +60,9 @@ impl Exhausted {
     pub fn from_message(message: &str) -> Self {
         if message.contains("tokens_per_minute") || message.contains("tokens per minute") {
             Exhausted::Tokens
-        } else if message.contains("requests_per_base_model") || message.contains("requests per minute") {
+        } else if message.contains("requests_per_base_model")
+            || message.contains("requests per minute")
+        {
             Exhausted::Requests
         } else {
             Exhausted::Unknown
@@ -148,14 +150,24 @@ impl Adaptive {
     fn cool_down(&mut self, now: Duration, jitter: f64) {
         self.strikes = self.strikes.saturating_add(1);
         let growth = 2u32.saturating_pow(self.strikes.saturating_sub(1).min(16));
-        let base = self.config.cooldown_base.saturating_mul(growth).min(self.config.cooldown_max);
+        let base = self
+            .config
+            .cooldown_base
+            .saturating_mul(growth)
+            .min(self.config.cooldown_max);
         let jittered = base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0));
         self.cooldown_until = self.cooldown_until.max(now + jittered);
     }
 
     /// Upstream answered 429 although the ledger had room. `observed` is the
     /// window's usage *without* the refused request; `jitter` is in [0, 1).
-    pub fn on_rate_limited(&mut self, now: Duration, observed: Usage, which: Exhausted, jitter: f64) {
+    pub fn on_rate_limited(
+        &mut self,
+        now: Duration,
+        observed: Usage,
+        which: Exhausted,
+        jitter: f64,
+    ) {
         self.cool_down(now, jitter);
         let failed_probe = self.probing;
         self.probing = false;
@@ -165,13 +177,14 @@ impl Adaptive {
         // not collapse a budget.
         if lower_requests {
             let floor = (self.learned.requests / 2).max(1);
-            self.learned.requests = observed.requests.clamp(floor, self.learned.requests.max(floor));
+            self.learned.requests = observed
+                .requests
+                .clamp(floor, self.learned.requests.max(floor));
         }
         if lower_tokens {
             let used = observed.tokens();
-            let lower = |limit: Option<u64>, used: u64| {
-                limit.map(|l| used.clamp((l / 2).max(1), l.max(1)))
-            };
+            let lower =
+                |limit: Option<u64>, used: u64| limit.map(|l| used.clamp((l / 2).max(1), l.max(1)));
             self.learned.tokens = lower(self.learned.tokens, used);
             self.learned.input_tokens = lower(self.learned.input_tokens, observed.input);
             self.learned.output_tokens = lower(self.learned.output_tokens, observed.output);
@@ -198,7 +211,10 @@ impl Adaptive {
             self.probe_multiplier = 1;
             return false;
         }
-        let quiet = self.config.probe_period.saturating_mul(self.probe_multiplier);
+        let quiet = self
+            .config
+            .probe_period
+            .saturating_mul(self.probe_multiplier);
         if now.saturating_sub(self.last_change) < quiet {
             return false;
         }
@@ -246,12 +262,21 @@ mod tests {
         assert_eq!(Exhausted::from_message(m), Exhausted::Requests);
         let m = "Quota exceeded for aiplatform.googleapis.com/online_prediction_input_tokens_per_minute_per_base_model";
         assert_eq!(Exhausted::from_message(m), Exhausted::Tokens);
-        assert_eq!(Exhausted::from_message("Resource exhausted"), Exhausted::Unknown);
+        assert_eq!(
+            Exhausted::from_message("Resource exhausted"),
+            Exhausted::Unknown
+        );
     }
 
     #[test]
     fn headroom_scales_the_ceiling() {
-        let a = Adaptive::new(Limits::new(60, 50_000), AdaptiveConfig { headroom: 0.9, ..Default::default() });
+        let a = Adaptive::new(
+            Limits::new(60, 50_000),
+            AdaptiveConfig {
+                headroom: 0.9,
+                ..Default::default()
+            },
+        );
         assert_eq!(a.limits(), Limits::new(54, 45_000));
     }
 

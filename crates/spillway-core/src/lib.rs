@@ -12,6 +12,8 @@
 //!   3.5-characters rule, images from their headers), to reserve quota
 //!   before a request is sent.
 //! - [`adaptive`]: what upstream 429s teach: cooldowns, learned limits, probing back up.
+//! - [`store`]: the [`QuotaStore`](store::QuotaStore) interface (atomic choose-and-reserve across
+//!   regions) and the in-memory store.
 //! - [`ledger`]: one (region, model) budget as a reservation log that is
 //!   never over quota in any window and can be settled to actual usage.
 
@@ -19,6 +21,7 @@ pub mod adaptive;
 pub mod catalog;
 pub mod estimate;
 pub mod ledger;
+pub mod store;
 
 pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution};
 pub use estimate::{

@@ -1,0 +1,582 @@
+//! Where budgets live: the [`QuotaStore`] interface and the in-memory store.
+//!
+//! Admission is one atomic step per request: among the candidate regions
+//! for a model, skip the drained and the cooling down, pick one by the
+//! routing [`Strategy`], and reserve the request's charge there — or say
+//! when the earliest candidate will have room. Doing choice and reservation
+//! together is what lets a shared store (Redis, one Lua script, one round
+//! trip) replace this one without changing routing or scheduling: callers
+//! see only this trait.
+//!
+//! Methods return boxed futures so a networked store fits the same trait;
+//! the in-memory store answers immediately. Time comes from a [`Clock`] the
+//! store owns (a networked store uses its server's clock instead).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::adaptive::{Adaptive, AdaptiveConfig, Exhausted};
+use crate::ledger::{Charge, EntryId, Ledger, Limits, Usage};
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Monotonic time since an arbitrary epoch.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Duration;
+}
+
+/// How to choose among regions that have room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// The region with the most headroom left after this request.
+    #[default]
+    MostHeadroom,
+    /// The first region in configured order that has room (a primary
+    /// region, spilling only when it is full).
+    Ordered,
+}
+
+/// One admission question.
+#[derive(Debug, Clone, Copy)]
+pub struct ReserveRequest<'a> {
+    pub model: &'a str,
+    /// Eligible regions, in configured preference order.
+    pub regions: &'a [Arc<str>],
+    pub charge: Charge,
+    pub strategy: Strategy,
+}
+
+/// A budget's state as a request saw it (for rate-limit headers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetView {
+    pub limits: Limits,
+    /// Usage including this reservation.
+    pub usage: Usage,
+    /// When the window will be empty, on the store's clock.
+    pub empty_at: Duration,
+    pub now: Duration,
+}
+
+/// A reservation to settle when the request ends.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub model: Arc<str>,
+    pub region: Arc<str>,
+    pub entry: EntryId,
+    pub charge: Charge,
+    pub view: BudgetView,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Denial {
+    /// No candidate has room now; the earliest one will at `retry_at`.
+    Later { retry_at: Duration },
+    /// No candidate can ever fit this charge.
+    Never,
+}
+
+/// How a granted request ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// Upstream served it; this is what it used.
+    Used(Charge),
+    /// Upstream answered 429 although the ledger had room.
+    RateLimited(Exhausted),
+    /// Upstream was overloaded or unreachable after the request was sent.
+    Unavailable,
+    /// The request was never sent (client gone, or failed before sending).
+    NotSent,
+}
+
+/// The live state of one region-model budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetState {
+    pub model: Arc<str>,
+    pub region: Arc<str>,
+    pub configured: Limits,
+    /// What admission uses now (headroom and learning applied).
+    pub effective: Limits,
+    pub usage: Usage,
+    pub cooldown_remaining: Duration,
+    pub drained: bool,
+}
+
+pub trait QuotaStore: Send + Sync + 'static {
+    fn now(&self) -> Duration;
+    fn reserve<'a>(&'a self, request: ReserveRequest<'a>)
+        -> StoreFuture<'a, Result<Grant, Denial>>;
+    fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()>;
+    fn states(&self) -> StoreFuture<'_, Vec<BudgetState>>;
+    /// Sets a region-model's configured limits at run time; false if unknown.
+    fn set_configured<'a>(
+        &'a self,
+        model: &'a str,
+        region: &'a str,
+        limits: Limits,
+    ) -> StoreFuture<'a, bool>;
+    /// Takes a region out of (or back into) rotation for every model.
+    fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize>;
+}
+
+/// One region-model budget in memory.
+#[derive(Debug)]
+struct Budget {
+    ledger: Ledger,
+    adaptive: Adaptive,
+    drained: bool,
+}
+
+impl Budget {
+    fn sync_limits(&mut self) {
+        self.ledger.set_limits(self.adaptive.limits());
+    }
+}
+
+/// The in-memory store: exact for one replica.
+pub struct MemoryStore<C: Clock> {
+    clock: C,
+    /// model → regions in configured order. Built once; only the budgets'
+    /// contents change, under their own locks.
+    models: HashMap<Arc<str>, Vec<(Arc<str>, Mutex<Budget>)>>,
+    jitter_state: AtomicU64,
+}
+
+/// One configured budget for [`MemoryStore::new`].
+#[derive(Debug, Clone)]
+pub struct BudgetConfig {
+    pub model: String,
+    pub region: String,
+    pub limits: Limits,
+}
+
+fn lock(budget: &Mutex<Budget>) -> MutexGuard<'_, Budget> {
+    // A panic while holding the lock left consistent-enough state; keep serving.
+    budget
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<C: Clock> MemoryStore<C> {
+    pub fn new(
+        clock: C,
+        window: Duration,
+        adaptive: AdaptiveConfig,
+        budgets: &[BudgetConfig],
+    ) -> Self {
+        let mut models: HashMap<Arc<str>, Vec<(Arc<str>, Mutex<Budget>)>> = HashMap::new();
+        for b in budgets {
+            let adaptive = Adaptive::new(b.limits, adaptive);
+            let budget = Budget {
+                ledger: Ledger::new(window, adaptive.limits()),
+                adaptive,
+                drained: false,
+            };
+            models
+                .entry(Arc::from(b.model.as_str()))
+                .or_default()
+                .push((Arc::from(b.region.as_str()), Mutex::new(budget)));
+        }
+        Self {
+            clock,
+            models,
+            jitter_state: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    /// A number in [0, 1) for cooldown jitter (xorshift; quality is not critical).
+    fn jitter(&self) -> f64 {
+        let mut x = self.jitter_state.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter_state.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn budget(&self, model: &str, region: &str) -> Option<&Mutex<Budget>> {
+        self.models
+            .get(model)?
+            .iter()
+            .find(|(r, _)| &**r == region)
+            .map(|(_, b)| b)
+    }
+
+    /// The synchronous heart of [`QuotaStore::reserve`].
+    pub fn reserve_now(&self, request: ReserveRequest<'_>) -> Result<Grant, Denial> {
+        let now = self.clock.now();
+        let Some(regions) = self.models.get(request.model) else {
+            return Err(Denial::Never);
+        };
+        // Lock every candidate, in configured order (a fixed order, so no
+        // deadlock), so choice and reservation are one step.
+        let mut candidates: Vec<(&Arc<str>, MutexGuard<'_, Budget>)> = regions
+            .iter()
+            .filter(|(region, _)| request.regions.iter().any(|r| r == region))
+            .map(|(region, budget)| (region, lock(budget)))
+            .collect();
+        let mut best: Option<(usize, f64)> = None;
+        for (i, (_, budget)) in candidates.iter_mut().enumerate() {
+            if budget.drained || budget.adaptive.in_cooldown(now) {
+                continue;
+            }
+            if let Some(headroom) = budget.ledger.headroom_after(request.charge, now) {
+                let better = best.is_none_or(|(_, h)| headroom > h);
+                if better {
+                    best = Some((i, headroom));
+                }
+                if request.strategy == Strategy::Ordered {
+                    break;
+                }
+            }
+        }
+        if let Some((i, _)) = best {
+            let (region, budget) = &mut candidates[i];
+            let entry = budget
+                .ledger
+                .reserve(request.charge, now)
+                .expect("headroom_after said it fits");
+            let view = BudgetView {
+                limits: budget.ledger.limits(),
+                usage: budget.ledger.usage(now),
+                empty_at: budget.ledger.empty_at(now),
+                now,
+            };
+            return Ok(Grant {
+                model: Arc::from(request.model),
+                region: Arc::clone(region),
+                entry,
+                charge: request.charge,
+                view,
+            });
+        }
+        let mut retry_at: Option<Duration> = None;
+        for (_, budget) in candidates.iter_mut() {
+            if budget.drained {
+                continue;
+            }
+            let when = match budget.ledger.earliest_fit(request.charge, now) {
+                Some(t) => Some(t.max(budget.adaptive.cooldown_until())),
+                // Too big for the learned limit but not for the ceiling:
+                // learning will raise the limit again within a probe period.
+                None if budget.adaptive.configured().admits(request.charge) => {
+                    Some(now + Duration::from_secs(60))
+                }
+                None => None,
+            };
+            if let Some(t) = when {
+                retry_at = Some(retry_at.map_or(t, |r| r.min(t)));
+            }
+        }
+        match retry_at {
+            Some(retry_at) => Err(Denial::Later { retry_at }),
+            None => Err(Denial::Never),
+        }
+    }
+
+    /// The synchronous heart of [`QuotaStore::settle`].
+    pub fn settle_now(&self, grant: &Grant, outcome: Outcome) {
+        let Some(budget) = self.budget(&grant.model, &grant.region) else {
+            return;
+        };
+        let now = self.clock.now();
+        let jitter = self.jitter();
+        let mut budget = lock(budget);
+        match outcome {
+            Outcome::Used(actual) => {
+                budget.ledger.settle(grant.entry, actual);
+                if budget.adaptive.on_success(now) {
+                    budget.sync_limits();
+                }
+            }
+            Outcome::RateLimited(which) => {
+                // Upstream counted the request but spent no tokens on it.
+                budget.ledger.settle(grant.entry, Charge::default());
+                let mut observed = budget.ledger.usage(now);
+                observed.requests = observed.requests.saturating_sub(1);
+                budget
+                    .adaptive
+                    .on_rate_limited(now, observed, which, jitter);
+                budget.sync_limits();
+            }
+            Outcome::Unavailable => {
+                budget.ledger.settle(grant.entry, Charge::default());
+                budget.adaptive.on_unavailable(now, jitter);
+            }
+            Outcome::NotSent => budget.ledger.cancel(grant.entry),
+        }
+    }
+
+    pub fn states_now(&self) -> Vec<BudgetState> {
+        let now = self.clock.now();
+        let mut states = Vec::new();
+        for (model, regions) in &self.models {
+            for (region, budget) in regions {
+                let mut b = lock(budget);
+                states.push(BudgetState {
+                    model: Arc::clone(model),
+                    region: Arc::clone(region),
+                    configured: b.adaptive.configured(),
+                    effective: b.ledger.limits(),
+                    usage: b.ledger.usage(now),
+                    cooldown_remaining: b.adaptive.cooldown_until().saturating_sub(now),
+                    drained: b.drained,
+                });
+            }
+        }
+        states.sort_by(|a, b| (&a.model, &a.region).cmp(&(&b.model, &b.region)));
+        states
+    }
+}
+
+impl<C: Clock> QuotaStore for MemoryStore<C> {
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: ReserveRequest<'a>,
+    ) -> StoreFuture<'a, Result<Grant, Denial>> {
+        let result = self.reserve_now(request);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()> {
+        self.settle_now(grant, outcome);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn states(&self) -> StoreFuture<'_, Vec<BudgetState>> {
+        Box::pin(std::future::ready(self.states_now()))
+    }
+
+    fn set_configured<'a>(
+        &'a self,
+        model: &'a str,
+        region: &'a str,
+        limits: Limits,
+    ) -> StoreFuture<'a, bool> {
+        let found = self.budget(model, region).map(|b| {
+            let mut b = lock(b);
+            b.adaptive.set_configured(limits);
+            b.sync_limits();
+        });
+        Box::pin(std::future::ready(found.is_some()))
+    }
+
+    fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
+        let mut count = 0;
+        for regions in self.models.values() {
+            for (r, budget) in regions {
+                if &**r == region {
+                    lock(budget).drained = drained;
+                    count += 1;
+                }
+            }
+        }
+        Box::pin(std::future::ready(count))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[derive(Clone, Default)]
+    struct TestClock(Arc<AtomicU64>);
+    impl Clock for TestClock {
+        fn now(&self) -> Duration {
+            Duration::from_millis(self.0.load(Ordering::Relaxed))
+        }
+    }
+    impl TestClock {
+        fn advance(&self, ms: u64) {
+            self.0.fetch_add(ms, Ordering::Relaxed);
+        }
+    }
+
+    const HAIKU: &str = "claude-3-haiku@20240307";
+
+    fn store(clock: TestClock) -> MemoryStore<TestClock> {
+        let budgets = ["us-central1", "europe-west4"].map(|region| BudgetConfig {
+            model: HAIKU.into(),
+            region: region.into(),
+            limits: Limits::new(60, 50_000),
+        });
+        MemoryStore::new(
+            clock,
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &budgets,
+        )
+    }
+
+    fn regions() -> Vec<Arc<str>> {
+        vec![Arc::from("us-central1"), Arc::from("europe-west4")]
+    }
+
+    fn ask<'a>(regions: &'a [Arc<str>], tokens: u64, strategy: Strategy) -> ReserveRequest<'a> {
+        ReserveRequest {
+            model: HAIKU,
+            regions,
+            charge: Charge {
+                input: tokens,
+                output: 0,
+            },
+            strategy,
+        }
+    }
+
+    #[test]
+    fn most_headroom_spreads_and_ordered_fills_the_primary_first() {
+        let s = store(TestClock::default());
+        let r = regions();
+        let mut by_region = HashMap::new();
+        for _ in 0..120 {
+            let g = s.reserve_now(ask(&r, 10, Strategy::MostHeadroom)).unwrap();
+            *by_region.entry(g.region.to_string()).or_insert(0) += 1;
+        }
+        assert_eq!(by_region["us-central1"], 60);
+        assert_eq!(by_region["europe-west4"], 60);
+        assert!(matches!(
+            s.reserve_now(ask(&r, 10, Strategy::MostHeadroom)),
+            Err(Denial::Later { .. })
+        ));
+
+        let s = store(TestClock::default());
+        for i in 0..61 {
+            let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+            let expected = if i < 60 {
+                "us-central1"
+            } else {
+                "europe-west4"
+            };
+            assert_eq!(&*g.region, expected);
+        }
+    }
+
+    #[test]
+    fn token_spillover_and_never_fitting_requests() {
+        let s = store(TestClock::default());
+        let r = regions();
+        // ~170,000 characters ≈ 48,572 tokens: one per region per window.
+        let g1 = s
+            .reserve_now(ask(&r, 48_600, Strategy::MostHeadroom))
+            .unwrap();
+        let g2 = s
+            .reserve_now(ask(&r, 48_600, Strategy::MostHeadroom))
+            .unwrap();
+        assert_ne!(g1.region, g2.region);
+        match s.reserve_now(ask(&r, 48_600, Strategy::MostHeadroom)) {
+            Err(Denial::Later { retry_at }) => assert!(retry_at > Duration::from_secs(60)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            s.reserve_now(ask(&r, 50_001, Strategy::MostHeadroom))
+                .unwrap_err(),
+            Denial::Never
+        );
+    }
+
+    #[test]
+    fn settling_refunds_and_not_sent_cancels() {
+        let clock = TestClock::default();
+        let s = store(clock.clone());
+        let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+        let g = s
+            .reserve_now(ask(&only, 40_000, Strategy::Ordered))
+            .unwrap();
+        assert!(s
+            .reserve_now(ask(&only, 20_000, Strategy::Ordered))
+            .is_err());
+        s.settle_now(
+            &g,
+            Outcome::Used(Charge {
+                input: 5_000,
+                output: 100,
+            }),
+        );
+        let g2 = s
+            .reserve_now(ask(&only, 20_000, Strategy::Ordered))
+            .unwrap();
+        s.settle_now(&g2, Outcome::NotSent);
+        let state = &s.states_now()[1];
+        assert_eq!(&*state.region, "us-central1");
+        assert_eq!(
+            state.usage,
+            Usage {
+                requests: 1,
+                input: 5_000,
+                output: 100
+            }
+        );
+    }
+
+    #[test]
+    fn a_429_cools_the_region_down_and_traffic_spills() {
+        let clock = TestClock::default();
+        let s = store(clock.clone());
+        let r = regions();
+        let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "us-central1");
+        s.settle_now(&g, Outcome::RateLimited(Exhausted::Requests));
+        let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "europe-west4", "us-central1 is cooling down");
+        clock.advance(2_000);
+        let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "us-central1");
+    }
+
+    #[test]
+    fn drained_regions_take_nothing_and_runtime_quota_changes_apply() {
+        let s = store(TestClock::default());
+        let r = regions();
+        assert_eq!(futures_ready(s.set_drained("us-central1", true)), 1);
+        for _ in 0..5 {
+            assert_eq!(
+                &*s.reserve_now(ask(&r, 10, Strategy::Ordered))
+                    .unwrap()
+                    .region,
+                "europe-west4"
+            );
+        }
+        assert!(futures_ready(s.set_configured(
+            HAIKU,
+            "europe-west4",
+            Limits::new(5, 50_000)
+        )));
+        assert!(s.reserve_now(ask(&r, 10, Strategy::Ordered)).is_err());
+        assert!(!futures_ready(s.set_configured(
+            HAIKU,
+            "nowhere",
+            Limits::new(5, 5)
+        )));
+    }
+
+    /// Polls a future the in-memory store returns (always ready).
+    fn futures_ready<T>(f: StoreFuture<'_, T>) -> T {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut f = f;
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the memory store never waits"),
+        }
+    }
+
+    #[test]
+    fn unknown_models_never_fit() {
+        let s = store(TestClock::default());
+        let r = regions();
+        let mut q = ask(&r, 1, Strategy::Ordered);
+        q.model = "claude-x";
+        assert_eq!(s.reserve_now(q).unwrap_err(), Denial::Never);
+        let _ = AtomicU64::new(0);
+    }
+}
