@@ -137,12 +137,15 @@ impl Budget {
     }
 }
 
+/// A model's budgets, one per region in configured order.
+type RegionBudgets = Vec<(Arc<str>, Mutex<Budget>)>;
+
 /// The in-memory store: exact for one replica.
 pub struct MemoryStore<C: Clock> {
     clock: C,
     /// model → regions in configured order. Built once; only the budgets'
     /// contents change, under their own locks.
-    models: HashMap<Arc<str>, Vec<(Arc<str>, Mutex<Budget>)>>,
+    models: HashMap<Arc<str>, RegionBudgets>,
     jitter_state: AtomicU64,
 }
 
@@ -168,7 +171,7 @@ impl<C: Clock> MemoryStore<C> {
         adaptive: AdaptiveConfig,
         budgets: &[BudgetConfig],
     ) -> Self {
-        let mut models: HashMap<Arc<str>, Vec<(Arc<str>, Mutex<Budget>)>> = HashMap::new();
+        let mut models: HashMap<Arc<str>, RegionBudgets> = HashMap::new();
         for b in budgets {
             let adaptive = Adaptive::new(b.limits, adaptive);
             let budget = Budget {
