@@ -216,31 +216,47 @@ regions = [{ name = "europe-west4" }]
         "not_found_error",
     )
     .await;
+}
 
+/// Haiku in one region only, so a failure has nowhere to fall back to.
+const ONE_REGION: &str =
+    "[models.\"claude-3-haiku@20240307\"]\nregions = [{ name = \"us-central1\" }]\n";
+
+#[tokio::test]
+async fn upstream_failures_with_nowhere_to_go_keep_their_meaning() {
     for (status, kind) in [
         (429, "rate_limit_error"),
         (503, "overloaded_error"),
         (529, "overloaded_error"),
         (500, "api_error"),
     ] {
+        let h = Harness::start(ONE_REGION).await;
         h.sim
-            .inject(Fault::region("us-central1", FaultKind::Status(status)).times(1));
-        expect_error(
-            h.post_json("/v1/messages", &hello(HAIKU)).await,
-            status,
-            kind,
-        )
-        .await;
+            .inject(Fault::region("us-central1", FaultKind::Status(status)));
+        let response = h.post_fail_fast("/v1/messages", &hello(HAIKU)).await;
+        let retry_after = response.headers().get("retry-after").cloned();
+        expect_error(response, status, kind).await;
+        if status == 429 {
+            let seconds: u64 = retry_after
+                .expect("429 says when")
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&seconds), "{seconds}");
+        }
+        let sent = h.sim.counters("us-central1", HAIKU).requests;
+        assert_eq!(sent, 1, "{status}: one attempt, then the region cools down");
     }
 }
 
 #[tokio::test]
 async fn transport_failures_are_reported_without_secrets() {
-    let h = Harness::start("[upstream]\nread_timeout_ms = 300\n").await;
+    let h = Harness::start(&format!("{ONE_REGION}[upstream]\nread_timeout_ms = 300\n")).await;
     h.sim
         .inject(Fault::region("us-central1", FaultKind::Reset).times(1));
     let message = expect_error(
-        h.post_json("/v1/messages", &hello(HAIKU)).await,
+        h.post_fail_fast("/v1/messages", &hello(HAIKU)).await,
         502,
         "api_error",
     )
@@ -250,6 +266,7 @@ async fn transport_failures_are_reported_without_secrets() {
         "{message}"
     );
 
+    let h = Harness::start(&format!("{ONE_REGION}[upstream]\nread_timeout_ms = 300\n")).await;
     h.sim.inject(
         Fault::region(
             "us-central1",
@@ -258,7 +275,7 @@ async fn transport_failures_are_reported_without_secrets() {
         .times(1),
     );
     expect_error(
-        h.post_json("/v1/messages", &hello(HAIKU)).await,
+        h.post_fail_fast("/v1/messages", &hello(HAIKU)).await,
         504,
         "timeout_error",
     )

@@ -19,7 +19,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Optional
@@ -194,11 +194,10 @@ def _start_gateway(spillway_bin: Path, config: Path, port: int, log_dir: Path) -
     return gateway, gateway.wait_for("answer on GET /healthz", healthy)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def _running_stack(work: Path) -> Iterator[Stack]:
     spillway_bin = _binary("SPILLWAY_BIN", "target/debug/spillway")
     sim_bin = _binary("SPILLWAY_SIM_BIN", "target/debug/spillway-sim")
-    work = tmp_path_factory.mktemp("spillway")
     with ExitStack() as cleanup:
         sim, sim_url = _start_sim(sim_bin, work)
         cleanup.callback(sim.stop)
@@ -208,6 +207,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         gateway, url = _start_gateway(spillway_bin, config, port, work)
         cleanup.callback(gateway.stop)
         yield Stack(url=url, sim_url=sim_url, key=CLIENT_KEY, upstream_token=UPSTREAM_TOKEN)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One simulator and gateway shared by the session."""
+    with _running_stack(tmp_path_factory.mktemp("spillway")) as s:
+        yield s
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A simulator and gateway of the test's own, for tests whose upstream
+    429s would teach the shared gateway a lower quota."""
+    with _running_stack(tmp_path) as s:
+        yield s
 
 
 @pytest.fixture(scope="session", autouse=True)

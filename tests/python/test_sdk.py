@@ -114,13 +114,6 @@ def client(request, stack) -> Iterator[Client]:
         yield c
 
 
-@pytest.fixture
-def no_retry_client(request, stack) -> Iterator[Client]:
-    """Like `client`, but the SDK does not retry (parametrized by the test)."""
-    with make_client(request.param, stack, max_retries=0) as c:
-        yield c
-
-
 # --- success paths -------------------------------------------------------------
 
 
@@ -182,19 +175,27 @@ def test_upstream_404_is_not_found(stack, client: Client, stream: bool) -> None:
     assert (last["region"], last["model"], last["status"]) == ("europe-west4", SONNET, 404)
 
 
-@pytest.mark.parametrize("no_retry_client", CLIENTS, indirect=True)
+@pytest.mark.parametrize("kind", CLIENTS)
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_upstream_429_is_rate_limit(stack, no_retry_client: Client, stream: bool) -> None:
-    stack.sim(
-        "POST",
-        "/_sim/faults",
-        {"region": "us-central1", "model": HAIKU, "kind": {"type": "status", "status": 429}, "remaining": 1},
-    )
-    with upstream_calls(stack, 1), pytest.raises(anthropic.RateLimitError) as caught:
-        create(no_retry_client, stream=stream)
+def test_upstream_429_is_rate_limit(fresh_stack, kind: str, stream: bool) -> None:
+    stack = fresh_stack
+    # Both Haiku regions refuse once: Spillway falls back from one to the
+    # other, then (not allowed to wait) answers 429 with a retry time.
+    for region in ("us-central1", "europe-west4"):
+        stack.sim(
+            "POST",
+            "/_sim/faults",
+            {"region": region, "model": HAIKU, "kind": {"type": "status", "status": 429}, "remaining": 1},
+        )
+    impatient = make_client(kind, stack, max_retries=0, default_headers={"x-spillway-max-wait-ms": "0"})
+    with impatient, upstream_calls(stack, 2), pytest.raises(anthropic.RateLimitError) as caught:
+        create(impatient, stream=stream)
     assert_api_error(caught.value, 429, "rate_limit_error")
-    assert stack.sim("GET", "/_sim/faults") == [], "the fault was used up by exactly one call"
-    assert_text_message(create(no_retry_client), 5)
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
+    assert stack.sim("GET", "/_sim/faults") == [], "each fault was used up by exactly one call"
+    # A client that may wait is served once a region's cooldown ends.
+    with make_client(kind, stack) as patient:
+        assert_text_message(create(patient), 5)
 
 
 @pytest.mark.parametrize("kind", CLIENTS)

@@ -78,6 +78,17 @@ impl Harness {
         )
     }
 
+    /// Posts with `x-spillway-max-wait-ms: 0`: no waiting for quota.
+    pub async fn post_fail_fast(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .header("x-spillway-max-wait-ms", "0")
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.url))

@@ -35,6 +35,13 @@ pub struct AdaptiveConfig {
     pub probe_period: Duration,
 }
 
+impl AdaptiveConfig {
+    /// The most admission will ever allow under `configured`: headroom applied.
+    pub fn ceiling(&self, configured: Limits) -> Limits {
+        scale(configured, self.headroom.clamp(0.01, 1.0))
+    }
+}
+
 impl Default for AdaptiveConfig {
     fn default() -> Self {
         Self {
@@ -101,7 +108,7 @@ fn scale(limits: Limits, factor: f64) -> Limits {
 
 impl Adaptive {
     pub fn new(configured: Limits, config: AdaptiveConfig) -> Self {
-        let ceiling = scale(configured, config.headroom.clamp(0.01, 1.0));
+        let ceiling = config.ceiling(configured);
         let mut adaptive = Self {
             config,
             configured,

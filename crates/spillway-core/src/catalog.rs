@@ -12,15 +12,15 @@
 
 use std::collections::HashMap;
 
+use crate::ledger::Limits;
+
 /// The per-(region, model) budget Vertex grants, as configured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegionBudget {
     /// Vertex location, e.g. `us-central1` or `global`.
     pub region: String,
-    /// Requests per window (Vertex: per minute).
-    pub requests_per_min: u32,
-    /// Input plus output tokens per window.
-    pub tokens_per_min: u64,
+    /// Requests and tokens per window (Vertex: per minute).
+    pub limits: Limits,
 }
 
 /// One model as configured.
@@ -123,8 +123,7 @@ mod tests {
                 .iter()
                 .map(|r| RegionBudget {
                     region: r.to_string(),
-                    requests_per_min: 60,
-                    tokens_per_min: 50_000,
+                    limits: Limits::new(60, 50_000),
                 })
                 .collect(),
         }

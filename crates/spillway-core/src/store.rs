@@ -110,6 +110,8 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn now(&self) -> Duration;
     fn reserve<'a>(&'a self, request: ReserveRequest<'a>)
         -> StoreFuture<'a, Result<Grant, Denial>>;
+    /// Would `request` fit now, and if not, when? Reserves nothing.
+    fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>>;
     fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()>;
     fn states(&self) -> StoreFuture<'_, Vec<BudgetState>>;
     /// Sets a region-model's configured limits at run time; false if unknown.
@@ -211,6 +213,16 @@ impl<C: Clock> MemoryStore<C> {
 
     /// The synchronous heart of [`QuotaStore::reserve`].
     pub fn reserve_now(&self, request: ReserveRequest<'_>) -> Result<Grant, Denial> {
+        self.decide(request, true)
+            .map(|g| g.expect("reserving yields a grant"))
+    }
+
+    /// The synchronous heart of [`QuotaStore::probe`].
+    pub fn probe_now(&self, request: ReserveRequest<'_>) -> Result<(), Denial> {
+        self.decide(request, false).map(|_| ())
+    }
+
+    fn decide(&self, request: ReserveRequest<'_>, reserve: bool) -> Result<Option<Grant>, Denial> {
         let now = self.clock.now();
         let Some(regions) = self.models.get(request.model) else {
             return Err(Denial::Never);
@@ -238,6 +250,9 @@ impl<C: Clock> MemoryStore<C> {
             }
         }
         if let Some((i, _)) = best {
+            if !reserve {
+                return Ok(None);
+            }
             let (region, budget) = &mut candidates[i];
             let entry = budget
                 .ledger
@@ -249,13 +264,13 @@ impl<C: Clock> MemoryStore<C> {
                 empty_at: budget.ledger.empty_at(now),
                 now,
             };
-            return Ok(Grant {
+            return Ok(Some(Grant {
                 model: Arc::from(request.model),
                 region: Arc::clone(region),
                 entry,
                 charge: request.charge,
                 view,
-            });
+            }));
         }
         let mut retry_at: Option<Duration> = None;
         for (_, budget) in candidates.iter_mut() {
@@ -347,6 +362,10 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
     ) -> StoreFuture<'a, Result<Grant, Denial>> {
         let result = self.reserve_now(request);
         Box::pin(std::future::ready(result))
+    }
+
+    fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>> {
+        Box::pin(std::future::ready(self.probe_now(request)))
     }
 
     fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()> {
@@ -453,6 +472,7 @@ mod tests {
         ));
 
         let s = store(TestClock::default());
+        assert_eq!(s.probe_now(ask(&r, 10, Strategy::Ordered)), Ok(()));
         for i in 0..61 {
             let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
             let expected = if i < 60 {

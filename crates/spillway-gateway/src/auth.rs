@@ -24,12 +24,14 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ClientAuth, Settings};
 use crate::error::ApiError;
+use crate::tenants::TenantPolicy;
 
 /// The caller, as established by the auth layer, available to handlers as a
 /// request extension.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Tenant {
     pub name: Arc<str>,
+    pub policy: Arc<TenantPolicy>,
 }
 
 impl Tenant {
@@ -37,6 +39,7 @@ impl Tenant {
     pub fn anonymous() -> Self {
         Self {
             name: Arc::from("anonymous"),
+            policy: Arc::new(TenantPolicy::default()),
         }
     }
 }
@@ -63,6 +66,7 @@ pub fn new_client_key() -> String {
 pub struct KeyRing {
     mode: ClientAuth,
     by_digest: HashMap<[u8; 32], Tenant>,
+    anonymous: Tenant,
 }
 
 impl KeyRing {
@@ -72,17 +76,17 @@ impl KeyRing {
             .iter()
             .filter_map(|(name, tenant)| {
                 let bytes: [u8; 32] = hex::decode(&tenant.key_sha256).ok()?.try_into().ok()?;
-                Some((
-                    bytes,
-                    Tenant {
-                        name: Arc::from(name.as_str()),
-                    },
-                ))
+                let tenant = Tenant {
+                    name: Arc::from(name.as_str()),
+                    policy: Arc::new(TenantPolicy::from_settings(tenant)),
+                };
+                Some((bytes, tenant))
             })
             .collect();
         Self {
             mode: settings.server.auth,
             by_digest,
+            anonymous: Tenant::anonymous(),
         }
     }
 
@@ -111,7 +115,7 @@ pub async fn require_tenant(
     next: Next,
 ) -> Response {
     let tenant = match keys.mode {
-        ClientAuth::None => Tenant::anonymous(),
+        ClientAuth::None => keys.anonymous.clone(),
         ClientAuth::ApiKey => {
             let found = presented_key(request.headers()).and_then(|k| keys.authenticate(k));
             match found {
@@ -147,14 +151,14 @@ mod tests {
                 .iter()
                 .map(|(name, key)| {
                     let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-                    (
-                        d,
-                        Tenant {
-                            name: Arc::from(*name),
-                        },
-                    )
+                    let tenant = Tenant {
+                        name: Arc::from(*name),
+                        policy: Arc::default(),
+                    };
+                    (d, tenant)
                 })
                 .collect(),
+            anonymous: Tenant::anonymous(),
         }
     }
 

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use spillway_core::ledger::Limits;
 use spillway_core::{Catalog, ModelSpec, RegionBudget};
 
 /// The defaults shipped with Spillway, embedded so the binary needs no files.
@@ -42,6 +43,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub quota: QuotaDefaults,
+    pub scheduler: SchedulerSettings,
     /// Keyed by Vertex model id, so a layer can add or change one model.
     pub models: BTreeMap<String, ModelSettings>,
     /// Keyed by tenant name.
@@ -98,11 +100,47 @@ pub struct UpstreamSettings {
     pub drop_vertex_events: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingStrategy {
+    MostHeadroom,
+    Ordered,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaDefaults {
     pub requests_per_min: u32,
     pub tokens_per_min: u64,
+    /// Vertex's split quotas, when a project has them.
+    pub input_tokens_per_min: Option<u64>,
+    pub output_tokens_per_min: Option<u64>,
+    pub window_secs: u64,
+    /// Added to the window so a request admitted just after an old one left
+    /// Spillway's window cannot reach Vertex while that one is still in its.
+    pub window_margin_ms: u64,
+    pub headroom: f64,
+    pub strategy: RoutingStrategy,
+    pub cooldown_base_ms: u64,
+    pub cooldown_max_ms: u64,
+    /// Characters per token when a model sets none.
+    pub chars_per_token: f64,
+    /// Learn a per-model correction of the input estimate from actual usage.
+    pub learn_estimates: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// How long a request may wait for quota when neither the request
+    /// (`x-spillway-max-wait-ms`) nor its tenant says.
+    pub max_wait_ms: u64,
+    /// The most any request may ask to wait.
+    pub max_wait_cap_ms: u64,
+    /// Waiting requests per model; beyond it, 429 at once.
+    pub max_queue: usize,
+    /// Upstream attempts per request (fallbacks included).
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -112,17 +150,13 @@ pub struct ModelSettings {
     pub aliases: Vec<String>,
     #[serde(default = "default_context_window")]
     pub context_window: u64,
-    #[serde(default = "default_chars_per_token")]
-    pub chars_per_token: f64,
+    pub chars_per_token: Option<f64>,
     #[serde(default)]
     pub regions: Vec<RegionSettings>,
 }
 
 fn default_context_window() -> u64 {
     200_000
-}
-fn default_chars_per_token() -> f64 {
-    3.5
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -131,6 +165,8 @@ pub struct RegionSettings {
     pub name: String,
     pub requests_per_min: Option<u32>,
     pub tokens_per_min: Option<u64>,
+    pub input_tokens_per_min: Option<u64>,
+    pub output_tokens_per_min: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -138,6 +174,21 @@ pub struct RegionSettings {
 pub struct TenantSettings {
     /// Hex SHA-256 of the client's key; the key itself is never stored.
     pub key_sha256: String,
+    /// Share of contended quota relative to other tenants.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Default wait for quota for this tenant's requests.
+    pub max_wait_ms: Option<u64>,
+    /// Regions this tenant's requests may use (data residency); empty: any.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Optional caps on what this tenant may use, across all regions.
+    pub requests_per_min: Option<u32>,
+    pub tokens_per_min: Option<u64>,
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 impl Settings {
@@ -241,7 +292,10 @@ impl Settings {
             if !spillway_vertex::is_valid_model_id(id) {
                 return Err(invalid(key, "not a valid Vertex model id"));
             }
-            if !(model.chars_per_token > 0.0 && model.chars_per_token.is_finite()) {
+            if model
+                .chars_per_token
+                .is_some_and(|c| !(c > 0.0 && c.is_finite()))
+            {
                 return Err(invalid(
                     format!("{key}.chars_per_token"),
                     "must be a positive number",
@@ -257,7 +311,11 @@ impl Settings {
                         format!("{:?} is not a Vertex location name", region.name),
                     ));
                 }
-                if region.requests_per_min == Some(0) || region.tokens_per_min == Some(0) {
+                if region.requests_per_min == Some(0)
+                    || region.tokens_per_min == Some(0)
+                    || region.input_tokens_per_min == Some(0)
+                    || region.output_tokens_per_min == Some(0)
+                {
                     return Err(invalid(
                         format!("{key}.regions[{j}]"),
                         "budgets must be positive",
@@ -270,6 +328,32 @@ impl Settings {
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 return Err(invalid("tenants", "a tenant name must not be empty"));
+            }
+            if !(tenant.weight > 0.0 && tenant.weight.is_finite()) {
+                return Err(invalid(
+                    format!("tenants.{name}.weight"),
+                    "must be a positive number",
+                ));
+            }
+            if tenant
+                .max_wait_ms
+                .is_some_and(|w| w > self.scheduler.max_wait_cap_ms)
+            {
+                return Err(invalid(
+                    format!("tenants.{name}.max_wait_ms"),
+                    "must not exceed scheduler.max_wait_cap_ms",
+                ));
+            }
+            if tenant.requests_per_min == Some(0) || tenant.tokens_per_min == Some(0) {
+                return Err(invalid(format!("tenants.{name}"), "caps must be positive"));
+            }
+            for region in &tenant.regions {
+                if !is_region_name(region) {
+                    return Err(invalid(
+                        format!("tenants.{name}.regions"),
+                        format!("{region:?} is not a Vertex location name"),
+                    ));
+                }
             }
             if tenant.key_sha256.len() != 64 || hex::decode(&tenant.key_sha256).is_err() {
                 return Err(invalid(
@@ -290,14 +374,22 @@ impl Settings {
                 id: id.clone(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,
-                chars_per_token: m.chars_per_token,
+                chars_per_token: m.chars_per_token.unwrap_or(self.quota.chars_per_token),
                 regions: m
                     .regions
                     .iter()
                     .map(|r| RegionBudget {
                         region: r.name.clone(),
-                        requests_per_min: r.requests_per_min.unwrap_or(self.quota.requests_per_min),
-                        tokens_per_min: r.tokens_per_min.unwrap_or(self.quota.tokens_per_min),
+                        limits: Limits {
+                            requests: r.requests_per_min.unwrap_or(self.quota.requests_per_min),
+                            tokens: Some(r.tokens_per_min.unwrap_or(self.quota.tokens_per_min)),
+                            input_tokens: r
+                                .input_tokens_per_min
+                                .or(self.quota.input_tokens_per_min),
+                            output_tokens: r
+                                .output_tokens_per_min
+                                .or(self.quota.output_tokens_per_min),
+                        },
                     })
                     .collect(),
             })
@@ -405,8 +497,7 @@ mod tests {
         let haiku = catalog.resolve("claude-3-haiku@20240307").unwrap().model;
         let regions: Vec<_> = haiku.regions.iter().map(|r| r.region.as_str()).collect();
         assert_eq!(regions, ["us-central1", "europe-west4"]);
-        assert_eq!(haiku.regions[0].requests_per_min, 60);
-        assert_eq!(haiku.regions[0].tokens_per_min, 50_000);
+        assert_eq!(haiku.regions[0].limits, Limits::new(60, 50_000));
         assert_eq!(haiku.context_window, 200_000);
         let sonnet = catalog.resolve("claude-3-sonnet@20240229").unwrap().model;
         assert_eq!(sonnet.regions[1].region, "asia-southeast1");
@@ -432,7 +523,7 @@ mod tests {
         assert_eq!(s.server.listen.port(), 9999);
         let catalog = s.catalog().unwrap();
         let haiku = catalog.resolve("claude-3-haiku").unwrap().model;
-        assert_eq!(haiku.regions[0].requests_per_min, 120);
+        assert_eq!(haiku.regions[0].limits.requests, 120);
     }
 
     #[test]
@@ -483,8 +574,7 @@ regions = [{ name = "global" }, { name = "us-east5", requests_per_min = 120 }]
         let catalog = s.catalog().unwrap();
         let m = catalog.resolve("claude-sonnet-4-5").unwrap().model;
         assert!(catalog.resolve("claude-3-haiku@20240307").is_some());
-        assert_eq!(m.regions[1].requests_per_min, 120);
-        assert_eq!(m.regions[1].tokens_per_min, 50_000);
+        assert_eq!(m.regions[1].limits, Limits::new(120, 50_000));
     }
 
     #[test]

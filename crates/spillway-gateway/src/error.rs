@@ -37,6 +37,13 @@ pub enum ApiError {
     UpstreamUnavailable { region: String, reason: String },
     #[error("upstream {region} did not answer in time")]
     UpstreamTimeout { region: String },
+    /// No quota before the request's deadline (Spillway's own decision, or
+    /// upstream's 429 with nowhere left to go).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// Google credentials could not produce a token.
     #[error("upstream credentials are not usable; see the Spillway log")]
     Credentials,
@@ -63,6 +70,7 @@ impl ApiError {
             ),
             UpstreamUnavailable { .. } => (ErrorKind::Api, StatusCode::BAD_GATEWAY),
             UpstreamTimeout { .. } => (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT),
+            RateLimited { .. } => (ErrorKind::RateLimit, StatusCode::TOO_MANY_REQUESTS),
             Credentials => (ErrorKind::Api, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -88,6 +96,9 @@ impl IntoResponse for ApiError {
         );
         if !self.retryable() {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let ApiError::RateLimited { retry_after, .. } = &self {
+            crate::ratelimit::add_retry_after(headers, *retry_after);
         }
         response
     }

@@ -12,11 +12,15 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod estimates;
 pub mod passthrough;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request_id;
 pub mod routes;
+pub mod scheduler;
 pub mod server;
+pub mod tenants;
 pub mod upstream;
 
 pub use config::Settings;

@@ -14,6 +14,7 @@
 //! sent: content type, size, JSON, the Messages rules, the model.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -25,13 +26,14 @@ use serde_json::{Map, Value};
 use spillway_core::Resolution;
 use spillway_vertex::{
     anthropic_to_vertex_id, is_valid_model_id, parse_body, parse_model_action, validate, Operation,
-    Specifier, COUNT_TOKENS_MODEL,
+    RequestSummary, Specifier, COUNT_TOKENS_MODEL,
 };
 
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::proxy::{forward, Call};
 use crate::request_id::RequestId;
+use crate::scheduler::Priority;
 use crate::server::AppState;
 
 /// Reads and parses a JSON body, enforcing content type and size first.
@@ -88,8 +90,70 @@ fn alias_warning(name: &str, resolution: &Resolution<'_>) -> Option<String> {
     })
 }
 
-fn beta_header(headers: &HeaderMap) -> Option<http::HeaderValue> {
-    headers.get("anthropic-beta").cloned()
+/// `x-spillway-regions: a,b`: narrow the regions (data residency).
+fn region_hint(headers: &HeaderMap) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(value) = headers.get("x-spillway-regions") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("x-spillway-regions: not ASCII".into()))?;
+    let regions: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+        .collect();
+    if regions.is_empty() {
+        return Err(ApiError::BadRequest(
+            "x-spillway-regions: name at least one region".into(),
+        ));
+    }
+    Ok(Some(regions))
+}
+
+/// `x-spillway-max-wait-ms: N`: how long to wait for quota (0: fail fast).
+fn max_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get("x-spillway-max-wait-ms") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|ms| Some(Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "x-spillway-max-wait-ms: expected a whole number of milliseconds".into(),
+            )
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_call<'a>(
+    op: Operation,
+    name: &str,
+    resolution: Resolution<'a>,
+    body: Map<String, Value>,
+    summary: &RequestSummary,
+    headers: &HeaderMap,
+    tenant: Tenant,
+    request_id: RequestId,
+) -> Result<Call<'a>, ApiError> {
+    Ok(Call {
+        op,
+        model: resolution.model,
+        alias_warning: alias_warning(name, &resolution),
+        stream: summary.stream,
+        max_tokens: summary.max_tokens.unwrap_or(0),
+        body,
+        beta: headers.get("anthropic-beta").cloned(),
+        region_hint: region_hint(headers)?,
+        max_wait: max_wait(headers)?,
+        priority: Priority::Interactive,
+        tenant,
+        request_id,
+    })
 }
 
 /// `POST /v1/messages` and `POST /v1/messages/count_tokens`.
@@ -105,16 +169,9 @@ async fn anthropic_surface(
     let summary = validate(&body, op, true)?;
     let name = summary.model.as_deref().unwrap_or_default();
     let resolution = resolve_model(&state, name)?;
-    let call = Call {
-        op,
-        model: resolution.model,
-        alias_warning: alias_warning(name, &resolution),
-        stream: summary.stream,
-        body,
-        beta: beta_header(&headers),
-        tenant,
-        request_id,
-    };
+    let call = new_call(
+        op, name, resolution, body, &summary, &headers, tenant, request_id,
+    )?;
     forward(&state, call).await
 }
 
@@ -197,20 +254,20 @@ async fn vertex_surface(
         let summary = validate(&body, Operation::CountTokens, true)?;
         let name = summary.model.as_deref().unwrap_or_default();
         let resolution = resolve_model(&state, name)?;
-        let call = Call {
-            op: Operation::CountTokens,
-            model: resolution.model,
-            alias_warning: alias_warning(name, &resolution),
-            stream: false,
+        let call = new_call(
+            Operation::CountTokens,
+            name,
+            resolution,
             body,
-            beta: beta_header(&headers),
+            &summary,
+            &headers,
             tenant,
             request_id,
-        };
+        )?;
         return forward(&state, call).await;
     }
     let resolution = resolve_model(&state, model_name)?;
-    let summary = validate(&body, Operation::Messages, false)?;
+    let mut summary = validate(&body, Operation::Messages, false)?;
     if summary.stream && !path_stream {
         return Err(ApiError::BadRequest(
             "stream: true must be sent to :streamRawPredict, not :rawPredict".into(),
@@ -219,17 +276,18 @@ async fn vertex_surface(
     if path_stream && !summary.stream {
         // The endpoint is the client's explicit choice; keep the body consistent.
         body.insert("stream".into(), Value::Bool(true));
+        summary.stream = true;
     }
-    let call = Call {
-        op: Operation::Messages,
-        model: resolution.model,
-        alias_warning: alias_warning(model_name, &resolution),
-        stream: path_stream,
+    let call = new_call(
+        Operation::Messages,
+        model_name,
+        resolution,
         body,
-        beta: beta_header(&headers),
+        &summary,
+        &headers,
         tenant,
         request_id,
-    };
+    )?;
     forward(&state, call).await
 }
 

@@ -9,21 +9,57 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
+use std::time::Duration;
+
+use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::ledger::Limits;
+use spillway_core::store::{BudgetConfig, Clock, MemoryStore, QuotaStore, Strategy};
 use spillway_core::Catalog;
 use tokio::net::TcpListener;
 
 use crate::auth::{require_tenant, KeyRing};
-use crate::config::Settings;
+use crate::config::{RoutingStrategy, Settings};
+use crate::estimates::EstimateLearner;
 use crate::routes;
+use crate::scheduler::Scheduler;
 use crate::upstream::{Upstream, UpstreamInitError};
 
-/// What every handler shares. Built once; immutable while serving.
-#[derive(Debug)]
+/// What every handler shares. Built once; the parts that change (budgets,
+/// queues, estimate corrections) have their own interior locks.
 pub struct AppState {
     pub settings: Settings,
     pub catalog: Catalog,
     pub upstream: Upstream,
     pub keys: Arc<KeyRing>,
+    pub scheduler: Scheduler,
+    pub estimates: EstimateLearner,
+    pub strategy: Strategy,
+    pub max_wait: Duration,
+    pub max_wait_cap: Duration,
+    pub max_attempts: u32,
+    headroom: f64,
+}
+
+impl AppState {
+    /// What a configured budget allows at most, headroom applied.
+    pub fn quota_ceiling(&self, configured: &Limits) -> Limits {
+        AdaptiveConfig {
+            headroom: self.headroom,
+            ..AdaptiveConfig::default()
+        }
+        .ceiling(*configured)
+    }
+}
+
+/// The store's clock: tokio's, so tests on a paused clock are exact.
+struct TokioClock {
+    epoch: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().duration_since(self.epoch)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +90,58 @@ impl Gateway {
             .map_err(|e| StartError::Config(e.to_string()))?;
         let upstream = Upstream::from_settings(&settings.upstream).await?;
         let keys = Arc::new(KeyRing::from_settings(&settings));
+        let q = &settings.quota;
+        let window = Duration::from_secs(q.window_secs);
+        let adaptive = AdaptiveConfig {
+            headroom: q.headroom,
+            cooldown_base: Duration::from_millis(q.cooldown_base_ms),
+            cooldown_max: Duration::from_millis(q.cooldown_max_ms),
+            probe_period: window,
+        };
+        let budgets: Vec<BudgetConfig> = catalog
+            .models()
+            .iter()
+            .flat_map(|m| {
+                m.regions.iter().map(|r| BudgetConfig {
+                    model: m.id.clone(),
+                    region: r.region.clone(),
+                    limits: r.limits,
+                })
+            })
+            .collect();
+        let epoch = tokio::time::Instant::now();
+        let store: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new(
+            TokioClock { epoch },
+            window + Duration::from_millis(q.window_margin_ms),
+            adaptive,
+            &budgets,
+        ));
+        let models: Vec<Arc<str>> = catalog
+            .models()
+            .iter()
+            .map(|m| Arc::from(m.id.as_str()))
+            .collect();
+        let scheduler = Scheduler::new(store, epoch, &models, settings.scheduler.max_queue);
+        let estimates = EstimateLearner::new(&models, q.learn_estimates);
+        let strategy = match q.strategy {
+            RoutingStrategy::MostHeadroom => Strategy::MostHeadroom,
+            RoutingStrategy::Ordered => Strategy::Ordered,
+        };
+        let state = AppState {
+            max_wait: Duration::from_millis(settings.scheduler.max_wait_ms),
+            max_wait_cap: Duration::from_millis(settings.scheduler.max_wait_cap_ms),
+            max_attempts: settings.scheduler.max_attempts,
+            headroom: q.headroom,
+            strategy,
+            estimates,
+            scheduler,
+            settings,
+            catalog,
+            upstream,
+            keys,
+        };
         Ok(Self {
-            state: Arc::new(AppState {
-                settings,
-                catalog,
-                upstream,
-                keys,
-            }),
+            state: Arc::new(state),
         })
     }
 

@@ -1,0 +1,133 @@
+//! Anthropic's rate-limit headers, from Spillway's own ledger.
+//!
+//! Vertex sends no `anthropic-ratelimit-*` headers, so clients pointed at
+//! Vertex cannot pace themselves. Spillway knows the budget of the region
+//! that served each request and reports it the way Anthropic's API does:
+//! `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, with
+//! `reset` an RFC 3339 time at which the window will be empty. On a 429,
+//! `retry-after` (whole seconds, rounded up) and `retry-after-ms` say when
+//! room is expected; both official SDKs honour them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use spillway_core::store::BudgetView;
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: impl ToString) {
+    if let Ok(v) = HeaderValue::try_from(value.to_string()) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// Adds the `anthropic-ratelimit-*` headers for the budget a request used.
+pub fn add_budget_headers(headers: &mut HeaderMap, view: &BudgetView) {
+    let reset = rfc3339(SystemTime::now() + view.empty_at.saturating_sub(view.now));
+    let limits = view.limits;
+    put(
+        headers,
+        "anthropic-ratelimit-requests-limit",
+        limits.requests,
+    );
+    put(
+        headers,
+        "anthropic-ratelimit-requests-remaining",
+        limits.requests.saturating_sub(view.usage.requests),
+    );
+    put(headers, "anthropic-ratelimit-requests-reset", &reset);
+    let tokens = limits.token_capacity();
+    put(headers, "anthropic-ratelimit-tokens-limit", tokens);
+    put(
+        headers,
+        "anthropic-ratelimit-tokens-remaining",
+        tokens.saturating_sub(view.usage.tokens()),
+    );
+    put(headers, "anthropic-ratelimit-tokens-reset", &reset);
+    if let Some(input) = limits.input_tokens {
+        put(headers, "anthropic-ratelimit-input-tokens-limit", input);
+        put(
+            headers,
+            "anthropic-ratelimit-input-tokens-remaining",
+            input.saturating_sub(view.usage.input),
+        );
+        put(headers, "anthropic-ratelimit-input-tokens-reset", &reset);
+    }
+    if let Some(output) = limits.output_tokens {
+        put(headers, "anthropic-ratelimit-output-tokens-limit", output);
+        put(
+            headers,
+            "anthropic-ratelimit-output-tokens-remaining",
+            output.saturating_sub(view.usage.output),
+        );
+        put(headers, "anthropic-ratelimit-output-tokens-reset", &reset);
+    }
+}
+
+/// `retry-after` (seconds, rounded up, at least 1) and `retry-after-ms`.
+pub fn add_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    let ms = wait.as_millis().max(1);
+    put(headers, "retry-after", ms.div_ceil(1000));
+    put(headers, "retry-after-ms", ms);
+}
+
+/// Formats a time as RFC 3339 in UTC, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_core::ledger::{Limits, Usage};
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_774_530);
+        assert_eq!(rfc3339(t), "2026-11-27T10:15:30Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn headers_report_what_is_left() {
+        let mut h = HeaderMap::new();
+        let view = BudgetView {
+            limits: Limits::new(60, 50_000),
+            usage: Usage {
+                requests: 10,
+                input: 1_000,
+                output: 500,
+            },
+            empty_at: Duration::from_secs(70),
+            now: Duration::from_secs(10),
+        };
+        add_budget_headers(&mut h, &view);
+        assert_eq!(h["anthropic-ratelimit-requests-limit"], "60");
+        assert_eq!(h["anthropic-ratelimit-requests-remaining"], "50");
+        assert_eq!(h["anthropic-ratelimit-tokens-remaining"], "48500");
+        assert!(h["anthropic-ratelimit-tokens-reset"]
+            .to_str()
+            .unwrap()
+            .ends_with('Z'));
+        add_retry_after(&mut h, Duration::from_millis(1_200));
+        assert_eq!(h["retry-after"], "2");
+        assert_eq!(h["retry-after-ms"], "1200");
+    }
+}

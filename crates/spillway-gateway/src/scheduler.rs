@@ -1,0 +1,310 @@
+//! Waiting for quota instead of failing: the admission scheduler.
+//!
+//! Every request asks the [`QuotaStore`] for a reservation. When no region
+//! has room, the request waits — up to its deadline — in its model's queue
+//! and is admitted as budget frees. The queue decides *who goes next*:
+//!
+//! - **Interactive before batch.** A batch request is only considered when
+//!   no interactive request of the same model is waiting.
+//! - **Weighted fair share between tenants.** Each waiter gets a virtual
+//!   finish tag, `max(V, tenant's last tag) + cost / weight` (weighted fair
+//!   queueing, cost = reserved tokens); the smallest tag goes first. A
+//!   tenant with weight 3 thus gets three times the quota of a weight-1
+//!   tenant while both are waiting, and anyone may use what is idle.
+//! - **First come, first served within a tenant**, since its tags grow.
+//! - **No starvation.** Only the head may reserve: a large request at the
+//!   head is not overtaken by small ones behind it, it waits until its
+//!   charge fits.
+//!
+//! A request that cannot be admitted before its deadline — the store says
+//! the earliest room comes later, or the deadline passes while waiting —
+//! gets a [`Rejection`] carrying an honest retry time. A waiter is a future:
+//! if the client goes away, the future is dropped and its guard takes it
+//! out of the queue and wakes the next in line.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use spillway_core::ledger::Charge;
+use spillway_core::store::{Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Scheduling class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Interactive = 0,
+    Batch = 1,
+}
+
+/// What one request asks for.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub model: Arc<str>,
+    pub regions: Vec<Arc<str>>,
+    pub charge: Charge,
+    pub strategy: Strategy,
+    pub priority: Priority,
+    pub tenant: Arc<str>,
+    pub weight: f64,
+    /// Latest time to be admitted (tokio clock).
+    pub deadline: Instant,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    /// No room before the deadline; room is expected after `retry_after`.
+    NoRoom { retry_after: Duration },
+    /// Too many requests already waiting for this model.
+    QueueFull { retry_after: Duration },
+    /// The charge can never fit any candidate budget.
+    NeverFits,
+}
+
+/// Queue position: class, virtual finish tag (as ordered bits), arrival.
+type Ticket = (Priority, u64, u64);
+
+#[derive(Default)]
+struct WaitQueue {
+    waiting: BTreeSet<Ticket>,
+    /// Each tenant's last finish tag.
+    tenant_tags: HashMap<Arc<str>, f64>,
+    /// Virtual time: the start tag of the last admitted waiter.
+    virtual_time: f64,
+    next_seq: u64,
+}
+
+impl WaitQueue {
+    fn enqueue(&mut self, demand: &Demand) -> Ticket {
+        let last = self.tenant_tags.get(&demand.tenant).copied().unwrap_or(0.0);
+        let start = self.virtual_time.max(last);
+        // Cost in tokens plus one, so zero-token requests still take turns.
+        let finish = start + (demand.charge.total() as f64 + 1.0) / demand.weight.max(1e-6);
+        self.tenant_tags.insert(Arc::clone(&demand.tenant), finish);
+        self.next_seq += 1;
+        let ticket = (demand.priority, finish.to_bits(), self.next_seq);
+        self.waiting.insert(ticket);
+        ticket
+    }
+
+    fn head(&self) -> Option<&Ticket> {
+        self.waiting.first()
+    }
+
+    /// Whether a new request of this class would have to queue behind someone.
+    fn has_waiters_at_or_above(&self, priority: Priority) -> bool {
+        self.head().is_some_and(|t| t.0 <= priority)
+    }
+
+    fn admitted(&mut self, ticket: &Ticket, charge_cost: f64, weight: f64) {
+        self.waiting.remove(ticket);
+        let finish = f64::from_bits(ticket.1);
+        self.virtual_time = self
+            .virtual_time
+            .max(finish - charge_cost / weight.max(1e-6));
+        if self.waiting.is_empty() {
+            // Idle: forget history, so nobody is penalized for past use.
+            self.tenant_tags.clear();
+        }
+    }
+}
+
+struct ModelQueue {
+    queue: Mutex<WaitQueue>,
+    changed: Notify,
+}
+
+impl ModelQueue {
+    fn lock(&self) -> MutexGuard<'_, WaitQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a waiter from its queue however its future ends.
+struct Waiting<'a> {
+    queue: &'a ModelQueue,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            let mut q = self.queue.lock();
+            q.waiting.remove(&ticket);
+            if q.waiting.is_empty() {
+                q.tenant_tags.clear();
+            }
+            drop(q);
+            self.queue.changed.notify_waiters();
+        }
+    }
+}
+
+pub struct Scheduler {
+    store: Arc<dyn QuotaStore>,
+    /// The tokio instant the store's clock counts from.
+    epoch: Instant,
+    queues: HashMap<Arc<str>, ModelQueue>,
+    max_queue: usize,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Arc<dyn QuotaStore>,
+        epoch: Instant,
+        models: &[Arc<str>],
+        max_queue: usize,
+    ) -> Self {
+        let queues = models
+            .iter()
+            .map(|m| {
+                (
+                    Arc::clone(m),
+                    ModelQueue {
+                        queue: Mutex::new(WaitQueue::default()),
+                        changed: Notify::new(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            store,
+            epoch,
+            queues,
+            max_queue,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn QuotaStore> {
+        &self.store
+    }
+
+    fn to_instant(&self, store_time: Duration) -> Instant {
+        self.epoch + store_time
+    }
+
+    /// Requests waiting for `model`, by class.
+    pub fn queue_depth(&self, model: &str) -> (usize, usize) {
+        self.queues.get(model).map_or((0, 0), |q| {
+            let q = q.lock();
+            let interactive = q
+                .waiting
+                .iter()
+                .filter(|t| t.0 == Priority::Interactive)
+                .count();
+            (interactive, q.waiting.len() - interactive)
+        })
+    }
+
+    fn retry_after(&self, retry_at: Duration) -> Duration {
+        retry_at.saturating_sub(self.store.now())
+    }
+
+    /// Admits `demand` now or when budget frees, or rejects it.
+    pub async fn admit(&self, demand: &Demand) -> Result<Grant, Rejection> {
+        let Some(queue) = self.queues.get(&demand.model) else {
+            return Err(Rejection::NeverFits);
+        };
+        let request = ReserveRequest {
+            model: &demand.model,
+            regions: &demand.regions,
+            charge: demand.charge,
+            strategy: demand.strategy,
+        };
+        // Fast path: nobody ahead of us.
+        let must_queue = queue.lock().has_waiters_at_or_above(demand.priority);
+        if !must_queue {
+            match self.store.reserve(request).await {
+                Ok(grant) => return Ok(grant),
+                Err(Denial::Never) => return Err(Rejection::NeverFits),
+                Err(Denial::Later { retry_at }) => {
+                    if self.to_instant(retry_at) > demand.deadline {
+                        return Err(Rejection::NoRoom {
+                            retry_after: self.retry_after(retry_at),
+                        });
+                    }
+                }
+            }
+        } else if Instant::now() >= demand.deadline {
+            // Fail fast without jumping the queue.
+            return Err(Rejection::NoRoom {
+                retry_after: self.estimate_wait(request).await,
+            });
+        }
+
+        let ticket = {
+            let mut q = queue.lock();
+            (q.waiting.len() < self.max_queue).then(|| q.enqueue(demand))
+        };
+        let Some(ticket) = ticket else {
+            return Err(Rejection::QueueFull {
+                retry_after: self.estimate_wait(request).await,
+            });
+        };
+        let mut waiting = Waiting {
+            queue,
+            ticket: Some(ticket),
+        };
+        loop {
+            let changed = queue.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let is_head = queue.lock().head() == Some(&ticket);
+            let wake_at = if is_head {
+                match self.store.reserve(request).await {
+                    Ok(grant) => {
+                        let cost = demand.charge.total() as f64 + 1.0;
+                        queue.lock().admitted(&ticket, cost, demand.weight);
+                        waiting.ticket = None;
+                        queue.changed.notify_waiters();
+                        return Ok(grant);
+                    }
+                    Err(Denial::Never) => return Err(Rejection::NeverFits),
+                    Err(Denial::Later { retry_at }) => {
+                        let at = self.to_instant(retry_at);
+                        if at > demand.deadline {
+                            return Err(Rejection::NoRoom {
+                                retry_after: self.retry_after(retry_at),
+                            });
+                        }
+                        at
+                    }
+                }
+            } else {
+                demand.deadline
+            };
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            let is_head = queue.lock().head() == Some(&ticket);
+            if Instant::now() >= demand.deadline && !is_head {
+                return Err(Rejection::NoRoom {
+                    retry_after: self.estimate_wait(request).await,
+                });
+            }
+        }
+    }
+
+    /// When room is expected for `request`, ignoring anyone queued ahead.
+    async fn estimate_wait(&self, request: ReserveRequest<'_>) -> Duration {
+        match self.store.probe(request).await {
+            // Room now, but others are ahead: about one admission's worth.
+            Ok(()) => Duration::from_secs(1),
+            Err(Denial::Later { retry_at }) => {
+                self.retry_after(retry_at).max(Duration::from_millis(1))
+            }
+            Err(Denial::Never) => Duration::from_secs(60),
+        }
+    }
+
+    /// Ends a reservation and lets waiters try again (a refund may make room).
+    pub async fn settle(&self, grant: &Grant, outcome: Outcome) {
+        self.store.settle(grant, outcome).await;
+        if let Some(queue) = self.queues.get(&grant.model) {
+            queue.changed.notify_waiters();
+        }
+    }
+}
