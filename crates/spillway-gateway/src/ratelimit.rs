@@ -64,7 +64,8 @@ pub fn add_budget_headers(headers: &mut HeaderMap, view: &BudgetView) {
 
 /// `retry-after` (seconds, rounded up, at least 1) and `retry-after-ms`.
 pub fn add_retry_after(headers: &mut HeaderMap, wait: Duration) {
-    let ms = wait.as_millis().max(1);
+    // Rounded up: coming back at the stated time must find room.
+    let ms = wait.as_nanos().div_ceil(1_000_000).max(1);
     put(headers, "retry-after", ms.div_ceil(1000));
     put(headers, "retry-after-ms", ms);
 }
