@@ -12,7 +12,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::ledger::{Charge, Limits};
-use spillway_core::store::{BudgetConfig, Clock, MemoryStore, Outcome, QuotaStore, ReserveRequest, Strategy};
+use spillway_core::store::{
+    BudgetConfig, Clock, MemoryStore, Outcome, QuotaStore, ReserveRequest, Strategy,
+};
 use spillway_gateway::scheduler::{Demand, Priority, Scheduler};
 
 struct RealClock(std::time::Instant);
@@ -56,7 +58,10 @@ fn store() -> (Arc<MemoryStore<RealClock>>, Vec<Arc<str>>) {
 
 fn bench(c: &mut Criterion) {
     let regions: Vec<Arc<str>> = vec![Arc::from("us-central1"), Arc::from("europe-west4")];
-    let charge = Charge { input: 1_200, output: 1_024 };
+    let charge = Charge {
+        input: 1_200,
+        output: 1_024,
+    };
 
     let (memory, models) = store();
     let mut i = 0usize;
@@ -70,15 +75,27 @@ fn bench(c: &mut Criterion) {
                 strategy: Strategy::MostHeadroom,
             };
             let grant = memory.reserve_now(request).expect("room");
-            memory.settle_now(&grant, Outcome::Used(Charge { input: 1_000, output: 200 }));
+            memory.settle_now(
+                &grant,
+                Outcome::Used(Charge {
+                    input: 1_000,
+                    output: 200,
+                }),
+            );
         })
     });
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (memory, models) = store();
     let store: Arc<dyn QuotaStore> = memory;
-    let scheduler = rt.block_on(async { Scheduler::new(store, tokio::time::Instant::now(), &models, 1024) });
-    let tenants: Vec<Arc<str>> = (0..TENANTS).map(|t| Arc::from(format!("tenant-{t}").as_str())).collect();
+    let scheduler =
+        rt.block_on(async { Scheduler::new(store, tokio::time::Instant::now(), &models, 1024) });
+    let tenants: Vec<Arc<str>> = (0..TENANTS)
+        .map(|t| Arc::from(format!("tenant-{t}").as_str()))
+        .collect();
     let demands: Vec<Demand> = (0..TENANTS)
         .map(|t| Demand {
             model: models[t % MODELS].clone(),
@@ -88,20 +105,32 @@ fn bench(c: &mut Criterion) {
             priority: Priority::Interactive,
             tenant: tenants[t].clone(),
             weight: 1.0 + (t % 3) as f64,
-            deadline: rt.block_on(async { tokio::time::Instant::now() }) + Duration::from_secs(3600),
+            deadline: rt.block_on(async { tokio::time::Instant::now() })
+                + Duration::from_secs(3600),
         })
         .collect();
     let mut n = 0usize;
-    c.bench_function("scheduler: admit + settle (100 budgets, 1000 tenants)", |b| {
-        b.iter(|| {
-            n = n.wrapping_add(1);
-            let demand = &demands[n % TENANTS];
-            rt.block_on(async {
-                let grant = scheduler.admit(demand).await.expect("room");
-                scheduler.settle(&grant, Outcome::Used(Charge { input: 1_000, output: 200 })).await;
+    c.bench_function(
+        "scheduler: admit + settle (100 budgets, 1000 tenants)",
+        |b| {
+            b.iter(|| {
+                n = n.wrapping_add(1);
+                let demand = &demands[n % TENANTS];
+                rt.block_on(async {
+                    let grant = scheduler.admit(demand).await.expect("room");
+                    scheduler
+                        .settle(
+                            &grant,
+                            Outcome::Used(Charge {
+                                input: 1_000,
+                                output: 200,
+                            }),
+                        )
+                        .await;
+                })
             })
-        })
-    });
+        },
+    );
 }
 
 criterion_group!(benches, bench);
