@@ -119,6 +119,8 @@ struct Entry {
     /// 1 while the request counts; 0 once cancelled (never sent).
     requests: u32,
     charge: Charge,
+    /// Settled to actual usage (or cancelled): no longer in flight.
+    settled: bool,
 }
 
 /// One (region, model) budget.
@@ -130,6 +132,20 @@ pub struct Ledger {
     /// Id of `entries[0]`.
     first_id: u64,
     used: Usage,
+    /// The part of `used` reserved by requests not yet settled.
+    in_flight: Usage,
+}
+
+fn add(usage: &mut Usage, requests: u32, charge: Charge) {
+    usage.requests += requests;
+    usage.input += charge.input;
+    usage.output += charge.output;
+}
+
+fn sub(usage: &mut Usage, requests: u32, charge: Charge) {
+    usage.requests -= requests;
+    usage.input -= charge.input;
+    usage.output -= charge.output;
 }
 
 impl Ledger {
@@ -140,6 +156,7 @@ impl Ledger {
             entries: VecDeque::new(),
             first_id: 0,
             used: Usage::default(),
+            in_flight: Usage::default(),
         }
     }
 
@@ -163,9 +180,10 @@ impl Ledger {
             if now.saturating_sub(front.at) <= self.window {
                 break;
             }
-            self.used.requests -= front.requests;
-            self.used.input -= front.charge.input;
-            self.used.output -= front.charge.output;
+            sub(&mut self.used, front.requests, front.charge);
+            if !front.settled {
+                sub(&mut self.in_flight, front.requests, front.charge);
+            }
             self.entries.pop_front();
             self.first_id += 1;
         }
@@ -175,6 +193,12 @@ impl Ledger {
     pub fn usage(&mut self, now: Duration) -> Usage {
         self.evict(now);
         self.used
+    }
+
+    /// The part of [`Ledger::usage`] reserved by requests not yet settled.
+    pub fn in_flight(&mut self, now: Duration) -> Usage {
+        self.evict(now);
+        self.in_flight
     }
 
     /// Whether `charge` fits right now.
@@ -194,10 +218,10 @@ impl Ledger {
             at,
             requests: 1,
             charge,
+            settled: false,
         });
-        self.used.requests += 1;
-        self.used.input += charge.input;
-        self.used.output += charge.output;
+        add(&mut self.used, 1, charge);
+        add(&mut self.in_flight, 1, charge);
         Some(EntryId(self.first_id + self.entries.len() as u64 - 1))
     }
 
@@ -212,10 +236,14 @@ impl Ledger {
         let Some(entry) = self.entry_mut(id) else {
             return;
         };
-        let before = entry.charge;
+        let before = *entry;
         entry.charge = actual;
-        self.used.input = self.used.input - before.input + actual.input;
-        self.used.output = self.used.output - before.output + actual.output;
+        entry.settled = true;
+        sub(&mut self.used, 0, before.charge);
+        add(&mut self.used, 0, actual);
+        if !before.settled {
+            sub(&mut self.in_flight, before.requests, before.charge);
+        }
     }
 
     /// Removes a reservation entirely: the request was never sent.
@@ -226,9 +254,11 @@ impl Ledger {
         let before = *entry;
         entry.requests = 0;
         entry.charge = Charge::default();
-        self.used.requests -= before.requests;
-        self.used.input -= before.charge.input;
-        self.used.output -= before.charge.output;
+        entry.settled = true;
+        sub(&mut self.used, before.requests, before.charge);
+        if !before.settled {
+            sub(&mut self.in_flight, before.requests, before.charge);
+        }
     }
 
     /// The earliest time at or after `now` when `charge` fits, as entries
@@ -243,9 +273,7 @@ impl Ledger {
         }
         let mut left = self.used;
         for entry in &self.entries {
-            left.requests -= entry.requests;
-            left.input -= entry.charge.input;
-            left.output -= entry.charge.output;
+            sub(&mut left, entry.requests, entry.charge);
             if self.limits.fits(left, charge) {
                 // Out of the closed window one tick after it is `W` old.
                 return Some((entry.at + self.window + Duration::from_nanos(1)).max(now));
@@ -333,6 +361,34 @@ mod tests {
         l.settle(a, c(200));
         assert!(l.reserve(c(400), secs(1.0)).is_some());
         assert_eq!(l.usage(secs(1.0)).tokens(), 600);
+    }
+
+    #[test]
+    fn in_flight_counts_only_unsettled_reservations() {
+        let mut l = Ledger::new(W, Limits::new(10, 1_000));
+        let a = l.reserve(c(100), secs(0.0)).unwrap();
+        let b = l.reserve(c(200), secs(0.0)).unwrap();
+        assert_eq!(
+            l.in_flight(secs(1.0)),
+            Usage {
+                requests: 2,
+                input: 300,
+                output: 0
+            }
+        );
+        l.settle(a, c(50));
+        l.cancel(b);
+        assert_eq!(l.in_flight(secs(1.0)), Usage::default());
+        assert_eq!(
+            l.usage(secs(1.0)),
+            Usage {
+                requests: 1,
+                input: 50,
+                output: 0
+            }
+        );
+        let _c = l.reserve(c(10), secs(1.0)).unwrap();
+        assert_eq!(l.in_flight(secs(100.0)), Usage::default(), "evicted");
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct BudgetState {
     /// What admission uses now (headroom and learning applied).
     pub effective: Limits,
     pub usage: Usage,
+    /// The part of `usage` reserved by requests still in flight.
+    pub in_flight: Usage,
     pub cooldown_remaining: Duration,
     pub drained: bool,
 }
@@ -341,6 +343,7 @@ impl<C: Clock> MemoryStore<C> {
                     configured: b.adaptive.configured(),
                     effective: b.ledger.limits(),
                     usage: b.ledger.usage(now),
+                    in_flight: b.ledger.in_flight(now),
                     cooldown_remaining: b.adaptive.cooldown_until().saturating_sub(now),
                     drained: b.drained,
                 });

@@ -67,6 +67,7 @@ pub struct KeyRing {
     mode: ClientAuth,
     by_digest: HashMap<[u8; 32], Tenant>,
     anonymous: Tenant,
+    failures: Option<prometheus::IntCounter>,
 }
 
 impl KeyRing {
@@ -87,7 +88,19 @@ impl KeyRing {
             mode: settings.server.auth,
             by_digest,
             anonymous: Tenant::anonymous(),
+            failures: None,
         }
+    }
+
+    /// Counts refused keys in `counter`.
+    pub fn with_failure_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.failures = Some(counter);
+        self
+    }
+
+    /// The tenant configured under `name` (for work submitted earlier by it).
+    pub fn tenant_named(&self, name: &str) -> Option<&Tenant> {
+        self.by_digest.values().find(|t| &*t.name == name)
     }
 
     /// Finds the tenant a presented key belongs to.
@@ -127,6 +140,9 @@ pub async fn require_tenant(
                         "missing API key: send it as x-api-key or Authorization: Bearer"
                     };
                     tracing::info!(problem, "client authentication failed");
+                    if let Some(failures) = &keys.failures {
+                        failures.inc();
+                    }
                     return ApiError::Unauthenticated(problem).into_response();
                 }
             }
@@ -159,6 +175,7 @@ mod tests {
                 })
                 .collect(),
             anonymous: Tenant::anonymous(),
+            failures: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod estimates;
+pub mod metrics;
 pub mod passthrough;
 pub mod proxy;
 pub mod ratelimit;

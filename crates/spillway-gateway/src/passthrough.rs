@@ -39,6 +39,8 @@ pub struct StreamOutcome {
     pub failure: Option<String>,
     /// The client disconnected before the end.
     pub client_gone: bool,
+    /// When the first bytes went to the client.
+    pub first_event_at: Option<std::time::Instant>,
 }
 
 type UpstreamBytes = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
@@ -50,6 +52,7 @@ pub struct SsePassthrough {
     usage: StreamUsage,
     drop_vertex_events: bool,
     finished: bool,
+    first_event_at: Option<std::time::Instant>,
     on_finish: Option<FinishHook>,
 }
 
@@ -65,6 +68,7 @@ impl SsePassthrough {
             usage: StreamUsage::default(),
             drop_vertex_events,
             finished: false,
+            first_event_at: None,
             on_finish: Some(Box::new(on_finish)),
         }
     }
@@ -77,6 +81,7 @@ impl SsePassthrough {
                 completed: self.usage.completed(),
                 failure,
                 client_gone,
+                first_event_at: self.first_event_at,
             });
         }
     }
@@ -132,6 +137,8 @@ impl Stream for SsePassthrough {
                     }
                     let out = joined.map(BytesMut::freeze).or(out);
                     if let Some(bytes) = out {
+                        this.first_event_at
+                            .get_or_insert_with(std::time::Instant::now);
                         return Poll::Ready(Some(Ok(bytes)));
                     }
                 }

@@ -43,6 +43,7 @@ use spillway_vertex::{
 
 use crate::auth::Tenant;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::passthrough::{SsePassthrough, StreamOutcome};
 use crate::request_id::RequestId;
 use crate::scheduler::{Demand, Priority, Rejection};
@@ -196,9 +197,9 @@ fn attempt_failure(error: &ApiError) -> Option<Outcome> {
 
 pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let regions = eligible_regions(&call)?;
     let model = call.model;
     let mut log = RequestLog {
+        metrics: Arc::clone(&state.metrics),
         request_id: call.request_id.clone(),
         tenant: call.tenant.name.clone(),
         model: model.id.clone(),
@@ -207,14 +208,19 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
         attempts: 0,
         estimated: Charge::default(),
         queue_wait: Duration::ZERO,
+        upstream_latency: Duration::ZERO,
     };
     let stream = call.op == Operation::Messages && call.stream;
     let (op, beta) = (call.op, call.beta.clone());
+    let regions = match eligible_regions(&call) {
+        Ok(regions) => regions,
+        Err(e) => return Err(log.refuse(e)),
+    };
     if call.op == Operation::CountTokens {
         let region = regions[0].clone();
         log.region = region.clone();
         let body = Bytes::from(to_vertex_body(call.body, op, &model.id));
-        let response = send(state, &region, &model.id, op, false, body, beta).await;
+        let response = send(state, &mut log, &region, op, false, body, beta).await;
         let response = match response {
             Ok(r) => r,
             Err(e) => {
@@ -225,10 +231,13 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
         return relay_unary(response, &mut log, None, &call.alias_warning).await;
     }
 
-    let plan = plan(state, &call, &regions)?;
+    let plan = match plan(state, &call, &regions) {
+        Ok(plan) => plan,
+        Err(e) => return Err(log.refuse(e)),
+    };
     log.estimated = plan.charge;
     if let Err(cap) = call.tenant.policy.check_caps(plan.charge.total()) {
-        return Err(match cap {
+        return Err(log.refuse(match cap {
             crate::tenants::CapExceeded::Later(retry_after) => ApiError::RateLimited {
                 message: format!("tenant {} is over its own rate cap", call.tenant.name),
                 retry_after,
@@ -238,7 +247,7 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
                 plan.charge.total(),
                 call.tenant.name
             )),
-        });
+        }));
     }
     let max_wait = call
         .max_wait
@@ -257,6 +266,8 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
     };
     let body = Bytes::from(to_vertex_body(call.body, op, &model.id));
     let mut last_error = None;
+    let mut failed_region: Option<Arc<str>> = None;
+    let primary = model.regions[0].region.as_str();
     while log.attempts < state.max_attempts {
         let waited = tokio::time::Instant::now();
         let grant = match state.scheduler.admit(&demand).await {
@@ -280,13 +291,24 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
                 return Err(error);
             }
         };
-        log.queue_wait += waited.elapsed();
+        let wait = waited.elapsed();
+        log.queue_wait += wait;
         log.attempts += 1;
         log.region = grant.region.clone();
+        record_admission(
+            &state.metrics,
+            &model.id,
+            primary,
+            &grant,
+            wait,
+            demand.priority,
+            failed_region.take(),
+            plan.raw_input,
+        );
         let response = send(
             state,
+            &mut log,
             &grant.region,
-            &model.id,
             op,
             stream,
             body.clone(),
@@ -318,7 +340,8 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
                 let error = ApiError::Upstream(normalize_upstream_error(status, &bytes));
                 match attempt_failure(&error) {
                     Some(outcome) => {
-                        tracing::info!(request_id = %log.request_id.0, region = %grant.region, status, "upstream refused; trying again");
+                        failed_region = Some(grant.region.clone());
+                        tracing::info!(request_id = %log.request_id.id, region = %grant.region, status, "upstream refused; trying again");
                         state.scheduler.settle(&grant, outcome).await;
                         last_error = Some(error);
                     }
@@ -334,6 +357,7 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
                 }
             }
             Err(error) => {
+                failed_region = Some(grant.region.clone());
                 let outcome = attempt_failure(&error).unwrap_or(Outcome::NotSent);
                 state.scheduler.settle(&grant, outcome).await;
                 if matches!(error, ApiError::Credentials) {
@@ -356,19 +380,77 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
     Err(error)
 }
 
+/// One upstream attempt, timed and counted.
 async fn send(
     state: &AppState,
+    log: &mut RequestLog,
     region: &str,
-    model: &str,
     op: Operation,
     stream: bool,
     body: Bytes,
     beta: Option<HeaderValue>,
 ) -> Result<reqwest::Response, ApiError> {
-    state
+    let sent = Instant::now();
+    let result = state
         .upstream
-        .send(region, model, op, stream, body, beta)
-        .await
+        .send(region, &log.model, op, stream, body, beta)
+        .await;
+    log.upstream_latency = sent.elapsed();
+    let m = &state.metrics;
+    let status = match &result {
+        Ok(response) => crate::metrics::status_label(response.status().as_u16()),
+        Err(ApiError::UpstreamTimeout { .. }) => "timeout",
+        Err(ApiError::Credentials) => "credentials",
+        Err(_) => "transport",
+    };
+    m.upstream_requests
+        .with_label_values(&[region, &log.model, status])
+        .inc();
+    if status == "429" {
+        m.upstream_rate_limited
+            .with_label_values(&[region, &log.model])
+            .inc();
+    }
+    if result.is_ok() {
+        m.upstream_latency_seconds
+            .with_label_values(&[region, &log.model])
+            .observe(log.upstream_latency.as_secs_f64());
+    }
+    result
+}
+
+/// Metrics for one admission: wait, routing (spillover, fallback) and tokens.
+#[allow(clippy::too_many_arguments)]
+fn record_admission(
+    m: &Metrics,
+    model: &str,
+    primary: &str,
+    grant: &Grant,
+    wait: Duration,
+    priority: Priority,
+    failed_region: Option<Arc<str>>,
+    raw_input: u64,
+) {
+    let priority = match priority {
+        Priority::Interactive => "interactive",
+        Priority::Batch => "batch",
+    };
+    m.queue_wait_seconds
+        .with_label_values(&[priority])
+        .observe(wait.as_secs_f64());
+    let region = &*grant.region;
+    if region != primary {
+        m.spillovers
+            .with_label_values(&[model, primary, region])
+            .inc();
+    }
+    if let Some(from) = failed_region {
+        m.fallbacks.with_label_values(&[model, &from, region]).inc();
+    }
+    let tokens = |kind: &str, n: u64| m.tokens.with_label_values(&[model, region, kind]).inc_by(n);
+    tokens("estimated_input", raw_input);
+    tokens("reserved_input", grant.charge.input);
+    tokens("reserved_output", grant.charge.output);
 }
 
 /// Settles a reservation once the response's usage is known.
@@ -401,9 +483,17 @@ impl Settle {
 
     async fn run(self, usage: Option<Usage>, complete: bool) {
         if let Some(u) = usage.filter(|_| complete) {
-            self.state
-                .estimates
-                .observe(&self.grant.model, self.raw_input, u.total_input());
+            let ratio =
+                self.state
+                    .estimates
+                    .observe(&self.grant.model, self.raw_input, u.total_input());
+            if let Some(ratio) = ratio {
+                self.state
+                    .metrics
+                    .estimate_ratio
+                    .with_label_values(&[&self.grant.model])
+                    .observe(ratio);
+            }
         }
         let charge = self.charge_for(usage, complete);
         self.state
@@ -489,10 +579,19 @@ fn relay_stream(
     let grant = settle.grant.clone();
     let region = log.region.clone();
     let drop_vertex_events = state.settings.upstream.drop_vertex_events;
+    let metrics = Arc::clone(&state.metrics);
+    metrics.open_streams.inc();
     let body = SsePassthrough::new(
         response.bytes_stream(),
         drop_vertex_events,
         move |outcome: StreamOutcome| {
+            metrics.open_streams.dec();
+            if let Some(first) = outcome.first_event_at {
+                metrics
+                    .time_to_first_token_seconds
+                    .with_label_values(&[&*log.region, log.model.as_str()])
+                    .observe(first.duration_since(log.started).as_secs_f64());
+            }
             let result = if outcome.completed {
                 "ok"
             } else if outcome.client_gone {
@@ -523,6 +622,7 @@ fn relay_stream(
 
 /// What the one log line per request says.
 struct RequestLog {
+    metrics: Arc<Metrics>,
     request_id: RequestId,
     tenant: Arc<str>,
     model: String,
@@ -531,14 +631,43 @@ struct RequestLog {
     attempts: u32,
     estimated: Charge,
     queue_wait: Duration,
+    /// Time to response headers of the last upstream attempt.
+    upstream_latency: Duration,
 }
 
 impl RequestLog {
+    /// Logs a refusal made before any upstream call and hands the error back.
+    fn refuse(&self, error: ApiError) -> ApiError {
+        let (_, status) = error.kind_and_status();
+        let outcome = if status == StatusCode::TOO_MANY_REQUESTS {
+            "rejected"
+        } else {
+            "invalid"
+        };
+        self.emit(status.as_u16(), None, outcome);
+        error
+    }
+
     fn emit(&self, status: u16, usage: Option<Usage>, outcome: &'static str) {
         let usage = usage.unwrap_or_default();
+        self.request_id.mark_logged();
+        self.metrics
+            .requests
+            .with_label_values(&[&*self.tenant, self.model.as_str(), outcome])
+            .inc();
+        if usage.total() > 0 && !self.region.is_empty() {
+            let tokens = |kind: &str, n: u64| {
+                self.metrics
+                    .tokens
+                    .with_label_values(&[self.model.as_str(), &*self.region, kind])
+                    .inc_by(n)
+            };
+            tokens("actual_input", usage.total_input());
+            tokens("actual_output", usage.output_tokens);
+        }
         tracing::info!(
             target: "spillway::request",
-            request_id = %self.request_id.0,
+            request_id = %self.request_id.id,
             tenant = %self.tenant,
             model = %self.model,
             region = %self.region,
@@ -550,6 +679,7 @@ impl RequestLog {
             input_tokens = usage.total_input(),
             output_tokens = usage.output_tokens,
             queue_wait_ms = self.queue_wait.as_secs_f64() * 1000.0,
+            upstream_latency_ms = self.upstream_latency.as_secs_f64() * 1000.0,
             latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );

@@ -148,6 +148,7 @@ pub struct Scheduler {
     epoch: Instant,
     queues: HashMap<Arc<str>, ModelQueue>,
     max_queue: usize,
+    decision_seconds: Option<prometheus::Histogram>,
 }
 
 impl Scheduler {
@@ -174,7 +175,24 @@ impl Scheduler {
             epoch,
             queues,
             max_queue,
+            decision_seconds: None,
         }
+    }
+
+    /// Observes the time of each admission decision in `histogram`.
+    pub fn with_decision_histogram(mut self, histogram: prometheus::Histogram) -> Self {
+        self.decision_seconds = Some(histogram);
+        self
+    }
+
+    /// One timed call to the store.
+    async fn reserve(&self, request: ReserveRequest<'_>) -> Result<Grant, Denial> {
+        let started = std::time::Instant::now();
+        let result = self.store.reserve(request).await;
+        if let Some(h) = &self.decision_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 
     pub fn store(&self) -> &Arc<dyn QuotaStore> {
@@ -216,7 +234,7 @@ impl Scheduler {
         // Fast path: nobody ahead of us.
         let must_queue = queue.lock().has_waiters_at_or_above(demand.priority);
         if !must_queue {
-            match self.store.reserve(request).await {
+            match self.reserve(request).await {
                 Ok(grant) => return Ok(grant),
                 Err(Denial::Never) => return Err(Rejection::NeverFits),
                 Err(Denial::Later { retry_at }) => {
@@ -253,7 +271,7 @@ impl Scheduler {
             changed.as_mut().enable();
             let is_head = queue.lock().head() == Some(&ticket);
             let wake_at = if is_head {
-                match self.store.reserve(request).await {
+                match self.reserve(request).await {
                     Ok(grant) => {
                         let cost = demand.charge.total() as f64 + 1.0;
                         queue.lock().admitted(&ticket, cost, demand.weight);

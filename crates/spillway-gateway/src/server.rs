@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::auth::{require_tenant, KeyRing};
 use crate::config::{RoutingStrategy, Settings};
 use crate::estimates::EstimateLearner;
+use crate::metrics::{Metrics, Snapshot};
 use crate::routes;
 use crate::scheduler::Scheduler;
 use crate::upstream::{Upstream, UpstreamInitError};
@@ -37,6 +38,7 @@ pub struct AppState {
     pub max_wait: Duration,
     pub max_wait_cap: Duration,
     pub max_attempts: u32,
+    pub metrics: Arc<Metrics>,
     headroom: f64,
 }
 
@@ -75,6 +77,31 @@ pub enum StartError {
     },
 }
 
+/// `GET /metrics`: Prometheus exposition, state gauges refreshed now.
+async fn metrics_handler(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> impl axum::response::IntoResponse {
+    let budgets = state.scheduler.store().states().await;
+    let queues = state
+        .catalog
+        .models()
+        .iter()
+        .map(|m| {
+            let (interactive, batch) = state.scheduler.queue_depth(&m.id);
+            (m.id.as_str(), interactive, batch)
+        })
+        .collect();
+    let text = state.metrics.render(Snapshot {
+        budgets: &budgets,
+        queues,
+        batches: None,
+    });
+    (
+        [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        text,
+    )
+}
+
 /// A gateway ready to serve.
 pub struct Gateway {
     state: Arc<AppState>,
@@ -89,7 +116,10 @@ impl Gateway {
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
         let upstream = Upstream::from_settings(&settings.upstream).await?;
-        let keys = Arc::new(KeyRing::from_settings(&settings));
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(
+            KeyRing::from_settings(&settings).with_failure_counter(metrics.auth_failures.clone()),
+        );
         let q = &settings.quota;
         let window = Duration::from_secs(q.window_secs);
         let adaptive = AdaptiveConfig {
@@ -121,7 +151,8 @@ impl Gateway {
             .iter()
             .map(|m| Arc::from(m.id.as_str()))
             .collect();
-        let scheduler = Scheduler::new(store, epoch, &models, settings.scheduler.max_queue);
+        let scheduler = Scheduler::new(store, epoch, &models, settings.scheduler.max_queue)
+            .with_decision_histogram(metrics.admission_seconds.clone());
         let estimates = EstimateLearner::new(&models, q.learn_estimates);
         let strategy = match q.strategy {
             RoutingStrategy::MostHeadroom => Strategy::MostHeadroom,
@@ -132,6 +163,7 @@ impl Gateway {
             max_wait_cap: Duration::from_millis(settings.scheduler.max_wait_cap_ms),
             max_attempts: settings.scheduler.max_attempts,
             headroom: q.headroom,
+            metrics,
             strategy,
             estimates,
             scheduler,
@@ -165,13 +197,17 @@ impl Gateway {
         Router::new()
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
+            .route("/metrics", get(metrics_handler))
             .merge(api)
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             // Handlers enforce the configured limit themselves, with an
             // Anthropic-shaped 413, so axum's 2 MB default must not interfere.
             .layer(DefaultBodyLimit::disable())
-            .layer(middleware::from_fn(crate::request_id::assign_request_id))
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&self.state.metrics),
+                crate::request_id::assign_request_id,
+            ))
             .with_state(state)
     }
 

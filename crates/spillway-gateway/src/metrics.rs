@@ -1,0 +1,324 @@
+//! Prometheus metrics: what operators see of quotas, routing, waiting and
+//! upstream health.
+//!
+//! Two kinds of series:
+//! - **Events**, counted or observed on the request path: requests by
+//!   outcome, upstream calls by status, spillovers and fallbacks, tokens,
+//!   estimation error, admission and queue-wait time, upstream latency and
+//!   time to first token. Label values are bounded — tenant, model, region,
+//!   outcome, status class — never a request id. Observations reuse the
+//!   label-set's handle; nothing is allocated per request beyond the
+//!   crate's own lookups.
+//! - **State**, read at scrape time from the quota store and the
+//!   scheduler (budget limits, usage, cooldowns, queue depth) so the request
+//!   path pays nothing for them.
+//!
+//! Names follow Prometheus conventions: `spillway_` prefix, `_total` for
+//! counters, base units (`_seconds`, tokens).
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use spillway_core::store::BudgetState;
+
+/// Seconds buckets for waits and latencies: 1 ms to ~2 min.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Admission decisions are microseconds when there is room.
+const ADMISSION_BUCKETS: &[f64] = &[
+    0.000_001, 0.000_002, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.001, 0.01, 0.1, 1.0,
+    10.0, 60.0,
+];
+/// actual / estimated input tokens.
+const RATIO_BUCKETS: &[f64] = &[
+    0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 4.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_rate_limited: IntCounterVec,
+    pub spillovers: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub estimate_ratio: HistogramVec,
+    pub admission_seconds: Histogram,
+    pub queue_wait_seconds: HistogramVec,
+    pub upstream_latency_seconds: HistogramVec,
+    pub time_to_first_token_seconds: HistogramVec,
+    pub open_streams: IntGauge,
+    pub auth_failures: IntCounter,
+    // State, refreshed at scrape time.
+    budget_limit: GaugeVec,
+    budget_effective: GaugeVec,
+    budget_used: GaugeVec,
+    budget_in_flight: GaugeVec,
+    cooldown_seconds: GaugeVec,
+    drained: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    batch_requests: IntGaugeVec,
+    batch_items_completed: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+/// What a scrape needs from the rest of the gateway.
+pub struct Snapshot<'a> {
+    pub budgets: &'a [BudgetState],
+    /// (model, interactive waiting, batch waiting)
+    pub queues: Vec<(&'a str, usize, usize)>,
+    /// (status, batches) and completed items, when batches are enabled.
+    pub batches: Option<(Vec<(&'static str, i64)>, Vec<(&'static str, i64)>)>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let build = IntGaugeVec::new(
+            Opts::new("spillway_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build.clone())).expect("unique metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let admission_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "spillway_admission_decision_seconds",
+                "Time to one admission decision (reserve or refuse), excluding waiting.",
+            )
+            .buckets(ADMISSION_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        r.register(Box::new(admission_seconds.clone()))
+            .expect("unique metric");
+        let open_streams = IntGauge::new("spillway_open_streams", "Streams being relayed now.")
+            .expect("valid metric");
+        r.register(Box::new(open_streams.clone()))
+            .expect("unique metric");
+        let auth_failures = IntCounter::new(
+            "spillway_auth_failures_total",
+            "Client requests refused for a missing or unknown key.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(auth_failures.clone()))
+            .expect("unique metric");
+        Self {
+            requests: counter(&r, "spillway_requests_total", "Client requests by how they ended.", &["tenant", "model", "outcome"]),
+            upstream_requests: counter(&r, "spillway_upstream_requests_total", "Requests sent to Vertex AI, by answer (status code, or transport).", &["region", "model", "status"]),
+            upstream_rate_limited: counter(&r, "spillway_upstream_429_total", "Upstream 429s: the real quota was lower than the ledger believed.", &["region", "model"]),
+            spillovers: counter(&r, "spillway_spillovers_total", "Requests admitted to a region other than the model's primary.", &["model", "from", "to"]),
+            fallbacks: counter(&r, "spillway_fallbacks_total", "Retries after an upstream failure, from the failed region to the next.", &["model", "from", "to"]),
+            tokens: counter(&r, "spillway_tokens_total", "Tokens by kind: estimated_input, reserved_input, reserved_output, actual_input, actual_output.", &["model", "region", "kind"]),
+            estimate_ratio: histogram(&r, "spillway_estimate_ratio", "Actual input tokens divided by the raw estimate.", RATIO_BUCKETS, &["model"]),
+            admission_seconds,
+            queue_wait_seconds: histogram(&r, "spillway_queue_wait_seconds", "Time from arrival to admission, by priority.", LATENCY_BUCKETS, &["priority"]),
+            upstream_latency_seconds: histogram(&r, "spillway_upstream_latency_seconds", "Time from sending to Vertex to its response headers.", LATENCY_BUCKETS, &["region", "model"]),
+            time_to_first_token_seconds: histogram(&r, "spillway_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.", LATENCY_BUCKETS, &["region", "model"]),
+            open_streams,
+            auth_failures,
+            budget_limit: gauge(&r, "spillway_budget_limit", "Configured quota per window (requests or tokens).", &["region", "model", "resource"]),
+            budget_effective: gauge(&r, "spillway_budget_effective", "Quota admission uses now: headroom and learning from upstream 429s applied.", &["region", "model", "resource"]),
+            budget_used: gauge(&r, "spillway_budget_used", "Spent in the current window, reservations included.", &["region", "model", "resource"]),
+            budget_in_flight: gauge(&r, "spillway_budget_reserved", "Reserved by requests still in flight (part of used).", &["region", "model", "resource"]),
+            cooldown_seconds: gauge(&r, "spillway_cooldown_seconds", "Seconds until a region-model takes requests again after upstream refusals (0: not cooling down).", &["region", "model"]),
+            drained: int_gauge(&r, "spillway_region_drained", "1 while an operator has drained the region.", &["region", "model"]),
+            queue_depth: int_gauge(&r, "spillway_queue_depth", "Requests waiting for quota.", &["model", "priority"]),
+            batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
+            batch_items_completed: int_gauge(&r, "spillway_batch_items_completed", "Batch items finished since start, by result (monotonic: use rate()).", &["result"]),
+            registry: r,
+        }
+    }
+
+    /// Refreshes state gauges and renders the exposition text.
+    pub fn render(&self, snapshot: Snapshot<'_>) -> String {
+        for b in snapshot.budgets {
+            let (region, model) = (&*b.region, &*b.model);
+            let set = |g: &GaugeVec, resource: &str, v: f64| {
+                g.with_label_values(&[region, model, resource]).set(v)
+            };
+            set(
+                &self.budget_limit,
+                "requests",
+                f64::from(b.configured.requests),
+            );
+            set(
+                &self.budget_limit,
+                "tokens",
+                b.configured.token_capacity() as f64,
+            );
+            set(
+                &self.budget_effective,
+                "requests",
+                f64::from(b.effective.requests),
+            );
+            set(
+                &self.budget_effective,
+                "tokens",
+                b.effective.token_capacity() as f64,
+            );
+            set(&self.budget_used, "requests", f64::from(b.usage.requests));
+            set(&self.budget_used, "tokens", b.usage.tokens() as f64);
+            set(
+                &self.budget_in_flight,
+                "requests",
+                f64::from(b.in_flight.requests),
+            );
+            set(
+                &self.budget_in_flight,
+                "tokens",
+                b.in_flight.tokens() as f64,
+            );
+            self.cooldown_seconds
+                .with_label_values(&[region, model])
+                .set(b.cooldown_remaining.as_secs_f64());
+            self.drained
+                .with_label_values(&[region, model])
+                .set(i64::from(b.drained));
+        }
+        for (model, interactive, batch) in &snapshot.queues {
+            self.queue_depth
+                .with_label_values(&[model, "interactive"])
+                .set(*interactive as i64);
+            self.queue_depth
+                .with_label_values(&[model, "batch"])
+                .set(*batch as i64);
+        }
+        if let Some((statuses, completed)) = &snapshot.batches {
+            for (status, n) in statuses {
+                self.batch_requests.with_label_values(&[status]).set(*n);
+            }
+            for (result, n) in completed {
+                self.batch_items_completed
+                    .with_label_values(&[result])
+                    .set(*n);
+            }
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The status label for an upstream answer: the code, or what failed.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        529 => "529",
+        s if s < 300 => "2xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_core::ledger::{Limits, Usage};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_events_and_state() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["t", "m", "ok"]).inc();
+        m.upstream_requests
+            .with_label_values(&["us-central1", "m", status_label(429)])
+            .inc();
+        let budgets = [BudgetState {
+            model: Arc::from("m"),
+            region: Arc::from("us-central1"),
+            configured: Limits::new(60, 50_000),
+            effective: Limits::new(40, 50_000),
+            usage: Usage {
+                requests: 3,
+                input: 10,
+                output: 5,
+            },
+            in_flight: Usage {
+                requests: 1,
+                input: 10,
+                output: 0,
+            },
+            cooldown_remaining: Duration::from_millis(1500),
+            drained: false,
+        }];
+        let text = m.render(Snapshot {
+            budgets: &budgets,
+            queues: vec![("m", 2, 5)],
+            batches: None,
+        });
+        for needle in [
+            "spillway_requests_total{model=\"m\",outcome=\"ok\",tenant=\"t\"} 1",
+            "spillway_upstream_requests_total{model=\"m\",region=\"us-central1\",status=\"429\"} 1",
+            "spillway_budget_effective{model=\"m\",region=\"us-central1\",resource=\"requests\"} 40",
+            "spillway_budget_used{model=\"m\",region=\"us-central1\",resource=\"tokens\"} 15",
+            "spillway_cooldown_seconds{model=\"m\",region=\"us-central1\"} 1.5",
+            "spillway_queue_depth{model=\"m\",priority=\"batch\"} 5",
+            "spillway_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `GET /metrics` over loopback: the series operators build dashboards on
+//! move as traffic flows.
+
+mod support;
+
+use spillway_sim::{Fault, FaultKind};
+use support::*;
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_follow_quota_routing_and_refusals() {
+    let h = Harness::start("[quota]\nstrategy = \"ordered\"\n").await;
+    // Fill the primary region, so the rest spills over.
+    for _ in 0..62 {
+        assert_eq!(
+            h.post_json("/v1/messages", &hello(HAIKU)).await.status(),
+            200
+        );
+    }
+    h.sim
+        .inject(Fault::region("europe-west4", FaultKind::Status(429)).times(1));
+    h.sim
+        .inject(Fault::region("europe-west4", FaultKind::Status(429)).times(1));
+    let _ = h.post_fail_fast("/v1/messages", &hello(HAIKU)).await;
+    let _ = h
+        .post_json("/v1/messages", &serde_json::json!({"model": HAIKU}))
+        .await;
+
+    let response = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    let m = HAIKU;
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                "spillway_requests_total{{model=\"{m}\",outcome=\"ok\",tenant=\"anonymous\"}}"
+            )
+        ),
+        62.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "spillway_requests_total{model=\"-\",outcome=\"invalid\",tenant=\"-\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, &format!("spillway_spillovers_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 3.0);
+    assert_eq!(
+        value(
+            &text,
+            &format!("spillway_upstream_429_total{{model=\"{m}\",region=\"europe-west4\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, &format!("spillway_budget_limit{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
+    assert_eq!(value(&text, &format!("spillway_budget_used{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
+    assert!(
+        value(
+            &text,
+            &format!("spillway_cooldown_seconds{{model=\"{m}\",region=\"europe-west4\"}}")
+        ) > 0.0
+    );
+    assert!(value(&text, &format!("spillway_budget_effective{{model=\"{m}\",region=\"europe-west4\",resource=\"requests\"}}")) < 60.0);
+    assert!(value(&text, "spillway_admission_decision_seconds_count") >= 63.0);
+    assert!(value(&text, &format!("spillway_tokens_total{{kind=\"actual_output\",model=\"{m}\",region=\"us-central1\"}}")) > 0.0);
+    assert!(text.contains("spillway_build_info{version="));
+}
