@@ -105,13 +105,21 @@ fn histogram(
     h
 }
 
+/// Batch state at scrape time: requests by processing status, and items
+/// completed since start by result.
+#[derive(Debug, Default, Clone)]
+pub struct BatchSnapshot {
+    pub requests: Vec<(&'static str, i64)>,
+    pub completed: Vec<(&'static str, i64)>,
+}
+
 /// What a scrape needs from the rest of the gateway.
 pub struct Snapshot<'a> {
     pub budgets: &'a [BudgetState],
     /// (model, interactive waiting, batch waiting)
     pub queues: Vec<(&'a str, usize, usize)>,
-    /// (status, batches) and completed items, when batches are enabled.
-    pub batches: Option<(Vec<(&'static str, i64)>, Vec<(&'static str, i64)>)>,
+    /// When batches are enabled.
+    pub batches: Option<BatchSnapshot>,
 }
 
 impl Metrics {
@@ -226,11 +234,11 @@ impl Metrics {
                 .with_label_values(&[model, "batch"])
                 .set(*batch as i64);
         }
-        if let Some((statuses, completed)) = &snapshot.batches {
-            for (status, n) in statuses {
+        if let Some(batches) = &snapshot.batches {
+            for (status, n) in &batches.requests {
                 self.batch_requests.with_label_values(&[status]).set(*n);
             }
-            for (result, n) in completed {
+            for (result, n) in &batches.completed {
                 self.batch_items_completed
                     .with_label_values(&[result])
                     .set(*n);
