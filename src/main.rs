@@ -5,6 +5,7 @@
 //!   needing no Google account.
 //! - `spillway check-config FILE`: validate a config and print the effective
 //!   settings with secrets redacted.
+//! - `spillway status`: the live quota table from the admin API.
 //! - `spillway hash-key [KEY]`: the SHA-256 digest to put in config for a
 //!   client key (a fresh key is generated when none is given).
 
@@ -17,6 +18,8 @@ use clap::{Parser, Subcommand};
 use spillway_gateway::config::{check_file, LogFormat, Settings, DEMO_TOML};
 use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, Simulator};
+
+mod status;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +51,21 @@ enum Command {
     },
     /// Validate a config file and print the effective config, secrets redacted.
     CheckConfig { file: PathBuf },
+    /// Show the live quota table from a running gateway's admin API.
+    Status {
+        /// The gateway's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The admin key (or set SPILLWAY_ADMIN_KEY).
+        #[arg(long, env = "SPILLWAY_ADMIN_KEY", hide_env_values = true)]
+        admin_key: String,
+        /// Print once instead of refreshing.
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval in seconds.
+        #[arg(long, default_value_t = 2)]
+        every: u64,
+    },
     /// Print the SHA-256 digest of a client key for `[tenants.NAME] key_sha256`.
     HashKey {
         /// The key; omitted, a new random key is generated and printed too.
@@ -65,9 +83,15 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => run(|| async move {
             let settings = Settings::load(&config)?;
-            serve(settings).await
+            serve(settings, config).await
         }),
         Command::Demo { listen, sim_listen } => run(|| demo(listen, sim_listen)),
+        Command::Status {
+            url,
+            admin_key,
+            once,
+            every,
+        } => run(|| status::watch(url, admin_key, once, every)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,13 +142,38 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+async fn serve(settings: Settings, files: Vec<PathBuf>) -> anyhow::Result<()> {
     init_logging(settings.server.log_format);
     let gateway = Gateway::new(settings).await?;
     let listener = gateway.bind().await?;
     tracing::info!(addr = %listener.local_addr()?, "spillway listening");
+    reload_on_sighup(&gateway, files);
     gateway.serve(listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// SIGHUP re-reads the config files and applies what can change live.
+fn reload_on_sighup(gateway: &Gateway, files: Vec<PathBuf>) {
+    #[cfg(unix)]
+    {
+        let state = std::sync::Arc::clone(gateway.state());
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                match Settings::load(&files) {
+                    Ok(settings) => spillway_gateway::admin::reload(&state, settings).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused: invalid configuration; keeping the current one")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (gateway, files);
 }
 
 async fn demo(listen: SocketAddr, sim_listen: SocketAddr) -> anyhow::Result<()> {

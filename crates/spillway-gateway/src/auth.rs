@@ -103,11 +103,34 @@ impl KeyRing {
         self.by_digest.values().find(|t| &*t.name == name)
     }
 
+    /// Every configured tenant.
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.by_digest.values()
+    }
+
     /// Finds the tenant a presented key belongs to.
     pub fn authenticate(&self, presented: &str) -> Option<&Tenant> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let (stored, tenant) = self.by_digest.get_key_value(&digest)?;
         bool::from(stored.ct_eq(&digest)).then_some(tenant)
+    }
+}
+
+/// The key ring in force, replaceable while serving (SIGHUP reloads tenants).
+#[derive(Debug)]
+pub struct Keys(std::sync::RwLock<Arc<KeyRing>>);
+
+impl Keys {
+    pub fn new(ring: KeyRing) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(ring)))
+    }
+
+    pub fn current(&self) -> Arc<KeyRing> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn replace(&self, ring: KeyRing) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
     }
 }
 
@@ -123,10 +146,11 @@ fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
 
 /// The auth layer: attaches a [`Tenant`] or answers 401.
 pub async fn require_tenant(
-    State(keys): State<Arc<KeyRing>>,
+    State(keys): State<Arc<Keys>>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let keys = keys.current();
     let tenant = match keys.mode {
         ClientAuth::None => keys.anonymous.clone(),
         ClientAuth::ApiKey => {

@@ -44,6 +44,8 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub quota: QuotaDefaults,
     pub scheduler: SchedulerSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// Keyed by Vertex model id, so a layer can add or change one model.
     pub models: BTreeMap<String, ModelSettings>,
     /// Keyed by tenant name.
@@ -127,6 +129,15 @@ pub struct QuotaDefaults {
     pub chars_per_token: f64,
     /// Learn a per-model correction of the input estimate from actual usage.
     pub learn_estimates: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Hex SHA-256 of the admin key (`spillway hash-key`); empty disables
+    /// the admin API.
+    #[serde(default)]
+    pub key_sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -325,6 +336,13 @@ impl Settings {
         }
         self.catalog()
             .map_err(|e| invalid("models", e.to_string()))?;
+        let admin = &self.admin.key_sha256;
+        if !admin.is_empty() && (admin.len() != 64 || hex::decode(admin).is_err()) {
+            return Err(invalid(
+                "admin.key_sha256",
+                "must be 64 hex characters (the output of `spillway hash-key`), or empty",
+            ));
+        }
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 return Err(invalid("tenants", "a tenant name must not be empty"));
@@ -402,6 +420,9 @@ impl Settings {
         let mut shown = self.clone();
         if !shown.upstream.token.is_empty() {
             shown.upstream.token = "<redacted>".into();
+        }
+        if !shown.admin.key_sha256.is_empty() {
+            shown.admin.key_sha256 = format!("{}…", &shown.admin.key_sha256[..8]);
         }
         for tenant in shown.tenants.values_mut() {
             // A digest is not the key, but showing all of it helps nobody.

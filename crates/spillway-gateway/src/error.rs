@@ -22,6 +22,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("request body is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
@@ -57,6 +59,7 @@ impl ApiError {
                 (ErrorKind::InvalidRequest, StatusCode::BAD_REQUEST)
             }
             Unauthenticated(_) => (ErrorKind::Authentication, StatusCode::UNAUTHORIZED),
+            Forbidden(_) => (ErrorKind::Permission, StatusCode::FORBIDDEN),
             NotFound(_) => (ErrorKind::NotFound, StatusCode::NOT_FOUND),
             TooLarge { .. } => (ErrorKind::RequestTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
             UnsupportedMediaType(_) => (

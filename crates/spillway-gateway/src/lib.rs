@@ -9,6 +9,7 @@
 //! Errors are [`error::ApiError`] until the edge renders them in Anthropic's
 //! shape. [`config`] loads and validates settings once at start.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;

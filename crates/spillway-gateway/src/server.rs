@@ -17,7 +17,7 @@ use spillway_core::store::{BudgetConfig, Clock, MemoryStore, QuotaStore, Strateg
 use spillway_core::Catalog;
 use tokio::net::TcpListener;
 
-use crate::auth::{require_tenant, KeyRing};
+use crate::auth::{require_tenant, KeyRing, Keys};
 use crate::config::{RoutingStrategy, Settings};
 use crate::estimates::EstimateLearner;
 use crate::metrics::{Metrics, Snapshot};
@@ -31,7 +31,9 @@ pub struct AppState {
     pub settings: Settings,
     pub catalog: Catalog,
     pub upstream: Upstream,
-    pub keys: Arc<KeyRing>,
+    pub keys: Arc<Keys>,
+    /// SHA-256 of the admin key; `None` disables the admin API.
+    pub admin_key_digest: Option<[u8; 32]>,
     pub scheduler: Scheduler,
     pub estimates: EstimateLearner,
     pub strategy: Strategy,
@@ -117,9 +119,12 @@ impl Gateway {
             .map_err(|e| StartError::Config(e.to_string()))?;
         let upstream = Upstream::from_settings(&settings.upstream).await?;
         let metrics = Arc::new(Metrics::new());
-        let keys = Arc::new(
+        let keys = Arc::new(Keys::new(
             KeyRing::from_settings(&settings).with_failure_counter(metrics.auth_failures.clone()),
-        );
+        ));
+        let admin_key_digest = hex::decode(&settings.admin.key_sha256)
+            .ok()
+            .and_then(|d| <[u8; 32]>::try_from(d).ok());
         let q = &settings.quota;
         let window = Duration::from_secs(q.window_secs);
         let adaptive = AdaptiveConfig {
@@ -171,6 +176,7 @@ impl Gateway {
             catalog,
             upstream,
             keys,
+            admin_key_digest,
         };
         Ok(Self {
             state: Arc::new(state),
@@ -194,11 +200,28 @@ impl Gateway {
                 state.keys.clone(),
                 require_tenant,
             ));
+        let admin = Router::new()
+            .route("/admin/quotas", get(crate::admin::quotas))
+            .route(
+                "/admin/quotas/{model}/{region}",
+                axum::routing::put(crate::admin::set_quota),
+            )
+            .route("/admin/tenants", get(crate::admin::tenants))
+            .route("/admin/regions/{region}/drain", post(crate::admin::drain))
+            .route(
+                "/admin/regions/{region}/undrain",
+                post(crate::admin::undrain),
+            )
+            .route_layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                crate::admin::require_admin,
+            ));
         Router::new()
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(metrics_handler))
             .merge(api)
+            .merge(admin)
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             // Handlers enforce the configured limit themselves, with an
@@ -209,6 +232,11 @@ impl Gateway {
                 crate::request_id::assign_request_id,
             ))
             .with_state(state)
+    }
+
+    /// Applies a re-read configuration (SIGHUP), keeping the ledgers.
+    pub async fn reload(&self, settings: Settings) {
+        crate::admin::reload(&self.state, settings).await;
     }
 
     /// Binds the configured address.

@@ -28,6 +28,9 @@ pub struct TenantPolicy {
     pub max_wait: Option<Duration>,
     /// Allowed regions; empty means any.
     pub regions: Vec<String>,
+    /// The configured caps, for display.
+    pub requests_per_min: Option<u32>,
+    pub tokens_per_min: Option<u64>,
     requests_cap: Option<DefaultDirectRateLimiter>,
     tokens_cap: Option<(DefaultDirectRateLimiter, u64)>,
 }
@@ -38,6 +41,8 @@ impl Default for TenantPolicy {
             weight: 1.0,
             max_wait: None,
             regions: Vec::new(),
+            requests_per_min: None,
+            tokens_per_min: None,
             requests_cap: None,
             tokens_cap: None,
         }
@@ -54,6 +59,8 @@ impl TenantPolicy {
             weight: t.weight,
             max_wait: t.max_wait_ms.map(Duration::from_millis),
             regions: t.regions.clone(),
+            requests_per_min: t.requests_per_min,
+            tokens_per_min: t.tokens_per_min,
             requests_cap: t
                 .requests_per_min
                 .and_then(|n| per_minute(u64::from(n)))

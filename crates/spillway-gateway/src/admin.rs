@@ -1,0 +1,281 @@
+//! The admin API: live quota state, and the levers operators pull without a
+//! restart.
+//!
+//! - `GET /admin/quotas`: every region-model budget — configured, effective
+//!   (headroom and learning applied), used and in flight, cooldown, drained,
+//!   and the model's queue.
+//! - `GET /admin/tenants`: tenants and their policy (never their keys).
+//! - `POST /admin/regions/{region}/drain` and `/undrain`: take a region out
+//!   of rotation for every model, or put it back. In-flight requests finish.
+//! - `PUT /admin/quotas/{model}/{region}`: set a budget (Google raised the
+//!   quota); learning starts over from the new value.
+//! - SIGHUP (see [`reload`]): re-read the config files, keep the ledgers.
+//!
+//! Everything here sits behind the admin key (`admin.key_sha256`), checked
+//! like client keys: by SHA-256 digest, in constant time. With no admin key
+//! configured the API answers 403.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use spillway_core::ledger::{Limits, Usage};
+use subtle::ConstantTimeEq;
+
+use crate::auth::KeyRing;
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Checks the admin key on every admin route.
+pub async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = state.admin_key_digest else {
+        return ApiError::Forbidden("the admin API is disabled: set admin.key_sha256".into())
+            .into_response();
+    };
+    let headers = request.headers();
+    let presented = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    let Some(presented) = presented else {
+        return ApiError::Unauthenticated("missing admin key").into_response();
+    };
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    if !bool::from(digest.ct_eq(&expected)) {
+        state.metrics.auth_failures.inc();
+        return ApiError::Unauthenticated("invalid admin key").into_response();
+    }
+    next.run(request).await
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LimitsView {
+    pub requests_per_min: u32,
+    pub tokens_per_min: Option<u64>,
+    pub input_tokens_per_min: Option<u64>,
+    pub output_tokens_per_min: Option<u64>,
+}
+
+impl From<Limits> for LimitsView {
+    fn from(l: Limits) -> Self {
+        Self {
+            requests_per_min: l.requests,
+            tokens_per_min: l.tokens,
+            input_tokens_per_min: l.input_tokens,
+            output_tokens_per_min: l.output_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct UsageView {
+    pub requests: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl From<Usage> for UsageView {
+    fn from(u: Usage) -> Self {
+        Self {
+            requests: u.requests,
+            input_tokens: u.input,
+            output_tokens: u.output,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub model: String,
+    pub region: String,
+    pub configured: LimitsView,
+    pub effective: LimitsView,
+    pub used: UsageView,
+    pub in_flight: UsageView,
+    pub cooldown_ms: u64,
+    pub drained: bool,
+    pub queued_interactive: usize,
+    pub queued_batch: usize,
+}
+
+pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
+    let states = state.scheduler.store().states().await;
+    Json(
+        states
+            .into_iter()
+            .map(|b| {
+                let (queued_interactive, queued_batch) = state.scheduler.queue_depth(&b.model);
+                QuotaView {
+                    model: b.model.to_string(),
+                    region: b.region.to_string(),
+                    configured: b.configured.into(),
+                    effective: b.effective.into(),
+                    used: b.usage.into(),
+                    in_flight: b.in_flight.into(),
+                    cooldown_ms: b.cooldown_remaining.as_millis() as u64,
+                    drained: b.drained,
+                    queued_interactive,
+                    queued_batch,
+                }
+            })
+            .collect(),
+    )
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantView {
+    pub name: String,
+    pub weight: f64,
+    pub max_wait_ms: Option<u64>,
+    pub regions: Vec<String>,
+    pub requests_per_min: Option<u32>,
+    pub tokens_per_min: Option<u64>,
+}
+
+pub async fn tenants(State(state): State<Arc<AppState>>) -> Json<Vec<TenantView>> {
+    let keys = state.keys.current();
+    let mut views: Vec<TenantView> = keys
+        .tenants()
+        .map(|t| TenantView {
+            name: t.name.to_string(),
+            weight: t.policy.weight,
+            max_wait_ms: t.policy.max_wait.map(|d| d.as_millis() as u64),
+            regions: t.policy.regions.clone(),
+            requests_per_min: t.policy.requests_per_min,
+            tokens_per_min: t.policy.tokens_per_min,
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(views)
+}
+
+#[derive(Debug, Serialize)]
+struct Drained {
+    region: String,
+    drained: bool,
+    budgets: usize,
+}
+
+async fn set_drained(
+    state: &AppState,
+    region: String,
+    drained: bool,
+) -> Result<Response, ApiError> {
+    let budgets = state.scheduler.store().set_drained(&region, drained).await;
+    if budgets == 0 {
+        return Err(ApiError::NotFound(format!(
+            "region {region:?} serves no configured model"
+        )));
+    }
+    tracing::warn!(%region, drained, budgets, "admin: region drain changed");
+    Ok(Json(Drained {
+        region,
+        drained,
+        budgets,
+    })
+    .into_response())
+}
+
+pub async fn drain(State(state): State<Arc<AppState>>, Path(region): Path<String>) -> Response {
+    set_drained(&state, region, true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn undrain(State(state): State<Arc<AppState>>, Path(region): Path<String>) -> Response {
+    set_drained(&state, region, false)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuota {
+    pub requests_per_min: u32,
+    pub tokens_per_min: u64,
+    pub input_tokens_per_min: Option<u64>,
+    pub output_tokens_per_min: Option<u64>,
+}
+
+pub async fn set_quota(
+    State(state): State<Arc<AppState>>,
+    Path((model, region)): Path<(String, String)>,
+    body: Result<Json<SetQuota>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let result = async {
+        let Json(q) = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
+        if q.requests_per_min == 0 || q.tokens_per_min == 0 {
+            return Err(ApiError::BadRequest("limits must be positive".into()));
+        }
+        let limits = Limits {
+            requests: q.requests_per_min,
+            tokens: Some(q.tokens_per_min),
+            input_tokens: q.input_tokens_per_min,
+            output_tokens: q.output_tokens_per_min,
+        };
+        if !state
+            .scheduler
+            .store()
+            .set_configured(&model, &region, limits)
+            .await
+        {
+            return Err(ApiError::NotFound(format!(
+                "no budget for {model} in {region}"
+            )));
+        }
+        tracing::warn!(%model, %region, ?limits, "admin: budget set");
+        Ok(Json(LimitsView::from(limits)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Applies a re-read configuration while serving: tenants (keys, weights,
+/// caps) are replaced, and budgets whose configured limits changed are set
+/// (their ledgers keep what was already spent). Models or regions added or
+/// removed, and server/upstream settings, need a restart; they are logged.
+pub async fn reload(state: &AppState, settings: Settings) {
+    let ring =
+        KeyRing::from_settings(&settings).with_failure_counter(state.metrics.auth_failures.clone());
+    state.keys.replace(ring);
+    let Ok(catalog) = settings.catalog() else {
+        tracing::error!("reload: the new model catalog is invalid; budgets unchanged");
+        return;
+    };
+    let store = state.scheduler.store();
+    let current = store.states().await;
+    for model in catalog.models() {
+        for region in &model.regions {
+            let existing = current
+                .iter()
+                .find(|b| &*b.model == model.id && &*b.region == region.region);
+            match existing {
+                Some(b) if b.configured == region.limits => {}
+                Some(_) => {
+                    store
+                        .set_configured(&model.id, &region.region, region.limits)
+                        .await;
+                    tracing::warn!(model = %model.id, region = %region.region, limits = ?region.limits, "reload: budget changed");
+                }
+                None => {
+                    tracing::warn!(model = %model.id, region = %region.region, "reload: new region-model needs a restart")
+                }
+            }
+        }
+    }
+    tracing::info!(tenants = settings.tenants.len(), "configuration reloaded");
+}

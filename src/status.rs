@@ -1,0 +1,114 @@
+//! `spillway status`: the live quota table, from the admin API, refreshed
+//! in the terminal.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Limits {
+    requests_per_min: u32,
+    tokens_per_min: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    requests: u32,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Quota {
+    model: String,
+    region: String,
+    configured: Limits,
+    effective: Limits,
+    used: Usage,
+    in_flight: Usage,
+    cooldown_ms: u64,
+    drained: bool,
+    queued_interactive: usize,
+    queued_batch: usize,
+}
+
+fn percent(used: u64, limit: u64) -> String {
+    if limit == 0 {
+        return "-".into();
+    }
+    format!("{:>3}%", used * 100 / limit)
+}
+
+fn render(quotas: &[Quota]) -> String {
+    let mut out = format!(
+        "{:<28} {:<16} {:>13} {:>5} {:>19} {:>5} {:>9} {:>8} {:>7}\n",
+        "MODEL", "REGION", "REQUESTS", "", "TOKENS", "", "IN FLIGHT", "QUEUED", "STATE"
+    );
+    for q in quotas {
+        let tokens_used = q.used.input_tokens + q.used.output_tokens;
+        let tokens_limit = q.effective.tokens_per_min.unwrap_or(0);
+        let state = if q.drained {
+            "drained".to_string()
+        } else if q.cooldown_ms > 0 {
+            format!("cool {:.1}s", q.cooldown_ms as f64 / 1000.0)
+        } else if q.effective.requests_per_min < q.configured.requests_per_min
+            || q.effective.tokens_per_min < q.configured.tokens_per_min
+        {
+            "learned".to_string()
+        } else {
+            "ok".to_string()
+        };
+        out.push_str(&format!(
+            "{:<28} {:<16} {:>6}/{:<6} {:>5} {:>9}/{:<9} {:>5} {:>9} {:>3}+{:<4} {:>7}\n",
+            q.model,
+            q.region,
+            q.used.requests,
+            q.effective.requests_per_min,
+            percent(
+                u64::from(q.used.requests),
+                u64::from(q.effective.requests_per_min)
+            ),
+            tokens_used,
+            tokens_limit,
+            percent(tokens_used, tokens_limit),
+            q.in_flight.requests,
+            q.queued_interactive,
+            q.queued_batch,
+            state
+        ));
+    }
+    out
+}
+
+pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let endpoint = format!("{}/admin/quotas", url.trim_end_matches('/'));
+    loop {
+        let response = client
+            .get(&endpoint)
+            .header("x-api-key", &admin_key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {endpoint}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("{endpoint} answered {status}: {body}");
+        }
+        let quotas: Vec<Quota> = response
+            .json()
+            .await
+            .context("unexpected admin API answer")?;
+        let table = render(&quotas);
+        if once {
+            print!("{table}");
+            return Ok(());
+        }
+        // Clear the screen and home the cursor, then redraw.
+        print!("\x1b[2J\x1b[H{endpoint}  (every {every}s, Ctrl-C to stop)\n\n{table}");
+        tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+    }
+}
