@@ -198,6 +198,19 @@ async fn tenants_are_listed_without_their_keys() {
     assert_eq!(tenants[0]["regions"], json!(["europe-west4"]));
 }
 
+/// Runs `spillway status --once` against `url`.
+async fn status_once(url: &str, key: &str) -> std::process::Output {
+    let args = ["status", "--once", "--url", url, "--admin-key", key].map(String::from);
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn spillway_status_prints_the_live_table() {
     let h = Harness::start(&admin_overlay("")).await;
@@ -205,15 +218,7 @@ async fn spillway_status_prints_the_live_table() {
         h.post_json("/v1/messages", &hello(HAIKU)).await.status(),
         200
     );
-    let url = h.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(["status", "--once", "--url", &url, "--admin-key", ADMIN])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = status_once(&h.url, ADMIN).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -225,15 +230,7 @@ async fn spillway_status_prints_the_live_table() {
         "{stdout}"
     );
 
-    let url = h.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(["status", "--once", "--url", &url, "--admin-key", "wrong"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = status_once(&h.url, "wrong").await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
