@@ -1,0 +1,230 @@
+//! `spillway-bench`: benchmark helpers that the load generator cannot do.
+//!
+//! ```text
+//! spillway-bench open-streams --url http://127.0.0.1:PORT/v1/messages --pid PID [-n 1000] [--rounds 3]
+//! ```
+//!
+//! `open-streams` opens N concurrent streaming Messages requests, each on its
+//! own HTTP/1.1 connection, waits until every one has received its first
+//! bytes (the `message_start` event), then reads `VmRSS` and `VmHWM` of the
+//! process PID (the gateway) from `/proc/PID/status`, prints them, and
+//! closes every stream. The upstream must keep the streams open long enough
+//! (the script sets a simulator Delay fault and asks for many tokens).
+//! Traffic goes only to the URL given; use a loopback address.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Parser)]
+#[command(name = "spillway-bench", about = "Spillway benchmark helpers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold N concurrent streams open and report the gateway's memory.
+    OpenStreams {
+        /// The gateway's streaming endpoint (POST, JSON body).
+        #[arg(long)]
+        url: String,
+        /// Process whose /proc/PID/status is read (the gateway).
+        #[arg(long)]
+        pid: u32,
+        /// Number of concurrent streams.
+        #[arg(short, default_value_t = 1000)]
+        n: usize,
+        /// Request body.
+        #[arg(
+            long,
+            default_value = r#"{"model":"claude-3-haiku@20240307","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Hello, Claude SIM_OUTPUT_TOKENS=60"}]}"#
+        )]
+        body: String,
+        /// Seconds to wait for every stream's first event before giving up.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Seconds to keep the streams open after measuring (sampling RSS each second).
+        #[arg(long, default_value_t = 0)]
+        hold_secs: u64,
+        /// Open, measure and close the N streams this many times (steady state:
+        /// memory freed by one round may not go back to the OS).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+    },
+}
+
+/// `VmRSS` and `VmHWM` in KiB.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} missing in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn report(label: &str, pid: u32) -> anyhow::Result<()> {
+    let (rss, hwm) = memory_kib(pid)?;
+    println!(
+        "{label}: VmRSS {rss} KiB ({:.1} MiB), VmHWM {hwm} KiB ({:.1} MiB)",
+        mib(rss),
+        mib(hwm)
+    );
+    Ok(())
+}
+
+async fn open_streams(
+    url: String,
+    pid: u32,
+    n: usize,
+    body: String,
+    timeout: Duration,
+    hold: Duration,
+    round: u32,
+) -> anyhow::Result<()> {
+    println!("round {round}");
+    // One client, no idle reuse needed: with every connection busy on its
+    // stream, reqwest opens a new HTTP/1.1 connection per request.
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()?;
+    let (first_tx, mut first_rx) = mpsc::channel::<Result<(), String>>(n);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = client.clone();
+        let url = url.clone();
+        let body = body.clone();
+        let first_tx = first_tx.clone();
+        let mut stop_rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    let _ = first_tx.send(Err(format!("HTTP {}", r.status()))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = first_tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            };
+            let mut bytes = response.bytes_stream();
+            match bytes.next().await {
+                Some(Ok(_)) => {
+                    let _ = first_tx.send(Ok(())).await;
+                }
+                Some(Err(e)) => {
+                    let _ = first_tx.send(Err(e.to_string())).await;
+                    return;
+                }
+                None => {
+                    let _ = first_tx.send(Err("empty body".into())).await;
+                    return;
+                }
+            }
+            // Keep reading (as a real client would) until told to stop.
+            loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    chunk = bytes.next() => if chunk.is_none() { return },
+                }
+            }
+        }));
+    }
+    drop(first_tx);
+    let mut ok = 0usize;
+    let mut errors = Vec::new();
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    while ok + errors.len() < n {
+        tokio::select! {
+            got = first_rx.recv() => match got {
+                Some(Ok(())) => ok += 1,
+                Some(Err(e)) => errors.push(e),
+                None => break,
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    println!(
+        "streams with first event: {ok}/{n} after {:.2} s; errors: {}",
+        started.elapsed().as_secs_f64(),
+        errors.len()
+    );
+    if let Some(e) = errors.first() {
+        println!("first error: {e}");
+    }
+    report(&format!("{ok} open streams"), pid)?;
+    for s in 1..=hold.as_secs() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        report(&format!("{ok} open streams, +{s}s"), pid)?;
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report("2 s after closing", pid)?;
+    if ok < n {
+        bail!("only {ok} of {n} streams opened");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::OpenStreams {
+            url,
+            pid,
+            n,
+            body,
+            timeout_secs,
+            hold_secs,
+            rounds,
+        } => {
+            report("idle", pid)?;
+            for round in 1..=rounds {
+                runtime.block_on(open_streams(
+                    url.clone(),
+                    pid,
+                    n,
+                    body.clone(),
+                    Duration::from_secs(timeout_secs),
+                    Duration::from_secs(hold_secs),
+                    round,
+                ))?;
+            }
+            Ok(())
+        }
+    }
+}
