@@ -131,19 +131,31 @@ fn hash_key(key: Option<String>) {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a background writer, so a slow terminal or
+/// pipe never stalls the request path; colours only on a terminal. The
+/// returned guard flushes what is pending when dropped at exit.
+fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    // A second init (tests, demo restarts) is harmless; ignore it.
-    let _ = match format {
+    let ansi = std::io::stderr().is_terminal();
+    // Not lossy: under pressure a request waits rather than its line vanishing.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi);
+    let installed = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+    installed.is_ok().then_some(guard)
 }
 
 async fn serve(settings: Settings, files: Vec<PathBuf>) -> anyhow::Result<()> {
-    init_logging(settings.server.log_format);
+    let _flush_logs = init_logging(settings.server.log_format);
     let gateway = Gateway::new(settings).await?;
     let listener = gateway.bind().await?;
     tracing::info!(addr = %listener.local_addr()?, "spillway listening");
@@ -193,7 +205,7 @@ async fn demo(listen: SocketAddr, sim_listen: SocketAddr) -> anyhow::Result<()> 
     .chain([("SPILLWAY__SERVER__LISTEN".to_string(), listen.to_string())])
     .collect();
     let settings = Settings::load_layers(&[DEMO_TOML], &[], Some(env))?;
-    init_logging(settings.server.log_format);
+    let _flush_logs = init_logging(settings.server.log_format);
     let gateway = Gateway::new(settings).await?;
     let listener = gateway.bind().await?;
     let addr = listener.local_addr()?;
