@@ -91,6 +91,19 @@ def dashboard_expressions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def template_queries(path: Path) -> list[tuple[str, str, str]]:
+    """(variable, series selector, label) of every `label_values(selector, label)` variable."""
+    out = []
+    for var in json.loads(path.read_text())["templating"]["list"]:
+        if var.get("type") != "query":
+            continue
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        m = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\)\s*", query)
+        assert m, f"variable {var['name']}: not a label_values(selector, label) query: {query!r}"
+        out.append((var["name"], m.group(1), m.group(2)))
+    return out
+
+
 def substitute(expr: str) -> str:
     # Longest names first: $__rate_interval before $__interval.
     for name in sorted(SUBSTITUTIONS, key=len, reverse=True):
@@ -478,6 +491,12 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
                 allowed.append(f"{where}: {expr}")
             else:
                 failures.append(f"{where}: returned nothing\n    {expr}")
+
+    # The dashboard's variables list values.
+    for name, selector, label in template_queries(DASHBOARDS / "spillway.json"):
+        status, body = prom.api(f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)})
+        if status != 200 or not body.get("data"):
+            failures.append(f"variable ${name}: label_values({selector}, {label}) lists nothing: {status} {body}")
 
     # Every rule loaded and evaluates without error.
     status, rules = prom.api("/api/v1/rules")
