@@ -46,6 +46,9 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    /// Batch jobs (the Message Batches API).
+    #[serde(default)]
+    pub batch: BatchSettings,
     /// Keyed by Vertex model id, so a layer can add or change one model.
     pub models: BTreeMap<String, ModelSettings>,
     /// Keyed by tenant name.
@@ -168,6 +171,155 @@ pub struct ModelSettings {
 
 fn default_context_window() -> u64 {
     200_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// `[batch]`: batch jobs, their store and how hard they drain idle quota.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Serve the Message Batches API and run batches.
+    pub enabled: bool,
+    /// "sqlite" (embedded, one replica) or "postgres" (several replicas).
+    pub store: BatchStoreKind,
+    /// SQLite file, created on first start; ":memory:" keeps batches in
+    /// memory (not durable: for the demo and tests).
+    pub sqlite_path: String,
+    /// `postgres://user:password@host:port/database` (a secret: redacted).
+    pub postgres_url: String,
+    pub postgres_max_connections: u32,
+    /// Batch items in flight at once (waiting for quota or upstream).
+    pub concurrency: usize,
+    /// Upstream attempts per item (each with `proxy`'s own region fallback)
+    /// before it is recorded `errored`. Waiting for quota is not an attempt.
+    pub max_item_attempts: u32,
+    /// Backoff between attempts: base · 2^(attempt-1), at most max, jittered.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Days an ended batch's results are kept before it is purged.
+    pub retention_days: u32,
+    /// Base of `results_url`, e.g. "https://spillway.internal"; empty: the
+    /// listen address (or the request's Host when listening on 0.0.0.0 or port 0).
+    pub public_url: String,
+    /// Requests in one batch (Anthropic: 100,000).
+    pub max_requests: usize,
+    /// Bytes in one batch upload (Anthropic: 256 MB).
+    pub max_body_bytes: u64,
+    /// How long a claimed item stays with this process without renewal.
+    pub lease_secs: u64,
+    /// How often an idle runner looks for work (new batches wake it at once).
+    pub poll_ms: u64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: BatchStoreKind::Sqlite,
+            sqlite_path: "spillway-batches.sqlite3".into(),
+            postgres_url: String::new(),
+            postgres_max_connections: 8,
+            concurrency: 32,
+            max_item_attempts: 5,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            retention_days: 29,
+            public_url: String::new(),
+            max_requests: 100_000,
+            max_body_bytes: 256_000_000,
+            lease_secs: 30,
+            poll_ms: 1_000,
+        }
+    }
+}
+
+impl BatchSettings {
+    /// Defaults with an in-memory store (unit tests).
+    pub fn for_tests() -> Self {
+        Self {
+            sqlite_path: ":memory:".into(),
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self, max_queue: usize) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        match self.store {
+            BatchStoreKind::Sqlite if self.sqlite_path.trim().is_empty() => {
+                return Err(invalid(
+                    "batch.sqlite_path",
+                    "must name a file (or \":memory:\")",
+                ));
+            }
+            BatchStoreKind::Postgres
+                if !(self.postgres_url.starts_with("postgres://")
+                    || self.postgres_url.starts_with("postgresql://")) =>
+            {
+                return Err(invalid(
+                    "batch.postgres_url",
+                    "batch.store is \"postgres\": give a postgres://user@host/database URL",
+                ));
+            }
+            _ => {}
+        }
+        if self.concurrency == 0 || self.concurrency >= max_queue {
+            return Err(invalid(
+                "batch.concurrency",
+                format!(
+                    "must be 1 to {} (below scheduler.max_queue)",
+                    max_queue.saturating_sub(1)
+                ),
+            ));
+        }
+        if self.max_item_attempts == 0 {
+            return Err(invalid("batch.max_item_attempts", "must be at least 1"));
+        }
+        if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return Err(invalid(
+                "batch.retry_base_ms",
+                "must be positive and at most batch.retry_max_ms",
+            ));
+        }
+        if self.retention_days == 0 {
+            return Err(invalid("batch.retention_days", "must be at least 1"));
+        }
+        if self.max_requests == 0 || self.max_body_bytes < 1024 {
+            return Err(invalid(
+                "batch.max_requests",
+                "max_requests must be positive and max_body_bytes at least 1024",
+            ));
+        }
+        if self.lease_secs < 3 {
+            return Err(invalid("batch.lease_secs", "must be at least 3"));
+        }
+        if self.postgres_max_connections == 0 || self.poll_ms == 0 {
+            return Err(invalid(
+                "batch.poll_ms",
+                "poll_ms and postgres_max_connections must be positive",
+            ));
+        }
+        if !self.public_url.is_empty() {
+            let uri = self
+                .public_url
+                .parse::<http::Uri>()
+                .map_err(|e| invalid("batch.public_url", format!("not a URL: {e}")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(invalid(
+                    "batch.public_url",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -343,6 +495,7 @@ impl Settings {
                 "must be 64 hex characters (the output of `spillway hash-key`), or empty",
             ));
         }
+        self.batch.validate(self.scheduler.max_queue)?;
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 return Err(invalid("tenants", "a tenant name must not be empty"));
@@ -420,6 +573,12 @@ impl Settings {
         let mut shown = self.clone();
         if !shown.upstream.token.is_empty() {
             shown.upstream.token = "<redacted>".into();
+        }
+        if !shown.batch.postgres_url.is_empty() {
+            shown.batch.postgres_url = "<redacted>".into();
+        }
+        if !shown.quota.redis_url.is_empty() {
+            shown.quota.redis_url = "<redacted>".into();
         }
         if !shown.admin.key_sha256.is_empty() {
             shown.admin.key_sha256 = format!("{}…", &shown.admin.key_sha256[..8]);

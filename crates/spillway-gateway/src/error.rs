@@ -49,6 +49,9 @@ pub enum ApiError {
     /// Google credentials could not produce a token.
     #[error("upstream credentials are not usable; see the Spillway log")]
     Credentials,
+    /// Something inside Spillway failed (details in the log).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -75,6 +78,7 @@ impl ApiError {
             UpstreamTimeout { .. } => (ErrorKind::Timeout, StatusCode::GATEWAY_TIMEOUT),
             RateLimited { .. } => (ErrorKind::RateLimit, StatusCode::TOO_MANY_REQUESTS),
             Credentials => (ErrorKind::Api, StatusCode::INTERNAL_SERVER_ERROR),
+            Internal(_) => (ErrorKind::Api, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 

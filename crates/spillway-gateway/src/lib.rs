@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod estimates;

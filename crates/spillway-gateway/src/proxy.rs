@@ -162,6 +162,14 @@ fn plan(state: &AppState, call: &Call<'_>, regions: &[Arc<str>]) -> Result<Plan,
     })
 }
 
+/// The checks [`forward`] makes before asking for quota (regions allowed,
+/// context window, can ever fit), for work validated now and sent later
+/// (batch items are checked at submit).
+pub fn precheck(state: &AppState, call: &Call<'_>) -> Result<(), ApiError> {
+    let regions = eligible_regions(call)?;
+    plan(state, call, &regions).map(|_| ())
+}
+
 fn rejection_error(rejection: Rejection, model: &str) -> ApiError {
     match rejection {
         Rejection::NoRoom { retry_after } => ApiError::RateLimited {

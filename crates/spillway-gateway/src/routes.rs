@@ -64,7 +64,10 @@ async fn read_json(
 }
 
 /// Resolves a client's model name: Vertex id, Anthropic id, or alias.
-fn resolve_model<'a>(state: &'a AppState, name: &str) -> Result<Resolution<'a>, ApiError> {
+pub(crate) fn resolve_model<'a>(
+    state: &'a AppState,
+    name: &str,
+) -> Result<Resolution<'a>, ApiError> {
     let not_found = || ApiError::NotFound(format!("model: {name}"));
     if !is_valid_model_id(name) {
         return Err(not_found());

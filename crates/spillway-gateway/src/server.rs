@@ -41,6 +41,8 @@ pub struct AppState {
     pub max_wait_cap: Duration,
     pub max_attempts: u32,
     pub metrics: Arc<Metrics>,
+    /// Batch jobs (store and runner); `None` when `batch.enabled = false`.
+    pub batches: Option<Arc<crate::batch::BatchService>>,
     headroom: f64,
 }
 
@@ -72,6 +74,8 @@ pub enum StartError {
     Config(String),
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamInitError),
+    #[error("batch store: {0}")]
+    Batch(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -163,7 +167,16 @@ impl Gateway {
             RoutingStrategy::MostHeadroom => Strategy::MostHeadroom,
             RoutingStrategy::Ordered => Strategy::Ordered,
         };
+        let batches = if settings.batch.enabled {
+            let service = crate::batch::BatchService::open(&settings.batch)
+                .await
+                .map_err(|e| StartError::Batch(e.to_string()))?;
+            Some(Arc::new(service))
+        } else {
+            None
+        };
         let state = AppState {
+            batches,
             max_wait: Duration::from_millis(settings.scheduler.max_wait_ms),
             max_wait_cap: Duration::from_millis(settings.scheduler.max_wait_cap_ms),
             max_attempts: settings.scheduler.max_attempts,
@@ -212,6 +225,7 @@ impl Gateway {
                 "/admin/regions/{region}/undrain",
                 post(crate::admin::undrain),
             )
+            .merge(crate::batch::api::routes())
             .route_layer(middleware::from_fn_with_state(
                 Arc::clone(&state),
                 crate::admin::require_admin,
@@ -261,8 +275,20 @@ impl Gateway {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, self.router())
+        // Batch items run beside the server and stop with it.
+        let (stop_batches, batches_stopped) = tokio::sync::oneshot::channel::<()>();
+        let runner = self.state.batches.clone().map(|batches| {
+            tokio::spawn(batches.run(Arc::clone(&self.state), async {
+                let _ = batches_stopped.await;
+            }))
+        });
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        let _ = stop_batches.send(());
+        if let Some(runner) = runner {
+            let _ = runner.await;
+        }
+        served
     }
 }
