@@ -6,6 +6,8 @@
 //! - `spillway check-config FILE`: validate a config and print the effective
 //!   settings with secrets redacted.
 //! - `spillway status`: the live quota table from the admin API.
+//! - `spillway batch submit FILE.jsonl [--wait] | status ID | results ID | cancel ID`:
+//!   batch jobs (see `batch_cli`).
 //! - `spillway hash-key [KEY]`: the SHA-256 digest to put in config for a
 //!   client key (a fresh key is generated when none is given).
 
@@ -19,6 +21,7 @@ use spillway_gateway::config::{check_file, LogFormat, Settings, DEMO_TOML};
 use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, Simulator};
 
+mod batch_cli;
 mod status;
 
 #[derive(Parser)]
@@ -66,6 +69,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         every: u64,
     },
+    /// Batch jobs: submit a JSONL file, follow it, fetch results, cancel.
+    Batch(batch_cli::BatchArgs),
     /// Print the SHA-256 digest of a client key for `[tenants.NAME] key_sha256`.
     HashKey {
         /// The key; omitted, a new random key is generated and printed too.
@@ -86,6 +91,7 @@ fn main() -> ExitCode {
             serve(settings, config).await
         }),
         Command::Demo { listen, sim_listen } => run(|| demo(listen, sim_listen)),
+        Command::Batch(args) => run(|| batch_cli::run(args)),
         Command::Status {
             url,
             admin_key,

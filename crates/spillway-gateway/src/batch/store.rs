@@ -448,7 +448,14 @@ impl SqliteStore {
         let read = if memory {
             write.clone()
         } else {
-            pool(4, options.read_only(true))
+            // Readers set no pragmas that write (journal mode, vacuum mode).
+            pool(
+                4,
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .read_only(true)
+                    .busy_timeout(Duration::from_secs(30)),
+            )
         };
         Ok(Self {
             write,

@@ -1,0 +1,230 @@
+//! Durability against the real binary: SIGKILL `spillway serve` in the
+//! middle of a batch, start it again on the same SQLite file, and the batch
+//! completes with exactly one result per custom_id. Items that were in
+//! flight at the kill are sent upstream again (at least once), which the
+//! test measures rather than forbids.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
+
+const HAIKU: &str = "claude-3-haiku@20240307";
+const TOKEN: &str = "restart-test-upstream-token";
+const ITEMS: usize = 120;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
+        command.env_remove(name);
+    }
+    command.spawn().expect("spillway starts")
+}
+
+async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("spillway exited early: {status}");
+        }
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "spillway did not become healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
+    http.get(format!("{url}/v1/messages/batches/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn succeeded(b: &Value) -> u64 {
+    b["request_counts"]["succeeded"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_then_restart_gives_exactly_one_result_per_custom_id() {
+    let mut sim_config = SimConfig::vertex_defaults();
+    sim_config.bearer_token = Some(TOKEN.into());
+    let sim = Simulator::start(sim_config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    sim.set_quota("us-central1", HAIKU, 100_000, 100_000_000);
+    // Slow answers, so some items are always in flight when the kill comes.
+    sim.inject(Fault::region(
+        "us-central1",
+        FaultKind::Delay {
+            first_token: Duration::from_millis(400),
+            per_token: Duration::ZERO,
+        },
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/batches.sqlite3");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("spillway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+auth = "none"
+[upstream]
+project = "restart-test"
+regional_url = "{sim}"
+global_url = "{sim}"
+auth = "static"
+token = "{TOKEN}"
+[models."claude-3-haiku@20240307"]
+regions = [{{ name = "us-central1", requests_per_min = 1200, tokens_per_min = 10000000 }}]
+[batch]
+sqlite_path = "{db}"
+concurrency = 16
+lease_secs = 30
+"#,
+            sim = sim.base_url(),
+            db = db.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("spillway.log");
+    let http = reqwest::Client::new();
+
+    let mut gateway = start_gateway(&config, &log);
+    wait_healthy(&http, &url, &mut gateway).await;
+    assert!(db.exists(), "the SQLite file is created on first start");
+    let requests: Vec<Value> = (0..ITEMS)
+        .map(|i| {
+            json!({"custom_id": format!("item-{i}"), "params": {
+                "model": HAIKU, "max_tokens": 16,
+                "messages": [{"role": "user", "content": format!("SIM_OUTPUT_TOKENS=2 {i}")}]}})
+        })
+        .collect();
+    let created: Value = http
+        .post(format!("{url}/v1/messages/batches"))
+        .json(&json!({ "requests": requests }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "batch created: {created}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+        .to_string();
+
+    // 1200 a minute is 20 a second: about 6 s for the batch. Kill it a
+    // third of the way in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before_kill = loop {
+        let b = batch(&http, &url, &id).await;
+        if succeeded(&b) >= (ITEMS / 3) as u64 {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no progress: {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    gateway.kill().expect("SIGKILL");
+    gateway.wait().unwrap();
+    let sent_before_restart = sim.total_requests();
+    assert_eq!(before_kill["processing_status"], "in_progress");
+    assert!(
+        succeeded(&before_kill) < ITEMS as u64,
+        "killed mid-batch: {before_kill}"
+    );
+
+    let mut gateway = start_gateway(&config, &log);
+    wait_healthy(&http, &url, &mut gateway).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let b = batch(&http, &url, &id).await;
+        if b["processing_status"] == "ended" {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "not ended after restart: {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(succeeded(&ended), ITEMS as u64, "{ended}");
+
+    let text = http
+        .get(ended["results_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), ITEMS, "exactly one result per custom_id");
+    let ids: HashSet<String> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = (0..ITEMS).map(|i| format!("item-{i}")).collect();
+    assert_eq!(ids, expected);
+    assert!(lines.iter().all(|l| l["result"]["type"] == "succeeded"));
+
+    // At least once upstream: everything was sent; items in flight at the
+    // kill (at most `concurrency`) may have been sent twice.
+    let sent = sim.total_requests();
+    let resent = sent - ITEMS as u64;
+    assert!(sent >= ITEMS as u64);
+    assert!(resent <= 16, "{resent} sent again");
+    eprintln!(
+        "killed after {} results ({} upstream calls); {} sent again after restart",
+        succeeded(&before_kill),
+        sent_before_restart,
+        resent
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    if resent > 0 {
+        assert!(
+            log_text.contains("will be sent again"),
+            "the restart says so"
+        );
+    }
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+}
