@@ -113,6 +113,17 @@ impl Usage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EntryId(u64);
 
+impl EntryId {
+    /// An id minted by another store (a shared store names its own entries).
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     at: Duration,

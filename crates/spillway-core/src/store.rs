@@ -109,7 +109,16 @@ pub struct BudgetState {
 }
 
 pub trait QuotaStore: Send + Sync + 'static {
+    /// Now on the store's clock. Callers turn a store time `t` into a delay
+    /// as `t - now()`, so a store may count from any epoch (the in-memory
+    /// one from start, a shared one from its server's Unix time).
     fn now(&self) -> Duration;
+    /// How often a waiter should ask again even if nothing local changed: a
+    /// shared store's budgets are also freed by other replicas' refunds,
+    /// which wake no local waiter. `None`: local events say it all.
+    fn recheck_after(&self) -> Option<Duration> {
+        None
+    }
     fn reserve<'a>(&'a self, request: ReserveRequest<'a>)
         -> StoreFuture<'a, Result<Grant, Denial>>;
     /// Would `request` fit now, and if not, when? Reserves nothing.

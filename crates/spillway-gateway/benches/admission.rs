@@ -91,8 +91,7 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let (memory, models) = store();
     let store: Arc<dyn QuotaStore> = memory;
-    let scheduler =
-        rt.block_on(async { Scheduler::new(store, tokio::time::Instant::now(), &models, 1024) });
+    let scheduler = rt.block_on(async { Scheduler::new(store, &models, 1024) });
     let tenants: Vec<Arc<str>> = (0..TENANTS)
         .map(|t| Arc::from(format!("tenant-{t}").as_str()))
         .collect();

@@ -132,6 +132,20 @@ pub struct QuotaDefaults {
     pub chars_per_token: f64,
     /// Learn a per-model correction of the input estimate from actual usage.
     pub learn_estimates: bool,
+    /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
+    #[serde(default)]
+    pub store: crate::shared_quota::QuotaStoreKind,
+    /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted).
+    #[serde(default)]
+    pub redis_url: String,
+    #[serde(default = "crate::shared_quota::default_key_prefix")]
+    pub redis_key_prefix: String,
+    /// Longest wait for Redis on the admission path before failing over.
+    #[serde(default = "crate::shared_quota::default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// N for the local 1/N share while Redis is down; 0 = live replicas.
+    #[serde(default)]
+    pub replicas: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -447,6 +461,7 @@ impl Settings {
                 "requests_per_min and tokens_per_min must be positive",
             ));
         }
+        crate::shared_quota::validate(&self.quota)?;
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model must be configured"));
         }
@@ -576,6 +591,9 @@ impl Settings {
         }
         if !shown.batch.postgres_url.is_empty() {
             shown.batch.postgres_url = "<redacted>".into();
+        }
+        if !shown.quota.redis_url.is_empty() {
+            shown.quota.redis_url = "<redacted>".into();
         }
         if !shown.quota.redis_url.is_empty() {
             shown.quota.redis_url = "<redacted>".into();

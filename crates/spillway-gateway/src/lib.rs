@@ -23,6 +23,7 @@ pub mod request_id;
 pub mod routes;
 pub mod scheduler;
 pub mod server;
+pub mod shared_quota;
 pub mod tenants;
 pub mod upstream;
 

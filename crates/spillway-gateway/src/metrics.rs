@@ -252,6 +252,14 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The registry, for components that bring their own series (the
+    /// shared quota store).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -144,20 +144,13 @@ impl Drop for Waiting<'_> {
 
 pub struct Scheduler {
     store: Arc<dyn QuotaStore>,
-    /// The tokio instant the store's clock counts from.
-    epoch: Instant,
     queues: HashMap<Arc<str>, ModelQueue>,
     max_queue: usize,
     decision_seconds: Option<prometheus::Histogram>,
 }
 
 impl Scheduler {
-    pub fn new(
-        store: Arc<dyn QuotaStore>,
-        epoch: Instant,
-        models: &[Arc<str>],
-        max_queue: usize,
-    ) -> Self {
+    pub fn new(store: Arc<dyn QuotaStore>, models: &[Arc<str>], max_queue: usize) -> Self {
         let queues = models
             .iter()
             .map(|m| {
@@ -172,7 +165,6 @@ impl Scheduler {
             .collect();
         Self {
             store,
-            epoch,
             queues,
             max_queue,
             decision_seconds: None,
@@ -199,8 +191,11 @@ impl Scheduler {
         &self.store
     }
 
+    /// A store time as a tokio instant. Only the distance from the store's
+    /// own `now()` is used, so the store's epoch (process start, or a Redis
+    /// server's Unix time) and clock skew between hosts do not matter.
     fn to_instant(&self, store_time: Duration) -> Instant {
-        self.epoch + store_time
+        Instant::now() + store_time.saturating_sub(self.store.now())
     }
 
     /// Requests waiting for `model`, by class.
@@ -287,7 +282,12 @@ impl Scheduler {
                                 retry_after: self.retry_after(retry_at),
                             });
                         }
-                        at
+                        // A shared store is also freed by other replicas'
+                        // refunds, which wake nobody here: look again soon.
+                        match self.store.recheck_after() {
+                            Some(every) => at.min(Instant::now() + every),
+                            None => at,
+                        }
                     }
                 }
             } else {

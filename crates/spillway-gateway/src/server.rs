@@ -148,19 +148,28 @@ impl Gateway {
                 })
             })
             .collect();
-        let epoch = tokio::time::Instant::now();
-        let store: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new(
-            TokioClock { epoch },
-            window + Duration::from_millis(q.window_margin_ms),
-            adaptive,
-            &budgets,
-        ));
+        let ledger_window = window + Duration::from_millis(q.window_margin_ms);
+        let store: Arc<dyn QuotaStore> = match q.store {
+            crate::shared_quota::QuotaStoreKind::Memory => Arc::new(MemoryStore::new(
+                TokioClock {
+                    epoch: tokio::time::Instant::now(),
+                },
+                ledger_window,
+                adaptive,
+                &budgets,
+            )),
+            crate::shared_quota::QuotaStoreKind::Redis => {
+                crate::shared_quota::open(q, ledger_window, adaptive, budgets, metrics.registry())
+                    .await
+                    .map_err(StartError::Config)?
+            }
+        };
         let models: Vec<Arc<str>> = catalog
             .models()
             .iter()
             .map(|m| Arc::from(m.id.as_str()))
             .collect();
-        let scheduler = Scheduler::new(store, epoch, &models, settings.scheduler.max_queue)
+        let scheduler = Scheduler::new(store, &models, settings.scheduler.max_queue)
             .with_decision_histogram(metrics.admission_seconds.clone());
         let estimates = EstimateLearner::new(&models, q.learn_estimates);
         let strategy = match q.strategy {

@@ -1,0 +1,117 @@
+//! `quota.store = "redis"`: the settings and the glue that opens the
+//! shared store ([`spillway_redis::ResilientStore`]) for the gateway.
+//!
+//! Queues stay local to each replica; admission is global: every replica's
+//! scheduler asks the same Redis ledgers, one script per decision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::store::{BudgetConfig, QuotaStore};
+use spillway_redis::{RedisSettings, ResilientStore, StoreMetrics};
+
+use crate::config::{ConfigError, QuotaDefaults};
+
+/// Where the ledgers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaStoreKind {
+    /// In this process: exact for one replica.
+    #[default]
+    Memory,
+    /// In Redis, shared by every replica that names the same URL and prefix.
+    Redis,
+}
+
+pub fn default_key_prefix() -> String {
+    "spillway:".into()
+}
+
+pub fn default_redis_timeout_ms() -> u64 {
+    50
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The `quota.store`, `quota.redis_*` and `quota.replicas` rules.
+pub fn validate(q: &QuotaDefaults) -> Result<(), ConfigError> {
+    if q.store == QuotaStoreKind::Redis {
+        let url = q.redis_url.as_str();
+        if !["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(invalid(
+                "quota.redis_url",
+                "quota.store is \"redis\": must be a redis://host:port[/db] URL (or rediss://, unix://)",
+            ));
+        }
+        if url.starts_with("rediss://") {
+            return Err(invalid(
+                "quota.redis_url",
+                "rediss:// (TLS) is not built in: reach Redis on a private network or through a TLS tunnel",
+            ));
+        }
+        if let Err(e) = spillway_redis::check_url(url) {
+            return Err(invalid(
+                "quota.redis_url",
+                format!("not a valid Redis URL: {e}"),
+            ));
+        }
+    }
+    let prefix = &q.redis_key_prefix;
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c))
+    {
+        return Err(invalid(
+            "quota.redis_key_prefix",
+            "must be 1-64 of A-Z a-z 0-9 - _ : .",
+        ));
+    }
+    if !(1..=10_000).contains(&q.redis_timeout_ms) {
+        return Err(invalid(
+            "quota.redis_timeout_ms",
+            "must be between 1 and 10000",
+        ));
+    }
+    if q.replicas > 1_000 {
+        return Err(invalid(
+            "quota.replicas",
+            "must be 0 (count live replicas) or at most 1000",
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the shared store: connected if Redis answers, degraded (and
+/// retrying) if not, so a replica starts even while Redis is down.
+pub async fn open(
+    q: &QuotaDefaults,
+    window: Duration,
+    adaptive: AdaptiveConfig,
+    budgets: Vec<BudgetConfig>,
+    registry: &prometheus::Registry,
+) -> Result<Arc<dyn QuotaStore>, String> {
+    let settings = RedisSettings {
+        url: q.redis_url.clone(),
+        key_prefix: q.redis_key_prefix.clone(),
+        timeout: Duration::from_millis(q.redis_timeout_ms),
+        window,
+        adaptive,
+        budgets,
+    };
+    let store = ResilientStore::start(&settings, q.replicas, StoreMetrics::new(Some(registry)))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(store))
+}

@@ -1,0 +1,123 @@
+//! Shared budgets for several Spillway replicas: the [`QuotaStore`] in Redis.
+//!
+//! Vertex gives one quota pool per project, region and model, so replicas
+//! must share their ledgers exactly or together they overrun it N-fold.
+//! [`RedisStore`] keeps every ledger in Redis and changes it only through
+//! atomic Lua scripts that mirror `spillway-core`'s `Ledger` and `Adaptive`
+//! line for line (choose-and-reserve across all candidate regions in one
+//! script, so one round trip per admission; settle with refund or 429
+//! learning; state; runtime limits), stamped with the Redis server's clock
+//! so replicas' clocks do not matter. Every key expires a little after the
+//! window (adaptive state after ten windows), so idle budgets vanish.
+//!
+//! [`ResilientStore`] is what the gateway runs: Redis while it answers, and
+//! a local in-memory store holding 1/N of every budget (N from config or
+//! from live replica heartbeats in Redis) while it does not, with a gauge,
+//! one log line per transition, and resynchronisation when Redis returns.
+//!
+//! Store time is microseconds since the Unix epoch on the Redis server's
+//! clock; [`ServerClock`] follows it locally (system time plus the offset
+//! measured on every reply), so `QuotaStore::now()` is coherent with the
+//! times scripts return and the local fallback counts on the same clock.
+//!
+//! [`QuotaStore`]: spillway_core::store::QuotaStore
+
+mod resilient;
+mod store;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::store::{BudgetConfig, Clock};
+
+pub use resilient::{ResilientStore, StoreMetrics};
+pub use store::RedisStore;
+
+/// What a Redis store needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `unix://`).
+    pub url: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Longest wait for one Redis call on the request path before failing
+    /// over to the local share.
+    pub timeout: Duration,
+    /// The ledger window, margin included.
+    pub window: Duration,
+    pub adaptive: AdaptiveConfig,
+    pub budgets: Vec<BudgetConfig>,
+}
+
+/// Why a Redis call failed.
+#[derive(Debug)]
+pub enum StoreError {
+    /// No connection (never made, or dropped after a failure).
+    Disconnected,
+    /// No answer within the configured timeout.
+    Timeout,
+    Redis(redis::RedisError),
+    /// A script answered something unexpected.
+    Protocol(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Disconnected => write!(f, "not connected to Redis"),
+            StoreError::Timeout => write!(f, "Redis did not answer in time"),
+            StoreError::Redis(e) => write!(f, "Redis: {e}"),
+            StoreError::Protocol(e) => write!(f, "unexpected script reply: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Redis(e)
+    }
+}
+
+/// The Redis server's clock, followed locally: system time since the Unix
+/// epoch plus the offset measured at the last reply. Cheap to clone; all
+/// clones share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct ServerClock {
+    offset_us: Arc<AtomicI64>,
+}
+
+fn system_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl ServerClock {
+    /// Records that the server said `server_us` just now.
+    pub fn observe(&self, server_us: i64) {
+        self.offset_us
+            .store(server_us - system_us(), Ordering::Relaxed);
+    }
+
+    pub fn offset(&self) -> Duration {
+        Duration::from_micros(self.offset_us.load(Ordering::Relaxed).unsigned_abs())
+    }
+}
+
+impl Clock for ServerClock {
+    fn now(&self) -> Duration {
+        let us = system_us() + self.offset_us.load(Ordering::Relaxed);
+        Duration::from_micros(us.max(0) as u64)
+    }
+}
+
+/// Whether `url` is a Redis URL the client accepts (for config validation).
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

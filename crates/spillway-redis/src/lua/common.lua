@@ -1,0 +1,269 @@
+-- Shared by every Spillway quota script (prepended to each). Mirrors
+-- spillway-core's Ledger and Adaptive exactly, on the Redis server's clock.
+--
+-- Time is microseconds since the Unix epoch from TIME (exact in a double
+-- until the year 2255). Limits are {requests, tokens, input, output} with
+-- -1 for "not enforced".
+--
+-- Common ARGV (1-7): window_us, log_ttl_ms, state_ttl_ms, headroom,
+-- cooldown_base_us, cooldown_max_us, probe_period_us.
+-- A budget is four keys: log (zset id -> stamp), ent (hash id -> "r,i,o,s"),
+-- use (hash: running sums r i o, in flight fr fi fo, last id), ada (hash:
+-- configured, learned, cooldown and probing state).
+
+local W = tonumber(ARGV[1])
+local LOG_TTL = tonumber(ARGV[2])
+local STATE_TTL = tonumber(ARGV[3])
+local HEADROOM = math.min(math.max(tonumber(ARGV[4]), 0.01), 1.0)
+local CD_BASE = tonumber(ARGV[5])
+local CD_MAX = tonumber(ARGV[6])
+local PROBE = tonumber(ARGV[7])
+local HUGE = 2 ^ 53
+local NEVER_FIT_RETRY = 60000000
+
+local function I(x) return string.format('%d', x) end
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function limits_at(a, i)
+  return { tonumber(a[i]), tonumber(a[i + 1]), tonumber(a[i + 2]), tonumber(a[i + 3]) }
+end
+
+local function scale(l, f)
+  local function s(v)
+    if v < 0 then return v end
+    return math.max(math.floor(v * f), 1)
+  end
+  return { math.min(s(l[1]), 4294967295), s(l[2]), s(l[3]), s(l[4]) }
+end
+
+local function same(a, b)
+  return a[1] == b[1] and a[2] == b[2] and a[3] == b[3] and a[4] == b[4]
+end
+
+local function token_capacity(l)
+  local split = nil
+  if l[3] >= 0 and l[4] >= 0 then split = l[3] + l[4] end
+  if l[2] >= 0 and split then return math.min(l[2], split) end
+  if l[2] >= 0 then return l[2] end
+  if split then return split end
+  return HUGE
+end
+
+local function fits(l, ur, ui, uo, ci, co)
+  local input = ui + ci
+  local output = uo + co
+  return ur < l[1]
+    and (l[2] < 0 or input + output <= l[2])
+    and (l[3] < 0 or input <= l[3])
+    and (l[4] < 0 or output <= l[4])
+end
+
+-- Adaptive -----------------------------------------------------------------
+
+local function reset_steps(a)
+  local c = scale(a.conf, HEADROOM)
+  a.rs = math.max(math.floor(c[1] / 50), 1)
+  a.ts = math.max(math.floor(math.min(token_capacity(c), HUGE / 4) / 50), 1)
+end
+
+local function new_ada(conf)
+  local a = { conf = conf, learned = scale(conf, HEADROOM), cu = 0, sk = 0, lc = 0, pm = 1, pr = 0 }
+  reset_steps(a)
+  return a
+end
+
+local ADA_FIELDS = { 'cr', 'ct', 'ci', 'co', 'lr', 'lt', 'li', 'lo', 'cu', 'sk', 'lc', 'pm', 'rs', 'ts', 'pr' }
+
+local function load_ada(key, conf)
+  local v = redis.call('HMGET', key, unpack(ADA_FIELDS))
+  if not v[1] then return new_ada(conf) end
+  return {
+    conf = limits_at(v, 1), learned = limits_at(v, 5),
+    cu = tonumber(v[9]), sk = tonumber(v[10]), lc = tonumber(v[11]), pm = tonumber(v[12]),
+    rs = tonumber(v[13]), ts = tonumber(v[14]), pr = tonumber(v[15]),
+  }
+end
+
+local function save_ada(key, a)
+  redis.call('HSET', key,
+    'cr', I(a.conf[1]), 'ct', I(a.conf[2]), 'ci', I(a.conf[3]), 'co', I(a.conf[4]),
+    'lr', I(a.learned[1]), 'lt', I(a.learned[2]), 'li', I(a.learned[3]), 'lo', I(a.learned[4]),
+    'cu', I(a.cu), 'sk', I(a.sk), 'lc', I(a.lc), 'pm', I(a.pm), 'rs', I(a.rs), 'ts', I(a.ts), 'pr', I(a.pr))
+  redis.call('PEXPIRE', key, STATE_TTL)
+end
+
+-- Extends the cooldown: max(), so a shorter signal never shortens one in force.
+local function cool_down(a, now, jitter)
+  a.sk = a.sk + 1
+  local growth = 2 ^ math.min(math.max(a.sk - 1, 0), 16)
+  local base = math.min(CD_BASE * growth, CD_MAX)
+  local j = math.min(math.max(jitter, 0), 1)
+  a.cu = math.max(a.cu, now + math.floor(base * (0.8 + 0.4 * j)))
+end
+
+local function clamp(x, lo, hi) return math.min(math.max(x, lo), hi) end
+
+local function on_rate_limited(a, now, obs, which, jitter)
+  cool_down(a, now, jitter)
+  local failed = a.pr == 1
+  a.pr = 0
+  local l = a.learned
+  if which == 0 or which == 2 then
+    local floor = math.max(math.floor(l[1] / 2), 1)
+    l[1] = clamp(obs[1], floor, math.max(l[1], floor))
+  end
+  if which == 1 or which == 2 then
+    local function lower(limit, used)
+      if limit < 0 then return limit end
+      return clamp(used, math.max(math.floor(limit / 2), 1), math.max(limit, 1))
+    end
+    l[2] = lower(l[2], obs[2] + obs[3])
+    l[3] = lower(l[3], obs[2])
+    l[4] = lower(l[4], obs[3])
+  end
+  if failed then a.pm = math.min(a.pm * 2, 8) end
+  reset_steps(a)
+  a.lc = now
+end
+
+local function on_success(a, now)
+  a.sk = 0
+  local c = scale(a.conf, HEADROOM)
+  if same(a.learned, c) then
+    a.pr = 0
+    a.pm = 1
+    return
+  end
+  if math.max(now - a.lc, 0) < PROBE * a.pm then return end
+  if a.pr == 1 then a.pm = 1 end
+  local l = a.learned
+  l[1] = math.min(l[1] + a.rs, c[1])
+  for k = 2, 4 do
+    if l[k] >= 0 and c[k] >= 0 then l[k] = math.min(l[k] + a.ts, c[k]) end
+  end
+  a.rs = a.rs * 2
+  a.ts = a.ts * 2
+  a.pr = 1
+  a.lc = now
+end
+
+-- Ledger -------------------------------------------------------------------
+
+local function parse(v)
+  local r, i, o, s = string.match(v, '^(%d+),(%d+),(%d+),(%d+)$')
+  return tonumber(r), tonumber(i), tonumber(o), tonumber(s)
+end
+
+local function entry(r, i, o, s) return I(r) .. ',' .. I(i) .. ',' .. I(o) .. ',' .. I(s) end
+
+-- b = { log, ent, use keys }
+local function load_use(b)
+  local v = redis.call('HMGET', b.use, 'r', 'i', 'o', 'fr', 'fi', 'fo', 'id')
+  b.u = {}
+  for k = 1, 6 do b.u[k] = tonumber(v[k]) or 0 end
+  b.last_id = tonumber(v[7]) or 0
+  b.dirty = false
+end
+
+local function touch(b)
+  redis.call('PEXPIRE', b.log, LOG_TTL)
+  redis.call('PEXPIRE', b.ent, LOG_TTL)
+  redis.call('PEXPIRE', b.use, LOG_TTL)
+end
+
+local function save_use(b)
+  if not b.dirty then return end
+  local u = b.u
+  redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
+    'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id))
+  touch(b)
+end
+
+local function account(b, sign, r, i, o, s)
+  local u = b.u
+  u[1] = u[1] + sign * r
+  u[2] = u[2] + sign * i
+  u[3] = u[3] + sign * o
+  if s == 0 then
+    u[4] = u[4] + sign * r
+    u[5] = u[5] + sign * i
+    u[6] = u[6] + sign * o
+  end
+  b.dirty = true
+end
+
+-- Drops entries strictly older than the window: one exactly W old still counts.
+local function evict(b, now)
+  local cut = '(' .. I(now - W)
+  local old = redis.call('ZRANGEBYSCORE', b.log, '-inf', cut)
+  if #old == 0 then return end
+  for first = 1, #old, 1000 do
+    local chunk = { unpack(old, first, math.min(first + 999, #old)) }
+    local vals = redis.call('HMGET', b.ent, unpack(chunk))
+    for k = 1, #chunk do
+      if vals[k] then
+        local r, i, o, s = parse(vals[k])
+        account(b, -1, r, i, o, s)
+      end
+    end
+    redis.call('HDEL', b.ent, unpack(chunk))
+  end
+  redis.call('ZREMRANGEBYSCORE', b.log, '-inf', cut)
+  b.dirty = true
+end
+
+local function last_at(b)
+  local last = redis.call('ZRANGE', b.log, -1, -1, 'WITHSCORES')
+  if #last == 0 then return nil end
+  return tonumber(last[2])
+end
+
+local function empty_at(b, now)
+  local at = last_at(b)
+  if not at then return now end
+  return at + W + 1
+end
+
+-- The fraction of the tightest dimension left after the charge, or nil.
+local function headroom_after(b, l, ci, co)
+  local u = b.u
+  if not fits(l, u[1], u[2], u[3], ci, co) then return nil end
+  local function fraction(used, max)
+    if max < 0 then return 1.0 end
+    if max == 0 then return 0.0 end
+    return clamp(math.max(max - used, 0) / max, 0.0, 1.0)
+  end
+  local input = u[2] + ci
+  local output = u[3] + co
+  return math.min(fraction(u[1] + 1, l[1]), fraction(input + output, l[2]),
+    fraction(input, l[3]), fraction(output, l[4]))
+end
+
+-- The earliest time >= now when the charge fits as entries age out; nil if never.
+local function earliest_fit(b, l, ci, co, now)
+  local u = b.u
+  if not fits(l, 0, 0, 0, ci, co) then return nil end
+  if fits(l, u[1], u[2], u[3], ci, co) then return now end
+  local r, i, o = u[1], u[2], u[3]
+  local log = redis.call('ZRANGE', b.log, 0, -1, 'WITHSCORES')
+  for first = 1, #log, 2000 do
+    local ids, ats = {}, {}
+    for k = first, math.min(first + 1999, #log), 2 do
+      ids[#ids + 1] = log[k]
+      ats[#ats + 1] = tonumber(log[k + 1])
+    end
+    local vals = redis.call('HMGET', b.ent, unpack(ids))
+    for k = 1, #ids do
+      if vals[k] then
+        local er, ei, eo = parse(vals[k])
+        r, i, o = r - er, i - ei, o - eo
+        if fits(l, r, i, o, ci, co) then return math.max(ats[k] + W + 1, now) end
+      end
+    end
+  end
+  return now
+end

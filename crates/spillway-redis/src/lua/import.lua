@@ -1,0 +1,20 @@
+-- Resynchronisation after an outage: records usage admitted locally while
+-- Redis was unreachable, as one settled entry stamped with the last local
+-- admission, so the shared ledger counts it until it leaves the window.
+-- KEYS: log, ent, use. ARGV 8..: stamp (us), requests, input, output.
+local now = now_us()
+local b = { log = KEYS[1], ent = KEYS[2], use = KEYS[3] }
+load_use(b)
+evict(b, now)
+local at = tonumber(ARGV[8])
+if at >= now - W then
+  local r, i, o = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+  local id = math.max(b.last_id + 1, now * 4)
+  b.last_id = id
+  redis.call('ZADD', b.log, I(at), I(id))
+  redis.call('HSET', b.ent, I(id), entry(r, i, o, 1))
+  account(b, 1, r, i, o, 1)
+end
+b.dirty = true
+save_use(b)
+return now

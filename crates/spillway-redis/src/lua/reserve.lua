@@ -1,0 +1,62 @@
+-- Choose a region and reserve there, atomically, across all candidates:
+-- the same decision as MemoryStore::decide.
+-- KEYS: drained set of the model, then log, ent, use, ada per candidate.
+-- ARGV 8..12: reserve (1) or probe (0), strategy (0 most headroom, 1
+-- ordered), charge input, charge output, candidate count; then per
+-- candidate: region, configured requests, tokens, input, output.
+-- Returns {1, index, id, limits x4, usage x3, empty_at, now} for a grant,
+-- {0, now} for a successful probe, {2, retry_at, now} or {3, now} refused.
+local now = now_us()
+local reserve = ARGV[8] == '1'
+local ordered = ARGV[9] == '1'
+local ci, co = tonumber(ARGV[10]), tonumber(ARGV[11])
+local n = tonumber(ARGV[12])
+local cands = {}
+local best, best_h = nil, nil
+for k = 1, n do
+  local a0 = 12 + (k - 1) * 5
+  local kb = 1 + (k - 1) * 4
+  local b = { log = KEYS[kb + 1], ent = KEYS[kb + 2], use = KEYS[kb + 3], ada = KEYS[kb + 4] }
+  b.drained = redis.call('SISMEMBER', KEYS[1], ARGV[a0 + 1]) == 1
+  b.a = load_ada(b.ada, limits_at(ARGV, a0 + 2))
+  load_use(b)
+  evict(b, now)
+  cands[k] = b
+  if not b.drained and not (now < b.a.cu) then
+    local h = headroom_after(b, b.a.learned, ci, co)
+    if h then
+      if best == nil or h > best_h then best, best_h = k, h end
+      if ordered then break end
+    end
+  end
+end
+if best then
+  for k = 1, #cands do save_use(cands[k]) end
+  if not reserve then return { 0, now } end
+  local b = cands[best]
+  local at = math.max(last_at(b) or now, now)
+  local id = math.max(b.last_id + 1, now * 4)
+  b.last_id = id
+  redis.call('ZADD', b.log, I(at), I(id))
+  redis.call('HSET', b.ent, I(id), entry(1, ci, co, 0))
+  account(b, 1, 1, ci, co, 0)
+  save_use(b)
+  local l = b.a.learned
+  return { 1, best, id, l[1], l[2], l[3], l[4], b.u[1], b.u[2], b.u[3], at + W + 1, now }
+end
+local retry = nil
+for k = 1, #cands do
+  local b = cands[k]
+  save_use(b)
+  if not b.drained then
+    local t = earliest_fit(b, b.a.learned, ci, co, now)
+    if t then
+      t = math.max(t, b.a.cu)
+    elseif fits(b.a.conf, 0, 0, 0, ci, co) then
+      t = now + NEVER_FIT_RETRY
+    end
+    if t and (retry == nil or t < retry) then retry = t end
+  end
+end
+if retry then return { 2, retry, now } end
+return { 3, now }

@@ -1,0 +1,431 @@
+//! [`ResilientStore`]: Redis while it answers, a local 1/N share when not.
+//!
+//! - **Healthy**: every decision is a Redis script (one round trip, bounded
+//!   by `timeout`). A background task sends a heartbeat every
+//!   [`HEARTBEAT`] (`ZADD <prefix>replicas <server ms> <id>`, members older
+//!   than [`REPLICA_TTL`] dropped) and, unless `replicas` is fixed by
+//!   config, takes N from the live count.
+//! - **Failing over**: the first Redis error or timeout — on admission,
+//!   settle, state or heartbeat — marks the store degraded (gauge
+//!   `spillway_quota_store_degraded` = 1, one warning) and that very call is
+//!   answered locally. No request fails because Redis did.
+//! - **Degraded**: decisions come from a `MemoryStore` on the same clock
+//!   whose limits are the configured ones divided by N (at least one request
+//!   and one token). Its grants carry [`LOCAL`] in their entry id and are
+//!   always settled locally. Grants Redis made before the outage are settled
+//!   in Redis if it is back by then, otherwise dropped: their reservations
+//!   stay charged until they leave the window (the safe direction).
+//! - **Recovering**: the task retries every [`RETRY`]; when Redis answers,
+//!   each budget's local usage in the current window is written to Redis as
+//!   one settled entry stamped with the last local admission, so the shared
+//!   ledger counts what the fleet spent during the outage, then decisions go
+//!   back to Redis (one info line, gauge 0).
+//!
+//! Worst case over-admission (see DEPLOYMENT.md): only a window that
+//! overlaps the moment of failover can exceed the budget, by at most what
+//! Redis had admitted in it (≤ one window's budget, so ≤ 2× in that
+//! window); windows wholly inside the outage hold at most N × budget/N.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge, Registry};
+use spillway_core::ledger::{EntryId, Limits};
+use spillway_core::store::{
+    BudgetConfig, BudgetState, Denial, Grant, MemoryStore, Outcome, QuotaStore, ReserveRequest,
+    StoreFuture,
+};
+
+use crate::{RedisSettings, RedisStore, ServerClock, StoreError};
+
+/// Marks an entry id granted by the local fallback.
+pub const LOCAL: u64 = 1 << 63;
+/// Heartbeat period while healthy.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A replica not heard from for this long is not counted.
+pub const REPLICA_TTL: Duration = Duration::from_secs(10);
+/// Reconnection attempts while degraded.
+pub const RETRY: Duration = Duration::from_millis(250);
+/// How often a waiting head asks again (remote refunds wake nobody).
+pub const RECHECK: Duration = Duration::from_millis(100);
+
+/// The store's own series, registered in the gateway's registry.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub degraded: IntGauge,
+    pub replicas: IntGauge,
+    pub failovers: IntCounter,
+}
+
+impl StoreMetrics {
+    pub fn new(registry: Option<&Registry>) -> Self {
+        let degraded = IntGauge::new(
+            "spillway_quota_store_degraded",
+            "1 while the shared quota store (Redis) is unreachable and this replica admits from its local 1/N share.",
+        )
+        .expect("valid metric");
+        let replicas = IntGauge::new(
+            "spillway_quota_store_replicas",
+            "Replicas sharing the budgets (N): from config, or live heartbeats in Redis.",
+        )
+        .expect("valid metric");
+        let failovers = IntCounter::new(
+            "spillway_quota_store_failovers_total",
+            "Times this replica lost the shared quota store and fell back to its local share.",
+        )
+        .expect("valid metric");
+        if let Some(r) = registry {
+            for c in [
+                Box::new(degraded.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(replicas.clone()),
+                Box::new(failovers.clone()),
+            ] {
+                if let Err(e) = r.register(c) {
+                    tracing::debug!(error = %e, "quota store metrics already registered");
+                }
+            }
+        }
+        Self {
+            degraded,
+            replicas,
+            failovers,
+        }
+    }
+}
+
+/// (model, region)
+type BudgetKey = (Arc<str>, Arc<str>);
+
+struct Inner {
+    redis: RedisStore,
+    local: MemoryStore<ServerClock>,
+    degraded: AtomicBool,
+    /// N in use for the local share.
+    replicas: AtomicU32,
+    /// From config; `None`: from heartbeats.
+    fixed_replicas: Option<u32>,
+    /// The last local admission per budget, for resynchronisation.
+    last_local: Mutex<HashMap<BudgetKey, Duration>>,
+    id: String,
+    metrics: StoreMetrics,
+}
+
+/// The gateway's store when `quota.store = "redis"`.
+#[derive(Clone)]
+pub struct ResilientStore {
+    inner: Arc<Inner>,
+}
+
+fn share(limits: Limits, n: u32) -> Limits {
+    let n = u64::from(n.max(1));
+    let part = |v: u64| (v / n).max(1);
+    Limits {
+        requests: part(u64::from(limits.requests)) as u32,
+        tokens: limits.tokens.map(part),
+        input_tokens: limits.input_tokens.map(part),
+        output_tokens: limits.output_tokens.map(part),
+    }
+}
+
+impl ResilientStore {
+    /// Connects if it can; starts degraded otherwise (and keeps trying).
+    /// `replicas`: N from config, or 0 to count heartbeats. Spawns the
+    /// heartbeat task on the current tokio runtime; it ends with the store.
+    pub async fn start(
+        settings: &RedisSettings,
+        replicas: u32,
+        metrics: StoreMetrics,
+    ) -> Result<Self, StoreError> {
+        let redis = RedisStore::new(settings)?;
+        let fixed_replicas = (replicas > 0).then_some(replicas);
+        let n = replicas.max(1);
+        let local_budgets: Vec<BudgetConfig> = settings
+            .budgets
+            .iter()
+            .map(|b| BudgetConfig {
+                limits: share(b.limits, n),
+                ..b.clone()
+            })
+            .collect();
+        let local = MemoryStore::new(
+            redis.clock().clone(),
+            settings.window,
+            settings.adaptive,
+            &local_budgets,
+        );
+        let id = format!(
+            "{}-{}-{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "spillway".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        metrics.replicas.set(i64::from(n));
+        let store = Self {
+            inner: Arc::new(Inner {
+                redis,
+                local,
+                degraded: AtomicBool::new(false),
+                replicas: AtomicU32::new(n),
+                fixed_replicas,
+                last_local: Mutex::new(HashMap::new()),
+                id,
+                metrics,
+            }),
+        };
+        match store.inner.redis.reconnect().await {
+            Ok(()) => {
+                store.inner.heartbeat().await;
+                tracing::info!(
+                    replica = %store.inner.id,
+                    replicas = store.inner.replicas.load(Ordering::Relaxed),
+                    "quota store: shared budgets in Redis"
+                );
+            }
+            Err(e) => store.inner.fail("connect", &e),
+        }
+        let weak = Arc::downgrade(&store.inner);
+        tokio::spawn(maintain(weak));
+        Ok(store)
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// N, the number of replicas the local share divides by.
+    pub fn replicas(&self) -> u32 {
+        self.inner.replicas.load(Ordering::Relaxed)
+    }
+
+    pub fn redis(&self) -> &RedisStore {
+        &self.inner.redis
+    }
+}
+
+impl Inner {
+    /// Marks the store degraded (logging once) and drops the connection.
+    fn fail(&self, what: &str, error: &StoreError) {
+        self.redis.disconnect();
+        if !self.degraded.swap(true, Ordering::SeqCst) {
+            self.metrics.degraded.set(1);
+            self.metrics.failovers.inc();
+            tracing::warn!(
+                error = %error,
+                call = what,
+                replicas = self.replicas.load(Ordering::Relaxed),
+                "quota store degraded: Redis unreachable; admitting from this replica's local 1/N share of each budget"
+            );
+        }
+    }
+
+    async fn heartbeat(&self) {
+        match self.redis.heartbeat(&self.id, REPLICA_TTL).await {
+            Ok(live) => {
+                if self.fixed_replicas.is_none() {
+                    self.rescale(live.max(1)).await;
+                }
+            }
+            Err(e) => self.fail("heartbeat", &e),
+        }
+    }
+
+    /// Divides the local share by a new N.
+    async fn rescale(&self, n: u32) {
+        if self.replicas.swap(n, Ordering::Relaxed) == n {
+            return;
+        }
+        self.metrics.replicas.set(i64::from(n));
+        tracing::info!(replicas = n, "quota store: replica count changed");
+        for (model, region, limits) in self.redis.budgets() {
+            self.local
+                .set_configured(&model, &region, share(limits, n))
+                .await;
+        }
+    }
+
+    /// Redis answers again: hand it what was admitted locally, then use it.
+    async fn recover(&self) -> Result<(), StoreError> {
+        self.redis.reconnect().await?;
+        let last_local = self
+            .last_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for state in self.local.states_now() {
+            if state.usage == Default::default() {
+                continue;
+            }
+            let at = last_local
+                .get(&(Arc::clone(&state.model), Arc::clone(&state.region)))
+                .copied()
+                .unwrap_or_else(|| spillway_core::store::Clock::now(self.redis.clock()));
+            self.redis
+                .try_import(&state.model, &state.region, at, state.usage)
+                .await?;
+        }
+        self.redis.heartbeat(&self.id, REPLICA_TTL).await?;
+        if self.degraded.swap(false, Ordering::SeqCst) {
+            self.metrics.degraded.set(0);
+            tracing::info!("quota store recovered: Redis answers again; local admissions handed over, shared budgets in use");
+        }
+        Ok(())
+    }
+
+    fn local_grant(&self, mut grant: Grant) -> Grant {
+        self.last_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (Arc::clone(&grant.model), Arc::clone(&grant.region)),
+                grant.view.now,
+            );
+        grant.entry = EntryId::from_raw(grant.entry.raw() | LOCAL);
+        grant
+    }
+}
+
+async fn maintain(weak: Weak<Inner>) {
+    // Ticks every RETRY, so recovery starts at most RETRY after a failure
+    // seen anywhere; heartbeats go out every HEARTBEAT while healthy.
+    let mut last_beat = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(RETRY).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.degraded.load(Ordering::Relaxed) {
+            if let Err(e) = inner.recover().await {
+                inner.redis.disconnect();
+                tracing::debug!(error = %e, "quota store: Redis still unreachable");
+            }
+        } else if last_beat.elapsed() >= HEARTBEAT {
+            last_beat = tokio::time::Instant::now();
+            inner.heartbeat().await;
+        }
+    }
+}
+
+impl QuotaStore for ResilientStore {
+    fn now(&self) -> Duration {
+        spillway_core::store::Clock::now(self.inner.redis.clock())
+    }
+
+    fn recheck_after(&self) -> Option<Duration> {
+        Some(RECHECK)
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: ReserveRequest<'a>,
+    ) -> StoreFuture<'a, Result<Grant, Denial>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if !inner.degraded.load(Ordering::Relaxed) {
+                match inner.redis.try_reserve(request).await {
+                    Ok(result) => return result,
+                    Err(e) => inner.fail("reserve", &e),
+                }
+            }
+            inner
+                .local
+                .reserve_now(request)
+                .map(|g| inner.local_grant(g))
+        })
+    }
+
+    fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if !inner.degraded.load(Ordering::Relaxed) {
+                match inner.redis.try_decide(request, false).await {
+                    Ok(result) => return result.map(|_| ()),
+                    Err(e) => inner.fail("probe", &e),
+                }
+            }
+            inner.local.probe_now(request)
+        })
+    }
+
+    fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if grant.entry.raw() & LOCAL != 0 {
+                let mut local = grant.clone();
+                local.entry = EntryId::from_raw(grant.entry.raw() & !LOCAL);
+                inner.local.settle_now(&local, outcome);
+                return;
+            }
+            match inner.redis.try_settle(grant, outcome).await {
+                Ok(()) => {}
+                Err(StoreError::Disconnected) => tracing::debug!(
+                    "quota store: Redis down at settle; the reservation stays until it leaves the window"
+                ),
+                Err(e) => inner.fail("settle", &e),
+            }
+        })
+    }
+
+    fn states(&self) -> StoreFuture<'_, Vec<BudgetState>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if !inner.degraded.load(Ordering::Relaxed) {
+                match inner.redis.try_states().await {
+                    Ok(states) => return states,
+                    Err(e) => inner.fail("states", &e),
+                }
+            }
+            inner.local.states_now()
+        })
+    }
+
+    fn set_configured<'a>(
+        &'a self,
+        model: &'a str,
+        region: &'a str,
+        limits: Limits,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let n = inner.replicas.load(Ordering::Relaxed);
+            let known = inner
+                .local
+                .set_configured(model, region, share(limits, n))
+                .await;
+            if let Err(e) = inner.redis.try_set_configured(model, region, limits).await {
+                inner.fail("set_configured", &e);
+            }
+            known
+        })
+    }
+
+    fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let count = inner.local.set_drained(region, drained).await;
+            if let Err(e) = inner.redis.try_set_drained(region, drained).await {
+                inner.fail("set_drained", &e);
+            }
+            count
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_share_divides_every_dimension_and_keeps_one() {
+        let l = Limits {
+            requests: 60,
+            tokens: Some(50_000),
+            input_tokens: None,
+            output_tokens: Some(2),
+        };
+        let s = share(l, 3);
+        assert_eq!(s.requests, 20);
+        assert_eq!(s.tokens, Some(16_666));
+        assert_eq!(s.output_tokens, Some(1));
+        assert_eq!(share(l, 0), l);
+    }
+}

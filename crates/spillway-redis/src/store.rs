@@ -1,0 +1,546 @@
+//! [`RedisStore`]: the ledgers in Redis, changed only by Lua scripts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use spillway_core::adaptive::{AdaptiveConfig, Exhausted};
+use spillway_core::ledger::{Charge, EntryId, Limits, Usage};
+use spillway_core::store::{
+    BudgetState, BudgetView, Clock, Denial, Grant, Outcome, QuotaStore, ReserveRequest,
+    StoreFuture, Strategy,
+};
+
+use crate::{RedisSettings, ServerClock, StoreError};
+
+const COMMON: &str = include_str!("lua/common.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{COMMON}\n{body}"))
+}
+
+struct Scripts {
+    reserve: Script,
+    settle: Script,
+    states: Script,
+    configure: Script,
+    import: Script,
+    heartbeat: Script,
+}
+
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now - tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 3)
+return { redis.call('ZCARD', KEYS[1]), tonumber(t[1]) * 1000000 + tonumber(t[2]) }
+";
+
+/// One region-model budget: its keys and configured limits.
+struct Slot {
+    region: Arc<str>,
+    /// log, ent, use, ada
+    keys: [String; 4],
+    configured: Mutex<Limits>,
+}
+
+/// The shared store. Standalone, its [`QuotaStore`] impl fails closed (a
+/// Redis error refuses admission for a second); the gateway wraps it in
+/// [`crate::ResilientStore`] instead.
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    prefix: String,
+    timeout: Duration,
+    window: Duration,
+    /// model → budgets in configured order.
+    models: HashMap<Arc<str>, Vec<Slot>>,
+    /// model → its drained-regions set.
+    drained_keys: HashMap<Arc<str>, String>,
+    common: [String; 7],
+    clock: ServerClock,
+    scripts: Scripts,
+}
+
+fn none_or(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| v.min(1 << 52) as i64)
+}
+
+fn limits_args(l: Limits) -> [i64; 4] {
+    [
+        i64::from(l.requests),
+        none_or(l.tokens),
+        none_or(l.input_tokens),
+        none_or(l.output_tokens),
+    ]
+}
+
+fn limits_from(v: &[i64]) -> Limits {
+    let opt = |x: i64| (x >= 0).then_some(x as u64);
+    Limits {
+        requests: v[0].clamp(0, i64::from(u32::MAX)) as u32,
+        tokens: opt(v[1]),
+        input_tokens: opt(v[2]),
+        output_tokens: opt(v[3]),
+    }
+}
+
+fn usage_from(v: &[i64]) -> Usage {
+    Usage {
+        requests: v[0].clamp(0, i64::from(u32::MAX)) as u32,
+        input: v[1].max(0) as u64,
+        output: v[2].max(0) as u64,
+    }
+}
+
+fn us(v: i64) -> Duration {
+    Duration::from_micros(v.max(0) as u64)
+}
+
+fn protocol(what: &str, reply: &[i64]) -> StoreError {
+    StoreError::Protocol(format!("{what}: {reply:?}"))
+}
+
+impl RedisStore {
+    /// Builds the store without connecting; call [`RedisStore::reconnect`].
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let p = &settings.key_prefix;
+        let mut models: HashMap<Arc<str>, Vec<Slot>> = HashMap::new();
+        let mut drained_keys = HashMap::new();
+        for b in &settings.budgets {
+            // `{model}` is a hash tag: one model's keys share a cluster slot,
+            // so a script may touch all its regions.
+            let base = format!("{p}{{{}}}:{}", b.model, b.region);
+            let model: Arc<str> = Arc::from(b.model.as_str());
+            drained_keys
+                .entry(Arc::clone(&model))
+                .or_insert_with(|| format!("{p}{{{}}}:drained", b.model));
+            models.entry(model).or_default().push(Slot {
+                region: Arc::from(b.region.as_str()),
+                keys: ["log", "ent", "use", "ada"].map(|k| format!("{base}:{k}")),
+                configured: Mutex::new(b.limits),
+            });
+        }
+        let window_us = settings.window.as_micros() as u64;
+        let log_ttl_ms = settings.window.as_millis() as u64 + 5_000;
+        let state_ttl_ms = (settings.window.as_millis() as u64 * 10)
+            .max(settings.adaptive.cooldown_max.as_millis() as u64 * 2)
+            .max(60_000);
+        let a: AdaptiveConfig = settings.adaptive;
+        let common = [
+            window_us.to_string(),
+            log_ttl_ms.to_string(),
+            state_ttl_ms.to_string(),
+            format!("{}", a.headroom),
+            (a.cooldown_base.as_micros() as u64).to_string(),
+            (a.cooldown_max.as_micros() as u64).to_string(),
+            (a.probe_period.as_micros() as u64).to_string(),
+        ];
+        Ok(Self {
+            client,
+            conn: Mutex::new(None),
+            prefix: p.clone(),
+            timeout: settings.timeout,
+            window: settings.window,
+            models,
+            drained_keys,
+            common,
+            clock: ServerClock::default(),
+            scripts: Scripts {
+                reserve: script(include_str!("lua/reserve.lua")),
+                settle: script(include_str!("lua/settle.lua")),
+                states: script(include_str!("lua/states.lua")),
+                configure: script(include_str!("lua/configure.lua")),
+                import: script(include_str!("lua/import.lua")),
+                heartbeat: Script::new(HEARTBEAT),
+            },
+        })
+    }
+
+    /// Connects and measures the server clock.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let store = Self::new(settings)?;
+        store.reconnect().await?;
+        Ok(store)
+    }
+
+    /// (Re)connects, replacing any connection, and syncs the clock.
+    pub async fn reconnect(&self) -> Result<(), StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
+            .set_response_timeout(self.timeout);
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let (secs, micros): (i64, i64) = self
+            .bounded(redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        self.clock.observe(secs * 1_000_000 + micros);
+        *self.lock_conn() = Some(conn);
+        Ok(())
+    }
+
+    /// Forgets the connection (after a failure); calls fail until reconnected.
+    pub fn disconnect(&self) {
+        *self.lock_conn() = None;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.lock_conn().is_some()
+    }
+
+    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        self.lock_conn().clone().ok_or(StoreError::Disconnected)
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    pub fn clock(&self) -> &ServerClock {
+        &self.clock
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn slot(&self, model: &str, region: &str) -> Option<&Slot> {
+        self.models
+            .get(model)?
+            .iter()
+            .find(|s| &*s.region == region)
+    }
+
+    fn configured(slot: &Slot) -> Limits {
+        *slot.configured.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One admission decision: reserve (or only probe) in one round trip.
+    pub async fn try_decide(
+        &self,
+        request: ReserveRequest<'_>,
+        reserve: bool,
+    ) -> Result<Result<Option<Grant>, Denial>, StoreError> {
+        let Some(slots) = self.models.get(request.model) else {
+            return Ok(Err(Denial::Never));
+        };
+        let candidates: Vec<&Slot> = slots
+            .iter()
+            .filter(|s| request.regions.contains(&s.region))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Err(Denial::Never));
+        }
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.reserve.prepare_invoke();
+        call.key(&self.drained_keys[request.model]);
+        for s in &candidates {
+            call.key(&s.keys[..]);
+        }
+        call.arg(&self.common[..])
+            .arg(u32::from(reserve))
+            .arg(u32::from(request.strategy == Strategy::Ordered))
+            .arg(request.charge.input)
+            .arg(request.charge.output)
+            .arg(candidates.len());
+        for s in &candidates {
+            call.arg(&*s.region)
+                .arg(&limits_args(Self::configured(s))[..]);
+        }
+        let reply: Vec<i64> = self.bounded(call.invoke_async(&mut conn)).await?;
+        match reply.as_slice() {
+            [1, index, id, l @ .., empty_at, now] if l.len() == 7 => {
+                self.clock.observe(*now);
+                let slot = candidates
+                    .get((*index as usize).wrapping_sub(1))
+                    .ok_or_else(|| protocol("reserve", &reply))?;
+                Ok(Ok(Some(Grant {
+                    model: Arc::from(request.model),
+                    region: Arc::clone(&slot.region),
+                    entry: EntryId::from_raw(*id as u64),
+                    charge: request.charge,
+                    view: BudgetView {
+                        limits: limits_from(&l[..4]),
+                        usage: usage_from(&l[4..]),
+                        empty_at: us(*empty_at),
+                        now: us(*now),
+                    },
+                })))
+            }
+            [0, now] => {
+                self.clock.observe(*now);
+                Ok(Ok(None))
+            }
+            [2, retry_at, now] => {
+                self.clock.observe(*now);
+                Ok(Err(Denial::Later {
+                    retry_at: us(*retry_at),
+                }))
+            }
+            [3, now] => {
+                self.clock.observe(*now);
+                Ok(Err(Denial::Never))
+            }
+            _ => Err(protocol("reserve", &reply)),
+        }
+    }
+
+    pub async fn try_reserve(
+        &self,
+        request: ReserveRequest<'_>,
+    ) -> Result<Result<Grant, Denial>, StoreError> {
+        Ok(self
+            .try_decide(request, true)
+            .await?
+            .map(|g| g.expect("a reserving script answers with a grant or a denial")))
+    }
+
+    pub async fn try_settle(&self, grant: &Grant, outcome: Outcome) -> Result<(), StoreError> {
+        let Some(slot) = self.slot(&grant.model, &grant.region) else {
+            return Ok(());
+        };
+        let (code, actual, which) = match outcome {
+            Outcome::Used(c) => (0, c, 0),
+            Outcome::RateLimited(which) => (
+                1,
+                Charge::default(),
+                match which {
+                    Exhausted::Requests => 0,
+                    Exhausted::Tokens => 1,
+                    Exhausted::Unknown => 2,
+                },
+            ),
+            Outcome::Unavailable => (2, Charge::default(), 0),
+            Outcome::NotSent => (3, Charge::default(), 0),
+        };
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.settle.prepare_invoke();
+        call.key(&slot.keys[..])
+            .arg(&self.common[..])
+            .arg(&limits_args(Self::configured(slot))[..])
+            .arg(grant.entry.raw())
+            .arg(code)
+            .arg(actual.input)
+            .arg(actual.output)
+            .arg(which)
+            .arg(rand::random::<f64>());
+        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        self.clock.observe(now);
+        Ok(())
+    }
+
+    pub async fn try_states(&self) -> Result<Vec<BudgetState>, StoreError> {
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.states.prepare_invoke();
+        let all: Vec<(&Arc<str>, &Slot)> = self
+            .models
+            .iter()
+            .flat_map(|(m, slots)| slots.iter().map(move |s| (m, s)))
+            .collect();
+        call.arg(&self.common[..]).arg(all.len());
+        for (model, slot) in &all {
+            call.key(&self.drained_keys[*model]).key(&slot.keys[..]);
+            call.arg(&*slot.region)
+                .arg(&limits_args(Self::configured(slot))[..]);
+        }
+        let reply: Vec<i64> = self.bounded(call.invoke_async(&mut conn)).await?;
+        if reply.len() != 1 + all.len() * 16 {
+            return Err(protocol("states", &reply));
+        }
+        let now = reply[0];
+        self.clock.observe(now);
+        let mut states: Vec<BudgetState> = all
+            .iter()
+            .zip(reply[1..].chunks(16))
+            .map(|((model, slot), v)| BudgetState {
+                model: Arc::clone(model),
+                region: Arc::clone(&slot.region),
+                configured: limits_from(&v[0..4]),
+                effective: limits_from(&v[4..8]),
+                usage: usage_from(&v[8..11]),
+                in_flight: usage_from(&v[11..14]),
+                cooldown_remaining: us(v[14]),
+                drained: v[15] == 1,
+            })
+            .collect();
+        states.sort_by(|a, b| (&a.model, &a.region).cmp(&(&b.model, &b.region)));
+        Ok(states)
+    }
+
+    pub async fn try_set_configured(
+        &self,
+        model: &str,
+        region: &str,
+        limits: Limits,
+    ) -> Result<bool, StoreError> {
+        let Some(slot) = self.slot(model, region) else {
+            return Ok(false);
+        };
+        *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.configure.prepare_invoke();
+        call.key(&slot.keys[3])
+            .arg(&self.common[..])
+            .arg(&limits_args(limits)[..]);
+        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        self.clock.observe(now);
+        Ok(true)
+    }
+
+    pub async fn try_set_drained(&self, region: &str, drained: bool) -> Result<usize, StoreError> {
+        let mut pipe = redis::pipe();
+        let mut count = 0;
+        for (model, slots) in &self.models {
+            if slots.iter().any(|s| &*s.region == region) {
+                let key = &self.drained_keys[model];
+                if drained {
+                    pipe.sadd(key, region).ignore();
+                } else {
+                    pipe.srem(key, region).ignore();
+                }
+                count += 1;
+            }
+        }
+        if count > 0 {
+            let mut conn = self.connection()?;
+            self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+        }
+        Ok(count)
+    }
+
+    /// Adds usage admitted elsewhere (locally, during an outage) as one
+    /// settled entry stamped `at`, if `at` is still in the window.
+    pub async fn try_import(
+        &self,
+        model: &str,
+        region: &str,
+        at: Duration,
+        usage: Usage,
+    ) -> Result<(), StoreError> {
+        let Some(slot) = self.slot(model, region) else {
+            return Ok(());
+        };
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.import.prepare_invoke();
+        call.key(&slot.keys[..3])
+            .arg(&self.common[..])
+            .arg(at.as_micros() as u64)
+            .arg(usage.requests)
+            .arg(usage.input)
+            .arg(usage.output);
+        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        self.clock.observe(now);
+        Ok(())
+    }
+
+    /// Says this replica is alive for `ttl`; returns how many are.
+    pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StoreError> {
+        let mut conn = self.connection()?;
+        let mut call = self.scripts.heartbeat.prepare_invoke();
+        call.key(format!("{}replicas", self.prefix))
+            .arg(replica)
+            .arg(ttl.as_millis() as u64);
+        let (count, now): (u32, i64) = self.bounded(call.invoke_async(&mut conn)).await?;
+        self.clock.observe(now);
+        Ok(count)
+    }
+
+    /// Every region of every model this store knows, with its configured limits.
+    pub fn budgets(&self) -> Vec<(Arc<str>, Arc<str>, Limits)> {
+        self.models
+            .iter()
+            .flat_map(|(m, slots)| {
+                slots
+                    .iter()
+                    .map(move |s| (Arc::clone(m), Arc::clone(&s.region), Self::configured(s)))
+            })
+            .collect()
+    }
+
+    fn closed<T>(&self, what: &str, e: &StoreError) -> Result<T, Denial> {
+        tracing::warn!(error = %e, "quota store: {what} failed; refusing for a second");
+        Err(Denial::Later {
+            retry_at: self.clock.now() + Duration::from_secs(1),
+        })
+    }
+}
+
+impl QuotaStore for RedisStore {
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    fn recheck_after(&self) -> Option<Duration> {
+        Some(crate::resilient::RECHECK)
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: ReserveRequest<'a>,
+    ) -> StoreFuture<'a, Result<Grant, Denial>> {
+        Box::pin(async move {
+            match self.try_reserve(request).await {
+                Ok(result) => result,
+                Err(e) => self.closed("reserve", &e),
+            }
+        })
+    }
+
+    fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>> {
+        Box::pin(async move {
+            match self.try_decide(request, false).await {
+                Ok(result) => result.map(|_| ()),
+                Err(e) => self.closed("probe", &e),
+            }
+        })
+    }
+
+    fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.try_settle(grant, outcome).await {
+                tracing::warn!(error = %e, "quota store: settle failed; the reservation stays until it leaves the window");
+            }
+        })
+    }
+
+    fn states(&self) -> StoreFuture<'_, Vec<BudgetState>> {
+        Box::pin(async move { self.try_states().await.unwrap_or_default() })
+    }
+
+    fn set_configured<'a>(
+        &'a self,
+        model: &'a str,
+        region: &'a str,
+        limits: Limits,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.try_set_configured(model, region, limits)
+                .await
+                .unwrap_or(false)
+        })
+    }
+
+    fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
+        Box::pin(async move { self.try_set_drained(region, drained).await.unwrap_or(0) })
+    }
+}

@@ -1,0 +1,386 @@
+//! The Lua scripts against a real Redis, case by case the same as
+//! `MemoryStore`'s unit tests, plus what only a shared store has: many
+//! handles reserving at once never put any window over budget.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::RedisServer;
+use spillway_core::adaptive::{AdaptiveConfig, Exhausted};
+use spillway_core::ledger::{Charge, Limits, Usage};
+use spillway_core::store::{
+    BudgetConfig, Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy,
+};
+use spillway_redis::{RedisSettings, RedisStore};
+
+const HAIKU: &str = "claude-3-haiku@20240307";
+
+fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
+    RedisSettings {
+        url: url.into(),
+        key_prefix: format!("t{}:", rand::random::<u32>()),
+        timeout: Duration::from_secs(2),
+        window,
+        adaptive: AdaptiveConfig {
+            cooldown_base: Duration::from_millis(200),
+            ..AdaptiveConfig::default()
+        },
+        budgets: ["us-central1", "europe-west4"]
+            .map(|region| BudgetConfig {
+                model: HAIKU.into(),
+                region: region.into(),
+                limits,
+            })
+            .to_vec(),
+    }
+}
+
+async fn store(redis: &RedisServer) -> RedisStore {
+    let s = settings(
+        &redis.url(),
+        Duration::from_secs(60),
+        Limits::new(60, 50_000),
+    );
+    RedisStore::connect(&s).await.expect("connects")
+}
+
+fn regions() -> Vec<Arc<str>> {
+    vec![Arc::from("us-central1"), Arc::from("europe-west4")]
+}
+
+fn ask(regions: &[Arc<str>], tokens: u64, strategy: Strategy) -> ReserveRequest<'_> {
+    ReserveRequest {
+        model: HAIKU,
+        regions,
+        charge: Charge {
+            input: tokens,
+            output: 0,
+        },
+        strategy,
+    }
+}
+
+async fn reserve(s: &RedisStore, r: ReserveRequest<'_>) -> Result<Grant, Denial> {
+    s.try_reserve(r).await.expect("redis answers")
+}
+
+#[tokio::test]
+async fn most_headroom_spreads_and_ordered_fills_the_primary_first() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    let mut by_region = HashMap::new();
+    for _ in 0..120 {
+        let g = reserve(&s, ask(&r, 10, Strategy::MostHeadroom))
+            .await
+            .unwrap();
+        *by_region.entry(g.region.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(by_region["us-central1"], 60);
+    assert_eq!(by_region["europe-west4"], 60);
+    assert!(matches!(
+        reserve(&s, ask(&r, 10, Strategy::MostHeadroom)).await,
+        Err(Denial::Later { .. })
+    ));
+
+    let s = store(&redis).await;
+    assert_eq!(s.probe(ask(&r, 10, Strategy::Ordered)).await, Ok(()));
+    for i in 0..61 {
+        let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+        let expected = if i < 60 {
+            "us-central1"
+        } else {
+            "europe-west4"
+        };
+        assert_eq!(&*g.region, expected);
+    }
+}
+
+#[tokio::test]
+async fn token_spillover_and_never_fitting_requests() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    let g1 = reserve(&s, ask(&r, 48_600, Strategy::MostHeadroom))
+        .await
+        .unwrap();
+    let g2 = reserve(&s, ask(&r, 48_600, Strategy::MostHeadroom))
+        .await
+        .unwrap();
+    assert_ne!(g1.region, g2.region);
+    match reserve(&s, ask(&r, 48_600, Strategy::MostHeadroom)).await {
+        Err(Denial::Later { retry_at }) => {
+            assert_eq!(retry_at, g1.view.now + Duration::from_micros(60_000_001))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        reserve(&s, ask(&r, 50_001, Strategy::MostHeadroom))
+            .await
+            .unwrap_err(),
+        Denial::Never
+    );
+}
+
+#[tokio::test]
+async fn settling_refunds_and_not_sent_cancels() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    let g = reserve(&s, ask(&only, 40_000, Strategy::Ordered))
+        .await
+        .unwrap();
+    assert_eq!(g.view.usage.input, 40_000);
+    assert!(reserve(&s, ask(&only, 20_000, Strategy::Ordered))
+        .await
+        .is_err());
+    s.try_settle(
+        &g,
+        Outcome::Used(Charge {
+            input: 5_000,
+            output: 100,
+        }),
+    )
+    .await
+    .unwrap();
+    let g2 = reserve(&s, ask(&only, 20_000, Strategy::Ordered))
+        .await
+        .unwrap();
+    let in_flight = s.try_states().await.unwrap()[1].in_flight;
+    assert_eq!(in_flight.input, 20_000);
+    s.try_settle(&g2, Outcome::NotSent).await.unwrap();
+    // Settling twice, or an unknown entry, changes nothing.
+    s.try_settle(&g2, Outcome::NotSent).await.unwrap();
+    let state = &s.try_states().await.unwrap()[1];
+    assert_eq!(&*state.region, "us-central1");
+    assert_eq!(
+        state.usage,
+        Usage {
+            requests: 1,
+            input: 5_000,
+            output: 100
+        }
+    );
+    assert_eq!(state.in_flight, Usage::default());
+}
+
+#[tokio::test]
+async fn a_429_cools_the_region_down_learns_and_traffic_spills() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    for _ in 0..10 {
+        let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+        assert_eq!(&*g.region, "us-central1");
+    }
+    let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    s.try_settle(&g, Outcome::RateLimited(Exhausted::Requests))
+        .await
+        .unwrap();
+    let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert_eq!(&*g.region, "europe-west4", "us-central1 is cooling down");
+    let us = s.try_states().await.unwrap()[1].clone();
+    assert_eq!(us.effective.requests, 30, "halved at most (observed 10)");
+    assert_eq!(us.effective.tokens, Some(50_000), "tokens untouched");
+    let first = us.cooldown_remaining;
+    assert!(first > Duration::from_millis(100) && first <= Duration::from_millis(240));
+    // A second 429 doubles it; an unavailable answer never shortens it.
+    let g = Grant {
+        region: Arc::from("us-central1"),
+        ..g
+    };
+    s.try_settle(&g, Outcome::RateLimited(Exhausted::Tokens))
+        .await
+        .unwrap();
+    let second = s.try_states().await.unwrap()[1].cooldown_remaining;
+    assert!(second > first, "{second:?} > {first:?}");
+    s.try_settle(&g, Outcome::Used(Charge::default()))
+        .await
+        .unwrap();
+    s.try_settle(&g, Outcome::Unavailable).await.unwrap();
+    let third = s.try_states().await.unwrap()[1].cooldown_remaining;
+    assert!(
+        third + Duration::from_millis(20) >= second,
+        "never shortened"
+    );
+    tokio::time::sleep(third + Duration::from_millis(20)).await;
+    let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert_eq!(&*g.region, "us-central1");
+}
+
+#[tokio::test]
+async fn drained_regions_take_nothing_and_runtime_quota_changes_apply() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    assert_eq!(s.try_set_drained("us-central1", true).await.unwrap(), 1);
+    for _ in 0..5 {
+        let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+        assert_eq!(&*g.region, "europe-west4");
+    }
+    // Another handle (another replica) sees the drain and the new limits.
+    let other = store(&redis).await;
+    assert!(s
+        .try_set_configured(HAIKU, "europe-west4", Limits::new(5, 50_000))
+        .await
+        .unwrap());
+    assert!(reserve(&s, ask(&r, 10, Strategy::Ordered)).await.is_err());
+    assert!(!s
+        .try_set_configured(HAIKU, "nowhere", Limits::new(5, 5))
+        .await
+        .unwrap());
+    drop(other);
+    s.try_set_drained("us-central1", false).await.unwrap();
+    let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert_eq!(&*g.region, "us-central1");
+}
+
+#[tokio::test]
+async fn unknown_models_never_fit() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    let mut q = ask(&r, 1, Strategy::Ordered);
+    q.model = "claude-x";
+    assert_eq!(reserve(&s, q).await.unwrap_err(), Denial::Never);
+}
+
+#[tokio::test]
+async fn the_window_is_closed_and_frees_exactly_then_keys_expire() {
+    let redis = RedisServer::start();
+    let w = Duration::from_millis(400);
+    let settings = settings(&redis.url(), w, Limits::new(3, 1_000));
+    let s = RedisStore::connect(&settings).await.unwrap();
+    let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    let first = reserve(&s, ask(&only, 1, Strategy::Ordered)).await.unwrap();
+    for _ in 0..2 {
+        reserve(&s, ask(&only, 1, Strategy::Ordered)).await.unwrap();
+    }
+    let retry_at = match reserve(&s, ask(&only, 1, Strategy::Ordered)).await {
+        Err(Denial::Later { retry_at }) => retry_at,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(retry_at, first.view.now + w + Duration::from_micros(1));
+    // The scheduler's conversion: store time minus the store's now.
+    let wait = retry_at.saturating_sub(s.now());
+    assert!(
+        wait <= w && wait > w - Duration::from_millis(100),
+        "{wait:?}"
+    );
+    tokio::time::sleep(wait + Duration::from_millis(5)).await;
+    reserve(&s, ask(&only, 1, Strategy::Ordered)).await.unwrap();
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", settings.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} expires");
+        if !key.ends_with(":ada") {
+            assert!(ttl <= 5_400, "{key}: {ttl} ms, a little over the window");
+        }
+    }
+}
+
+/// Several handles (separate connections, as replicas) reserve and settle
+/// at random, concurrently; every closed window of the merged log fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_handles_never_put_a_window_over_budget() {
+    let redis = RedisServer::start();
+    let w = Duration::from_millis(300);
+    let limits = Limits::new(7, 4_000);
+    let settings = settings(&redis.url(), w, limits);
+    let log = Arc::new(std::sync::Mutex::new(
+        Vec::<(Arc<str>, Duration, Charge)>::new(),
+    ));
+    let mut tasks = Vec::new();
+    for seed in 0..4u64 {
+        let s = RedisStore::connect(&settings).await.unwrap();
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            let r = regions();
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let deadline = std::time::Instant::now() + Duration::from_millis(2_500);
+            while std::time::Instant::now() < deadline {
+                let charge = Charge {
+                    input: next() % 900,
+                    output: next() % 400,
+                };
+                let strategy = if next() % 2 == 0 {
+                    Strategy::Ordered
+                } else {
+                    Strategy::MostHeadroom
+                };
+                let request = ReserveRequest {
+                    model: HAIKU,
+                    regions: &r,
+                    charge,
+                    strategy,
+                };
+                match s.try_reserve(request).await.unwrap() {
+                    Ok(grant) => {
+                        let stamp = grant.view.empty_at - w - Duration::from_micros(1);
+                        let actual = match next() % 3 {
+                            0 => None,
+                            _ => Some(Charge {
+                                input: charge.input * (next() % 101) / 100,
+                                output: charge.output * (next() % 101) / 100,
+                            }),
+                        };
+                        let outcome = actual.map_or(Outcome::NotSent, Outcome::Used);
+                        if next() % 4 == 0 {
+                            tokio::time::sleep(Duration::from_millis(next() % 20)).await;
+                        }
+                        s.try_settle(&grant, outcome).await.unwrap();
+                        if let Some(actual) = actual {
+                            log.lock()
+                                .unwrap()
+                                .push((Arc::clone(&grant.region), stamp, actual));
+                        }
+                    }
+                    Err(Denial::Later { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(next() % 5)).await
+                    }
+                    Err(Denial::Never) => panic!("everything fits an empty window"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert!(log.len() > 40, "{} admissions", log.len());
+    for (region, start, _) in log.iter() {
+        let (mut requests, mut tokens) = (0u32, 0u64);
+        for (r, at, c) in log.iter() {
+            if r == region && at >= start && *at <= *start + w {
+                requests += 1;
+                tokens += c.total();
+            }
+        }
+        assert!(
+            requests <= limits.requests,
+            "{requests} requests in a {region} window"
+        );
+        assert!(tokens <= 4_000, "{tokens} tokens in a {region} window");
+    }
+}

@@ -1,0 +1,298 @@
+//! Several replicas, one quota pool: three in-process gateways share one
+//! Redis in front of one strict sliding-window simulator, in real time with
+//! a compressed window (2 s). The simulator answers 429 to anything over
+//! its quota, so "no upstream 429" means no window was ever over quota.
+
+#[path = "../crates/spillway-redis/tests/common/mod.rs"]
+mod redis_server;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use serde_json::json;
+use spillway_gateway::config::{Settings, DEMO_TOML};
+use spillway_gateway::Gateway;
+use spillway_sim::{SimConfig, SimHandle, SimModel, SimRegion, Simulator};
+
+const HAIKU: &str = "claude-3-haiku@20240307";
+const TOKEN: &str = "demo-upstream-token";
+const WINDOW: Duration = Duration::from_secs(2);
+/// Requests per region per window, at the simulator and in the budgets.
+const PER_WINDOW: u32 = 12;
+/// Transit allowance added to the window (Spillway stamps admission, the
+/// simulator arrival): a loaded 2-core host needs more than a datacenter.
+const MARGIN_MS: u64 = 60;
+const REGIONS: [&str; 2] = ["us-central1", "europe-west4"];
+
+async fn simulator() -> SimHandle {
+    let config = SimConfig {
+        regions: REGIONS
+            .iter()
+            .map(|r| SimRegion {
+                name: (*r).into(),
+                models: vec![SimModel::new(HAIKU, PER_WINDOW, 10_000_000)],
+            })
+            .collect(),
+        bearer_token: Some(TOKEN.into()),
+        window: WINDOW,
+        ..SimConfig::vertex_defaults()
+    };
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator starts")
+}
+
+struct Replica {
+    url: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn replica(sim: &SimHandle, redis_url: &str, replicas: u32) -> Replica {
+    let overlay = format!(
+        "[quota]\nstore = \"redis\"\nredis_url = \"{redis_url}\"\nreplicas = {replicas}\n\
+         window_secs = 2\nwindow_margin_ms = {MARGIN_MS}\nredis_timeout_ms = 50\n\
+         [scheduler]\nmax_wait_ms = 4000\n\
+         [models.\"{HAIKU}\"]\nregions = [{{ name = \"us-central1\", requests_per_min = {PER_WINDOW}, tokens_per_min = 10000000 }}, \
+         {{ name = \"europe-west4\", requests_per_min = {PER_WINDOW}, tokens_per_min = 10000000 }}]\n"
+    );
+    let env: HashMap<String, String> = [
+        ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim.base_url()),
+        ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim.base_url()),
+        ("SPILLWAY__SERVER__LISTEN", "127.0.0.1:0".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let settings = Settings::load_layers(&[DEMO_TOML, &overlay], &[], Some(env)).expect("config");
+    let gateway = Gateway::new(settings).await.expect("gateway starts");
+    let listener = gateway.bind().await.expect("binds");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    Replica { url, _stop: stop }
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    refused: AtomicU64,
+    other: AtomicU64,
+}
+
+/// `clients` loops per replica, each posting until `until`.
+async fn load(replicas: &[Replica], clients: usize, until: Instant, tally: Arc<Tally>) {
+    let http = reqwest::Client::new();
+    let body = json!({"model": HAIKU, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "SIM_OUTPUT_TOKENS=4 hello"}]});
+    let mut tasks = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        for c in 0..clients {
+            let (http, body, url, tally) = (
+                http.clone(),
+                body.clone(),
+                format!("{}/v1/messages", r.url),
+                Arc::clone(&tally),
+            );
+            tasks.push(tokio::spawn(async move {
+                // Stagger, so replicas do not move in lockstep.
+                tokio::time::sleep(Duration::from_millis((i * 7 + c * 3) as u64)).await;
+                while Instant::now() < until {
+                    let wait = until.saturating_duration_since(Instant::now()).as_millis();
+                    let sent = http
+                        .post(&url)
+                        .header("x-spillway-max-wait-ms", wait.min(4000).to_string())
+                        .json(&body)
+                        .send()
+                        .await;
+                    match sent.map(|r| r.status().as_u16()) {
+                        Ok(200) => tally.ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(429) => tally.refused.fetch_add(1, Ordering::Relaxed),
+                        Ok(s) => {
+                            eprintln!("unexpected status {s}");
+                            tally.other.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            eprintln!("request lost: {e}");
+                            tally.other.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+}
+
+fn upstream_429s(sim: &SimHandle) -> u64 {
+    REGIONS
+        .iter()
+        .map(|r| sim.counters(r, HAIKU).rate_limited)
+        .sum()
+}
+
+async fn metric(replica: &Replica, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{}/metrics", replica.url))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_exactly_under_contention() {
+    let redis = RedisServer::start();
+    let sim = simulator().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(replica(&sim, &redis.url(), 3).await);
+    }
+    let windows = 4u32;
+    let started = Instant::now();
+    let tally = Arc::new(Tally::default());
+    load(&replicas, 6, started + WINDOW * windows, Arc::clone(&tally)).await;
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let quota = u64::from(PER_WINDOW) * REGIONS.len() as u64 * u64::from(windows);
+    let goodput = ok as f64 / quota as f64;
+    println!(
+        "3 replicas, {windows} windows of {WINDOW:?}: {ok} served (aggregate quota {quota}, goodput {:.1}%), {} refused by Spillway, {} upstream 429s",
+        goodput * 100.0,
+        tally.refused.load(Ordering::Relaxed),
+        upstream_429s(&sim)
+    );
+    for r in &replicas {
+        println!(
+            "failovers: {:?}",
+            metric(r, "spillway_quota_store_failovers_total").await
+        );
+    }
+    assert_eq!(
+        upstream_429s(&sim),
+        0,
+        "no window over quota at the simulator"
+    );
+    assert_eq!(
+        tally.other.load(Ordering::Relaxed),
+        0,
+        "every request answered 200 or 429"
+    );
+    assert!(goodput >= 0.95, "goodput {goodput:.3}");
+    for r in &replicas {
+        assert_eq!(metric(r, "spillway_quota_store_degraded").await, Some(0.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_survive_redis_dying_and_resynchronise_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let sim = simulator().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        // N from live heartbeats.
+        replicas.push(replica(&sim, &redis.url(), 0).await);
+    }
+    // Heartbeats converge on N = 3 within one period.
+    let converge = Instant::now();
+    loop {
+        let mut all = true;
+        for r in &replicas {
+            all &= metric(r, "spillway_quota_store_replicas").await == Some(3.0);
+        }
+        if all {
+            break;
+        }
+        assert!(
+            converge.elapsed() < Duration::from_secs(5),
+            "replicas counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = Instant::now();
+    let end = started + Duration::from_secs(9);
+    let tally = Arc::new(Tally::default());
+    let load = tokio::spawn(load_owned(replicas, end, Arc::clone(&tally)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = upstream_429s(&sim);
+    redis.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = upstream_429s(&sim) - before;
+    redis.restart();
+    let restarted = Instant::now();
+    let replicas = load.await.expect("load");
+    let recovered_after = restarted.elapsed();
+    let _ = killed;
+    let mut degraded = Vec::new();
+    for r in &replicas {
+        degraded.push(metric(r, "spillway_quota_store_degraded").await);
+        assert!(
+            metric(r, "spillway_quota_store_failovers_total").await >= Some(1.0),
+            "the outage was seen"
+        );
+    }
+    let ok = tally.ok.load(Ordering::Relaxed);
+    println!(
+        "outage: {ok} served, {} refused by Spillway, {} lost; upstream 429s: {before} before, {during} during the 3 s outage, {} after; load ended {recovered_after:?} after restart",
+        tally.refused.load(Ordering::Relaxed),
+        tally.other.load(Ordering::Relaxed),
+        upstream_429s(&sim) - before - during,
+    );
+    assert_eq!(tally.other.load(Ordering::Relaxed), 0, "no request lost");
+    assert_eq!(degraded, vec![Some(0.0); 3], "all back on Redis");
+    assert!(ok > 0);
+}
+
+async fn load_owned(replicas: Vec<Replica>, until: Instant, tally: Arc<Tally>) -> Vec<Replica> {
+    load(&replicas, 4, until, tally).await;
+    replicas
+}
+
+/// How long after Redis returns until every replica is back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_redis_returns_is_quick() {
+    let mut redis = RedisServer::start();
+    let sim = simulator().await;
+    let replicas = [
+        replica(&sim, &redis.url(), 3).await,
+        replica(&sim, &redis.url(), 3).await,
+    ];
+    redis.kill();
+    // Any call notices; with no traffic the heartbeat does (≤ 2 s).
+    let http = reqwest::Client::new();
+    for r in &replicas {
+        let status = http
+            .post(format!("{}/v1/messages", r.url))
+            .json(&json!({"model": HAIKU, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "served from the local share");
+        assert_eq!(metric(r, "spillway_quota_store_degraded").await, Some(1.0));
+    }
+    redis.restart();
+    let restarted = Instant::now();
+    for r in &replicas {
+        while metric(r, "spillway_quota_store_degraded").await != Some(0.0) {
+            assert!(restarted.elapsed() < Duration::from_secs(5), "recovers");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "recovered on every replica {:?} after Redis returned",
+        restarted.elapsed()
+    );
+    assert!(restarted.elapsed() < Duration::from_secs(2));
+}
