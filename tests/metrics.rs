@@ -83,4 +83,22 @@ async fn metrics_follow_quota_routing_and_refusals() {
     assert!(value(&text, "spillway_admission_decision_seconds_count") >= 63.0);
     assert!(value(&text, &format!("spillway_tokens_total{{kind=\"actual_output\",model=\"{m}\",region=\"us-central1\"}}")) > 0.0);
     assert!(text.contains("spillway_build_info{version="));
+    // Series exist at zero before their first event, so rate() sees it.
+    assert_eq!(
+        value(
+            &text,
+            &format!("spillway_upstream_429_total{{model=\"{m}\",region=\"us-central1\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(value(&text, &format!("spillway_fallbacks_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 0.0);
+    assert!(value(&text, &format!("spillway_tenant_tokens_total{{kind=\"output\",model=\"{m}\",tenant=\"anonymous\"}}")) > 0.0);
+    assert_eq!(
+        value(
+            &text,
+            &format!("spillway_queue_wait_seconds_count{{model=\"{m}\",priority=\"interactive\"}}")
+        ),
+        63.0,
+        "62 served plus the one admitted to europe-west4 before its 429"
+    );
 }

@@ -37,6 +37,10 @@ pub struct ModelSpec {
     /// Regions serving the model, primary first. May be empty: the model is
     /// known but switched off, and requests for it get a clear error.
     pub regions: Vec<RegionBudget>,
+    /// The budget this model draws on. Usually its own id; models that share
+    /// one Vertex quota (the "lineage" buckets of newer models on global and
+    /// multi-region endpoints) name the same group.
+    pub quota_group: String,
 }
 
 /// How a requested name was resolved.
@@ -58,6 +62,13 @@ pub enum CatalogError {
     },
     #[error("models.{model}: region {region:?} is listed twice")]
     DuplicateRegion { model: String, region: String },
+    #[error("models.{model}: quota group {group:?} already has a different budget in {region:?} (from {other:?}); models sharing a group must agree")]
+    GroupMismatch {
+        model: String,
+        other: String,
+        group: String,
+        region: String,
+    },
 }
 
 /// The set of configured models, indexed by every name they answer to.
@@ -71,7 +82,21 @@ pub struct Catalog {
 impl Catalog {
     pub fn new(models: Vec<ModelSpec>) -> Result<Self, CatalogError> {
         let mut names: HashMap<String, (usize, bool)> = HashMap::new();
+        let mut group_budgets: HashMap<(&str, &str), (&RegionBudget, &str)> = HashMap::new();
         for (index, model) in models.iter().enumerate() {
+            for budget in &model.regions {
+                let key = (model.quota_group.as_str(), budget.region.as_str());
+                if let Some((other, other_model)) = group_budgets.insert(key, (budget, &model.id)) {
+                    if other.limits != budget.limits {
+                        return Err(CatalogError::GroupMismatch {
+                            model: model.id.clone(),
+                            other: other_model.to_string(),
+                            group: model.quota_group.clone(),
+                            region: budget.region.clone(),
+                        });
+                    }
+                }
+            }
             let mut seen_regions = std::collections::HashSet::new();
             for budget in &model.regions {
                 if !seen_regions.insert(budget.region.as_str()) {
@@ -107,6 +132,26 @@ impl Catalog {
     pub fn models(&self) -> &[ModelSpec] {
         &self.models
     }
+
+    /// Every (quota group, region) budget once, with its limits.
+    pub fn budgets(&self) -> Vec<(&str, &RegionBudget)> {
+        let mut seen = std::collections::HashSet::new();
+        self.models
+            .iter()
+            .flat_map(|m| m.regions.iter().map(move |r| (m.quota_group.as_str(), r)))
+            .filter(|(group, r)| seen.insert((*group, r.region.as_str())))
+            .collect()
+    }
+
+    /// Every quota group once.
+    pub fn quota_groups(&self) -> Vec<&str> {
+        let mut seen = std::collections::HashSet::new();
+        self.models
+            .iter()
+            .map(|m| m.quota_group.as_str())
+            .filter(|g| seen.insert(*g))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -126,7 +171,24 @@ mod tests {
                     limits: Limits::new(60, 50_000),
                 })
                 .collect(),
+            quota_group: id.to_string(),
         }
+    }
+
+    #[test]
+    fn models_in_one_quota_group_share_budgets_and_must_agree() {
+        let mut a = spec("claude-opus-4-7", &[], &["global"]);
+        let mut b = spec("claude-opus-4-8", &[], &["global"]);
+        a.quota_group = "anthropic-claude-opus".into();
+        b.quota_group = "anthropic-claude-opus".into();
+        let catalog = Catalog::new(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!(catalog.budgets().len(), 1);
+        assert_eq!(catalog.quota_groups(), ["anthropic-claude-opus"]);
+        b.regions[0].limits = Limits::new(120, 50_000);
+        assert!(matches!(
+            Catalog::new(vec![a, b]),
+            Err(CatalogError::GroupMismatch { .. })
+        ));
     }
 
     #[test]

@@ -258,22 +258,20 @@ pub async fn reload(state: &AppState, settings: Settings) {
     };
     let store = state.scheduler.store();
     let current = store.states().await;
-    for model in catalog.models() {
-        for region in &model.regions {
-            let existing = current
-                .iter()
-                .find(|b| &*b.model == model.id && &*b.region == region.region);
-            match existing {
-                Some(b) if b.configured == region.limits => {}
-                Some(_) => {
-                    store
-                        .set_configured(&model.id, &region.region, region.limits)
-                        .await;
-                    tracing::warn!(model = %model.id, region = %region.region, limits = ?region.limits, "reload: budget changed");
-                }
-                None => {
-                    tracing::warn!(model = %model.id, region = %region.region, "reload: new region-model needs a restart")
-                }
+    for (group, region) in catalog.budgets() {
+        let existing = current
+            .iter()
+            .find(|b| &*b.model == group && *b.region == region.region);
+        match existing {
+            Some(b) if b.configured == region.limits => {}
+            Some(_) => {
+                store
+                    .set_configured(group, &region.region, region.limits)
+                    .await;
+                tracing::warn!(model = %group, region = %region.region, limits = ?region.limits, "reload: budget changed");
+            }
+            None => {
+                tracing::warn!(model = %group, region = %region.region, "reload: new region-model needs a restart")
             }
         }
     }

@@ -171,22 +171,6 @@ pub struct SchedulerSettings {
     pub max_attempts: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSettings {
-    #[serde(default)]
-    pub aliases: Vec<String>,
-    #[serde(default = "default_context_window")]
-    pub context_window: u64,
-    pub chars_per_token: Option<f64>,
-    #[serde(default)]
-    pub regions: Vec<RegionSettings>,
-}
-
-fn default_context_window() -> u64 {
-    200_000
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStoreKind {
@@ -334,6 +318,25 @@ impl BatchSettings {
         }
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default = "default_context_window")]
+    pub context_window: u64,
+    pub chars_per_token: Option<f64>,
+    #[serde(default)]
+    pub regions: Vec<RegionSettings>,
+    /// Models naming the same group share one budget per region (Vertex's
+    /// lineage quotas for newer models on global and multi-region endpoints).
+    pub quota_group: Option<String>,
+}
+
+fn default_context_window() -> u64 {
+    200_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -557,6 +560,7 @@ impl Settings {
             .models
             .iter()
             .map(|(id, m)| ModelSpec {
+                quota_group: m.quota_group.clone().unwrap_or_else(|| id.clone()),
                 id: id.clone(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,
@@ -591,9 +595,6 @@ impl Settings {
         }
         if !shown.batch.postgres_url.is_empty() {
             shown.batch.postgres_url = "<redacted>".into();
-        }
-        if !shown.quota.redis_url.is_empty() {
-            shown.quota.redis_url = "<redacted>".into();
         }
         if !shown.quota.redis_url.is_empty() {
             shown.quota.redis_url = "<redacted>".into();
@@ -773,6 +774,34 @@ regions = [{ name = "global" }, { name = "us-east5", requests_per_min = 120 }]
         let m = catalog.resolve("claude-sonnet-4-5").unwrap().model;
         assert!(catalog.resolve("claude-3-haiku@20240307").is_some());
         assert_eq!(m.regions[1].limits, Limits::new(120, 50_000));
+    }
+
+    #[test]
+    fn models_can_share_a_quota_group() {
+        let extra = r#"
+[models."claude-opus-4-7"]
+quota_group = "anthropic-claude-opus"
+regions = [{ name = "global" }]
+[models."claude-opus-4-8"]
+quota_group = "anthropic-claude-opus"
+regions = [{ name = "global" }]
+"#;
+        let s = Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let shared: Vec<_> = catalog
+            .budgets()
+            .into_iter()
+            .filter(|(g, _)| *g == "anthropic-claude-opus")
+            .collect();
+        assert_eq!(shared.len(), 1);
+        let bad = format!("{extra}[models.\"claude-opus-4-8\".x]\n");
+        assert!(Settings::load_layers(&[DEMO_TOML, &bad], &[], env(&[])).is_err());
+        let mismatch = extra.replace(
+            "quota_group = \"anthropic-claude-opus\"\nregions = [{ name = \"global\" }]\n[models.\"claude-opus-4-8\"]",
+            "quota_group = \"anthropic-claude-opus\"\nregions = [{ name = \"global\", requests_per_min = 5 }]\n[models.\"claude-opus-4-8\"]",
+        );
+        let err = Settings::load_layers(&[DEMO_TOML, &mismatch], &[], env(&[])).unwrap_err();
+        assert!(err.to_string().contains("quota group"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub spillovers: IntCounterVec,
     pub fallbacks: IntCounterVec,
     pub tokens: IntCounterVec,
+    pub tenant_tokens: IntCounterVec,
     pub estimate_ratio: HistogramVec,
     pub admission_seconds: Histogram,
     pub queue_wait_seconds: HistogramVec,
@@ -160,9 +161,10 @@ impl Metrics {
             spillovers: counter(&r, "spillway_spillovers_total", "Requests admitted to a region other than the model's primary.", &["model", "from", "to"]),
             fallbacks: counter(&r, "spillway_fallbacks_total", "Retries after an upstream failure, from the failed region to the next.", &["model", "from", "to"]),
             tokens: counter(&r, "spillway_tokens_total", "Tokens by kind: estimated_input, reserved_input, reserved_output, actual_input, actual_output.", &["model", "region", "kind"]),
+            tenant_tokens: counter(&r, "spillway_tenant_tokens_total", "Actual tokens by tenant (input or output), for shares of the pool.", &["tenant", "model", "kind"]),
             estimate_ratio: histogram(&r, "spillway_estimate_ratio", "Actual input tokens divided by the raw estimate.", RATIO_BUCKETS, &["model"]),
             admission_seconds,
-            queue_wait_seconds: histogram(&r, "spillway_queue_wait_seconds", "Time from arrival to admission, by priority.", LATENCY_BUCKETS, &["priority"]),
+            queue_wait_seconds: histogram(&r, "spillway_queue_wait_seconds", "Time from arrival to admission, by model and priority.", LATENCY_BUCKETS, &["model", "priority"]),
             upstream_latency_seconds: histogram(&r, "spillway_upstream_latency_seconds", "Time from sending to Vertex to its response headers.", LATENCY_BUCKETS, &["region", "model"]),
             time_to_first_token_seconds: histogram(&r, "spillway_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.", LATENCY_BUCKETS, &["region", "model"]),
             open_streams,
@@ -177,6 +179,25 @@ impl Metrics {
             batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
             batch_items_completed: int_gauge(&r, "spillway_batch_items_completed", "Batch items finished since start, by result (monotonic: use rate()).", &["result"]),
             registry: r,
+        }
+    }
+
+    /// Creates the routing and refusal series at zero for every configured
+    /// (model, region), so the first event shows in `rate()` instead of
+    /// appearing as a series that starts at 1.
+    pub fn pre_register(&self, models: &[(&str, Vec<&str>)]) {
+        for (model, regions) in models {
+            for (i, region) in regions.iter().enumerate() {
+                self.upstream_rate_limited
+                    .with_label_values(&[region, model]);
+                if i > 0 {
+                    self.spillovers
+                        .with_label_values(&[model, regions[0], region]);
+                }
+                for to in regions.iter().filter(|r| *r != region) {
+                    self.fallbacks.with_label_values(&[model, region, to]);
+                }
+            }
         }
     }
 

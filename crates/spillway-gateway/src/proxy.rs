@@ -263,7 +263,7 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
         .unwrap_or(state.max_wait)
         .min(state.max_wait_cap);
     let demand = Demand {
-        model: Arc::from(model.id.as_str()),
+        model: Arc::from(model.quota_group.as_str()),
         regions,
         charge: plan.charge,
         strategy: state.strategy,
@@ -327,6 +327,7 @@ pub async fn forward(state: &Arc<AppState>, call: Call<'_>) -> Result<Response, 
             Ok(response) if response.status().is_success() => {
                 let settle = Settle {
                     state: Arc::clone(state),
+                    model: Arc::from(model.id.as_str()),
                     grant,
                     raw_input: plan.raw_input,
                 };
@@ -444,7 +445,7 @@ fn record_admission(
         Priority::Batch => "batch",
     };
     m.queue_wait_seconds
-        .with_label_values(&[priority])
+        .with_label_values(&[model, priority])
         .observe(wait.as_secs_f64());
     let region = &*grant.region;
     if region != primary {
@@ -464,6 +465,8 @@ fn record_admission(
 /// Settles a reservation once the response's usage is known.
 struct Settle {
     state: Arc<AppState>,
+    /// The model id (the grant names the quota group).
+    model: Arc<str>,
     grant: Grant,
     raw_input: u64,
 }
@@ -491,15 +494,15 @@ impl Settle {
 
     async fn run(self, usage: Option<Usage>, complete: bool) {
         if let Some(u) = usage.filter(|_| complete) {
-            let ratio =
-                self.state
-                    .estimates
-                    .observe(&self.grant.model, self.raw_input, u.total_input());
+            let ratio = self
+                .state
+                .estimates
+                .observe(&self.model, self.raw_input, u.total_input());
             if let Some(ratio) = ratio {
                 self.state
                     .metrics
                     .estimate_ratio
-                    .with_label_values(&[&self.grant.model])
+                    .with_label_values(&[&self.model])
                     .observe(ratio);
             }
         }
@@ -672,6 +675,14 @@ impl RequestLog {
             };
             tokens("actual_input", usage.total_input());
             tokens("actual_output", usage.output_tokens);
+            let by_tenant = |kind: &str, n: u64| {
+                self.metrics
+                    .tenant_tokens
+                    .with_label_values(&[&*self.tenant, self.model.as_str(), kind])
+                    .inc_by(n)
+            };
+            by_tenant("input", usage.total_input());
+            by_tenant("output", usage.output_tokens);
         }
         tracing::info!(
             target: "spillway::request",

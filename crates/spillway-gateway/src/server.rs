@@ -90,11 +90,11 @@ async fn metrics_handler(
     let budgets = state.scheduler.store().states().await;
     let queues = state
         .catalog
-        .models()
-        .iter()
-        .map(|m| {
-            let (interactive, batch) = state.scheduler.queue_depth(&m.id);
-            (m.id.as_str(), interactive, batch)
+        .quota_groups()
+        .into_iter()
+        .map(|group| {
+            let (interactive, batch) = state.scheduler.queue_depth(group);
+            (group, interactive, batch)
         })
         .collect();
     let text = state.metrics.render(Snapshot {
@@ -123,6 +123,18 @@ impl Gateway {
             .map_err(|e| StartError::Config(e.to_string()))?;
         let upstream = Upstream::from_settings(&settings.upstream).await?;
         let metrics = Arc::new(Metrics::new());
+        metrics.pre_register(
+            &catalog
+                .models()
+                .iter()
+                .map(|m| {
+                    (
+                        m.id.as_str(),
+                        m.regions.iter().map(|r| r.region.as_str()).collect(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
         let keys = Arc::new(Keys::new(
             KeyRing::from_settings(&settings).with_failure_counter(metrics.auth_failures.clone()),
         ));
@@ -138,14 +150,12 @@ impl Gateway {
             probe_period: window,
         };
         let budgets: Vec<BudgetConfig> = catalog
-            .models()
-            .iter()
-            .flat_map(|m| {
-                m.regions.iter().map(|r| BudgetConfig {
-                    model: m.id.clone(),
-                    region: r.region.clone(),
-                    limits: r.limits,
-                })
+            .budgets()
+            .into_iter()
+            .map(|(group, r)| BudgetConfig {
+                model: group.to_string(),
+                region: r.region.clone(),
+                limits: r.limits,
             })
             .collect();
         let ledger_window = window + Duration::from_millis(q.window_margin_ms);
@@ -218,6 +228,7 @@ impl Gateway {
                 "/v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model_action}",
                 post(routes::vertex_predict),
             )
+            .merge(crate::batch::api::routes())
             .route_layer(middleware::from_fn_with_state(
                 state.keys.clone(),
                 require_tenant,
@@ -234,7 +245,6 @@ impl Gateway {
                 "/admin/regions/{region}/undrain",
                 post(crate::admin::undrain),
             )
-            .merge(crate::batch::api::routes())
             .route_layer(middleware::from_fn_with_state(
                 Arc::clone(&state),
                 crate::admin::require_admin,
