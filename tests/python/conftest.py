@@ -149,12 +149,13 @@ def _key_digest(spillway_bin: Path, key: str) -> str:
     return out.stdout.strip()
 
 
-def _overlay(sim_url: str, port: int, key_sha256: str) -> str:
+def _overlay(sim_url: str, port: int, key_sha256: str, batch_db: Path) -> str:
     """The test layer over config/demo.toml.
 
     Client auth on with one tenant; upstream pointed at the simulator with the
     simulator's bearer; Sonnet routed to europe-west4, where the simulator
-    does not offer it, so any Sonnet call gets Vertex's 404.
+    does not offer it, so any Sonnet call gets Vertex's 404. Batches live in
+    a SQLite file in the stack's temp directory.
     """
     q = json.dumps  # a JSON string of plain ASCII is a valid TOML basic string
     return f"""
@@ -173,6 +174,10 @@ regions = [{{ name = "europe-west4" }}]
 
 [tenants.sdk-tests]
 key_sha256 = {q(key_sha256)}
+
+[batch]
+sqlite_path = {q(str(batch_db))}
+poll_ms = 200
 """
 
 
@@ -203,7 +208,8 @@ def _running_stack(work: Path) -> Iterator[Stack]:
         cleanup.callback(sim.stop)
         port = _free_port()
         config = work / "sdk-tests.toml"
-        config.write_text(_overlay(sim_url, port, _key_digest(spillway_bin, CLIENT_KEY)))
+        digest = _key_digest(spillway_bin, CLIENT_KEY)
+        config.write_text(_overlay(sim_url, port, digest, work / "batches.sqlite3"))
         gateway, url = _start_gateway(spillway_bin, config, port, work)
         cleanup.callback(gateway.stop)
         yield Stack(url=url, sim_url=sim_url, key=CLIENT_KEY, upstream_token=UPSTREAM_TOKEN)
