@@ -10,7 +10,10 @@
 # Knobs (environment): SECS (fixed-rate run length, 30), MAX_SECS (closed-loop
 # run length, 20), UNARY_QPS (1000), STREAM_QPS (500), CONNS (50),
 # MAX_CONNS (64), STREAMS (1000), MEM_ROUNDS (3), PIN (1: oha on core 0, sim + gateway on
-# core 1; 0: no pinning), OUT (result folder), SKIP_BUILD (1: use built bins).
+# core 1; 0: no pinning), OUT (result folder), SKIP_BUILD (1: use built bins),
+# CARGO_TARGET_DIR (where the built bins are, as for cargo), SPILLWAY_BIN (measure
+# this gateway binary instead, e.g. one built with another allocator), PARTS
+# (which runs: any of "unary stream max paced info memory"; default all).
 # Needs `oha` on PATH (cargo install oha --locked).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,6 +27,8 @@ CONNS=${CONNS:-50}
 MAX_CONNS=${MAX_CONNS:-64}
 STREAMS=${STREAMS:-1000}
 PIN=${PIN:-1}
+PARTS=" ${PARTS:-unary stream max paced info memory} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 OUT=${OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
@@ -34,7 +39,9 @@ fi
 # Copy the binaries so a concurrent rebuild cannot swap them mid-run.
 BIN=$OUT/bin
 mkdir -p "$BIN"
-cp target/release/spillway target/release/spillway-sim target/release/spillway-bench "$BIN/"
+TARGET=${CARGO_TARGET_DIR:-target}
+cp "$TARGET/release/spillway" "$TARGET/release/spillway-sim" "$TARGET/release/spillway-bench" "$BIN/"
+if [[ -n ${SPILLWAY_BIN:-} ]]; then cp "$SPILLWAY_BIN" "$BIN/spillway"; fi
 
 ulimit -n "$(ulimit -Hn)"  # 1,000 streams need ~1,000 fds in each process
 
@@ -80,6 +87,8 @@ wait_http() { # URL: until it answers at all, at most 10 s
   echo "rustc: $(rustc --version)"
   echo "oha: $(oha --version)"
   echo "pinning: ${LOAD_PIN[*]:-none} for oha, ${SUT_PIN[*]:-none} for sim + gateway"
+  echo "gateway binary: ${SPILLWAY_BIN:-built from this tree} (sha256 $(sha256sum "$BIN/spillway" | cut -c1-16))"
+  echo "parts:${PARTS% }"
 } | tee "$OUT/machine.txt"
 
 SIM_PORT=$(free_port)
@@ -108,6 +117,9 @@ wait_http "$SIM/_sim/counters"
 GW_PORT=$(free_port)
 GW=http://127.0.0.1:$GW_PORT
 # Layered over config/demo.toml: the simulator upstream, no gateway-side caps.
+# The quota engine is enforced on the request path: every budget is huge so it
+# never limits (a 429 would show in `errors`), and the scheduler's queue holds
+# far more than the STREAMS held open by the memory run.
 cat > "$OUT/bench.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -120,6 +132,9 @@ pool_max_idle_per_host = 4096
 [quota]
 requests_per_min = 4000000000
 tokens_per_min = 1000000000000000
+
+[scheduler]
+max_queue = 1000000
 
 [models."claude-3-haiku@20240307"]
 regions = [
@@ -179,34 +194,45 @@ oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
 # -w: requests in flight at the deadline are waited for, not counted as errors.
 FIXED=(-z "${SECS}s" -w --latency-correction)
 CLOSED=(-z "${MAX_SECS}s" -w)
+if part unary; then
 run_oha unary_direct   "$SIM$VPATH:rawPredict" "$UNARY_VERTEX" "$AUTH" -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
 run_oha unary_spillway "$GW/v1/messages"        "$UNARY"             -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
+fi
+if part stream; then
 run_oha stream_direct   "$SIM$VPATH:streamRawPredict" "$STREAM_VERTEX" "$AUTH" -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
 run_oha stream_spillway "$GW/v1/messages"             "$STREAM"             -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
+fi
+if part max; then
 run_oha unary_max_direct   "$SIM$VPATH:rawPredict" "$UNARY_VERTEX" "$AUTH" -- -c "$MAX_CONNS" "${CLOSED[@]}"
 run_oha unary_max_spillway "$GW/v1/messages"        "$UNARY"             -- -c "$MAX_CONNS" "${CLOSED[@]}"
 run_oha stream_max_direct   "$SIM$VPATH:streamRawPredict" "$STREAM_VERTEX" "$AUTH" -- -c "$MAX_CONNS" "${CLOSED[@]}"
 run_oha stream_max_spillway "$GW/v1/messages"             "$STREAM"             -- -c "$MAX_CONNS" "${CLOSED[@]}"
+fi
 
 # Paced streams: the simulator waits PACE_MS between text deltas (12 tokens),
 # so each SSE event is its own small write, as with a real model.
 PACE_MS=${PACE_MS:-5}
 PACE_QPS=${PACE_QPS:-200}
+if part paced; then
 curl -sf -X POST "$SIM/_sim/faults" -H 'content-type: application/json' \
   -d "{\"region\":\"us-central1\",\"kind\":{\"type\":\"delay\",\"first_token_ms\":0,\"per_token_ms\":$PACE_MS}}"
 run_oha stream_paced_direct   "$SIM$VPATH:streamRawPredict" "$STREAM_VERTEX" "$AUTH" -- -c "$CONNS" -q "$PACE_QPS" "${FIXED[@]}"
 run_oha stream_paced_spillway "$GW/v1/messages"             "$STREAM"             -- -c "$CONNS" -q "$PACE_QPS" "${FIXED[@]}"
 curl -sf -X DELETE "$SIM/_sim/faults"
+fi
 
 # The default log level: one info line per request (to a file, as in production).
+if part info; then
 start_gateway info
 oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
   -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
 run_oha unary_spillway_info     "$GW/v1/messages" "$UNARY" -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
 run_oha unary_max_spillway_info "$GW/v1/messages" "$UNARY" -- -c "$MAX_CONNS" "${CLOSED[@]}"
+fi
 
 # Memory: a fresh gateway, idle, then N streams held open by the simulator
 # (1 s per token, 60 tokens), measured once all have their first event.
+if part memory; then
 start_gateway warn
 sleep 1
 curl -sf -X POST "$SIM/_sim/faults" -H 'content-type: application/json' \
@@ -215,6 +241,7 @@ MEM_CMD=("$BIN/spillway-bench" open-streams --url "$GW/v1/messages" --pid "$GW_P
 { printf 'memory: '; printf '%q ' "${LOAD_PIN[@]}" "${MEM_CMD[@]}"; echo; } >>"$OUT/commands.txt"
 "${LOAD_PIN[@]}" "${MEM_CMD[@]}" | tee "$OUT/memory.txt"
 curl -sf -X DELETE "$SIM/_sim/faults"
+fi
 
 stop_gateway
 python3 "$ROOT/scripts/bench/summarize.py" table "$OUT" | tee "$OUT/summary.md"
