@@ -64,11 +64,6 @@ SUBSTITUTIONS = {
     "$region": ".*",
     "$tenant": ".*",
 }
-# Series that exist only when the gateway runs batches. While its /metrics
-# exposes no batch series at all (batches are not wired into the gateway yet:
-# `Snapshot.batches` is None), expressions over them may be empty; once it
-# does, they must have data like every other expression.
-BATCH_ONLY = re.compile(r"spillway_batch_|spillway:batch_")
 TEST_DEADLINE_S = 120.0
 SCRAPE_WAIT_S = 30.0
 
@@ -463,9 +458,6 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
     # and recorded series cover it.
     time.sleep(3)
 
-    with _opener.open(f"{stack.url}/metrics", timeout=10) as resp:
-        batches_exposed = "spillway_batch_" in resp.read().decode()
-
     checks: list[tuple[str, str]] = []  # (where, expr) that must return data
     parse_only: list[tuple[str, str]] = []  # (where, expr) that must only parse
     for where, expr in dashboard_expressions(DASHBOARDS / "spillway.json"):
@@ -477,7 +469,7 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         else:
             checks.append((where, expr))
 
-    failures, allowed = [], []
+    failures = []
     for where, expr in parse_only:
         ok, result = prom.query(expr)
         if not ok:
@@ -487,10 +479,7 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         if not ok:
             failures.append(f"{where}: does not evaluate: {result}\n    {expr}")
         elif not result:
-            if BATCH_ONLY.search(expr) and not batches_exposed:
-                allowed.append(f"{where}: {expr}")
-            else:
-                failures.append(f"{where}: returned nothing\n    {expr}")
+            failures.append(f"{where}: returned nothing\n    {expr}")
 
     # The dashboard's variables list values.
     for name, selector, label in template_queries(DASHBOARDS / "spillway.json"):
@@ -521,8 +510,6 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
             f"raw {prom.query('spillway_auth_failures_total[1m]')}"
         )
 
-    if allowed:
-        print("allowed to be empty (batches not exposed by the gateway):\n  " + "\n  ".join(allowed))
     assert not failures, (
         f"{len(failures)} of {len(checks) + len(parse_only)} expressions failed "
         f"(Prometheus log: {prom_log}):\n" + "\n".join(failures)

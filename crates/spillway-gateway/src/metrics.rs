@@ -61,7 +61,8 @@ pub struct Metrics {
     drained: IntGaugeVec,
     queue_depth: IntGaugeVec,
     batch_requests: IntGaugeVec,
-    batch_items_completed: IntGaugeVec,
+    batches: IntGaugeVec,
+    batch_items_completed: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -106,11 +107,14 @@ fn histogram(
     h
 }
 
-/// Batch state at scrape time: requests by processing status, and items
-/// completed since start by result.
+/// Batch state at scrape time.
 #[derive(Debug, Default, Clone)]
 pub struct BatchSnapshot {
-    pub requests: Vec<(&'static str, i64)>,
+    /// Batches by processing status.
+    pub batches: Vec<(&'static str, i64)>,
+    /// Items of unfinished batches still to run (the batch queue).
+    pub processing: i64,
+    /// Items finished since start, by result (monotonic).
     pub completed: Vec<(&'static str, i64)>,
 }
 
@@ -177,7 +181,8 @@ impl Metrics {
             drained: int_gauge(&r, "spillway_region_drained", "1 while an operator has drained the region.", &["region", "model"]),
             queue_depth: int_gauge(&r, "spillway_queue_depth", "Requests waiting for quota.", &["model", "priority"]),
             batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
-            batch_items_completed: int_gauge(&r, "spillway_batch_items_completed", "Batch items finished since start, by result (monotonic: use rate()).", &["result"]),
+            batches: int_gauge(&r, "spillway_batches", "Batches by processing status (in_progress, canceling, ended).", &["status"]),
+            batch_items_completed: counter(&r, "spillway_batch_items_completed_total", "Batch items finished by this replica, by result.", &["result"]),
             registry: r,
         }
     }
@@ -255,14 +260,18 @@ impl Metrics {
                 .with_label_values(&[model, "batch"])
                 .set(*batch as i64);
         }
-        if let Some(batches) = &snapshot.batches {
-            for (status, n) in &batches.requests {
-                self.batch_requests.with_label_values(&[status]).set(*n);
+        if let Some(b) = &snapshot.batches {
+            self.batch_requests
+                .with_label_values(&["processing"])
+                .set(b.processing);
+            for (status, n) in &b.batches {
+                self.batches.with_label_values(&[status]).set(*n);
             }
-            for (result, n) in &batches.completed {
-                self.batch_items_completed
-                    .with_label_values(&[result])
-                    .set(*n);
+            for (result, n) in &b.completed {
+                // The runner keeps monotonic totals; advance the counter to them.
+                let counter = self.batch_items_completed.with_label_values(&[result]);
+                let total = u64::try_from(*n).unwrap_or(0);
+                counter.inc_by(total.saturating_sub(counter.get()));
             }
         }
         let mut out = Vec::with_capacity(16 * 1024);

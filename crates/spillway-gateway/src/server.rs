@@ -97,10 +97,24 @@ async fn metrics_handler(
             (group, interactive, batch)
         })
         .collect();
+    let batches = match &state.batches {
+        Some(service) => match service.snapshot().await {
+            Ok(b) => Some(crate::metrics::BatchSnapshot {
+                batches: b.batches,
+                processing: b.open_items,
+                completed: b.completed,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot read batch state");
+                None
+            }
+        },
+        None => None,
+    };
     let text = state.metrics.render(Snapshot {
         budgets: &budgets,
         queues,
-        batches: None,
+        batches,
     });
     (
         [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
