@@ -443,3 +443,32 @@ async fn learned_estimates_cut_over_reservation_without_429s() {
     assert_eq!(h.sim.counters("us-central1", HAIKU).rate_limited, 0);
     let _ = SimConfig::vertex_defaults();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_mid_stream_stops_the_upstream_stream() {
+    // Vertex bills what it generates: when the client goes, Spillway must
+    // drop the upstream stream rather than read it to the end.
+    let h = Harness::start(ONE_REGION).await;
+    h.sim.inject(Fault::region(
+        "us-central1",
+        FaultKind::Delay {
+            first_token: Duration::ZERO,
+            per_token: Duration::from_secs(1),
+        },
+    ));
+    let mut body = with_output(120, 200);
+    body["stream"] = json!(true);
+    let mut response = post(&h, &body, &[]).await;
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap();
+    assert!(first.is_some());
+    drop(response);
+    advance(Duration::from_secs(300)).await;
+    sleep(Duration::from_millis(10)).await;
+    let c = h.sim.counters("us-central1", HAIKU);
+    assert_eq!(c.streams_started, 1);
+    assert_eq!(
+        c.streams_completed, 0,
+        "the upstream stream was abandoned, not drained"
+    );
+}

@@ -130,6 +130,12 @@ impl SseSplitter {
         if self.buf.len() > self.max_event_bytes {
             return Err(self.fail());
         }
+        if self.buf.is_empty() {
+            // Between events hold no memory: the emptied buffer still shares
+            // the allocation of the events just split off, and a stream idle
+            // between tokens would otherwise keep a chunk's worth per stream.
+            self.buf = BytesMut::new();
+        }
         Ok(out)
     }
 
