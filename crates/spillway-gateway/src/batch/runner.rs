@@ -433,15 +433,34 @@ impl Pacer {
         (key, Duration::from_secs_f64(per_request.max(per_tokens)))
     }
 
-    /// Takes the next slot for an item like this one: when it may go.
-    fn turn(&self, state: &AppState, call: &Call<'_>) -> tokio::time::Instant {
+    /// Takes the gate if it is open (`None`: go now), else says when it
+    /// opens. Waiting items hold no slot, so items that never go (canceled,
+    /// expired) cost the batch nothing.
+    fn try_go(&self, state: &AppState, call: &Call<'_>) -> Option<tokio::time::Instant> {
         let (key, spacing) = Self::spacing(state, call);
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         let now = tokio::time::Instant::now();
         let slot = next.entry(key).or_insert(now);
-        let at = (*slot).max(now);
-        *slot = at + spacing;
-        at
+        if *slot > now {
+            return Some(*slot);
+        }
+        // Keep the cadence across timer lateness; after idleness, no credit.
+        let base = if now.duration_since(*slot) < spacing {
+            *slot
+        } else {
+            now
+        };
+        *slot = base + spacing;
+        None
+    }
+
+    /// Gives back the slot just taken (the item turned out not to go).
+    fn undo(&self, state: &AppState, call: &Call<'_>) {
+        let (key, spacing) = Self::spacing(state, call);
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = next.get_mut(&key) {
+            *slot -= spacing;
+        }
     }
 }
 
@@ -543,30 +562,44 @@ async fn execute(
     // Wait for its turn; a cancel or the expiry may come first, and then it
     // is not sent. Cancels and expiries in this process wake the wait; one
     // on another replica is seen within a minute.
-    let turn = pacer.turn(state, &call);
-    loop {
-        let now = tokio::time::Instant::now();
-        if now < turn {
-            let changed = changed.notified();
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep_until(turn.min(now + Duration::from_secs(60))) => {}
-            }
-        }
+    let active = || async {
         match store.batch_active(item.key.batch_seq, clock.now_ms()).await {
-            Ok(true) => {}
-            Ok(false) => return Step::Skip,
+            Ok(active) => Ok(active),
             Err(e) => {
                 tracing::error!(error = %e, "batch store unavailable");
-                return Step::Retry {
+                Err(Step::Retry {
                     after: Duration::from_secs(1),
                     refund: true,
                     error: String::new(),
-                };
+                })
             }
         }
-        if tokio::time::Instant::now() >= turn {
-            break;
+    };
+    loop {
+        match pacer.try_go(state, &call) {
+            None => match active().await {
+                Ok(true) => break,
+                Ok(false) => {
+                    pacer.undo(state, &call);
+                    return Step::Skip;
+                }
+                Err(step) => {
+                    pacer.undo(state, &call);
+                    return step;
+                }
+            },
+            Some(opens) => {
+                let changed = changed.notified();
+                let wake = opens.min(tokio::time::Instant::now() + Duration::from_secs(60));
+                tokio::select! {
+                    _ = changed => match active().await {
+                        Ok(true) => {}
+                        Ok(false) => return Step::Skip,
+                        Err(step) => return step,
+                    },
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+            }
         }
     }
     attempts.fetch_add(1, Ordering::Relaxed);
