@@ -20,6 +20,7 @@ pub mod passthrough;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request_id;
+pub mod rfc3339;
 pub mod routes;
 pub mod scheduler;
 pub mod server;
