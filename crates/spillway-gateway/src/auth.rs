@@ -51,14 +51,7 @@ pub fn hash_key(key: &str) -> String {
 
 /// A new random client key: `sk-spw-` and 40 base-62 characters.
 pub fn new_client_key() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let mut key = String::from("sk-spw-");
-    for _ in 0..40 {
-        key.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
-    }
-    key
+    crate::ids::random_id("sk-spw-", 40)
 }
 
 /// The configured keys, by digest.

@@ -15,6 +15,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod estimates;
+pub mod ids;
 pub mod metrics;
 pub mod passthrough;
 pub mod proxy;

@@ -15,7 +15,6 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::HeaderValue;
-use rand::Rng;
 
 use crate::metrics::Metrics;
 
@@ -44,17 +43,9 @@ impl RequestId {
     }
 }
 
-const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-
 /// `req_` and 24 random base-62 characters (about 143 bits).
 pub fn new_request_id() -> String {
-    let mut rng = rand::rng();
-    let mut id = String::with_capacity(28);
-    id.push_str("req_");
-    for _ in 0..24 {
-        id.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
-    }
-    id
+    crate::ids::random_id("req_", 24)
 }
 
 pub async fn assign_request_id(

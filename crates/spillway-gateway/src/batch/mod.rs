@@ -76,7 +76,6 @@ pub mod store;
 
 pub use runner::{BatchService, BatchSnapshot};
 
-use rand::Rng;
 use serde::Serialize;
 
 /// Anthropic's limits for one batch.
@@ -245,13 +244,7 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// `msgbatch_01` and 22 base-62 characters, like Anthropic's ids.
 pub fn new_batch_id() -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let mut id = String::from("msgbatch_01");
-    for _ in 0..22 {
-        id.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
-    }
-    id
+    crate::ids::random_id("msgbatch_01", 22)
 }
 
 /// Whether `id` could be a batch id (anything else is a 404 without a query).
