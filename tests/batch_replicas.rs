@@ -1,0 +1,336 @@
+//! Two replicas of the real binary sharing one PostgreSQL batch store (a
+//! fresh database on 127.0.0.1:5432, or SPILLWAY_TEST_POSTGRES_URL, created
+//! for this run and dropped after, also on failure). A batch submitted
+//! through replica A is worked by both replicas; replica B is SIGKILLed
+//! mid-batch, A takes B's items back when their leases (`lease_secs = 3`)
+//! run out, and the batch completes with exactly one succeeded result per
+//! custom_id. Items that B had in flight at the kill are sent upstream again
+//! (at least once), which the test measures and prints rather than forbids.
+//!
+//! The process helpers mirror tests/batch_restart.rs, plus a guard that
+//! kills the replicas if an assertion fails.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
+use sqlx::Connection;
+
+const HAIKU: &str = "claude-3-haiku@20240307";
+const TOKEN: &str = "replicas-test-upstream-token";
+const ITEMS: usize = 120;
+/// Per replica: at most this many of its items are in flight at the kill.
+const CONCURRENCY: u64 = 16;
+/// The whole scenario, from the first start to the end of the batch.
+const TIME_BOX: Duration = Duration::from_secs(60);
+
+fn admin_url() -> String {
+    std::env::var("SPILLWAY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Creates a database with a random name; returns (name, url).
+async fn create_database() -> (String, String) {
+    let admin = admin_url();
+    let name = format!(
+        "spillway_replicas_{}",
+        spillway_gateway::request_id::new_request_id()[4..16].to_ascii_lowercase()
+    );
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for this test: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    let url = format!("{base}/{name}");
+    (name, url)
+}
+
+async fn drop_database(name: &str) {
+    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `spillway serve` process, SIGKILLed when dropped (also on a failed
+/// assertion).
+struct Replica {
+    name: &'static str,
+    url: String,
+    log: std::path::PathBuf,
+    child: Child,
+}
+
+impl Replica {
+    fn start(name: &'static str, dir: &Path, sim_url: &str, postgres_url: &str) -> Self {
+        let port = free_port();
+        let config = dir.join(format!("spillway-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[server]
+listen = "127.0.0.1:{port}"
+auth = "none"
+[upstream]
+project = "replicas-test"
+regional_url = "{sim_url}"
+global_url = "{sim_url}"
+auth = "static"
+token = "{TOKEN}"
+[models."claude-3-haiku@20240307"]
+regions = [{{ name = "us-central1", requests_per_min = 600, tokens_per_min = 10000000 }}]
+[batch]
+store = "postgres"
+postgres_url = "{postgres_url}"
+postgres_max_connections = 4
+concurrency = {CONCURRENCY}
+lease_secs = 3
+poll_ms = 100
+"#
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("spillway-{name}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
+            command.env_remove(var);
+        }
+        Self {
+            name,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            child: command.spawn().expect("spillway starts"),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_healthy(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "replica {} exited early: {status}\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} did not become healthy\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Batch items this replica finished (`spillway_batch_items_completed_total`,
+    /// all results).
+    async fn completed(&self, http: &reqwest::Client) -> u64 {
+        let text = http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("spillway_batch_items_completed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
+    http.get(format!("{url}/v1/messages/batches/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn succeeded(b: &Value) -> u64 {
+    b["request_counts"]["succeeded"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_a_batch_and_one_survives_a_sigkill_of_the_other() {
+    let (name, postgres_url) = create_database().await;
+    // The scenario runs in its own task so that a failed assertion still
+    // lets the database be dropped (the replicas are killed by their guards
+    // as the task unwinds).
+    let outcome = tokio::spawn(scenario(postgres_url)).await;
+    drop_database(&name).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn scenario(postgres_url: String) {
+    let started = Instant::now();
+    let mut sim_config = SimConfig::vertex_defaults();
+    sim_config.bearer_token = Some(TOKEN.into());
+    let sim = Simulator::start(sim_config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    sim.set_quota("us-central1", HAIKU, 100_000, 100_000_000);
+    // Slow answers, so B always has items in flight when the kill comes.
+    sim.inject(Fault::region(
+        "us-central1",
+        FaultKind::Delay {
+            first_token: Duration::from_millis(400),
+            per_token: Duration::ZERO,
+        },
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    // A first, so the tables exist before B connects (both would manage).
+    let mut a = Replica::start("a", dir.path(), &sim.base_url(), &postgres_url);
+    a.wait_healthy(&http).await;
+    let mut b = Replica::start("b", dir.path(), &sim.base_url(), &postgres_url);
+    b.wait_healthy(&http).await;
+
+    let requests: Vec<Value> = (0..ITEMS)
+        .map(|i| {
+            json!({"custom_id": format!("item-{i}"), "params": {
+                "model": HAIKU, "max_tokens": 16,
+                "messages": [{"role": "user", "content": format!("SIM_OUTPUT_TOKENS=2 {i}")}]}})
+        })
+        .collect();
+    let created: Value = http
+        .post(format!("{}/v1/messages/batches", a.url))
+        .json(&json!({ "requests": requests }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("batch created: {created}\n{}", a.log_text()))
+        .to_string();
+
+    // Each replica's quota is 600 a minute (10 a second): both together
+    // take about 6 s for the batch. Kill B once both have finished items
+    // of it, well before the end.
+    let deadline = started + TIME_BOX;
+    let (done_a, done_b, before_kill) = loop {
+        let (done_a, done_b) = (a.completed(&http).await, b.completed(&http).await);
+        let bt = batch(&http, &a.url, &id).await;
+        if done_a >= 5 && done_b >= 5 {
+            break (done_a, done_b, bt);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both replicas should work the batch: a finished {done_a}, b {done_b}: {bt}\n--- b ---\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    b.kill();
+    let sent_at_kill = sim.total_requests();
+    assert_eq!(before_kill["processing_status"], "in_progress");
+    assert!(
+        succeeded(&before_kill) < ITEMS as u64,
+        "killed mid-batch: {before_kill}"
+    );
+
+    let ended = loop {
+        let bt = batch(&http, &a.url, &id).await;
+        if bt["processing_status"] == "ended" {
+            break bt;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ended through A within {TIME_BOX:?}: {bt}\n--- a ---\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(succeeded(&ended), ITEMS as u64, "{ended}");
+
+    let text = http
+        .get(ended["results_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), ITEMS, "exactly one result per custom_id");
+    let ids: HashSet<String> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = (0..ITEMS).map(|i| format!("item-{i}")).collect();
+    assert_eq!(ids, expected);
+    assert!(lines.iter().all(|l| l["result"]["type"] == "succeeded"));
+
+    // At least once upstream: everything was sent; what B had in flight at
+    // the kill (at most its concurrency) may have been sent twice.
+    let sent = sim.total_requests();
+    assert!(sent >= ITEMS as u64);
+    let resent = sent - ITEMS as u64;
+    assert!(resent <= CONCURRENCY, "{resent} sent again");
+    let done_a_end = a.completed(&http).await;
+    eprintln!(
+        "B killed after A finished {done_a} and B {done_b} items ({} results, {sent_at_kill} upstream calls); \
+         A finished {done_a_end} in all; {resent} of {ITEMS} items sent upstream again; {:.1} s",
+        succeeded(&before_kill),
+        started.elapsed().as_secs_f64()
+    );
+    a.kill();
+}
