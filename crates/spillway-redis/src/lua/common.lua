@@ -160,27 +160,57 @@ end
 
 local function entry(r, i, o, s) return I(r) .. ',' .. I(i) .. ',' .. I(o) .. ',' .. I(s) end
 
--- b = { log, ent, use keys }
+-- b = { log, ent, use keys }. `use` also holds `ex`, when the three keys
+-- expire (us, as last set here), and an index of the log: `ol` its oldest
+-- stamp (0: empty) and `la` its newest, valid while `lv` equals `id` (a
+-- script that added an entry without maintaining them left `lv` behind).
 local function load_use(b)
-  local v = redis.call('HMGET', b.use, 'r', 'i', 'o', 'fr', 'fi', 'fo', 'id')
+  local v = redis.call('HMGET', b.use, 'r', 'i', 'o', 'fr', 'fi', 'fo', 'id', 'ex', 'ol', 'la', 'lv')
   b.u = {}
   for k = 1, 6 do b.u[k] = tonumber(v[k]) or 0 end
   b.last_id = tonumber(v[7]) or 0
+  b.ex = tonumber(v[8])
+  b.existed = v[1] and true or false
+  if not b.existed then
+    -- No sums: the log's keys expired with them, or never existed.
+    b.known, b.ol, b.la = true, 0, nil
+  else
+    b.known = v[11] and v[7] and v[11] == v[7] and v[9] and true or false
+    b.ol = tonumber(v[9]) or 0
+    b.la = tonumber(v[10])
+    if b.la == 0 then b.la = nil end
+  end
   b.dirty = false
 end
 
-local function touch(b)
+local function touch(b, now)
   redis.call('PEXPIRE', b.log, LOG_TTL)
   redis.call('PEXPIRE', b.ent, LOG_TTL)
   redis.call('PEXPIRE', b.use, LOG_TTL)
+  b.ex = now + LOG_TTL * 1000
 end
 
-local function save_use(b)
+-- Writes the running sums. TTLs: HSET, HDEL, ZADD and ZREM keep a key's
+-- TTL, so the keys need one only when one may have been created without it
+-- (the use hash was missing, or `created`: the log was empty before an entry
+-- was added), or when an entry added at `at` could outlive them: refreshed
+-- once less than half the slack past the window is left (not on every call).
+local function save_use(b, now, created, at)
   if not b.dirty then return end
+  local stale = not b.existed or created
+    or (at and (not b.ex or b.ex < at + W + (LOG_TTL * 1000 - W) / 2))
+  if stale then touch(b, now) end
   local u = b.u
-  redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
-    'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id))
-  touch(b)
+  if b.known then
+    redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
+      'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id), 'ex', I(b.ex or 0),
+      'ol', I(b.ol), 'la', I(b.la or 0), 'lv', I(b.last_id))
+  else
+    redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
+      'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id), 'ex', I(b.ex or 0))
+  end
+  b.existed = true
+  b.dirty = false
 end
 
 local function account(b, sign, r, i, o, s)
@@ -196,11 +226,32 @@ local function account(b, sign, r, i, o, s)
   b.dirty = true
 end
 
--- Drops entries strictly older than the window: one exactly W old still counts.
+-- Drops entries strictly older than the window: one exactly W old still
+-- counts. Nothing to do (no command) while the oldest stamp is in the window.
 local function evict(b, now)
-  local cut = '(' .. I(now - W)
-  local old = redis.call('ZRANGEBYSCORE', b.log, '-inf', cut)
-  if #old == 0 then return end
+  local cut = now - W
+  if b.known and (b.ol == 0 or b.ol >= cut) then return end
+  local head = redis.call('ZRANGE', b.log, 0, 3, 'WITHSCORES')
+  local old, nxt = {}, 0
+  for k = 1, #head, 2 do
+    local at = tonumber(head[k + 1])
+    if at < cut then
+      old[#old + 1] = head[k]
+    else
+      nxt = at
+      break
+    end
+  end
+  if #old == 0 then
+    b.ol = nxt
+    return
+  end
+  if nxt == 0 and #head == 8 then
+    -- More than the head to drop: all of them, then the new oldest.
+    old = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut))
+    local n = redis.call('ZRANGE', b.log, #old, #old, 'WITHSCORES')
+    nxt = tonumber(n[2]) or 0
+  end
   for first = 1, #old, 1000 do
     local chunk = { unpack(old, first, math.min(first + 999, #old)) }
     local vals = redis.call('HMGET', b.ent, unpack(chunk))
@@ -212,7 +263,8 @@ local function evict(b, now)
     end
     redis.call('HDEL', b.ent, unpack(chunk))
   end
-  redis.call('ZREMRANGEBYSCORE', b.log, '-inf', cut)
+  redis.call('ZREMRANGEBYSCORE', b.log, '-inf', '(' .. I(cut))
+  b.ol = nxt
   b.dirty = true
 end
 

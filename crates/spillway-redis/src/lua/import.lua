@@ -14,7 +14,10 @@ if at >= now - W then
   redis.call('ZADD', b.log, I(at), I(id))
   redis.call('HSET', b.ent, I(id), entry(r, i, o, 1))
   account(b, 1, r, i, o, 1)
+  if b.ol == 0 then b.ol = at else b.ol = math.min(b.ol, at) end
+  if b.la then b.la = math.max(b.la, at) elseif b.known then b.la = at end
 end
 b.dirty = true
-save_use(b)
+-- The log may have been empty (its keys gone): always set the TTLs here.
+save_use(b, now, true)
 return now

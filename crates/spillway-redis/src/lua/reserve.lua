@@ -31,23 +31,38 @@ for k = 1, n do
   end
 end
 if best then
-  for k = 1, #cands do save_use(cands[k]) end
+  -- Eviction changed the others' sums; the chosen one is written once, below.
+  for k = 1, #cands do
+    if k ~= best or not reserve then save_use(cands[k], now) end
+  end
   if not reserve then return { 0, now } end
   local b = cands[best]
-  local at = math.max(last_at(b) or now, now)
+  local last
+  if b.known and b.ol == 0 then
+    last = nil
+  elseif b.known and b.la then
+    last = b.la
+  else
+    last = last_at(b)
+  end
+  local at = math.max(last or now, now)
   local id = math.max(b.last_id + 1, now * 4)
   b.last_id = id
   redis.call('ZADD', b.log, I(at), I(id))
   redis.call('HSET', b.ent, I(id), entry(1, ci, co, 0))
   account(b, 1, 1, ci, co, 0)
-  save_use(b)
+  -- evict() has just found the oldest stamp (0 when the log is empty).
+  if b.ol == 0 then b.ol = at end
+  b.la = at
+  b.known = true
+  save_use(b, now, last == nil, at)
   local l = b.a.learned
   return { 1, best, id, l[1], l[2], l[3], l[4], b.u[1], b.u[2], b.u[3], at + W + 1, now }
 end
 local retry = nil
 for k = 1, #cands do
   local b = cands[k]
-  save_use(b)
+  save_use(b, now)
   if not b.drained then
     local t = earliest_fit(b, b.a.learned, ci, co, now)
     if t then

@@ -38,6 +38,6 @@ else
     redis.call('HSET', b.ent, id, entry(0, 0, 0, 1))
   end
 end
-save_use(b)
+save_use(b, now)
 if outcome ~= 3 then save_ada(b.ada, a) end
 return now

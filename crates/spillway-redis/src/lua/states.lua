@@ -13,7 +13,7 @@ for k = 1, n do
   local a = load_ada(b.ada, limits_at(ARGV, a0 + 2))
   load_use(b)
   evict(b, now)
-  save_use(b)
+  save_use(b, now)
   local drained = redis.call('SISMEMBER', KEYS[kb + 1], ARGV[a0 + 1])
   for _, v in ipairs(a.conf) do out[#out + 1] = v end
   for _, v in ipairs(a.learned) do out[#out + 1] = v end
