@@ -11,14 +11,16 @@
 //! kills the replicas if an assertion fails.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use sqlx::Connection;
+use support::binary::{batch, free_port, succeeded};
+use support::postgres::TempDatabase;
+
+mod support;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 const TOKEN: &str = "replicas-test-upstream-token";
@@ -27,47 +29,6 @@ const ITEMS: usize = 120;
 const CONCURRENCY: u64 = 16;
 /// The whole scenario, from the first start to the end of the batch.
 const TIME_BOX: Duration = Duration::from_secs(60);
-
-fn admin_url() -> String {
-    std::env::var("SPILLWAY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// Creates a database with a random name; returns (name, url).
-async fn create_database() -> (String, String) {
-    let admin = admin_url();
-    let name = format!(
-        "spillway_replicas_{}",
-        spillway_gateway::request_id::new_request_id()[4..16].to_ascii_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for this test: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    let url = format!("{base}/{name}");
-    (name, url)
-}
-
-async fn drop_database(name: &str) {
-    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `spillway serve` process, SIGKILLed when dropped (also on a failed
 /// assertion).
@@ -186,28 +147,14 @@ impl Drop for Replica {
     }
 }
 
-async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
-    http.get(format!("{url}/v1/messages/batches/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-fn succeeded(b: &Value) -> u64 {
-    b["request_counts"]["succeeded"].as_u64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_a_batch_and_one_survives_a_sigkill_of_the_other() {
-    let (name, postgres_url) = create_database().await;
+    let db = TempDatabase::create("spillway_replicas").await;
     // The scenario runs in its own task so that a failed assertion still
     // lets the database be dropped (the replicas are killed by their guards
     // as the task unwinds).
-    let outcome = tokio::spawn(scenario(postgres_url)).await;
-    drop_database(&name).await;
+    let outcome = tokio::spawn(scenario(db.url.clone())).await;
+    db.drop_now().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -5,24 +5,18 @@
 //! test measures rather than forbids.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
+use support::binary::{batch, free_port, succeeded, wait_healthy};
+
+mod support;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 const TOKEN: &str = "restart-test-upstream-token";
 const ITEMS: usize = 120;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -41,36 +35,6 @@ fn start_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
         command.env_remove(name);
     }
     command.spawn().expect("spillway starts")
-}
-
-async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("spillway exited early: {status}");
-        }
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "spillway did not become healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
-    http.get(format!("{url}/v1/messages/batches/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-fn succeeded(b: &Value) -> u64 {
-    b["request_counts"]["succeeded"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

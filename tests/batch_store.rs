@@ -12,55 +12,12 @@ use spillway_gateway::batch::store::{
     BatchStore, DeleteOutcome, Finish, NewBatch, NewItem, PageQuery, PgStore, SqliteStore,
 };
 use spillway_gateway::batch::ProcessingStatus;
-use sqlx::Connection;
+use support::postgres::TempDatabase;
+
+mod support;
 
 const T0: i64 = 1_700_000_000_000;
 const DAY: i64 = 86_400_000;
-
-fn admin_url() -> String {
-    std::env::var("SPILLWAY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A database of this run's own, dropped when the guard goes.
-struct TempDatabase {
-    name: String,
-    url: String,
-}
-
-impl TempDatabase {
-    async fn create() -> Self {
-        let admin = admin_url();
-        let name = format!(
-            "spillway_test_{}",
-            spillway_gateway::request_id::new_request_id()[4..16].to_ascii_lowercase()
-        );
-        let mut conn = sqlx::PgConnection::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is required for these tests: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        let base = admin.rsplit_once('/').unwrap().0;
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-
-    async fn drop_now(self) {
-        let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-}
 
 async fn new_batch(store: &dyn BatchStore, tenant: &str, id: &str, n: usize, at: i64) -> i64 {
     let seq = store
@@ -418,7 +375,7 @@ async fn sqlite_in_memory_store_keeps_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_keeps_the_contract() {
-    let db = TempDatabase::create().await;
+    let db = TempDatabase::create("spillway_test").await;
     let store = Arc::new(PgStore::connect(&db.url, 8).await.unwrap());
     contract(store.clone()).await;
     concurrent_claims_are_disjoint(store.clone()).await;

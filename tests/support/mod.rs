@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod postgres;
+
 use std::collections::HashMap;
 
 use serde_json::{json, Value};

@@ -1,0 +1,49 @@
+//! Driving the real `spillway` binary as a subprocess: free ports, waiting
+//! for health, and reading a batch back over HTTP.
+
+use std::net::TcpListener;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A free loopback port (bound and released; the race is acceptable here).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `GET {url}/healthz` answers 200; fails if the process exits.
+pub async fn wait_healthy(http: &reqwest::Client, url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("spillway exited early: {status}");
+        }
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "spillway did not become healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET /v1/messages/batches/{id}`.
+pub async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
+    http.get(format!("{url}/v1/messages/batches/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+pub fn succeeded(b: &Value) -> u64 {
+    b["request_counts"]["succeeded"].as_u64().unwrap()
+}
