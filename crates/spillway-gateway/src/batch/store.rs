@@ -567,6 +567,38 @@ macro_rules! sql_store {
                 })
             }
 
+            /// Moves a batch's leftover items to a final state (`mark`, which
+            /// takes `now` as `$2` when `mark_takes_now`), adds them to the
+            /// batch's `count`, and ends the batch if nothing is left — one
+            /// transaction, so counts and items never disagree.
+            async fn close_leftovers(
+                &self,
+                seq: i64,
+                mark: &str,
+                mark_takes_now: bool,
+                count: &str,
+                now: i64,
+            ) -> Result<u64, BatchError> {
+                let mut tx = self.write.begin().await?;
+                let mut marking = sqlx::query(mark).bind(seq);
+                if mark_takes_now {
+                    marking = marking.bind(now);
+                }
+                let n = marking.execute(&mut *tx).await?.rows_affected();
+                sqlx::query(count)
+                    .bind(seq)
+                    .bind(n as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(sql::END_IF_DONE)
+                    .bind(seq)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(n)
+            }
+
             async fn fetch_batch<'e, E>(
                 exec: E,
                 tenant: &str,
@@ -1003,48 +1035,17 @@ macro_rules! sql_store {
                         .await?;
                     report.expiring_batches = expiring.len() as u64;
                     for seq in expiring {
-                        let mut tx = self.write.begin().await?;
-                        let n = sqlx::query(sql::EXPIRE_ITEMS)
-                            .bind(seq)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                        sqlx::query(sql::COUNT_EXPIRED)
-                            .bind(seq)
-                            .bind(n as i64)
-                            .execute(&mut *tx)
+                        report.expired_items += self
+                            .close_leftovers(seq, sql::EXPIRE_ITEMS, true, sql::COUNT_EXPIRED, now)
                             .await?;
-                        sqlx::query(sql::END_IF_DONE)
-                            .bind(seq)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        tx.commit().await?;
-                        report.expired_items += n;
                     }
                     let canceling: Vec<i64> = sqlx::query_scalar(sql::CANCELING)
                         .fetch_all(&self.read)
                         .await?;
                     for seq in canceling {
-                        let mut tx = self.write.begin().await?;
-                        let n = sqlx::query(sql::CANCEL_PENDING)
-                            .bind(seq)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                        sqlx::query(sql::COUNT_CANCELED)
-                            .bind(seq)
-                            .bind(n as i64)
-                            .execute(&mut *tx)
+                        report.canceled_items += self
+                            .close_leftovers(seq, sql::CANCEL_PENDING, false, sql::COUNT_CANCELED, now)
                             .await?;
-                        sqlx::query(sql::END_IF_DONE)
-                            .bind(seq)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        tx.commit().await?;
-                        report.canceled_items += n;
                     }
                     let purgeable: Vec<i64> = sqlx::query_scalar(sql::PURGEABLE)
                         .bind(purge_before)
