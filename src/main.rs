@@ -148,6 +148,9 @@ fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking::Wor
     // Not lossy: under pressure a request waits rather than its line vanishing.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default (128k lines) preallocates ~4 MiB; 16k lines is still
+        // seconds of full-rate access logs.
+        .buffered_lines_limit(16 * 1024)
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

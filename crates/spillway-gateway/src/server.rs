@@ -315,7 +315,10 @@ impl Gateway {
                 let _ = batches_stopped.await;
             }))
         });
-        let served = axum::serve(listener, self.router())
+        // `into_make_service`: each connection gets a clone of the built
+        // router (one Arc). Serving the `Router` itself would rebuild its
+        // route table for every connection (~8 KiB each, BENCHMARKS.md).
+        let served = axum::serve(listener, self.router().into_make_service())
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop_batches.send(());
