@@ -21,6 +21,8 @@ use spillway_gateway::config::{check_file, LogFormat, Settings, DEMO_TOML};
 use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, Simulator};
 
+#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+mod allocator;
 mod batch_cli;
 mod status;
 
