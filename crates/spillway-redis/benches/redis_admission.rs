@@ -1,6 +1,8 @@
 //! Admission with shared budgets: one decision in Redis (one Lua script,
-//! one round trip) against the same decision in memory, and a bare PING
-//! round trip for scale. Two candidate regions per model, 50 models.
+//! one round trip) against the same decision in memory, and for scale a
+//! bare PING (through the redis crate and on a raw socket) and a script of
+//! the same shape that does nothing. Two candidate regions per model, 50
+//! models.
 //!
 //! Uses `SPILLWAY_BENCH_REDIS` (default `redis://127.0.0.1:6379`) with a
 //! fresh key prefix; keys expire by themselves. Run:
@@ -99,6 +101,44 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+            })
+        })
+    });
+    // The same round trip on a bare socket: tokio's own floor here.
+    let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr else {
+        panic!("SPILLWAY_BENCH_REDIS must be a redis://host:port URL");
+    };
+    let mut raw = rt
+        .block_on(tokio::net::TcpStream::connect((host.as_str(), *port)))
+        .unwrap();
+    raw.set_nodelay(true).unwrap();
+    c.bench_function("raw tokio: PING round trip", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                raw.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+                let mut buf = [0u8; 16];
+                let mut n = 0;
+                while n < 7 {
+                    n += raw.read(&mut buf[n..]).await.unwrap();
+                }
+            })
+        })
+    });
+    // The reserve call's shape (9 keys, 23 arguments, 12 integers back) with
+    // a script that does nothing: the floor a leaner script could reach.
+    let trivial = redis::Script::new("return {1,2,3,4,5,6,7,8,9,10,11,12}");
+    c.bench_function("redis: trivial script, same keys and args", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut call = trivial.prepare_invoke();
+                for k in 0..9 {
+                    call.key(format!("bench:{{m}}:us-central1:k{k}"));
+                }
+                for a in 0..23 {
+                    call.arg(a * 1000);
+                }
+                let _: Vec<i64> = call.invoke_async(&mut conn).await.unwrap();
             })
         })
     });
