@@ -42,8 +42,8 @@ return { redis.call('ZCARD', KEYS[1]), tonumber(t[1]) * 1000000 + tonumber(t[2])
 /// One region-model budget: its keys and configured limits.
 struct Slot {
     region: Arc<str>,
-    /// log, ent, use, ada
-    keys: [String; 4],
+    /// entries (sorted set), state (packed string): see `lua/common.lua`.
+    keys: [String; 2],
     configured: Mutex<Limits>,
 }
 
@@ -121,7 +121,7 @@ impl RedisStore {
                 .or_insert_with(|| format!("{p}{{{}}}:drained", b.model));
             models.entry(model).or_default().push(Slot {
                 region: Arc::from(b.region.as_str()),
-                keys: ["log", "ent", "use", "ada"].map(|k| format!("{base}:{k}")),
+                keys: ["entries", "state"].map(|k| format!("{base}:{k}")),
                 configured: Mutex::new(b.limits),
             });
         }
@@ -343,7 +343,9 @@ impl RedisStore {
             .arg(actual.input)
             .arg(actual.output)
             .arg(which)
-            .arg(rand::random::<f64>());
+            .arg(rand::random::<f64>())
+            .arg(grant.charge.input)
+            .arg(grant.charge.output);
         let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
         self.clock.observe(now);
         Ok(())
@@ -399,7 +401,7 @@ impl RedisStore {
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         let mut conn = self.connection()?;
         let mut call = self.scripts.configure.prepare_invoke();
-        call.key(&slot.keys[3])
+        call.key(&slot.keys[..])
             .arg(&self.common[..])
             .arg(&limits_args(limits)[..]);
         let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
@@ -442,7 +444,7 @@ impl RedisStore {
         };
         let mut conn = self.connection()?;
         let mut call = self.scripts.import.prepare_invoke();
-        call.key(&slot.keys[..3])
+        call.key(&slot.keys[..])
             .arg(&self.common[..])
             .arg(at.as_micros() as u64)
             .arg(usage.requests)

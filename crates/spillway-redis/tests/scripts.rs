@@ -288,7 +288,9 @@ async fn the_window_is_closed_and_frees_exactly_then_keys_expire() {
             .await
             .unwrap();
         assert!(ttl > 0, "{key} expires");
-        if !key.ends_with(":ada") {
+        // The state key also holds adaptive state, which outlives the
+        // window on purpose (its usage part expires with the entries).
+        if !key.ends_with(":state") {
             assert!(ttl <= 5_400, "{key}: {ttl} ms, a little over the window");
         }
     }
@@ -383,4 +385,72 @@ async fn concurrent_handles_never_put_a_window_over_budget() {
         );
         assert!(tokens <= 4_000, "{tokens} tokens in a {region} window");
     }
+}
+
+/// The state key outlives the entries (it holds adaptive state too): once
+/// the entries have expired unsettled, the usage it carries must not come
+/// back as phantom load. Learned limits, on the other hand, survive.
+#[tokio::test]
+async fn usage_ends_with_the_entries_while_learned_limits_survive() {
+    let redis = RedisServer::start();
+    let w = Duration::from_millis(200);
+    let settings = settings(&redis.url(), w, Limits::new(40, 10_000));
+    let s = RedisStore::connect(&settings).await.unwrap();
+    let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    for _ in 0..3 {
+        // Reserved and never settled: only expiry can end these.
+        reserve(&s, ask(&only, 100, Strategy::Ordered))
+            .await
+            .unwrap();
+    }
+    let g = reserve(&s, ask(&only, 100, Strategy::Ordered))
+        .await
+        .unwrap();
+    s.try_settle(&g, Outcome::RateLimited(Exhausted::Requests))
+        .await
+        .unwrap();
+    let learned = s.try_states().await.unwrap()[1].effective.requests;
+    assert!(learned < 36, "a 429 lowered the learned limit: {learned}");
+
+    // The entries' TTL is the window plus 5 s.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries = format!("{}{{{HAIKU}}}:us-central1:entries", settings.key_prefix);
+    let state = format!("{}{{{HAIKU}}}:us-central1:state", settings.key_prefix);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&entries)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !exists {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state_lives: bool = redis::cmd("EXISTS")
+        .arg(&state)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(state_lives, "the state key outlives the entries");
+
+    let now = &s.try_states().await.unwrap()[1];
+    assert_eq!(now.usage, Usage::default(), "no phantom usage");
+    assert_eq!(now.in_flight, Usage::default());
+    assert_eq!(now.effective.requests, learned, "learning kept");
+    // And the whole learned budget is there to take.
+    for _ in 0..learned {
+        reserve(&s, ask(&only, 100, Strategy::Ordered))
+            .await
+            .unwrap();
+    }
+    assert!(reserve(&s, ask(&only, 100, Strategy::Ordered))
+        .await
+        .is_err());
 }

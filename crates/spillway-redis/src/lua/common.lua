@@ -7,9 +7,15 @@
 --
 -- Common ARGV (1-7): window_us, log_ttl_ms, state_ttl_ms, headroom,
 -- cooldown_base_us, cooldown_max_us, probe_period_us.
--- A budget is four keys: log (zset id -> stamp), ent (hash id -> "r,i,o,s"),
--- use (hash: running sums r i o, in flight fr fi fo, last id), ada (hash:
--- configured, learned, cooldown and probing state).
+--
+-- A budget is two keys, so that a decision reads each with one command:
+-- `entries`, a sorted set of its entries scored by stamp, each member
+-- packing (id, requests, input, output, settled); and `state`, one packed
+-- string with the running sums and the log's index (the "use" part, valid
+-- until `ex`, when the entries expire) and the adaptive state (configured,
+-- learned, cooldown, probing). Packed with `struct` (doubles): one C call
+-- reads or writes all of it, where a field per number cost a `tonumber` or
+-- `string.format` each (BENCHMARKS.md, "Admission latency").
 
 local W = tonumber(ARGV[1])
 local LOG_TTL = tonumber(ARGV[2])
@@ -76,26 +82,6 @@ local function new_ada(conf)
   return a
 end
 
-local ADA_FIELDS = { 'cr', 'ct', 'ci', 'co', 'lr', 'lt', 'li', 'lo', 'cu', 'sk', 'lc', 'pm', 'rs', 'ts', 'pr' }
-
-local function load_ada(key, conf)
-  local v = redis.call('HMGET', key, unpack(ADA_FIELDS))
-  if not v[1] then return new_ada(conf) end
-  return {
-    conf = limits_at(v, 1), learned = limits_at(v, 5),
-    cu = tonumber(v[9]), sk = tonumber(v[10]), lc = tonumber(v[11]), pm = tonumber(v[12]),
-    rs = tonumber(v[13]), ts = tonumber(v[14]), pr = tonumber(v[15]),
-  }
-end
-
-local function save_ada(key, a)
-  redis.call('HSET', key,
-    'cr', I(a.conf[1]), 'ct', I(a.conf[2]), 'ci', I(a.conf[3]), 'co', I(a.conf[4]),
-    'lr', I(a.learned[1]), 'lt', I(a.learned[2]), 'li', I(a.learned[3]), 'lo', I(a.learned[4]),
-    'cu', I(a.cu), 'sk', I(a.sk), 'lc', I(a.lc), 'pm', I(a.pm), 'rs', I(a.rs), 'ts', I(a.ts), 'pr', I(a.pr))
-  redis.call('PEXPIRE', key, STATE_TTL)
-end
-
 -- Extends the cooldown: max(), so a shorter signal never shortens one in force.
 local function cool_down(a, now, jitter)
   a.sk = a.sk + 1
@@ -153,61 +139,78 @@ end
 
 -- Ledger -------------------------------------------------------------------
 
-local function parse(v)
-  local r, i, o, s = string.match(v, '^(%d+),(%d+),(%d+),(%d+)$')
-  return tonumber(r), tonumber(i), tonumber(o), tonumber(s)
+local ST = '<' .. string.rep('d', 28)
+local ENT = '<ddddd'
+
+local function entry(id, r, i, o, s) return struct.pack(ENT, id, r, i, o, s) end
+
+-- An entry's requests, input, output and settled flag.
+local function parse(m)
+  local _, r, i, o, s = struct.unpack(ENT, m)
+  return r, i, o, s
 end
 
-local function entry(r, i, o, s) return I(r) .. ',' .. I(i) .. ',' .. I(o) .. ',' .. I(s) end
-
--- b = { log, ent, use keys }. `use` also holds `ex`, when the three keys
--- expire (us, as last set here), and an index of the log: `ol` its oldest
--- stamp (0: empty) and `la` its newest, valid while `lv` equals `id` (a
--- script that added an entry without maintaining them left `lv` behind).
-local function load_use(b)
-  local v = redis.call('HMGET', b.use, 'r', 'i', 'o', 'fr', 'fi', 'fo', 'id', 'ex', 'ol', 'la', 'lv')
-  b.u = {}
-  for k = 1, 6 do b.u[k] = tonumber(v[k]) or 0 end
-  b.last_id = tonumber(v[7]) or 0
-  b.ex = tonumber(v[8])
-  b.existed = v[1] and true or false
-  if not b.existed then
-    -- No sums: the log's keys expired with them, or never existed.
-    b.known, b.ol, b.la = true, 0, nil
+-- Loads a budget's state into b (which names its `log` and `st` keys). The
+-- adaptive part comes from `conf` when none was saved (or `conf` is nil
+-- and nothing will read it). The use part counts only before `ex`: after
+-- it the entries have expired, so the sums start over (ids never do).
+-- `known`: the stored oldest (`ol`, 0 when empty) and newest (`la`) stamps
+-- are valid (`lv` equals the last id; a write that could not maintain them
+-- leaves `lv` behind).
+local function load_state(b, conf, now)
+  local s = redis.call('GET', b.st)
+  local v = s and { struct.unpack(ST, s) } or nil
+  if v and v[2] == 1 then
+    b.a = {
+      conf = { v[14], v[15], v[16], v[17] }, learned = { v[18], v[19], v[20], v[21] },
+      cu = v[22], sk = v[23], lc = v[24], pm = v[25], rs = v[26], ts = v[27], pr = v[28],
+    }
+    b.has_ada = true
   else
-    b.known = v[11] and v[7] and v[11] == v[7] and v[9] and true or false
-    b.ol = tonumber(v[9]) or 0
-    b.la = tonumber(v[10])
-    if b.la == 0 then b.la = nil end
+    b.a = conf and new_ada(conf) or nil
+    b.has_ada = false
+  end
+  b.last_id = v and v[9] or 0
+  if v and v[1] == 1 and now < v[10] then
+    b.u = { v[3], v[4], v[5], v[6], v[7], v[8] }
+    b.ex = v[10]
+    b.existed = true
+    b.known = v[13] == v[9]
+    b.ol = v[11]
+    b.la = v[12] ~= 0 and v[12] or nil
+  else
+    b.u = { 0, 0, 0, 0, 0, 0 }
+    b.ex = nil
+    b.existed = false
+    b.known, b.ol, b.la = true, 0, nil
   end
   b.dirty = false
 end
 
-local function touch(b, now)
-  redis.call('PEXPIRE', b.log, LOG_TTL)
-  redis.call('PEXPIRE', b.ent, LOG_TTL)
-  redis.call('PEXPIRE', b.use, LOG_TTL)
-  b.ex = now + LOG_TTL * 1000
-end
-
--- Writes the running sums. TTLs: HSET, HDEL, ZADD and ZREM keep a key's
--- TTL, so the keys need one only when one may have been created without it
--- (the use hash was missing, or `created`: the log was empty before an entry
--- was added), or when an entry added at `at` could outlive them: refreshed
--- once less than half the slack past the window is left (not on every call).
-local function save_use(b, now, created, at)
+-- Writes the whole state in one SET, living as long as adaptive state
+-- does. The entries' TTL (ZADD and ZREM keep it) is set only when they may
+-- lack one (no use part before, or `created`: the log was empty before an
+-- entry was added), or when an entry added at `at` could outlive it:
+-- refreshed once less than half the slack past the window is left.
+local function save_state(b, now, created, at)
   if not b.dirty then return end
-  local stale = not b.existed or created
-    or (at and (not b.ex or b.ex < at + W + (LOG_TTL * 1000 - W) / 2))
-  if stale then touch(b, now) end
-  local u = b.u
-  if b.known then
-    redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
-      'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id), 'ex', I(b.ex or 0),
-      'ol', I(b.ol), 'la', I(b.la or 0), 'lv', I(b.last_id))
+  if not b.existed or created
+    or (at and (not b.ex or b.ex < at + W + (LOG_TTL * 1000 - W) / 2)) then
+    redis.call('PEXPIRE', b.log, LOG_TTL)
+    b.ex = now + LOG_TTL * 1000
+  end
+  local u, a = b.u, b.a
+  local lv = b.known and b.last_id or -1
+  if b.has_ada then
+    redis.call('SET', b.st, struct.pack(ST, 1, 1, u[1], u[2], u[3], u[4], u[5], u[6],
+      b.last_id, b.ex, b.ol, b.la or 0, lv,
+      a.conf[1], a.conf[2], a.conf[3], a.conf[4],
+      a.learned[1], a.learned[2], a.learned[3], a.learned[4],
+      a.cu, a.sk, a.lc, a.pm, a.rs, a.ts, a.pr), 'PX', STATE_TTL)
   else
-    redis.call('HSET', b.use, 'r', I(u[1]), 'i', I(u[2]), 'o', I(u[3]),
-      'fr', I(u[4]), 'fi', I(u[5]), 'fo', I(u[6]), 'id', I(b.last_id), 'ex', I(b.ex or 0))
+    redis.call('SET', b.st, struct.pack(ST, 1, 0, u[1], u[2], u[3], u[4], u[5], u[6],
+      b.last_id, b.ex, b.ol, b.la or 0, lv,
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), 'PX', STATE_TTL)
   end
   b.existed = true
   b.dirty = false
@@ -232,36 +235,32 @@ local function evict(b, now)
   local cut = now - W
   if b.known and (b.ol == 0 or b.ol >= cut) then return end
   local head = redis.call('ZRANGE', b.log, 0, 3, 'WITHSCORES')
-  local old, nxt = {}, 0
+  local old, nxt = 0, 0
   for k = 1, #head, 2 do
     local at = tonumber(head[k + 1])
     if at < cut then
-      old[#old + 1] = head[k]
+      local r, i, o, s = parse(head[k])
+      account(b, -1, r, i, o, s)
+      old = old + 1
     else
       nxt = at
       break
     end
   end
-  if #old == 0 then
+  if old == 0 then
     b.ol = nxt
     return
   end
   if nxt == 0 and #head == 8 then
-    -- More than the head to drop: all of them, then the new oldest.
-    old = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut))
-    local n = redis.call('ZRANGE', b.log, #old, #old, 'WITHSCORES')
-    nxt = tonumber(n[2]) or 0
-  end
-  for first = 1, #old, 1000 do
-    local chunk = { unpack(old, first, math.min(first + 999, #old)) }
-    local vals = redis.call('HMGET', b.ent, unpack(chunk))
-    for k = 1, #chunk do
-      if vals[k] then
-        local r, i, o, s = parse(vals[k])
-        account(b, -1, r, i, o, s)
-      end
+    -- More than the head may be old: the rest of them, then the new oldest.
+    local rest = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut), 'LIMIT', 4, -1)
+    for k = 1, #rest do
+      local r, i, o, s = parse(rest[k])
+      account(b, -1, r, i, o, s)
     end
-    redis.call('HDEL', b.ent, unpack(chunk))
+    old = old + #rest
+    local n = redis.call('ZRANGE', b.log, old, old, 'WITHSCORES')
+    nxt = tonumber(n[2]) or 0
   end
   redis.call('ZREMRANGEBYSCORE', b.log, '-inf', '(' .. I(cut))
   b.ol = nxt
@@ -302,20 +301,10 @@ local function earliest_fit(b, l, ci, co, now)
   if fits(l, u[1], u[2], u[3], ci, co) then return now end
   local r, i, o = u[1], u[2], u[3]
   local log = redis.call('ZRANGE', b.log, 0, -1, 'WITHSCORES')
-  for first = 1, #log, 2000 do
-    local ids, ats = {}, {}
-    for k = first, math.min(first + 1999, #log), 2 do
-      ids[#ids + 1] = log[k]
-      ats[#ats + 1] = tonumber(log[k + 1])
-    end
-    local vals = redis.call('HMGET', b.ent, unpack(ids))
-    for k = 1, #ids do
-      if vals[k] then
-        local er, ei, eo = parse(vals[k])
-        r, i, o = r - er, i - ei, o - eo
-        if fits(l, r, i, o, ci, co) then return math.max(ats[k] + W + 1, now) end
-      end
-    end
+  for k = 1, #log, 2 do
+    local er, ei, eo = parse(log[k])
+    r, i, o = r - er, i - ei, o - eo
+    if fits(l, r, i, o, ci, co) then return math.max(tonumber(log[k + 1]) + W + 1, now) end
   end
   return now
 end

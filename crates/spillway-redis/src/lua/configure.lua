@@ -1,4 +1,11 @@
 -- Operators set a budget's configured limits: start adaptation over from
--- them (Adaptive::set_configured). KEYS: ada. ARGV 8..: configured x4.
-save_ada(KEYS[1], new_ada(limits_at(ARGV, 8)))
-return now_us()
+-- them (Adaptive::set_configured). KEYS: entries, state. ARGV 8..:
+-- configured x4.
+local now = now_us()
+local b = { log = KEYS[1], st = KEYS[2] }
+load_state(b, nil, now)
+b.a = new_ada(limits_at(ARGV, 8))
+b.has_ada = true
+b.dirty = true
+save_state(b, now)
+return now

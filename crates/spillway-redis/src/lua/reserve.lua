@@ -1,6 +1,6 @@
 -- Choose a region and reserve there, atomically, across all candidates:
 -- the same decision as MemoryStore::decide.
--- KEYS: drained set of the model, then log, ent, use, ada per candidate.
+-- KEYS: drained set of the model, then entries and state per candidate.
 -- ARGV 8..12: reserve (1) or probe (0), strategy (0 most headroom, 1
 -- ordered), charge input, charge output, candidate count; then per
 -- candidate: region, configured requests, tokens, input, output.
@@ -11,15 +11,16 @@ local reserve = ARGV[8] == '1'
 local ordered = ARGV[9] == '1'
 local ci, co = tonumber(ARGV[10]), tonumber(ARGV[11])
 local n = tonumber(ARGV[12])
+local drained = {}
+for _, region in ipairs(redis.call('SMEMBERS', KEYS[1])) do drained[region] = true end
 local cands = {}
 local best, best_h = nil, nil
 for k = 1, n do
   local a0 = 12 + (k - 1) * 5
-  local kb = 1 + (k - 1) * 4
-  local b = { log = KEYS[kb + 1], ent = KEYS[kb + 2], use = KEYS[kb + 3], ada = KEYS[kb + 4] }
-  b.drained = redis.call('SISMEMBER', KEYS[1], ARGV[a0 + 1]) == 1
-  b.a = load_ada(b.ada, limits_at(ARGV, a0 + 2))
-  load_use(b)
+  local kb = 1 + (k - 1) * 2
+  local b = { log = KEYS[kb + 1], st = KEYS[kb + 2] }
+  b.drained = drained[ARGV[a0 + 1]] == true
+  load_state(b, limits_at(ARGV, a0 + 2), now)
   evict(b, now)
   cands[k] = b
   if not b.drained and not (now < b.a.cu) then
@@ -33,7 +34,7 @@ end
 if best then
   -- Eviction changed the others' sums; the chosen one is written once, below.
   for k = 1, #cands do
-    if k ~= best or not reserve then save_use(cands[k], now) end
+    if k ~= best or not reserve then save_state(cands[k], now) end
   end
   if not reserve then return { 0, now } end
   local b = cands[best]
@@ -48,21 +49,20 @@ if best then
   local at = math.max(last or now, now)
   local id = math.max(b.last_id + 1, now * 4)
   b.last_id = id
-  redis.call('ZADD', b.log, I(at), I(id))
-  redis.call('HSET', b.ent, I(id), entry(1, ci, co, 0))
+  redis.call('ZADD', b.log, I(at), entry(id, 1, ci, co, 0))
   account(b, 1, 1, ci, co, 0)
   -- evict() has just found the oldest stamp (0 when the log is empty).
   if b.ol == 0 then b.ol = at end
   b.la = at
   b.known = true
-  save_use(b, now, last == nil, at)
+  save_state(b, now, last == nil, at)
   local l = b.a.learned
   return { 1, best, id, l[1], l[2], l[3], l[4], b.u[1], b.u[2], b.u[3], at + W + 1, now }
 end
 local retry = nil
 for k = 1, #cands do
   local b = cands[k]
-  save_use(b, now)
+  save_state(b, now)
   if not b.drained then
     local t = earliest_fit(b, b.a.learned, ci, co, now)
     if t then

@@ -1,5 +1,5 @@
 -- The live state of budgets (for metrics and the admin API).
--- KEYS: per budget: drained set, log, ent, use, ada. ARGV 8..: budget
+-- KEYS: per budget: drained set, entries, state. ARGV 8..: budget
 -- count, then per budget: region, configured x4.
 -- Returns now, then per budget: configured x4, effective x4, usage x3,
 -- in flight x3, cooldown remaining (us), drained (0/1).
@@ -7,13 +7,13 @@ local now = now_us()
 local n = tonumber(ARGV[8])
 local out = { now }
 for k = 1, n do
-  local kb = (k - 1) * 5
+  local kb = (k - 1) * 3
   local a0 = 8 + (k - 1) * 5
-  local b = { log = KEYS[kb + 2], ent = KEYS[kb + 3], use = KEYS[kb + 4], ada = KEYS[kb + 5] }
-  local a = load_ada(b.ada, limits_at(ARGV, a0 + 2))
-  load_use(b)
+  local b = { log = KEYS[kb + 2], st = KEYS[kb + 3] }
+  load_state(b, limits_at(ARGV, a0 + 2), now)
+  local a = b.a
   evict(b, now)
-  save_use(b, now)
+  save_state(b, now)
   local drained = redis.call('SISMEMBER', KEYS[kb + 1], ARGV[a0 + 1])
   for _, v in ipairs(a.conf) do out[#out + 1] = v end
   for _, v in ipairs(a.learned) do out[#out + 1] = v end
