@@ -7,8 +7,10 @@
 //! line for line (choose-and-reserve across all candidate regions in one
 //! script, so one round trip per admission; settle with refund or 429
 //! learning; state; runtime limits), stamped with the Redis server's clock
-//! so replicas' clocks do not matter. Every key expires a little after the
-//! window (adaptive state after ten windows), so idle budgets vanish.
+//! so replicas' clocks do not matter. A budget is two keys: its entries
+//! (a sorted set, expiring a little after the window) and its state (sums
+//! and adaptive state in one packed string, expiring after ten windows;
+//! the sums count only while the entries exist), so idle budgets vanish.
 //!
 //! [`ResilientStore`] is what the gateway runs: Redis while it answers, and
 //! a local in-memory store holding 1/N of every budget (N from config or
