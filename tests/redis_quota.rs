@@ -232,7 +232,6 @@ async fn replicas_survive_redis_dying_and_resynchronise_when_it_returns() {
     let restarted = Instant::now();
     let replicas = load.await.expect("load");
     let recovered_after = restarted.elapsed();
-    let _ = killed;
     let mut degraded = Vec::new();
     for r in &replicas {
         degraded.push(metric(r, "spillway_quota_store_degraded").await);
@@ -251,6 +250,66 @@ async fn replicas_survive_redis_dying_and_resynchronise_when_it_returns() {
     assert_eq!(tally.other.load(Ordering::Relaxed), 0, "no request lost");
     assert_eq!(degraded, vec![Some(0.0); 3], "all back on Redis");
     assert!(ok > 0);
+
+    // The documented worst case (DEPLOYMENT.md), checked on what reached
+    // "Vertex": any window holds at most 2B (B from Redis before the
+    // failover plus N local shares of B/N after it); a window wholly inside
+    // the outage, once the last pre-outage sends have landed, at most B; a
+    // window wholly after recovery at most B again.
+    let b = PER_WINDOW as usize;
+    let settle = Duration::from_millis(200);
+    for region in REGIONS {
+        let arrivals: Vec<Instant> = sim
+            .arrivals(region, HAIKU)
+            .into_iter()
+            .map(|t| t.into_std())
+            .collect();
+        let any = busiest_window(&arrivals, None);
+        let inside = busiest_window(&arrivals, Some((killed + settle, restarted)));
+        let after = busiest_window(
+            &arrivals,
+            Some((restarted + Duration::from_millis(500), end)),
+        );
+        println!("{region}: busiest window {any}, inside the outage {inside}, after recovery {after} (B = {b})");
+        assert!(any <= 2 * b, "{region}: {any} in one window, over 2B");
+        assert!(
+            inside <= b,
+            "{region}: {inside} in a window inside the outage, over B"
+        );
+        assert!(
+            after <= b,
+            "{region}: {after} in a window after recovery, over B"
+        );
+    }
+}
+
+/// The most arrivals in one window of length `WINDOW`, among windows lying
+/// wholly within `within` if given. A count only changes as a window's edge
+/// crosses an arrival, so starts at arrivals (and, when bounded, at the two
+/// extreme starts allowed) cover every window.
+fn busiest_window(arrivals: &[Instant], within: Option<(Instant, Instant)>) -> usize {
+    let count = |start: Instant| {
+        arrivals
+            .iter()
+            .filter(|&&t| t >= start && t < start + WINDOW)
+            .count()
+    };
+    match within {
+        None => arrivals.iter().map(|&t| count(t)).max().unwrap_or(0),
+        Some((from, to)) => {
+            let Some(last) = to.checked_sub(WINDOW).filter(|&last| last >= from) else {
+                return 0;
+            };
+            arrivals
+                .iter()
+                .copied()
+                .filter(|&t| t >= from && t <= last)
+                .chain([from, last])
+                .map(count)
+                .max()
+                .unwrap_or(0)
+        }
+    }
 }
 
 async fn load_owned(replicas: Vec<Replica>, until: Instant, tally: Arc<Tally>) -> Vec<Replica> {

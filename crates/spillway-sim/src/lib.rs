@@ -211,6 +211,17 @@ impl SimHandle {
         self.state.default_output_tokens.store(n, Ordering::Relaxed);
     }
 
+    /// When each predict request for an offered (region, model) arrived,
+    /// whatever its answer, oldest first (the last 65,536):
+    /// what a test needs to check every window of a run, not only the
+    /// simulator's own verdicts.
+    pub fn arrivals(&self, region: &str, model: &str) -> Vec<tokio::time::Instant> {
+        self.state
+            .slot(region, model)
+            .map(|slot| lock(&slot.arrivals).iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// The last 64 requests, oldest first.
     pub fn recent_requests(&self) -> Vec<RecordedRequest> {
         self.state.recorder.snapshot()

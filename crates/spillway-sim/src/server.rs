@@ -185,6 +185,7 @@ async fn model_route(
     }
     st.total_requests.fetch_add(1, Ordering::Relaxed);
     st.count(&location, model, |c| c.requests += 1);
+    st.arrived(&location, model);
     let stream = action == Action::Stream;
     let fail = |recording: &mut Recording, e: SimError, body: Option<Value>| {
         let code = e.code();

@@ -31,11 +31,18 @@ const MAX_UNOFFERED_PAIRS: usize = 1024;
 
 pub(crate) type SharedState = Arc<State>;
 
+/// How many arrival times each offered (region, model) keeps: enough for
+/// a test to check every window of a run, bounded so a long-running
+/// simulator (the demo, benchmarks) does not grow without end.
+pub(crate) const RECORDED_ARRIVALS: usize = 65_536;
+
 /// Quota window and counters of one offered (region, model).
 #[derive(Debug)]
 pub(crate) struct ModelSlot {
     pub(crate) quota: Mutex<QuotaWindow>,
     pub(crate) counters: Mutex<ModelCounters>,
+    /// When each predict request arrived (any outcome), oldest first.
+    pub(crate) arrivals: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
 }
 
 impl ModelSlot {
@@ -43,6 +50,7 @@ impl ModelSlot {
         ModelSlot {
             quota: Mutex::new(QuotaWindow::new(limits)),
             counters: Mutex::new(ModelCounters::default()),
+            arrivals: Mutex::default(),
         }
     }
 }
@@ -112,6 +120,17 @@ impl State {
             f(c);
         } else if map.len() < MAX_UNOFFERED_PAIRS {
             f(map.entry(key).or_default());
+        }
+    }
+
+    /// Notes that a predict request for an offered (region, model) arrived.
+    pub(crate) fn arrived(&self, region: &str, model: &str) {
+        if let Some(slot) = self.slot(region, model) {
+            let mut arrivals = lock(&slot.arrivals);
+            if arrivals.len() >= RECORDED_ARRIVALS {
+                arrivals.pop_front();
+            }
+            arrivals.push_back(tokio::time::Instant::now());
         }
     }
 
@@ -188,6 +207,7 @@ impl State {
             for slot in models.values() {
                 lock(&slot.quota).clear();
                 *lock(&slot.counters) = ModelCounters::default();
+                lock(&slot.arrivals).clear();
             }
         }
         lock(&self.unoffered).clear();
