@@ -1,8 +1,8 @@
-//! Admission with shared budgets: one decision in Redis (one Lua script,
-//! one round trip) against the same decision in memory, and for scale a
-//! bare PING (through the redis crate and on a raw socket) and a script of
-//! the same shape that does nothing. Two candidate regions per model, 50
-//! models.
+//! Admission with shared budgets: one decision in Redis (one Lua function
+//! call, one round trip) against the same decision in memory, and for
+//! scale a bare PING (through the redis crate and on a raw socket) and a
+//! function call of the same shape that does nothing. Two candidate regions
+//! per model, 50 models.
 //!
 //! Uses `SPILLWAY_BENCH_REDIS` (default `redis://127.0.0.1:6379`) with a
 //! fresh key prefix; keys expire by themselves. Run:
@@ -125,24 +125,37 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
-    // The reserve call's shape (9 keys, 23 arguments, 12 integers back) with
-    // a script that does nothing: the floor a leaner script could reach.
-    let trivial = redis::Script::new("return {1,2,3,4,5,6,7,8,9,10,11,12}");
-    c.bench_function("redis: trivial script, same keys and args", |b| {
+    // The reserve call's shape (a function called with 5 keys and 15
+    // arguments, 12 integers back) doing nothing: the floor of any reserve.
+    rt.block_on(async {
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(
+                "#!lua name=spillway_bench_noop\n\
+                 redis.register_function('spillway_bench_noop', function(KEYS, ARGV) \
+                 return {1,2,3,4,5,6,7,8,9,10,11,12} end)",
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    c.bench_function("redis: no-op function, same keys and args", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut call = trivial.prepare_invoke();
-                for k in 0..9 {
-                    call.key(format!("bench:{{m}}:us-central1:k{k}"));
+                let mut call = redis::cmd("FCALL");
+                call.arg("spillway_bench_noop").arg(5);
+                for k in 0..5 {
+                    call.arg(format!("bench:{{m}}:us-central1:k{k}"));
                 }
-                for a in 0..23 {
+                for a in 0..15 {
                     call.arg(a * 1000);
                 }
-                let _: Vec<i64> = call.invoke_async(&mut conn).await.unwrap();
+                let _: Vec<i64> = call.query_async(&mut conn).await.unwrap();
             })
         })
     });
-    c.bench_function("redis: reserve (2 candidates, one script)", |b| {
+    c.bench_function("redis: reserve (2 candidates, one function call)", |b| {
         b.iter(|| {
             i += 1;
             rt.block_on(redis.try_reserve(request(i)))

@@ -1,4 +1,12 @@
-//! [`RedisStore`]: the ledgers in Redis, changed only by Lua scripts.
+//! [`RedisStore`]: the ledgers in Redis, changed only by Lua functions.
+//!
+//! The quota code is one Redis function library (`FUNCTION LOAD`, Redis 7
+//! or later), loaded when the store connects and again whenever Redis says
+//! it does not know a function (after a restart: Redis here keeps nothing).
+//! A library rather than `EVALSHA` scripts because a script re-runs its
+//! whole prelude (defining every helper) on each call, while a library
+//! defines them once; and this deployment's constants are written into its
+//! code, so each admission carries only its own arguments.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,17 +25,63 @@ use crate::{RedisSettings, ServerClock, StoreError};
 
 const COMMON: &str = include_str!("lua/common.lua");
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{COMMON}\n{body}"))
+/// The functions of the library, each a file of `lua/` run with the
+/// caller's `KEYS` and `ARGV`.
+const FUNCTIONS: [(&str, &str); 5] = [
+    ("reserve", include_str!("lua/reserve.lua")),
+    ("settle", include_str!("lua/settle.lua")),
+    ("states", include_str!("lua/states.lua")),
+    ("configure", include_str!("lua/configure.lua")),
+    ("import", include_str!("lua/import.lua")),
+];
+
+/// The quota functions as one library, built for one deployment's settings.
+struct Library {
+    /// `spillway_` and a hash of the code: the library's name and its
+    /// functions' prefix, so other settings or versions load beside it.
+    name: String,
+    /// What `FUNCTION LOAD` is given.
+    code: String,
 }
 
-struct Scripts {
-    reserve: Script,
-    settle: Script,
-    states: Script,
-    configure: Script,
-    import: Script,
-    heartbeat: Script,
+impl Library {
+    fn new(constants: &[(&str, String)]) -> Self {
+        let mut common = COMMON.to_owned();
+        for (name, value) in constants {
+            common = common.replace(&format!("{{{{{name}}}}}"), value);
+        }
+        debug_assert!(!common.contains("{{"), "every constant is filled in");
+        let hash = Script::new(&format!(
+            "{common}{}",
+            FUNCTIONS
+                .map(|(name, body)| format!("{name}{body}"))
+                .join("")
+        ))
+        .get_hash()
+        .to_owned();
+        let name = format!("spillway_{}", &hash[..16]);
+        let mut code = format!("#!lua name={name}\n{common}\n");
+        for (function, body) in FUNCTIONS {
+            code.push_str(&format!(
+                "redis.register_function('{name}_{function}', function(KEYS, ARGV)\n{body}\nend)\n"
+            ));
+        }
+        Self { name, code }
+    }
+
+    /// `FCALL` of one function, with its keys; arguments follow.
+    fn call(&self, function: &str, keys: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(format!("{}_{function}", self.name))
+            .arg(keys.len())
+            .arg(keys);
+        cmd
+    }
+}
+
+/// Redis no longer has the library (restarted or flushed since loaded).
+fn missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
 }
 
 const HEARTBEAT: &str = r"
@@ -60,9 +114,9 @@ pub struct RedisStore {
     models: HashMap<Arc<str>, Vec<Slot>>,
     /// model → its drained-regions set.
     drained_keys: HashMap<Arc<str>, String>,
-    common: [String; 7],
     clock: ServerClock,
-    scripts: Scripts,
+    library: Library,
+    heartbeat: Script,
 }
 
 fn none_or(v: Option<u64>) -> i64 {
@@ -131,15 +185,31 @@ impl RedisStore {
             .max(settings.adaptive.cooldown_max.as_millis() as u64 * 2)
             .max(60_000);
         let a: AdaptiveConfig = settings.adaptive;
-        let common = [
-            window_us.to_string(),
-            log_ttl_ms.to_string(),
-            state_ttl_ms.to_string(),
-            format!("{}", a.headroom),
-            (a.cooldown_base.as_micros() as u64).to_string(),
-            (a.cooldown_max.as_micros() as u64).to_string(),
-            (a.probe_period.as_micros() as u64).to_string(),
-        ];
+        // Clamped here: the library's top level cannot call `math`.
+        let headroom = if a.headroom.is_finite() {
+            a.headroom.clamp(0.01, 1.0)
+        } else {
+            1.0
+        };
+        let library = Library::new(&[
+            ("window_us", window_us.to_string()),
+            ("log_ttl_ms", log_ttl_ms.to_string()),
+            ("state_ttl_ms", state_ttl_ms.to_string()),
+            // `{:?}` keeps a decimal point, so Lua reads a number.
+            ("headroom", format!("{headroom:?}")),
+            (
+                "cooldown_base_us",
+                (a.cooldown_base.as_micros() as u64).to_string(),
+            ),
+            (
+                "cooldown_max_us",
+                (a.cooldown_max.as_micros() as u64).to_string(),
+            ),
+            (
+                "probe_period_us",
+                (a.probe_period.as_micros() as u64).to_string(),
+            ),
+        ]);
         Ok(Self {
             client,
             conn: Mutex::new(None),
@@ -148,16 +218,9 @@ impl RedisStore {
             window: settings.window,
             models,
             drained_keys,
-            common,
             clock: ServerClock::default(),
-            scripts: Scripts {
-                reserve: script(include_str!("lua/reserve.lua")),
-                settle: script(include_str!("lua/settle.lua")),
-                states: script(include_str!("lua/states.lua")),
-                configure: script(include_str!("lua/configure.lua")),
-                import: script(include_str!("lua/import.lua")),
-                heartbeat: Script::new(HEARTBEAT),
-            },
+            library,
+            heartbeat: Script::new(HEARTBEAT),
         })
     }
 
@@ -181,8 +244,43 @@ impl RedisStore {
             .bounded(redis::cmd("TIME").query_async(&mut conn))
             .await?;
         self.clock.observe(secs * 1_000_000 + micros);
+        self.load_library(&mut conn).await?;
         *self.lock_conn() = Some(conn);
         Ok(())
+    }
+
+    /// Loads (or reloads) the quota functions.
+    async fn load_library(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(&self.library.code);
+        let load = cmd.query_async::<String>(conn);
+        // Compiling takes longer than a call; never fail it on the call timeout.
+        match tokio::time::timeout(self.timeout.max(Duration::from_secs(2)), load).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e))
+                if e.to_string()
+                    .to_ascii_lowercase()
+                    .contains("unknown command") =>
+            {
+                Err(StoreError::Protocol(
+                    "Redis 7.0 or later is required (FUNCTION LOAD)".into(),
+                ))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    /// Runs one function call, reloading the library once if Redis lost it.
+    async fn invoke<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.connection()?;
+        match self.bounded(cmd.query_async(&mut conn)).await {
+            Err(StoreError::Redis(e)) if missing_function(&e) => {
+                self.load_library(&mut conn).await?;
+                self.bounded(cmd.query_async(&mut conn)).await
+            }
+            other => other,
+        }
     }
 
     /// Forgets the connection (after a failure); calls fail until reconnected.
@@ -251,14 +349,12 @@ impl RedisStore {
         if candidates.is_empty() {
             return Ok(Err(Denial::Never));
         }
-        let mut conn = self.connection()?;
-        let mut call = self.scripts.reserve.prepare_invoke();
-        call.key(&self.drained_keys[request.model]);
+        let mut keys: Vec<&str> = vec![&self.drained_keys[request.model]];
         for s in &candidates {
-            call.key(&s.keys[..]);
+            keys.extend(s.keys.iter().map(String::as_str));
         }
-        call.arg(&self.common[..])
-            .arg(u32::from(reserve))
+        let mut call = self.library.call("reserve", &keys);
+        call.arg(u32::from(reserve))
             .arg(u32::from(request.strategy == Strategy::Ordered))
             .arg(request.charge.input)
             .arg(request.charge.output)
@@ -267,7 +363,7 @@ impl RedisStore {
             call.arg(&*s.region)
                 .arg(&limits_args(Self::configured(s))[..]);
         }
-        let reply: Vec<i64> = self.bounded(call.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self.invoke(&call).await?;
         match reply.as_slice() {
             [1, index, id, l @ .., empty_at, now] if l.len() == 7 => {
                 self.clock.observe(*now);
@@ -333,11 +429,9 @@ impl RedisStore {
             Outcome::Unavailable => (2, Charge::default(), 0),
             Outcome::NotSent => (3, Charge::default(), 0),
         };
-        let mut conn = self.connection()?;
-        let mut call = self.scripts.settle.prepare_invoke();
-        call.key(&slot.keys[..])
-            .arg(&self.common[..])
-            .arg(&limits_args(Self::configured(slot))[..])
+        let keys = slot.keys.each_ref().map(String::as_str);
+        let mut call = self.library.call("settle", &keys);
+        call.arg(&limits_args(Self::configured(slot))[..])
             .arg(grant.entry.raw())
             .arg(code)
             .arg(actual.input)
@@ -346,26 +440,29 @@ impl RedisStore {
             .arg(rand::random::<f64>())
             .arg(grant.charge.input)
             .arg(grant.charge.output);
-        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let now: i64 = self.invoke(&call).await?;
         self.clock.observe(now);
         Ok(())
     }
 
     pub async fn try_states(&self) -> Result<Vec<BudgetState>, StoreError> {
-        let mut conn = self.connection()?;
-        let mut call = self.scripts.states.prepare_invoke();
         let all: Vec<(&Arc<str>, &Slot)> = self
             .models
             .iter()
             .flat_map(|(m, slots)| slots.iter().map(move |s| (m, s)))
             .collect();
-        call.arg(&self.common[..]).arg(all.len());
+        let mut keys: Vec<&str> = Vec::with_capacity(all.len() * 3);
         for (model, slot) in &all {
-            call.key(&self.drained_keys[*model]).key(&slot.keys[..]);
+            keys.push(&self.drained_keys[*model]);
+            keys.extend(slot.keys.iter().map(String::as_str));
+        }
+        let mut call = self.library.call("states", &keys);
+        call.arg(all.len());
+        for (_, slot) in &all {
             call.arg(&*slot.region)
                 .arg(&limits_args(Self::configured(slot))[..]);
         }
-        let reply: Vec<i64> = self.bounded(call.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self.invoke(&call).await?;
         if reply.len() != 1 + all.len() * 16 {
             return Err(protocol("states", &reply));
         }
@@ -399,12 +496,10 @@ impl RedisStore {
             return Ok(false);
         };
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
-        let mut conn = self.connection()?;
-        let mut call = self.scripts.configure.prepare_invoke();
-        call.key(&slot.keys[..])
-            .arg(&self.common[..])
-            .arg(&limits_args(limits)[..]);
-        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let keys = slot.keys.each_ref().map(String::as_str);
+        let mut call = self.library.call("configure", &keys);
+        call.arg(&limits_args(limits)[..]);
+        let now: i64 = self.invoke(&call).await?;
         self.clock.observe(now);
         Ok(true)
     }
@@ -442,15 +537,13 @@ impl RedisStore {
         let Some(slot) = self.slot(model, region) else {
             return Ok(());
         };
-        let mut conn = self.connection()?;
-        let mut call = self.scripts.import.prepare_invoke();
-        call.key(&slot.keys[..])
-            .arg(&self.common[..])
-            .arg(at.as_micros() as u64)
+        let keys = slot.keys.each_ref().map(String::as_str);
+        let mut call = self.library.call("import", &keys);
+        call.arg(at.as_micros() as u64)
             .arg(usage.requests)
             .arg(usage.input)
             .arg(usage.output);
-        let now: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let now: i64 = self.invoke(&call).await?;
         self.clock.observe(now);
         Ok(())
     }
@@ -458,7 +551,7 @@ impl RedisStore {
     /// Says this replica is alive for `ttl`; returns how many are.
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StoreError> {
         let mut conn = self.connection()?;
-        let mut call = self.scripts.heartbeat.prepare_invoke();
+        let mut call = self.heartbeat.prepare_invoke();
         call.key(format!("{}replicas", self.prefix))
             .arg(replica)
             .arg(ttl.as_millis() as u64);

@@ -454,3 +454,89 @@ async fn usage_ends_with_the_entries_while_learned_limits_survive() {
         .await
         .is_err());
 }
+
+async fn entries_in(redis: &RedisServer, settings: &RedisSettings, region: &str) -> u64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ZCARD")
+        .arg(format!(
+            "{}{{{HAIKU}}}:{region}:entries",
+            settings.key_prefix
+        ))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A decision writes only the budget it chooses: another candidate's few
+/// old entries stay stored (and are skipped by every reader) until a write
+/// to it drops them, but a long tail of them is dropped at once.
+#[tokio::test]
+async fn only_the_chosen_budget_is_written_and_long_tails_are_dropped() {
+    let redis = RedisServer::start();
+    let w = Duration::from_millis(300);
+    let settings = settings(&redis.url(), w, Limits::new(1_000, 1_000_000));
+    let s = RedisStore::connect(&settings).await.unwrap();
+    let us: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    let eu: Vec<Arc<str>> = vec![Arc::from("europe-west4")];
+    for _ in 0..10 {
+        reserve(&s, ask(&us, 10, Strategy::Ordered)).await.unwrap();
+    }
+    for _ in 0..2 {
+        reserve(&s, ask(&eu, 10, Strategy::Ordered)).await.unwrap();
+    }
+    tokio::time::sleep(w + Duration::from_millis(50)).await;
+    // Both empty once the old entries are discounted: the first wins the tie.
+    let g = reserve(&s, ask(&regions(), 10, Strategy::MostHeadroom))
+        .await
+        .unwrap();
+    assert_eq!(&*g.region, "us-central1");
+    assert_eq!(entries_in(&redis, &settings, "us-central1").await, 1);
+    assert_eq!(
+        entries_in(&redis, &settings, "europe-west4").await,
+        2,
+        "looked at, not written"
+    );
+    // Now a long tail in europe-west4, and us-central1 chosen again.
+    for _ in 0..10 {
+        reserve(&s, ask(&eu, 10, Strategy::Ordered)).await.unwrap();
+    }
+    tokio::time::sleep(w + Duration::from_millis(50)).await;
+    let g = reserve(&s, ask(&regions(), 10, Strategy::MostHeadroom))
+        .await
+        .unwrap();
+    assert_eq!(&*g.region, "us-central1");
+    assert_eq!(
+        entries_in(&redis, &settings, "europe-west4").await,
+        0,
+        "twelve old entries are dropped even though not chosen"
+    );
+    // And the sums agree with what is stored.
+    for state in s.try_states().await.unwrap() {
+        let expected = if &*state.region == "us-central1" {
+            1
+        } else {
+            0
+        };
+        assert_eq!(state.usage.requests, expected, "{}", state.region);
+    }
+}
+
+/// Redis restarted or flushed behind a connected replica: the next call
+/// loads the functions again instead of failing.
+#[tokio::test]
+async fn a_lost_function_library_is_loaded_again() {
+    let redis = RedisServer::start();
+    let s = store(&redis).await;
+    let r = regions();
+    reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert_eq!(s.try_states().await.unwrap()[1].usage.requests, 2);
+}

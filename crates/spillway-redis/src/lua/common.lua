@@ -1,12 +1,16 @@
--- Shared by every Spillway quota script (prepended to each). Mirrors
+-- The top of the library every Spillway quota function lives in. Mirrors
 -- spillway-core's Ledger and Adaptive exactly, on the Redis server's clock.
 --
 -- Time is microseconds since the Unix epoch from TIME (exact in a double
 -- until the year 2255). Limits are {requests, tokens, input, output} with
 -- -1 for "not enforced".
 --
--- Common ARGV (1-7): window_us, log_ttl_ms, state_ttl_ms, headroom,
--- cooldown_base_us, cooldown_max_us, probe_period_us.
+-- Loaded once as a Redis function library (FUNCTION LOAD): this file,
+-- then every script below wrapped as a registered function. The constants
+-- are this deployment's settings, written into the code when it is built
+-- (`store.rs`), so a call carries only its own arguments; the library's
+-- name is a hash of its code, so deployments with other settings (or
+-- another Spillway version) load their own beside it.
 --
 -- A budget is two keys, so that a decision reads each with one command:
 -- `entries`, a sorted set of its entries scored by stamp, each member
@@ -17,13 +21,13 @@
 -- reads or writes all of it, where a field per number cost a `tonumber` or
 -- `string.format` each (BENCHMARKS.md, "Admission latency").
 
-local W = tonumber(ARGV[1])
-local LOG_TTL = tonumber(ARGV[2])
-local STATE_TTL = tonumber(ARGV[3])
-local HEADROOM = math.min(math.max(tonumber(ARGV[4]), 0.01), 1.0)
-local CD_BASE = tonumber(ARGV[5])
-local CD_MAX = tonumber(ARGV[6])
-local PROBE = tonumber(ARGV[7])
+local W = {{window_us}}
+local LOG_TTL = {{log_ttl_ms}}
+local STATE_TTL = {{state_ttl_ms}}
+local HEADROOM = {{headroom}}
+local CD_BASE = {{cooldown_base_us}}
+local CD_MAX = {{cooldown_max_us}}
+local PROBE = {{probe_period_us}}
 local HUGE = 2 ^ 53
 local NEVER_FIT_RETRY = 60000000
 
@@ -139,7 +143,8 @@ end
 
 -- Ledger -------------------------------------------------------------------
 
-local ST = '<' .. string.rep('d', 28)
+-- 28 doubles (a library's top level may not call `string` in Redis 7.0).
+local ST = '<dddddddddddddddddddddddddddd'
 local ENT = '<ddddd'
 
 local function entry(id, r, i, o, s) return struct.pack(ENT, id, r, i, o, s) end
@@ -229,9 +234,16 @@ local function account(b, sign, r, i, o, s)
   b.dirty = true
 end
 
--- Drops entries strictly older than the window: one exactly W old still
--- counts. Nothing to do (no command) while the oldest stamp is in the window.
-local function evict(b, now)
+-- Finds the entries strictly older than the window (one exactly W old
+-- still counts) and takes them out of b's sums, in memory only: no command
+-- while the oldest stamp is in the window. `drop_old` then deletes them. A
+-- budget a decision only looks at is never written: its old entries stay
+-- until a write to it drops them, and every reader skips them (the stored
+-- sums always equal the entries stored). Only a few, though: a budget with
+-- more than the head to drop is written anyway (`tidy`), so no reader ever
+-- rescans a long tail of old entries.
+local function scan_old(b, now)
+  b.old, b.nxt = 0, 0
   local cut = now - W
   if b.known and (b.ol == 0 or b.ol >= cut) then return end
   local head = redis.call('ZRANGE', b.log, 0, 3, 'WITHSCORES')
@@ -262,9 +274,28 @@ local function evict(b, now)
     local n = redis.call('ZRANGE', b.log, old, old, 'WITHSCORES')
     nxt = tonumber(n[2]) or 0
   end
-  redis.call('ZREMRANGEBYSCORE', b.log, '-inf', '(' .. I(cut))
-  b.ol = nxt
+  b.old, b.nxt = old, nxt
+end
+
+local function drop_old(b, now)
+  if not b.old or b.old == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', b.log, '-inf', '(' .. I(now - W))
+  b.ol = b.nxt
+  b.old = 0
   b.dirty = true
+end
+
+local function evict(b, now)
+  scan_old(b, now)
+  drop_old(b, now)
+end
+
+-- For a budget a decision looked at but did not write.
+local function tidy(b, now)
+  if b.old and b.old > 4 then
+    drop_old(b, now)
+    save_state(b, now)
+  end
 end
 
 local function last_at(b)
@@ -300,11 +331,16 @@ local function earliest_fit(b, l, ci, co, now)
   if not fits(l, 0, 0, 0, ci, co) then return nil end
   if fits(l, u[1], u[2], u[3], ci, co) then return now end
   local r, i, o = u[1], u[2], u[3]
+  local cut = now - W
   local log = redis.call('ZRANGE', b.log, 0, -1, 'WITHSCORES')
   for k = 1, #log, 2 do
-    local er, ei, eo = parse(log[k])
-    r, i, o = r - er, i - ei, o - eo
-    if fits(l, r, i, o, ci, co) then return math.max(tonumber(log[k + 1]) + W + 1, now) end
+    local at = tonumber(log[k + 1])
+    -- Entries scan_old found old are out of the sums already.
+    if at >= cut then
+      local er, ei, eo = parse(log[k])
+      r, i, o = r - er, i - ei, o - eo
+      if fits(l, r, i, o, ci, co) then return math.max(at + W + 1, now) end
+    end
   end
   return now
 end

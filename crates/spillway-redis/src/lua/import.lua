@@ -1,14 +1,14 @@
 -- Resynchronisation after an outage: records usage admitted locally while
 -- Redis was unreachable, as one settled entry stamped with the last local
 -- admission, so the shared ledger counts it until it leaves the window.
--- KEYS: entries, state. ARGV 8..: stamp (us), requests, input, output.
+-- KEYS: entries, state. ARGV: stamp (us), requests, input, output.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
 load_state(b, nil, now)
 evict(b, now)
-local at = tonumber(ARGV[8])
+local at = tonumber(ARGV[1])
 if at >= now - W then
-  local r, i, o = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+  local r, i, o = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local id = math.max(b.last_id + 1, now * 4)
   b.last_id = id
   redis.call('ZADD', b.log, I(at), entry(id, r, i, o, 1))

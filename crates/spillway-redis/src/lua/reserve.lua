@@ -1,29 +1,29 @@
 -- Choose a region and reserve there, atomically, across all candidates:
 -- the same decision as MemoryStore::decide.
 -- KEYS: drained set of the model, then entries and state per candidate.
--- ARGV 8..12: reserve (1) or probe (0), strategy (0 most headroom, 1
+-- ARGV 1..5: reserve (1) or probe (0), strategy (0 most headroom, 1
 -- ordered), charge input, charge output, candidate count; then per
 -- candidate: region, configured requests, tokens, input, output.
 -- Returns {1, index, id, limits x4, usage x3, empty_at, now} for a grant,
 -- {0, now} for a successful probe, {2, retry_at, now} or {3, now} refused.
 local now = now_us()
-local reserve = ARGV[8] == '1'
-local ordered = ARGV[9] == '1'
-local ci, co = tonumber(ARGV[10]), tonumber(ARGV[11])
-local n = tonumber(ARGV[12])
+local reserve = ARGV[1] == '1'
+local ordered = ARGV[2] == '1'
+local ci, co = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local drained = {}
 for _, region in ipairs(redis.call('SMEMBERS', KEYS[1])) do drained[region] = true end
 local cands = {}
 local best, best_h = nil, nil
 for k = 1, n do
-  local a0 = 12 + (k - 1) * 5
+  local a0 = 5 + (k - 1) * 5
   local kb = 1 + (k - 1) * 2
   local b = { log = KEYS[kb + 1], st = KEYS[kb + 2] }
   b.drained = drained[ARGV[a0 + 1]] == true
   load_state(b, limits_at(ARGV, a0 + 2), now)
-  evict(b, now)
   cands[k] = b
   if not b.drained and not (now < b.a.cu) then
+    scan_old(b, now)
     local h = headroom_after(b, b.a.learned, ci, co)
     if h then
       if best == nil or h > best_h then best, best_h = k, h end
@@ -32,12 +32,14 @@ for k = 1, n do
   end
 end
 if best then
-  -- Eviction changed the others' sums; the chosen one is written once, below.
+  -- The chosen budget is written once, below; the others keep a few old
+  -- entries for a later write to drop.
   for k = 1, #cands do
-    if k ~= best or not reserve then save_state(cands[k], now) end
+    if k ~= best or not reserve then tidy(cands[k], now) end
   end
   if not reserve then return { 0, now } end
   local b = cands[best]
+  drop_old(b, now)
   local last
   if b.known and b.ol == 0 then
     last = nil
@@ -51,7 +53,7 @@ if best then
   b.last_id = id
   redis.call('ZADD', b.log, I(at), entry(id, 1, ci, co, 0))
   account(b, 1, 1, ci, co, 0)
-  -- evict() has just found the oldest stamp (0 when the log is empty).
+  -- scan_old() has just found the oldest stamp (0 when the log is empty).
   if b.ol == 0 then b.ol = at end
   b.la = at
   b.known = true
@@ -62,8 +64,9 @@ end
 local retry = nil
 for k = 1, #cands do
   local b = cands[k]
-  save_state(b, now)
   if not b.drained then
+    if not b.old then scan_old(b, now) end
+    tidy(b, now)
     local t = earliest_fit(b, b.a.learned, ci, co, now)
     if t then
       t = math.max(t, b.a.cu)

@@ -1,20 +1,20 @@
 -- Ends one reservation: MemoryStore::settle_now.
--- KEYS: entries, state. ARGV 8..: configured x4, entry id, outcome (0
+-- KEYS: entries, state. ARGV: configured x4, entry id, outcome (0
 -- used, 1 rate limited, 2 unavailable, 3 not sent), actual input, actual
 -- output, exhausted (0 requests, 1 tokens, 2 unknown), jitter in [0, 1),
 -- then the reserved input and output (with the id, they name the entry).
 -- Returns now.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
-load_state(b, limits_at(ARGV, 8), now)
+load_state(b, limits_at(ARGV, 1), now)
 local a = b.a
 evict(b, now)
-local id = tonumber(ARGV[12])
-local outcome = tonumber(ARGV[13])
-local ai, ao = tonumber(ARGV[14]), tonumber(ARGV[15])
-local which = tonumber(ARGV[16])
-local jitter = tonumber(ARGV[17])
-local ci, co = tonumber(ARGV[18]), tonumber(ARGV[19])
+local id = tonumber(ARGV[5])
+local outcome = tonumber(ARGV[6])
+local ai, ao = tonumber(ARGV[7]), tonumber(ARGV[8])
+local which = tonumber(ARGV[9])
+local jitter = tonumber(ARGV[10])
+local ci, co = tonumber(ARGV[11]), tonumber(ARGV[12])
 local reserved = entry(id, 1, ci, co, 0)
 -- nil once the entry has left the window (or was settled already).
 local at = redis.call('ZSCORE', b.log, reserved)
