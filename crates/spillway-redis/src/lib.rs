@@ -3,9 +3,9 @@
 //! Vertex gives one quota pool per project, region and model, so replicas
 //! must share their ledgers exactly or together they overrun it N-fold.
 //! [`RedisStore`] keeps every ledger in Redis and changes it only through
-//! atomic Lua scripts that mirror `spillway-core`'s `Ledger` and `Adaptive`
+//! atomic Lua functions that mirror `spillway-core`'s `Ledger` and `Adaptive`
 //! line for line (choose-and-reserve across all candidate regions in one
-//! script, so one round trip per admission; settle with refund or 429
+//! call, so one round trip per admission; settle with refund or 429
 //! learning; state; runtime limits), stamped with the Redis server's clock
 //! so replicas' clocks do not matter. A budget is two keys: its entries
 //! (a sorted set, expiring a little after the window) and its state (sums
@@ -20,7 +20,7 @@
 //! Store time is microseconds since the Unix epoch on the Redis server's
 //! clock; [`ServerClock`] follows it locally (system time plus the offset
 //! measured on every reply), so `QuotaStore::now()` is coherent with the
-//! times scripts return and the local fallback counts on the same clock.
+//! times functions return and the local fallback counts on the same clock.
 //!
 //! [`QuotaStore`]: spillway_core::store::QuotaStore
 

@@ -1,6 +1,6 @@
 //! [`ResilientStore`]: Redis while it answers, a local 1/N share when not.
 //!
-//! - **Healthy**: every decision is a Redis script (one round trip, bounded
+//! - **Healthy**: every decision is one Redis function call (one round trip, bounded
 //!   by `timeout`). A background task sends a heartbeat every
 //!   [`HEARTBEAT`] (`ZADD <prefix>replicas <server ms> <id>`, members older
 //!   than [`REPLICA_TTL`] dropped) and, unless `replicas` is fixed by
