@@ -20,11 +20,11 @@ fn key_file(token_uri: &str) -> std::path::PathBuf {
         "client_id": "1",
         "token_uri": token_uri,
     });
-    let path = std::env::temp_dir().join(format!(
-        "spillway-sa-{}-{}.json",
-        std::process::id(),
-        token_uri.len() + token_uri.bytes().map(usize::from).sum::<usize>()
-    ));
+    // One file per call: tests run in parallel in this process, and two
+    // of them sharing a file would read each other's token endpoint.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("spillway-sa-{}-{n}.json", std::process::id()));
     std::fs::write(&path, key.to_string()).unwrap();
     path
 }
