@@ -42,12 +42,15 @@ local function limits_at(a, i)
   return { tonumber(a[i]), tonumber(a[i + 1]), tonumber(a[i + 2]), tonumber(a[i + 3]) }
 end
 
+-- (No closures inside helpers: Lua allocates one per call, and these run
+-- on every decision.)
+local function scaled(v, f)
+  if v < 0 then return v end
+  return math.max(math.floor(v * f), 1)
+end
+
 local function scale(l, f)
-  local function s(v)
-    if v < 0 then return v end
-    return math.max(math.floor(v * f), 1)
-  end
-  return { math.min(s(l[1]), 4294967295), s(l[2]), s(l[3]), s(l[4]) }
+  return { math.min(scaled(l[1], f), 4294967295), scaled(l[2], f), scaled(l[3], f), scaled(l[4], f) }
 end
 
 local function same(a, b)
@@ -157,7 +160,9 @@ end
 
 -- Loads a budget's state into b (which names its `log` and `st` keys). The
 -- adaptive part comes from `conf` when none was saved (or `conf` is nil
--- and nothing will read it). The use part counts only before `ex`: after
+-- and nothing will read it): only what a decision reads (configured,
+-- learned, cooldown); a caller that will change it starts a full one
+-- with `new_ada`. The use part counts only before `ex`: after
 -- it the entries have expired, so the sums start over (ids never do).
 -- `known`: the stored oldest (`ol`, 0 when empty) and newest (`la`) stamps
 -- are valid (`lv` equals the last id; a write that could not maintain them
@@ -172,7 +177,7 @@ local function load_state(b, conf, now)
     }
     b.has_ada = true
   else
-    b.a = conf and new_ada(conf) or nil
+    b.a = conf and { conf = conf, learned = scale(conf, HEADROOM), cu = 0 } or nil
     b.has_ada = false
   end
   b.last_id = v and v[9] or 0
@@ -311,14 +316,15 @@ local function empty_at(b, now)
 end
 
 -- The fraction of the tightest dimension left after the charge, or nil.
+local function fraction(used, max)
+  if max < 0 then return 1.0 end
+  if max == 0 then return 0.0 end
+  return clamp(math.max(max - used, 0) / max, 0.0, 1.0)
+end
+
 local function headroom_after(b, l, ci, co)
   local u = b.u
   if not fits(l, u[1], u[2], u[3], ci, co) then return nil end
-  local function fraction(used, max)
-    if max < 0 then return 1.0 end
-    if max == 0 then return 0.0 end
-    return clamp(math.max(max - used, 0) / max, 0.0, 1.0)
-  end
   local input = u[2] + ci
   local output = u[3] + co
   return math.min(fraction(u[1] + 1, l[1]), fraction(input + output, l[2]),

@@ -6,7 +6,9 @@
 -- Returns now.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
-load_state(b, limits_at(ARGV, 1), now)
+local conf = limits_at(ARGV, 1)
+load_state(b, conf, now)
+if not b.has_ada then b.a = new_ada(conf) end
 local a = b.a
 evict(b, now)
 local id = tonumber(ARGV[5])
