@@ -439,7 +439,13 @@ impl RedisStore {
             .arg(which)
             .arg(rand::random::<f64>())
             .arg(grant.charge.input)
-            .arg(grant.charge.output);
+            .arg(grant.charge.output)
+            // The entry's stamp: the reserve answered it as `empty_at`,
+            // stamp + window + 1 µs.
+            .arg(
+                (grant.view.empty_at.as_micros() as i64)
+                    .saturating_sub(self.window.as_micros() as i64 + 1),
+            );
         let now: i64 = self.invoke(&call).await?;
         self.clock.observe(now);
         Ok(())

@@ -14,7 +14,9 @@
 --
 -- A budget is two keys, so that a decision reads each with one command:
 -- `entries`, a sorted set of its entries scored by stamp, each member
--- packing (id, requests, input, output, settled); and `state`, one packed
+-- packing (id, stamp, requests, input, output, settled), so reading one
+-- needs no `WITHSCORES` (formatting a score costs more than unpacking
+-- it); and `state`, one packed
 -- string with the running sums and the log's index (the "use" part, valid
 -- until `ex`, when the entries expire) and the adaptive state (configured,
 -- learned, cooldown, probing). Packed with `struct` (doubles): one C call
@@ -148,14 +150,14 @@ end
 
 -- 28 doubles (a library's top level may not call `string` in Redis 7.0).
 local ST = '<dddddddddddddddddddddddddddd'
-local ENT = '<ddddd'
+local ENT = '<dddddd'
 
-local function entry(id, r, i, o, s) return struct.pack(ENT, id, r, i, o, s) end
+local function entry(id, at, r, i, o, s) return struct.pack(ENT, id, at, r, i, o, s) end
 
--- An entry's requests, input, output and settled flag.
+-- An entry's requests, input, output, settled flag and stamp.
 local function parse(m)
-  local _, r, i, o, s = struct.unpack(ENT, m)
-  return r, i, o, s
+  local _, at, r, i, o, s = struct.unpack(ENT, m)
+  return r, i, o, s, at
 end
 
 -- Loads a budget's state into b (which names its `log` and `st` keys). The
@@ -251,12 +253,11 @@ local function scan_old(b, now)
   b.old, b.nxt = 0, 0
   local cut = now - W
   if b.known and (b.ol == 0 or b.ol >= cut) then return end
-  local head = redis.call('ZRANGE', b.log, 0, 3, 'WITHSCORES')
+  local head = redis.call('ZRANGE', b.log, 0, 3)
   local old, nxt = 0, 0
-  for k = 1, #head, 2 do
-    local at = tonumber(head[k + 1])
+  for k = 1, #head do
+    local r, i, o, s, at = parse(head[k])
     if at < cut then
-      local r, i, o, s = parse(head[k])
       account(b, -1, r, i, o, s)
       old = old + 1
     else
@@ -268,7 +269,7 @@ local function scan_old(b, now)
     b.ol = nxt
     return
   end
-  if nxt == 0 and #head == 8 then
+  if nxt == 0 and #head == 4 then
     -- More than the head may be old: the rest of them, then the new oldest.
     local rest = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut), 'LIMIT', 4, -1)
     for k = 1, #rest do
@@ -276,8 +277,11 @@ local function scan_old(b, now)
       account(b, -1, r, i, o, s)
     end
     old = old + #rest
-    local n = redis.call('ZRANGE', b.log, old, old, 'WITHSCORES')
-    nxt = tonumber(n[2]) or 0
+    local n = redis.call('ZRANGE', b.log, old, old)
+    if n[1] then
+      local _, _, _, _, at = parse(n[1])
+      nxt = at
+    end
   end
   b.old, b.nxt = old, nxt
 end
@@ -304,9 +308,10 @@ local function tidy(b, now)
 end
 
 local function last_at(b)
-  local last = redis.call('ZRANGE', b.log, -1, -1, 'WITHSCORES')
+  local last = redis.call('ZRANGE', b.log, -1, -1)
   if #last == 0 then return nil end
-  return tonumber(last[2])
+  local _, _, _, _, at = parse(last[1])
+  return at
 end
 
 local function empty_at(b, now)
@@ -338,12 +343,11 @@ local function earliest_fit(b, l, ci, co, now)
   if fits(l, u[1], u[2], u[3], ci, co) then return now end
   local r, i, o = u[1], u[2], u[3]
   local cut = now - W
-  local log = redis.call('ZRANGE', b.log, 0, -1, 'WITHSCORES')
-  for k = 1, #log, 2 do
-    local at = tonumber(log[k + 1])
+  local log = redis.call('ZRANGE', b.log, 0, -1)
+  for k = 1, #log do
+    local er, ei, eo, _, at = parse(log[k])
     -- Entries scan_old found old are out of the sums already.
     if at >= cut then
-      local er, ei, eo = parse(log[k])
       r, i, o = r - er, i - ei, o - eo
       if fits(l, r, i, o, ci, co) then return math.max(at + W + 1, now) end
     end

@@ -11,7 +11,7 @@ if at >= now - W then
   local r, i, o = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local id = math.max(b.last_id + 1, now * 4)
   b.last_id = id
-  redis.call('ZADD', b.log, I(at), entry(id, r, i, o, 1))
+  redis.call('ZADD', b.log, I(at), entry(id, at, r, i, o, 1))
   account(b, 1, r, i, o, 1)
   if b.ol == 0 then b.ol = at else b.ol = math.min(b.ol, at) end
   if b.la then b.la = math.max(b.la, at) elseif b.known then b.la = at end

@@ -4,7 +4,8 @@
 -- ARGV 1..5: reserve (1) or probe (0), strategy (0 most headroom, 1
 -- ordered), charge input, charge output, candidate count; then per
 -- candidate: region, configured requests, tokens, input, output.
--- Returns {1, index, id, limits x4, usage x3, empty_at, now} for a grant,
+-- Returns {1, index, id, limits x4, usage x3, empty_at, now} for a grant
+-- (empty_at is the entry's stamp + W + 1: settle names the entry by it),
 -- {0, now} for a successful probe, {2, retry_at, now} or {3, now} refused.
 local now = now_us()
 local reserve = ARGV[1] == '1'
@@ -51,7 +52,7 @@ if best then
   local at = math.max(last or now, now)
   local id = math.max(b.last_id + 1, now * 4)
   b.last_id = id
-  redis.call('ZADD', b.log, I(at), entry(id, 1, ci, co, 0))
+  redis.call('ZADD', b.log, I(at), entry(id, at, 1, ci, co, 0))
   account(b, 1, 1, ci, co, 0)
   -- scan_old() has just found the oldest stamp (0 when the log is empty).
   if b.ol == 0 then b.ol = at end

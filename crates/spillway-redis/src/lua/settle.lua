@@ -2,7 +2,8 @@
 -- KEYS: entries, state. ARGV: configured x4, entry id, outcome (0
 -- used, 1 rate limited, 2 unavailable, 3 not sent), actual input, actual
 -- output, exhausted (0 requests, 1 tokens, 2 unknown), jitter in [0, 1),
--- then the reserved input and output (with the id, they name the entry).
+-- then the reserved input and output and the entry's stamp (with the id,
+-- they name the entry).
 -- Returns now.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
@@ -17,15 +18,14 @@ local ai, ao = tonumber(ARGV[7]), tonumber(ARGV[8])
 local which = tonumber(ARGV[9])
 local jitter = tonumber(ARGV[10])
 local ci, co = tonumber(ARGV[11]), tonumber(ARGV[12])
-local reserved = entry(id, 1, ci, co, 0)
--- nil once the entry has left the window (or was settled already).
-local at = redis.call('ZSCORE', b.log, reserved)
+local at = tonumber(ARGV[13])
+local reserved = entry(id, at, 1, ci, co, 0)
 local function settle_to(r, i, o)
-  if not at then return end
+  -- Nothing once the entry has left the window (or was settled already).
+  if redis.call('ZREM', b.log, reserved) == 0 then return end
   account(b, -1, 1, ci, co, 0)
   account(b, 1, r, i, o, 1)
-  redis.call('ZREM', b.log, reserved)
-  redis.call('ZADD', b.log, at, entry(id, r, i, o, 1))
+  redis.call('ZADD', b.log, I(at), entry(id, at, r, i, o, 1))
 end
 if outcome == 0 then
   settle_to(1, ai, ao)
