@@ -273,8 +273,7 @@ async fn the_window_is_closed_and_frees_exactly_then_keys_expire() {
     tokio::time::sleep(wait + Duration::from_millis(5)).await;
     reserve(&s, ask(&only, 1, Strategy::Ordered)).await.unwrap();
 
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", settings.key_prefix))
         .query_async(&mut conn)
@@ -413,10 +412,9 @@ async fn usage_ends_with_the_entries_while_learned_limits_survive() {
     assert!(learned < 36, "a 429 lowered the learned limit: {learned}");
 
     // The entries' TTL is the window plus 5 s.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries = format!("{}{{{HAIKU}}}:us-central1:entries", settings.key_prefix);
-    let state = format!("{}{{{HAIKU}}}:us-central1:state", settings.key_prefix);
+    let mut conn = redis.connection().await;
+    let entries = budget_key(&settings, "us-central1", "entries");
+    let state = budget_key(&settings, "us-central1", "state");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let exists: bool = redis::cmd("EXISTS")
@@ -455,14 +453,15 @@ async fn usage_ends_with_the_entries_while_learned_limits_survive() {
         .is_err());
 }
 
+/// The name of one of a Haiku budget's keys (`entries` or `state`).
+fn budget_key(settings: &RedisSettings, region: &str, kind: &str) -> String {
+    format!("{}{{{HAIKU}}}:{region}:{kind}", settings.key_prefix)
+}
+
 async fn entries_in(redis: &RedisServer, settings: &RedisSettings, region: &str) -> u64 {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis.connection().await;
     redis::cmd("ZCARD")
-        .arg(format!(
-            "{}{{{HAIKU}}}:{region}:entries",
-            settings.key_prefix
-        ))
+        .arg(budget_key(settings, region, "entries"))
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -530,8 +529,7 @@ async fn a_lost_function_library_is_loaded_again() {
     let s = store(&redis).await;
     let r = regions();
     reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis.connection().await;
     let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)

@@ -314,12 +314,6 @@ local function last_at(b)
   return at
 end
 
-local function empty_at(b, now)
-  local at = last_at(b)
-  if not at then return now end
-  return at + W + 1
-end
-
 -- The fraction of the tightest dimension left after the charge, or nil.
 local function fraction(used, max)
   if max < 0 then return 1.0 end

@@ -51,6 +51,15 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A plain connection, for a test to look at or change keys directly.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
     /// Kills the server (SIGKILL: no goodbye to clients) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
