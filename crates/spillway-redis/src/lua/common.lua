@@ -68,15 +68,6 @@ local function token_capacity(l)
   return HUGE
 end
 
-local function fits(l, ur, ui, uo, ci, co)
-  local input = ui + ci
-  local output = uo + co
-  return ur < l[1]
-    and (l[2] < 0 or input + output <= l[2])
-    and (l[3] < 0 or input <= l[3])
-    and (l[4] < 0 or output <= l[4])
-end
-
 -- Adaptive -----------------------------------------------------------------
 
 local function reset_steps(a)
@@ -151,6 +142,26 @@ end
 -- 28 doubles (a library's top level may not call `string` in Redis 7.0).
 local ST = '<dddddddddddddddddddddddddddd'
 local ENT = '<dddddd'
+-- Numbers passed to `redis.call` are formatted as floats (slow, and
+-- printed as `6e+04`-style text past 14 digits): constant arguments go as
+-- text, and stamps through `I`.
+local LOG_TTL_TEXT = '{{log_ttl_ms}}'
+local STATE_TTL_TEXT = '{{state_ttl_ms}}'
+
+-- A budget's state is the array `v` of the 28 numbers it is stored as, read
+-- and written in place: a table per part (sums, limits, adaptive) cost an
+-- allocation each on every decision. Positions:
+--   1 the use part is valid        2 the adaptive part is valid
+--   3-5 usage requests, input, output (every entry in the window)
+--   6-8 the same for entries not yet settled (in flight)
+--   9 the last entry id            10 `ex`: when the entries expire
+--   11 oldest stamp (0: none)      12 newest stamp (0: none)
+--   13 the last id when 11-12 were right (11-12 are trusted when 13 == 9)
+--   14-17 configured limits        18-21 learned limits
+--   22 cooldown until  23 strikes  24 last change  25 probe multiplier
+--   26 requests step   27 tokens step   28 probing (0/1)
+-- Limits are requests, tokens, input, output; -1 is "not enforced".
+local FRESH = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 local function entry(id, at, r, i, o, s) return struct.pack(ENT, id, at, r, i, o, s) end
 
@@ -160,43 +171,56 @@ local function parse(m)
   return r, i, o, s, at
 end
 
--- Loads a budget's state into b (which names its `log` and `st` keys). The
--- adaptive part comes from `conf` when none was saved (or `conf` is nil
--- and nothing will read it): only what a decision reads (configured,
--- learned, cooldown); a caller that will change it starts a full one
--- with `new_ada`. The use part counts only before `ex`: after
--- it the entries have expired, so the sums start over (ids never do).
--- `known`: the stored oldest (`ol`, 0 when empty) and newest (`la`) stamps
--- are valid (`lv` equals the last id; a write that could not maintain them
--- leaves `lv` behind).
-local function load_state(b, conf, now)
+-- Loads a budget's state into `b.v` (b names its `log` and `st` keys).
+-- Without a saved adaptive part, decisions use the configured limits
+-- given at `args[ai..ai+3]` (none given: the caller sets them itself).
+-- The use part counts only before `ex`: after it the entries have
+-- expired, so the sums start over (ids never do).
+local function load_state(b, now, args, ai)
   local s = redis.call('GET', b.st)
-  local v = s and { struct.unpack(ST, s) } or nil
-  if v and v[2] == 1 then
-    b.a = {
-      conf = { v[14], v[15], v[16], v[17] }, learned = { v[18], v[19], v[20], v[21] },
-      cu = v[22], sk = v[23], lc = v[24], pm = v[25], rs = v[26], ts = v[27], pr = v[28],
-    }
-    b.has_ada = true
+  local v
+  if s then
+    v = { struct.unpack(ST, s) }
+    v[29] = nil
   else
-    b.a = conf and { conf = conf, learned = scale(conf, HEADROOM), cu = 0 } or nil
-    b.has_ada = false
+    v = { unpack(FRESH) }
   end
-  b.last_id = v and v[9] or 0
-  if v and v[1] == 1 and now < v[10] then
-    b.u = { v[3], v[4], v[5], v[6], v[7], v[8] }
-    b.ex = v[10]
-    b.existed = true
-    b.known = v[13] == v[9]
-    b.ol = v[11]
-    b.la = v[12] ~= 0 and v[12] or nil
-  else
-    b.u = { 0, 0, 0, 0, 0, 0 }
-    b.ex = nil
-    b.existed = false
-    b.known, b.ol, b.la = true, 0, nil
+  if v[2] ~= 1 and args then
+    for k = 0, 3 do
+      local c = tonumber(args[ai + k])
+      v[14 + k] = c
+      v[18 + k] = scaled(c, HEADROOM)
+    end
+    v[18] = math.min(v[18], 4294967295)
+    v[22] = 0
   end
+  b.existed = v[1] == 1 and now < v[10]
+  if not b.existed then
+    v[3], v[4], v[5], v[6], v[7], v[8] = 0, 0, 0, 0, 0, 0
+    v[10], v[11], v[12], v[13] = 0, 0, 0, v[9]
+  end
+  b.v = v
   b.dirty = false
+end
+
+-- The adaptive part as `Adaptive`'s fields, for the functions above; a
+-- budget without one starts from its configured limits.
+local function adaptive_of(v)
+  local conf = { v[14], v[15], v[16], v[17] }
+  if v[2] ~= 1 then return new_ada(conf) end
+  return {
+    conf = conf, learned = { v[18], v[19], v[20], v[21] },
+    cu = v[22], sk = v[23], lc = v[24], pm = v[25], rs = v[26], ts = v[27], pr = v[28],
+  }
+end
+
+local function store_adaptive(b, a)
+  local v = b.v
+  v[14], v[15], v[16], v[17] = a.conf[1], a.conf[2], a.conf[3], a.conf[4]
+  v[18], v[19], v[20], v[21] = a.learned[1], a.learned[2], a.learned[3], a.learned[4]
+  v[22], v[23], v[24], v[25], v[26], v[27], v[28] = a.cu, a.sk, a.lc, a.pm, a.rs, a.ts, a.pr
+  v[2] = 1
+  b.dirty = true
 end
 
 -- Writes the whole state in one SET, living as long as adaptive state
@@ -206,37 +230,27 @@ end
 -- refreshed once less than half the slack past the window is left.
 local function save_state(b, now, created, at)
   if not b.dirty then return end
+  local v = b.v
   if not b.existed or created
-    or (at and (not b.ex or b.ex < at + W + (LOG_TTL * 1000 - W) / 2)) then
-    redis.call('PEXPIRE', b.log, LOG_TTL)
-    b.ex = now + LOG_TTL * 1000
+    or (at and v[10] < at + W + (LOG_TTL * 1000 - W) / 2) then
+    redis.call('PEXPIRE', b.log, LOG_TTL_TEXT)
+    v[10] = now + LOG_TTL * 1000
   end
-  local u, a = b.u, b.a
-  local lv = b.known and b.last_id or -1
-  if b.has_ada then
-    redis.call('SET', b.st, struct.pack(ST, 1, 1, u[1], u[2], u[3], u[4], u[5], u[6],
-      b.last_id, b.ex, b.ol, b.la or 0, lv,
-      a.conf[1], a.conf[2], a.conf[3], a.conf[4],
-      a.learned[1], a.learned[2], a.learned[3], a.learned[4],
-      a.cu, a.sk, a.lc, a.pm, a.rs, a.ts, a.pr), 'PX', STATE_TTL)
-  else
-    redis.call('SET', b.st, struct.pack(ST, 1, 0, u[1], u[2], u[3], u[4], u[5], u[6],
-      b.last_id, b.ex, b.ol, b.la or 0, lv,
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), 'PX', STATE_TTL)
-  end
+  v[1] = 1
+  redis.call('SET', b.st, struct.pack(ST, unpack(v, 1, 28)), 'PX', STATE_TTL_TEXT)
   b.existed = true
   b.dirty = false
 end
 
 local function account(b, sign, r, i, o, s)
-  local u = b.u
-  u[1] = u[1] + sign * r
-  u[2] = u[2] + sign * i
-  u[3] = u[3] + sign * o
+  local v = b.v
+  v[3] = v[3] + sign * r
+  v[4] = v[4] + sign * i
+  v[5] = v[5] + sign * o
   if s == 0 then
-    u[4] = u[4] + sign * r
-    u[5] = u[5] + sign * i
-    u[6] = u[6] + sign * o
+    v[6] = v[6] + sign * r
+    v[7] = v[7] + sign * i
+    v[8] = v[8] + sign * o
   end
   b.dirty = true
 end
@@ -251,9 +265,10 @@ end
 -- rescans a long tail of old entries.
 local function scan_old(b, now)
   b.old, b.nxt = 0, 0
+  local v = b.v
   local cut = now - W
-  if b.known and (b.ol == 0 or b.ol >= cut) then return end
-  local head = redis.call('ZRANGE', b.log, 0, 3)
+  if v[13] == v[9] and (v[11] == 0 or v[11] >= cut) then return end
+  local head = redis.call('ZRANGE', b.log, '0', '3')
   local old, nxt = 0, 0
   for k = 1, #head do
     local r, i, o, s, at = parse(head[k])
@@ -266,18 +281,18 @@ local function scan_old(b, now)
     end
   end
   if old == 0 then
-    b.ol = nxt
+    v[11] = nxt
     return
   end
   if nxt == 0 and #head == 4 then
     -- More than the head may be old: the rest of them, then the new oldest.
-    local rest = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut), 'LIMIT', 4, -1)
+    local rest = redis.call('ZRANGEBYSCORE', b.log, '-inf', '(' .. I(cut), 'LIMIT', '4', '-1')
     for k = 1, #rest do
       local r, i, o, s = parse(rest[k])
       account(b, -1, r, i, o, s)
     end
     old = old + #rest
-    local n = redis.call('ZRANGE', b.log, old, old)
+    local n = redis.call('ZRANGE', b.log, I(old), I(old))
     if n[1] then
       local _, _, _, _, at = parse(n[1])
       nxt = at
@@ -289,7 +304,7 @@ end
 local function drop_old(b, now)
   if not b.old or b.old == 0 then return end
   redis.call('ZREMRANGEBYSCORE', b.log, '-inf', '(' .. I(now - W))
-  b.ol = b.nxt
+  b.v[11] = b.nxt
   b.old = 0
   b.dirty = true
 end
@@ -308,10 +323,21 @@ local function tidy(b, now)
 end
 
 local function last_at(b)
-  local last = redis.call('ZRANGE', b.log, -1, -1)
+  local last = redis.call('ZRANGE', b.log, '-1', '-1')
   if #last == 0 then return nil end
   local _, _, _, _, at = parse(last[1])
   return at
+end
+
+-- Whether a charge fits under the limits at v[l..l+3] on top of usage.
+local function fits_at(v, l, ur, ui, uo, ci, co)
+  local input = ui + ci
+  local output = uo + co
+  local tokens, inl, outl = v[l + 1], v[l + 2], v[l + 3]
+  return ur < v[l]
+    and (tokens < 0 or input + output <= tokens)
+    and (inl < 0 or input <= inl)
+    and (outl < 0 or output <= outl)
 end
 
 -- The fraction of the tightest dimension left after the charge, or nil.
@@ -321,29 +347,30 @@ local function fraction(used, max)
   return clamp(math.max(max - used, 0) / max, 0.0, 1.0)
 end
 
-local function headroom_after(b, l, ci, co)
-  local u = b.u
-  if not fits(l, u[1], u[2], u[3], ci, co) then return nil end
-  local input = u[2] + ci
-  local output = u[3] + co
-  return math.min(fraction(u[1] + 1, l[1]), fraction(input + output, l[2]),
-    fraction(input, l[3]), fraction(output, l[4]))
+-- Against the learned limits (v[18..21]).
+local function headroom_after(v, ci, co)
+  if not fits_at(v, 18, v[3], v[4], v[5], ci, co) then return nil end
+  local input = v[4] + ci
+  local output = v[5] + co
+  return math.min(fraction(v[3] + 1, v[18]), fraction(input + output, v[19]),
+    fraction(input, v[20]), fraction(output, v[21]))
 end
 
--- The earliest time >= now when the charge fits as entries age out; nil if never.
-local function earliest_fit(b, l, ci, co, now)
-  local u = b.u
-  if not fits(l, 0, 0, 0, ci, co) then return nil end
-  if fits(l, u[1], u[2], u[3], ci, co) then return now end
-  local r, i, o = u[1], u[2], u[3]
+-- The earliest time >= now when the charge fits the learned limits as
+-- entries age out; nil if never.
+local function earliest_fit(b, ci, co, now)
+  local v = b.v
+  if not fits_at(v, 18, 0, 0, 0, ci, co) then return nil end
+  if fits_at(v, 18, v[3], v[4], v[5], ci, co) then return now end
+  local r, i, o = v[3], v[4], v[5]
   local cut = now - W
-  local log = redis.call('ZRANGE', b.log, 0, -1)
+  local log = redis.call('ZRANGE', b.log, '0', '-1')
   for k = 1, #log do
     local er, ei, eo, _, at = parse(log[k])
     -- Entries scan_old found old are out of the sums already.
     if at >= cut then
       r, i, o = r - er, i - ei, o - eo
-      if fits(l, r, i, o, ci, co) then return math.max(at + W + 1, now) end
+      if fits_at(v, 18, r, i, o, ci, co) then return math.max(at + W + 1, now) end
     end
   end
   return now

@@ -3,9 +3,7 @@
 -- configured x4.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
-load_state(b, nil, now)
-b.a = new_ada(limits_at(ARGV, 1))
-b.has_ada = true
-b.dirty = true
+load_state(b, now)
+store_adaptive(b, new_ada(limits_at(ARGV, 1)))
 save_state(b, now)
 return now

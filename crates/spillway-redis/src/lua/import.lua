@@ -4,17 +4,21 @@
 -- KEYS: entries, state. ARGV: stamp (us), requests, input, output.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
-load_state(b, nil, now)
+load_state(b, now)
+local v = b.v
 evict(b, now)
 local at = tonumber(ARGV[1])
 if at >= now - W then
   local r, i, o = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  local id = math.max(b.last_id + 1, now * 4)
-  b.last_id = id
+  local known = v[13] == v[9]
+  local id = math.max(v[9] + 1, now * 4)
+  v[9] = id
   redis.call('ZADD', b.log, I(at), entry(id, at, r, i, o, 1))
   account(b, 1, r, i, o, 1)
-  if b.ol == 0 then b.ol = at else b.ol = math.min(b.ol, at) end
-  if b.la then b.la = math.max(b.la, at) elseif b.known then b.la = at end
+  if v[11] == 0 then v[11] = at else v[11] = math.min(v[11], at) end
+  if v[12] ~= 0 then v[12] = math.max(v[12], at) elseif known then v[12] = at end
+  -- 11 and 12 stay trusted only if they were.
+  if known then v[13] = id end
 end
 b.dirty = true
 -- The log may have been empty (its key gone): always set its TTL here.

@@ -19,13 +19,13 @@ local best, best_h = nil, nil
 for k = 1, n do
   local a0 = 5 + (k - 1) * 5
   local kb = 1 + (k - 1) * 2
-  local b = { log = KEYS[kb + 1], st = KEYS[kb + 2] }
-  b.drained = drained[ARGV[a0 + 1]] == true
-  load_state(b, limits_at(ARGV, a0 + 2), now)
+  local b = { log = KEYS[kb + 1], st = KEYS[kb + 2], drained = drained[ARGV[a0 + 1]] == true }
+  load_state(b, now, ARGV, a0 + 2)
   cands[k] = b
-  if not b.drained and not (now < b.a.cu) then
+  local v = b.v
+  if not b.drained and not (now < v[22]) then
     scan_old(b, now)
-    local h = headroom_after(b, b.a.learned, ci, co)
+    local h = headroom_after(v, ci, co)
     if h then
       if best == nil or h > best_h then best, best_h = k, h end
       if ordered then break end
@@ -40,27 +40,28 @@ if best then
   end
   if not reserve then return { 0, now } end
   local b = cands[best]
+  local v = b.v
   drop_old(b, now)
   local last
-  if b.known and b.ol == 0 then
+  -- When 11 and 12 are right (scan_old() has just found the oldest stamp),
+  -- no entry means an empty log.
+  if v[13] == v[9] and v[11] == 0 then
     last = nil
-  elseif b.known and b.la then
-    last = b.la
+  elseif v[13] == v[9] and v[12] ~= 0 then
+    last = v[12]
   else
     last = last_at(b)
   end
   local at = math.max(last or now, now)
-  local id = math.max(b.last_id + 1, now * 4)
-  b.last_id = id
+  local id = math.max(v[9] + 1, now * 4)
+  v[9] = id
   redis.call('ZADD', b.log, I(at), entry(id, at, 1, ci, co, 0))
   account(b, 1, 1, ci, co, 0)
-  -- scan_old() has just found the oldest stamp (0 when the log is empty).
-  if b.ol == 0 then b.ol = at end
-  b.la = at
-  b.known = true
+  if v[11] == 0 then v[11] = at end
+  v[12] = at
+  v[13] = id
   save_state(b, now, last == nil, at)
-  local l = b.a.learned
-  return { 1, best, id, l[1], l[2], l[3], l[4], b.u[1], b.u[2], b.u[3], at + W + 1, now }
+  return { 1, best, id, v[18], v[19], v[20], v[21], v[3], v[4], v[5], at + W + 1, now }
 end
 local retry = nil
 for k = 1, #cands do
@@ -68,10 +69,11 @@ for k = 1, #cands do
   if not b.drained then
     if not b.old then scan_old(b, now) end
     tidy(b, now)
-    local t = earliest_fit(b, b.a.learned, ci, co, now)
+    local v = b.v
+    local t = earliest_fit(b, ci, co, now)
     if t then
-      t = math.max(t, b.a.cu)
-    elseif fits(b.a.conf, 0, 0, 0, ci, co) then
+      t = math.max(t, v[22])
+    elseif fits_at(v, 14, 0, 0, 0, ci, co) then
       t = now + NEVER_FIT_RETRY
     end
     if t and (retry == nil or t < retry) then retry = t end

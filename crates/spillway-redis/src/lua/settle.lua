@@ -7,10 +7,8 @@
 -- Returns now.
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
-local conf = limits_at(ARGV, 1)
-load_state(b, conf, now)
-if not b.has_ada then b.a = new_ada(conf) end
-local a = b.a
+load_state(b, now, ARGV, 1)
+local v = b.v
 evict(b, now)
 local id = tonumber(ARGV[5])
 local outcome = tonumber(ARGV[6])
@@ -27,22 +25,22 @@ local function settle_to(r, i, o)
   account(b, 1, r, i, o, 1)
   redis.call('ZADD', b.log, I(at), entry(id, at, r, i, o, 1))
 end
-if outcome == 0 then
-  settle_to(1, ai, ao)
-  on_success(a, now)
-elseif outcome == 1 then
-  settle_to(1, 0, 0)
-  local obs = { math.max(b.u[1] - 1, 0), b.u[2], b.u[3] }
-  on_rate_limited(a, now, obs, which, jitter)
-elseif outcome == 2 then
-  settle_to(1, 0, 0)
-  cool_down(a, now, jitter)
-else
+if outcome == 3 then
   settle_to(0, 0, 0)
-end
-if outcome ~= 3 then
-  b.has_ada = true
-  b.dirty = true
+else
+  local a = adaptive_of(v)
+  if outcome == 0 then
+    settle_to(1, ai, ao)
+    on_success(a, now)
+  elseif outcome == 1 then
+    settle_to(1, 0, 0)
+    local obs = { math.max(v[3] - 1, 0), v[4], v[5] }
+    on_rate_limited(a, now, obs, which, jitter)
+  else
+    settle_to(1, 0, 0)
+    cool_down(a, now, jitter)
+  end
+  store_adaptive(b, a)
 end
 save_state(b, now)
 return now

@@ -10,15 +10,14 @@ for k = 1, n do
   local kb = (k - 1) * 3
   local a0 = 1 + (k - 1) * 5
   local b = { log = KEYS[kb + 2], st = KEYS[kb + 3] }
-  load_state(b, limits_at(ARGV, a0 + 2), now)
-  local a = b.a
+  load_state(b, now, ARGV, a0 + 2)
   evict(b, now)
   save_state(b, now)
+  local v = b.v
   local drained = redis.call('SISMEMBER', KEYS[kb + 1], ARGV[a0 + 1])
-  for _, v in ipairs(a.conf) do out[#out + 1] = v end
-  for _, v in ipairs(a.learned) do out[#out + 1] = v end
-  for j = 1, 6 do out[#out + 1] = b.u[j] end
-  out[#out + 1] = math.max(a.cu - now, 0)
+  for j = 14, 21 do out[#out + 1] = v[j] end
+  for j = 3, 8 do out[#out + 1] = v[j] end
+  out[#out + 1] = math.max(v[22] - now, 0)
   out[#out + 1] = drained
 end
 return out
