@@ -126,6 +126,39 @@ async fn quotas_show_live_state_and_regions_can_be_drained() {
     expect_error(r, 404, "not_found_error").await;
 }
 
+/// A unary response does not wait for its settle (with a shared store that
+/// is another round trip), but the settle still lands: the reservation
+/// stops being in flight and the budget holds the tokens actually used.
+#[tokio::test]
+async fn a_unary_request_is_settled_after_its_response_with_its_real_usage() {
+    let h = Harness::start(&admin_overlay("")).await;
+    let r = h.post_json("/v1/messages", &hello(HAIKU)).await;
+    assert_eq!(r.status(), 200);
+    let region = r.headers()["x-spillway-region"].to_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    let (input, output) = (
+        body["usage"]["input_tokens"].as_u64().unwrap(),
+        body["usage"]["output_tokens"].as_u64().unwrap(),
+    );
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        let quotas: Value = admin(&h, reqwest::Method::GET, "/admin/quotas", None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        last = budget(&quotas, &region).clone();
+        if last["in_flight"]["requests"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(last["in_flight"]["requests"], 0, "settled: {last}");
+    assert_eq!(last["used"]["requests"], 1, "{last}");
+    assert_eq!(last["used"]["input_tokens"], input, "{last}");
+    assert_eq!(last["used"]["output_tokens"], output, "{last}");
+}
+
 #[tokio::test]
 async fn budgets_can_be_raised_at_run_time() {
     let h = Harness::start(&admin_overlay("[models.\"claude-3-haiku@20240307\"]\nregions = [{ name = \"us-central1\", requests_per_min = 1 }]\n")).await;

@@ -565,7 +565,9 @@ async fn relay_unary(
     let usage = usage_from_message_body(&bytes);
     let grant = settle.as_ref().map(|s| s.grant.clone());
     if let Some(settle) = settle {
-        settle.run(usage, true).await;
+        // Off the response path: with a shared store a settle is another
+        // round trip to Redis, and nothing in the response depends on it.
+        tokio::spawn(settle.run(usage, true));
     }
     log.emit(200, usage, "ok");
     let mut builder = Response::builder()
