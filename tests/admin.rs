@@ -134,7 +134,10 @@ async fn a_unary_request_is_settled_after_its_response_with_its_real_usage() {
     let h = Harness::start(&admin_overlay("")).await;
     let r = h.post_json("/v1/messages", &hello(HAIKU)).await;
     assert_eq!(r.status(), 200);
-    let region = r.headers()["x-spillway-region"].to_str().unwrap().to_owned();
+    let region = r.headers()["x-spillway-region"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body: Value = r.json().await.unwrap();
     let (input, output) = (
         body["usage"]["input_tokens"].as_u64().unwrap(),

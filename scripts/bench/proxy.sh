@@ -13,7 +13,10 @@
 # core 1; 0: no pinning), OUT (result folder), SKIP_BUILD (1: use built bins),
 # CARGO_TARGET_DIR (where the built bins are, as for cargo), SPILLWAY_BIN (measure
 # this gateway binary instead, e.g. one built with another allocator), PARTS
-# (which runs: any of "unary stream max paced info memory"; default all).
+# (which runs: any of "unary stream max paced info memory redis"; default all
+# but redis), REDIS_URL (for the redis part: the same unary and streaming runs
+# with `quota.store = "redis"` against this Redis, e.g. a private
+# `redis-server --port 6391 --save ''`; the part is added when this is set).
 # Needs `oha` on PATH (cargo install oha --locked).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +30,8 @@ CONNS=${CONNS:-50}
 MAX_CONNS=${MAX_CONNS:-64}
 STREAMS=${STREAMS:-1000}
 PIN=${PIN:-1}
-PARTS=" ${PARTS:-unary stream max paced info memory} "
+DEFAULT_PARTS="unary stream max paced info memory${REDIS_URL:+ redis}"
+PARTS=" ${PARTS:-$DEFAULT_PARTS} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 OUT=${OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
@@ -144,10 +148,12 @@ regions = [
 TOML
 
 GW_PID=
-start_gateway() { # LOG_LEVEL
+start_gateway() { # LOG_LEVEL [EXTRA_CONFIG]
   stop_gateway
+  local extra=()
+  if [[ -n ${2:-} ]]; then extra=(--config "$2"); fi
   RUST_LOG=$1 "${SUT_PIN[@]}" "$BIN/spillway" serve --config config/demo.toml \
-    --config "$OUT/bench.toml" >>"$OUT/gateway.$1.log" 2>&1 &
+    --config "$OUT/bench.toml" "${extra[@]}" >>"$OUT/gateway.$1.log" 2>&1 &
   GW_PID=$!
   PIDS+=($GW_PID)
   wait_http "$GW/healthz"
@@ -228,6 +234,23 @@ oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
   -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
 run_oha unary_spillway_info     "$GW/v1/messages" "$UNARY" -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
 run_oha unary_max_spillway_info "$GW/v1/messages" "$UNARY" -- -c "$MAX_CONNS" "${CLOSED[@]}"
+fi
+
+# The shared store: admission (and settling) in Redis instead of memory.
+if part redis; then
+: "${REDIS_URL:?the redis part needs REDIS_URL}"
+cat > "$OUT/redis.toml" <<TOML
+[quota]
+store = "redis"
+redis_url = "$REDIS_URL"
+redis_key_prefix = "bench$RANDOM$RANDOM:"
+replicas = 1
+TOML
+start_gateway warn "$OUT/redis.toml"
+oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
+  -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
+run_oha unary_spillway_redis  "$GW/v1/messages" "$UNARY"  -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
+run_oha stream_spillway_redis "$GW/v1/messages" "$STREAM" -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
 fi
 
 # Memory: a fresh gateway, idle, then N streams held open by the simulator

@@ -12,6 +12,8 @@ PAIRS = [
     ("Unary, fixed rate, info log", "unary_direct", "unary_spillway_info"),
     ("Streaming, fixed rate", "stream_direct", "stream_spillway"),
     ("Streaming, paced tokens", "stream_paced_direct", "stream_paced_spillway"),
+    ("Unary, fixed rate, Redis store", "unary_direct", "unary_spillway_redis"),
+    ("Streaming, fixed rate, Redis store", "stream_direct", "stream_spillway_redis"),
 ]
 MAX = [
     ("Unary, closed loop", "unary_max_direct", "unary_max_spillway"),
@@ -75,6 +77,16 @@ def table(out):
               + " | ".join(f"**{fmt(b['lat'][p] - a['lat'][p])}**" for p in PCTS)
               + f" | {fmt(b['max'] - a['max'])} | {fmt(b['fb']['p50'] - a['fb']['p50'])} | "
               f"{fmt(b['fb']['p99'] - a['fb']['p99'])} |")
+    shared = [(t, m, r) for t, m, r in (("Unary", "unary_spillway", "unary_spillway_redis"),
+                                         ("Streaming", "stream_spillway", "stream_spillway_redis"))
+              if m in res and r in res]
+    if shared:
+        print("\n### What the Redis store adds over the in-memory one (ms, same run)\n")
+        print("| run | " + " | ".join(PCTS) + " |")
+        print("|---|" + "---|" * len(PCTS))
+        for title, m, r in shared:
+            print(f"| {title} | " + " | ".join(
+                fmt(res[r]["lat"][p] - res[m]["lat"][p]) for p in PCTS) + " |")
     print("\n### Throughput, closed loop\n")
     print("| run | path | requests/s | ok | errors | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|---|---|---|")

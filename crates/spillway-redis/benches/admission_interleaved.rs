@@ -1,0 +1,223 @@
+//! Admission latency with Redis, each decision timed against a bare round
+//! trip taken right beside it.
+//!
+//! On a virtual machine a loopback round trip drifts by tens of
+//! microseconds from one second to the next, so two figures measured one
+//! after the other (as criterion does, benchmark by benchmark) cannot be
+//! subtracted. Here every round runs each case once, in turn, and the
+//! report gives each case's percentiles over the same stretch of time, and
+//! per round the difference to the `PING` beside it.
+//!
+//! Cases: a `PING` through the redis crate and on a raw socket; a function
+//! call that does nothing, with the reserve's keys and arguments; the
+//! reserve itself (two candidate regions, 50 models, a 1-s window so the
+//! logs are at steady state); a settle; and the same reserve in memory.
+//!
+//! Run: `cargo bench -p spillway-redis --bench admission_interleaved`
+//! (`SPILLWAY_BENCH_REDIS`, default `redis://127.0.0.1:6379`; `ROUNDS`,
+//! default 20000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::ledger::{Charge, Limits};
+use spillway_core::store::{BudgetConfig, MemoryStore, Outcome, ReserveRequest, Strategy};
+use spillway_redis::{RedisSettings, RedisStore, ServerClock};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MODELS: usize = 50;
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+fn report(name: &str, mut ns: Vec<i64>) {
+    ns.sort_unstable();
+    println!(
+        "{name:<52} p10 {:>7.1}  p50 {:>7.1}  p90 {:>7.1}  p99 {:>7.1} µs",
+        percentile(&ns, 0.10),
+        percentile(&ns, 0.50),
+        percentile(&ns, 0.90),
+        percentile(&ns, 0.99),
+    );
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with no arguments: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let url = std::env::var("SPILLWAY_BENCH_REDIS").unwrap_or("redis://127.0.0.1:6379".into());
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut budgets = Vec::new();
+    let mut models = Vec::new();
+    for m in 0..MODELS {
+        let model = format!("claude-model-{m}@20250101");
+        for region in ["us-central1", "europe-west4"] {
+            budgets.push(BudgetConfig {
+                model: model.clone(),
+                region: region.into(),
+                // Large enough never to refuse: this measures the decision.
+                limits: Limits::new(u32::MAX, 1 << 50),
+            });
+        }
+        models.push(model);
+    }
+    let window = Duration::from_secs(1);
+    let settings = RedisSettings {
+        url,
+        key_prefix: format!("bench{}:", rand::random::<u32>()),
+        timeout: Duration::from_secs(1),
+        window,
+        adaptive: AdaptiveConfig::default(),
+        budgets: budgets.clone(),
+    };
+    let redis = rt
+        .block_on(RedisStore::connect(&settings))
+        .expect("a Redis at SPILLWAY_BENCH_REDIS");
+    let memory = MemoryStore::new(
+        ServerClock::default(),
+        window,
+        AdaptiveConfig::default(),
+        &budgets,
+    );
+    let regions: Vec<Arc<str>> = vec![Arc::from("us-central1"), Arc::from("europe-west4")];
+    let charge = Charge {
+        input: 1_200,
+        output: 1_024,
+    };
+    let used = Outcome::Used(Charge {
+        input: 1_000,
+        output: 200,
+    });
+    let request = |i: usize| ReserveRequest {
+        model: &models[i % MODELS],
+        regions: &regions,
+        charge,
+        strategy: Strategy::MostHeadroom,
+    };
+
+    let client = redis::Client::open(settings.url.as_str()).unwrap();
+    let mut conn = rt
+        .block_on(client.get_multiplexed_async_connection())
+        .unwrap();
+    let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr else {
+        panic!("SPILLWAY_BENCH_REDIS must be a redis://host:port URL");
+    };
+    let mut raw = rt
+        .block_on(tokio::net::TcpStream::connect((host.as_str(), *port)))
+        .unwrap();
+    raw.set_nodelay(true).unwrap();
+    // The reserve call's shape (5 keys, 15 arguments, 12 integers back)
+    // doing nothing: the floor of any reserve.
+    rt.block_on(async {
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(
+                "#!lua name=spillway_bench_noop\n\
+                 redis.register_function('spillway_bench_noop', function(KEYS, ARGV) \
+                 return {1,2,3,4,5,6,7,8,9,10,11,12} end)",
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    let mut noop = redis::cmd("FCALL");
+    noop.arg("spillway_bench_noop").arg(5);
+    for k in 0..5 {
+        noop.arg(format!("bench:{{m}}:us-central1:k{k}"));
+    }
+    for a in 0..15 {
+        noop.arg(a * 1000);
+    }
+
+    // Warm up: fills the logs to their steady state (one window).
+    let warm = Instant::now();
+    let mut i = 0usize;
+    while warm.elapsed() < window * 2 {
+        i += 1;
+        rt.block_on(redis.try_reserve(request(i))).unwrap().unwrap();
+    }
+
+    const CASES: usize = 6;
+    let names = [
+        "memory: reserve + settle (2 candidates)",
+        "redis crate: PING",
+        "raw socket: PING",
+        "redis: no-op function, same keys, args, reply",
+        "redis: reserve (2 candidates, one function call)",
+        "redis: settle (one function call)",
+    ];
+    let mut samples: Vec<Vec<i64>> = vec![Vec::with_capacity(rounds); CASES];
+    let mut over_ping: Vec<i64> = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let mut took = [0i64; CASES];
+        let mut grant = None;
+        // Rotate the order so no case always follows the same one.
+        for step in 0..CASES {
+            let case = (round + step) % CASES;
+            i += 1;
+            let start = Instant::now();
+            match case {
+                0 => {
+                    let g = memory.reserve_now(request(i)).expect("room");
+                    memory.settle_now(&g, used);
+                }
+                1 => rt.block_on(async {
+                    let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+                }),
+                2 => rt.block_on(async {
+                    raw.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+                    let mut buf = [0u8; 16];
+                    let mut n = 0;
+                    while n < 7 {
+                        n += raw.read(&mut buf[n..]).await.unwrap();
+                    }
+                }),
+                3 => rt.block_on(async {
+                    let _: Vec<i64> = noop.query_async(&mut conn).await.unwrap();
+                }),
+                4 => {
+                    grant = Some(
+                        rt.block_on(redis.try_reserve(request(i)))
+                            .unwrap()
+                            .expect("room"),
+                    )
+                }
+                _ => match grant.take() {
+                    Some(g) => rt.block_on(redis.try_settle(&g, used)).unwrap(),
+                    // The reserve comes later in this round: settle one now.
+                    None => {
+                        let g = rt
+                            .block_on(redis.try_reserve(request(i)))
+                            .unwrap()
+                            .expect("room");
+                        let start = Instant::now();
+                        rt.block_on(redis.try_settle(&g, used)).unwrap();
+                        took[case] = start.elapsed().as_nanos() as i64;
+                        continue;
+                    }
+                },
+            }
+            took[case] = start.elapsed().as_nanos() as i64;
+        }
+        for (case, ns) in took.into_iter().enumerate() {
+            samples[case].push(ns);
+        }
+        over_ping.push(took[4] - took[1]);
+    }
+    println!("{rounds} rounds, each case once per round");
+    for (name, ns) in names.iter().zip(samples) {
+        report(name, ns);
+    }
+    report("reserve minus the PING of the same round", over_ping);
+}
