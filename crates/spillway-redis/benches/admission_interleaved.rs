@@ -17,16 +17,12 @@
 //! (`SPILLWAY_BENCH_REDIS`, default `redis://127.0.0.1:6379`; `ROUNDS`,
 //! default 20000).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod fixture;
 
-use spillway_core::adaptive::AdaptiveConfig;
-use spillway_core::ledger::{Charge, Limits};
-use spillway_core::store::{BudgetConfig, MemoryStore, Outcome, ReserveRequest, Strategy};
-use spillway_redis::{RedisSettings, RedisStore, ServerClock};
+use std::time::Instant;
+
+use fixture::{Fixture, USED as used, WINDOW as window};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const MODELS: usize = 50;
 
 fn percentile(sorted: &[i64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
@@ -48,7 +44,6 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let url = std::env::var("SPILLWAY_BENCH_REDIS").unwrap_or("redis://127.0.0.1:6379".into());
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -57,53 +52,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut budgets = Vec::new();
-    let mut models = Vec::new();
-    for m in 0..MODELS {
-        let model = format!("claude-model-{m}@20250101");
-        for region in ["us-central1", "europe-west4"] {
-            budgets.push(BudgetConfig {
-                model: model.clone(),
-                region: region.into(),
-                // Large enough never to refuse: this measures the decision.
-                limits: Limits::new(u32::MAX, 1 << 50),
-            });
-        }
-        models.push(model);
-    }
-    let window = Duration::from_secs(1);
-    let settings = RedisSettings {
-        url,
-        key_prefix: format!("bench{}:", rand::random::<u32>()),
-        timeout: Duration::from_secs(1),
-        window,
-        adaptive: AdaptiveConfig::default(),
-        budgets: budgets.clone(),
-    };
-    let redis = rt
-        .block_on(RedisStore::connect(&settings))
-        .expect("a Redis at SPILLWAY_BENCH_REDIS");
-    let memory = MemoryStore::new(
-        ServerClock::default(),
-        window,
-        AdaptiveConfig::default(),
-        &budgets,
-    );
-    let regions: Vec<Arc<str>> = vec![Arc::from("us-central1"), Arc::from("europe-west4")];
-    let charge = Charge {
-        input: 1_200,
-        output: 1_024,
-    };
-    let used = Outcome::Used(Charge {
-        input: 1_000,
-        output: 200,
-    });
-    let request = |i: usize| ReserveRequest {
-        model: &models[i % MODELS],
-        regions: &regions,
-        charge,
-        strategy: Strategy::MostHeadroom,
-    };
+    let fx = Fixture::new(&rt);
+    let (redis, memory, settings) = (&fx.redis, &fx.memory, &fx.settings);
+    let request = |i: usize| fx.request(i);
 
     let client = redis::Client::open(settings.url.as_str()).unwrap();
     let mut conn = rt
@@ -157,7 +108,7 @@ fn main() {
         "redis: reserve (2 candidates, one function call)",
         "redis: settle (one function call)",
     ];
-    let mut samples: Vec<Vec<i64>> = vec![Vec::with_capacity(rounds); CASES];
+    let mut samples: Vec<Vec<i64>> = (0..CASES).map(|_| Vec::with_capacity(rounds)).collect();
     let mut over_ping: Vec<i64> = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let mut took = [0i64; CASES];

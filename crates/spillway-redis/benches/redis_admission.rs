@@ -8,76 +8,21 @@
 //! fresh key prefix; keys expire by themselves. Run:
 //! `cargo bench -p spillway-redis --bench redis_admission`.
 
-use std::sync::Arc;
+mod fixture;
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use spillway_core::adaptive::AdaptiveConfig;
-use spillway_core::ledger::{Charge, Limits};
-use spillway_core::store::{BudgetConfig, MemoryStore, Outcome, ReserveRequest, Strategy};
-use spillway_redis::{RedisSettings, RedisStore, ServerClock};
-
-const MODELS: usize = 50;
-
-fn budgets() -> (Vec<BudgetConfig>, Vec<String>) {
-    let mut budgets = Vec::new();
-    let mut models = Vec::new();
-    for m in 0..MODELS {
-        let model = format!("claude-model-{m}@20250101");
-        for region in ["us-central1", "europe-west4"] {
-            budgets.push(BudgetConfig {
-                model: model.clone(),
-                region: region.into(),
-                // Large enough never to refuse: this measures the decision.
-                limits: Limits::new(u32::MAX, 1 << 50),
-            });
-        }
-        models.push(model);
-    }
-    (budgets, models)
-}
+use fixture::{Fixture, USED as used};
 
 fn bench(c: &mut Criterion) {
-    let url = std::env::var("SPILLWAY_BENCH_REDIS").unwrap_or("redis://127.0.0.1:6379".into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (budgets, models) = budgets();
-    // A short window keeps the logs at steady state (entries age out).
-    let window = Duration::from_secs(1);
-    let settings = RedisSettings {
-        url,
-        key_prefix: format!("bench{}:", rand::random::<u32>()),
-        timeout: Duration::from_secs(1),
-        window,
-        adaptive: AdaptiveConfig::default(),
-        budgets: budgets.clone(),
-    };
-    let redis = rt
-        .block_on(RedisStore::connect(&settings))
-        .expect("a Redis at SPILLWAY_BENCH_REDIS");
-    let memory = MemoryStore::new(
-        ServerClock::default(),
-        window,
-        AdaptiveConfig::default(),
-        &budgets,
-    );
-    let regions: Vec<Arc<str>> = vec![Arc::from("us-central1"), Arc::from("europe-west4")];
-    let charge = Charge {
-        input: 1_200,
-        output: 1_024,
-    };
-    let used = Outcome::Used(Charge {
-        input: 1_000,
-        output: 200,
-    });
-    let request = |i: usize| ReserveRequest {
-        model: &models[i % MODELS],
-        regions: &regions,
-        charge,
-        strategy: Strategy::MostHeadroom,
-    };
+    let fx = Fixture::new(&rt);
+    let (redis, memory, settings) = (&fx.redis, &fx.memory, &fx.settings);
+    let request = |i: usize| fx.request(i);
 
     let mut i = 0usize;
     c.bench_function("memory: reserve (2 candidates)", |b| {
