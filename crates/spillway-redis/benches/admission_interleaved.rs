@@ -67,29 +67,7 @@ fn main() {
         .block_on(tokio::net::TcpStream::connect((host.as_str(), *port)))
         .unwrap();
     raw.set_nodelay(true).unwrap();
-    // The reserve call's shape (5 keys, 15 arguments, 12 integers back)
-    // doing nothing: the floor of any reserve.
-    rt.block_on(async {
-        let _: String = redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(
-                "#!lua name=spillway_bench_noop\n\
-                 redis.register_function('spillway_bench_noop', function(KEYS, ARGV) \
-                 return {1,2,3,4,5,6,7,8,9,10,11,12} end)",
-            )
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    });
-    let mut noop = redis::cmd("FCALL");
-    noop.arg("spillway_bench_noop").arg(5);
-    for k in 0..5 {
-        noop.arg(format!("bench:{{m}}:us-central1:k{k}"));
-    }
-    for a in 0..15 {
-        noop.arg(a * 1000);
-    }
+    let noop = fixture::noop_call(&rt, &mut conn);
 
     // Warm up: fills the logs to their steady state (one window).
     let warm = Instant::now();

@@ -70,33 +70,11 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
-    // The reserve call's shape (a function called with 5 keys and 15
-    // arguments, 12 integers back) doing nothing: the floor of any reserve.
-    rt.block_on(async {
-        let _: String = redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(
-                "#!lua name=spillway_bench_noop\n\
-                 redis.register_function('spillway_bench_noop', function(KEYS, ARGV) \
-                 return {1,2,3,4,5,6,7,8,9,10,11,12} end)",
-            )
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    });
+    let noop = fixture::noop_call(&rt, &mut conn);
     c.bench_function("redis: no-op function, same keys and args", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut call = redis::cmd("FCALL");
-                call.arg("spillway_bench_noop").arg(5);
-                for k in 0..5 {
-                    call.arg(format!("bench:{{m}}:us-central1:k{k}"));
-                }
-                for a in 0..15 {
-                    call.arg(a * 1000);
-                }
-                let _: Vec<i64> = call.query_async(&mut conn).await.unwrap();
+                let _: Vec<i64> = noop.query_async(&mut conn).await.unwrap();
             })
         })
     });
