@@ -25,7 +25,6 @@
 
 local W = {{window_us}}
 local LOG_TTL = {{log_ttl_ms}}
-local STATE_TTL = {{state_ttl_ms}}
 local HEADROOM = {{headroom}}
 local CD_BASE = {{cooldown_base_us}}
 local CD_MAX = {{cooldown_max_us}}
