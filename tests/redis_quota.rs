@@ -27,13 +27,13 @@ const PER_WINDOW: u32 = 12;
 const MARGIN_MS: u64 = 60;
 const REGIONS: [&str; 2] = ["us-central1", "europe-west4"];
 
-async fn simulator() -> SimHandle {
+async fn simulator(per_window: u32) -> SimHandle {
     let config = SimConfig {
         regions: REGIONS
             .iter()
             .map(|r| SimRegion {
                 name: (*r).into(),
-                models: vec![SimModel::new(HAIKU, PER_WINDOW, 10_000_000)],
+                models: vec![SimModel::new(HAIKU, per_window, 10_000_000)],
             })
             .collect(),
         bearer_token: Some(TOKEN.into()),
@@ -50,13 +50,13 @@ struct Replica {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn replica(sim: &SimHandle, redis_url: &str, replicas: u32) -> Replica {
+async fn replica(sim: &SimHandle, redis_url: &str, replicas: u32, per_window: u32) -> Replica {
     let overlay = format!(
         "[quota]\nstore = \"redis\"\nredis_url = \"{redis_url}\"\nreplicas = {replicas}\n\
          window_secs = 2\nwindow_margin_ms = {MARGIN_MS}\nredis_timeout_ms = 50\n\
          [scheduler]\nmax_wait_ms = 4000\n\
-         [models.\"{HAIKU}\"]\nregions = [{{ name = \"us-central1\", requests_per_min = {PER_WINDOW}, tokens_per_min = 10000000 }}, \
-         {{ name = \"europe-west4\", requests_per_min = {PER_WINDOW}, tokens_per_min = 10000000 }}]\n"
+         [models.\"{HAIKU}\"]\nregions = [{{ name = \"us-central1\", requests_per_min = {per_window}, tokens_per_min = 10000000 }}, \
+         {{ name = \"europe-west4\", requests_per_min = {per_window}, tokens_per_min = 10000000 }}]\n"
     );
     let env: HashMap<String, String> = [
         ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim.base_url()),
@@ -151,18 +151,34 @@ async fn metric(replica: &Replica, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget_exactly_under_contention() {
+    let leased = contention(PER_WINDOW).await;
+    println!("{leased} requests admitted under leases");
+}
+
+/// A budget roomy enough for leases to form (each at most a quarter of
+/// what is left): the replicas admit many requests without asking Redis,
+/// and still no window goes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_with_leases_share_a_roomy_budget_exactly() {
+    let leased = contention(150).await;
+    assert!(leased > 0.0, "leases were used");
+}
+
+/// Three replicas, six clients each, four windows; returns how many
+/// requests were admitted under leases.
+async fn contention(per_window: u32) -> f64 {
     let redis = RedisServer::start();
-    let sim = simulator().await;
+    let sim = simulator(per_window).await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(replica(&sim, &redis.url(), 3).await);
+        replicas.push(replica(&sim, &redis.url(), 3, per_window).await);
     }
     let windows = 4u32;
     let started = Instant::now();
     let tally = Arc::new(Tally::default());
     load(&replicas, 6, started + WINDOW * windows, Arc::clone(&tally)).await;
     let ok = tally.ok.load(Ordering::Relaxed);
-    let quota = u64::from(PER_WINDOW) * REGIONS.len() as u64 * u64::from(windows);
+    let quota = u64::from(per_window) * REGIONS.len() as u64 * u64::from(windows);
     let goodput = ok as f64 / quota as f64;
     println!(
         "3 replicas, {windows} windows of {WINDOW:?}: {ok} served (aggregate quota {quota}, goodput {:.1}%), {} refused by Spillway, {} upstream 429s",
@@ -172,8 +188,10 @@ async fn three_replicas_share_one_budget_exactly_under_contention() {
     );
     for r in &replicas {
         println!(
-            "failovers: {:?}",
-            metric(r, "spillway_quota_store_failovers_total").await
+            "failovers: {:?}, leases: {:?}, admitted under them: {:?}",
+            metric(r, "spillway_quota_store_failovers_total").await,
+            metric(r, "spillway_quota_store_leases_total").await,
+            metric(r, "spillway_quota_store_lease_admissions_total").await,
         );
     }
     assert_eq!(
@@ -187,19 +205,24 @@ async fn three_replicas_share_one_budget_exactly_under_contention() {
         "every request answered 200 or 429"
     );
     assert!(goodput >= 0.95, "goodput {goodput:.3}");
+    let mut leased = 0.0;
     for r in &replicas {
         assert_eq!(metric(r, "spillway_quota_store_degraded").await, Some(0.0));
+        leased += metric(r, "spillway_quota_store_lease_admissions_total")
+            .await
+            .unwrap_or(0.0);
     }
+    leased
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_survive_redis_dying_and_resynchronise_when_it_returns() {
     let mut redis = RedisServer::start();
-    let sim = simulator().await;
+    let sim = simulator(PER_WINDOW).await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
         // N from live heartbeats.
-        replicas.push(replica(&sim, &redis.url(), 0).await);
+        replicas.push(replica(&sim, &redis.url(), 0, PER_WINDOW).await);
     }
     // Heartbeats converge on N = 3 within one period.
     let converge = Instant::now();
@@ -321,10 +344,10 @@ async fn load_owned(replicas: Vec<Replica>, until: Instant, tally: Arc<Tally>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_after_redis_returns_is_quick() {
     let mut redis = RedisServer::start();
-    let sim = simulator().await;
+    let sim = simulator(PER_WINDOW).await;
     let replicas = [
-        replica(&sim, &redis.url(), 3).await,
-        replica(&sim, &redis.url(), 3).await,
+        replica(&sim, &redis.url(), 3, PER_WINDOW).await,
+        replica(&sim, &redis.url(), 3, PER_WINDOW).await,
     ];
     redis.kill();
     // Any call notices; with no traffic the heartbeat does (≤ 2 s).

@@ -15,7 +15,8 @@
 # this gateway binary instead, e.g. one built with another allocator), PARTS
 # (which runs: any of "unary stream max paced info memory redis"; default all
 # but redis), REDIS_URL (for the redis part: the same unary and streaming runs
-# with `quota.store = "redis"` against this Redis, e.g. a private
+# with `quota.store = "redis"`, with leases (the default) and without, against
+# this Redis, e.g. a private
 # `redis-server --port 6391 --save ''`; the part is added when this is set).
 # Needs `oha` on PATH (cargo install oha --locked).
 set -euo pipefail
@@ -251,6 +252,13 @@ oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
   -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
 run_oha unary_spillway_redis  "$GW/v1/messages" "$UNARY"  -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
 run_oha stream_spillway_redis "$GW/v1/messages" "$STREAM" -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
+# The same without leases: every admission one round trip to Redis.
+sed 's/^replicas = 1$/replicas = 1\nredis_lease_ms = 0/' "$OUT/redis.toml" > "$OUT/redis_nolease.toml"
+start_gateway warn "$OUT/redis_nolease.toml"
+oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
+  -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
+run_oha unary_spillway_redis_nolease  "$GW/v1/messages" "$UNARY"  -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
+run_oha stream_spillway_redis_nolease "$GW/v1/messages" "$STREAM" -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
 fi
 
 # Memory: a fresh gateway, idle, then N streams held open by the simulator

@@ -14,6 +14,9 @@ PAIRS = [
     ("Streaming, paced tokens", "stream_paced_direct", "stream_paced_spillway"),
     ("Unary, fixed rate, Redis store", "unary_direct", "unary_spillway_redis"),
     ("Streaming, fixed rate, Redis store", "stream_direct", "stream_spillway_redis"),
+    ("Unary, fixed rate, Redis store, no leases", "unary_direct", "unary_spillway_redis_nolease"),
+    ("Streaming, fixed rate, Redis store, no leases", "stream_direct",
+     "stream_spillway_redis_nolease"),
 ]
 MAX = [
     ("Unary, closed loop", "unary_max_direct", "unary_max_spillway"),
@@ -77,9 +80,12 @@ def table(out):
               + " | ".join(f"**{fmt(b['lat'][p] - a['lat'][p])}**" for p in PCTS)
               + f" | {fmt(b['max'] - a['max'])} | {fmt(b['fb']['p50'] - a['fb']['p50'])} | "
               f"{fmt(b['fb']['p99'] - a['fb']['p99'])} |")
-    shared = [(t, m, r) for t, m, r in (("Unary", "unary_spillway", "unary_spillway_redis"),
-                                         ("Streaming", "stream_spillway", "stream_spillway_redis"))
-              if m in res and r in res]
+    shared = [(t, m, r) for t, m, r in (
+        ("Unary", "unary_spillway", "unary_spillway_redis"),
+        ("Streaming", "stream_spillway", "stream_spillway_redis"),
+        ("Unary, no leases", "unary_spillway", "unary_spillway_redis_nolease"),
+        ("Streaming, no leases", "stream_spillway", "stream_spillway_redis_nolease"))
+        if m in res and r in res]
     if shared:
         print("\n### What the Redis store adds over the in-memory one (ms, same run)\n")
         print("| run | " + " | ".join(PCTS) + " |")

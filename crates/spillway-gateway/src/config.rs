@@ -143,6 +143,10 @@ pub struct QuotaDefaults {
     /// Longest wait for Redis on the admission path before failing over.
     #[serde(default = "crate::shared_quota::default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
+    /// How long a lease of shared budget lets a busy replica admit without
+    /// a round trip to Redis; 0 turns leases off (`spillway-redis` lease.rs).
+    #[serde(default = "crate::shared_quota::default_redis_lease_ms")]
+    pub redis_lease_ms: u64,
     /// N for the local 1/N share while Redis is down; 0 = live replicas.
     #[serde(default)]
     pub replicas: u32,

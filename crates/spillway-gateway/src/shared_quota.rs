@@ -33,6 +33,10 @@ pub fn default_redis_timeout_ms() -> u64 {
     50
 }
 
+pub fn default_redis_lease_ms() -> u64 {
+    50
+}
+
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -84,6 +88,12 @@ pub fn validate(q: &QuotaDefaults) -> Result<(), ConfigError> {
             "must be between 1 and 10000",
         ));
     }
+    if q.redis_lease_ms > 1_000 {
+        return Err(invalid(
+            "quota.redis_lease_ms",
+            "must be at most 1000 (0 turns leases off)",
+        ));
+    }
     if q.replicas > 1_000 {
         return Err(invalid(
             "quota.replicas",
@@ -109,6 +119,7 @@ pub async fn open(
         window,
         adaptive,
         budgets,
+        lease: Duration::from_millis(q.redis_lease_ms),
     };
     let store = ResilientStore::start(&settings, q.replicas, StoreMetrics::new(Some(registry)))
         .await

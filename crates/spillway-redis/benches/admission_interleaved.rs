@@ -11,7 +11,10 @@
 //! Cases: a `PING` through the redis crate and on a raw socket; a function
 //! call that does nothing, with the reserve's keys and arguments; the
 //! reserve itself (two candidate regions, 50 models, a 1-s window so the
-//! logs are at steady state); a settle; and the same reserve in memory.
+//! logs are at steady state); a settle; the same reserve in memory; and
+//! a reserve and settle by a store that leases (`lease.rs`, 50 ms), all
+//! for one model, as a busy gateway's traffic: most are answered from a
+//! lease without a round trip, the rest are the reserve that takes one.
 //!
 //! Run: `cargo bench -p spillway-redis --bench admission_interleaved`
 //! (`SPILLWAY_BENCH_REDIS`, default `redis://127.0.0.1:6379`; `ROUNDS`,
@@ -68,6 +71,7 @@ fn main() {
         .unwrap();
     raw.set_nodelay(true).unwrap();
     let noop = fixture::noop_call(&rt, &mut conn);
+    let leasing = fx.leasing(&rt, std::time::Duration::from_millis(50));
 
     // Warm up: fills the logs to their steady state (one window).
     let warm = Instant::now();
@@ -77,7 +81,7 @@ fn main() {
         rt.block_on(redis.try_reserve(request(i))).unwrap().unwrap();
     }
 
-    const CASES: usize = 6;
+    const CASES: usize = 7;
     let names = [
         "memory: reserve + settle (2 candidates)",
         "redis crate: PING",
@@ -85,6 +89,7 @@ fn main() {
         "redis: no-op function, same keys, args, reply",
         "redis: reserve (2 candidates, one function call)",
         "redis: settle (one function call)",
+        "redis, leases: reserve + settle (one model)",
     ];
     let mut samples: Vec<Vec<i64>> = (0..CASES).map(|_| Vec::with_capacity(rounds)).collect();
     let mut over_ping: Vec<i64> = Vec::with_capacity(rounds);
@@ -121,6 +126,13 @@ fn main() {
                             .unwrap()
                             .expect("room"),
                     )
+                }
+                6 => {
+                    let g = rt
+                        .block_on(leasing.try_reserve(request(0)))
+                        .unwrap()
+                        .expect("room");
+                    rt.block_on(leasing.try_settle(&g, used)).unwrap();
                 }
                 _ => match grant.take() {
                     Some(g) => rt.block_on(redis.try_settle(&g, used)).unwrap(),

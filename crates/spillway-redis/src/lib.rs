@@ -24,6 +24,7 @@
 //!
 //! [`QuotaStore`]: spillway_core::store::QuotaStore
 
+mod lease;
 mod resilient;
 mod store;
 
@@ -34,6 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::store::{BudgetConfig, Clock};
 
+pub use lease::LeaseCounters;
 pub use resilient::{ResilientStore, StoreMetrics};
 pub use store::RedisStore;
 
@@ -51,6 +53,9 @@ pub struct RedisSettings {
     pub window: Duration,
     pub adaptive: AdaptiveConfig,
     pub budgets: Vec<BudgetConfig>,
+    /// How long a lease lets this replica admit without asking Redis
+    /// (`lease.rs`); zero: every admission asks.
+    pub lease: Duration,
 }
 
 /// Why a Redis call failed.

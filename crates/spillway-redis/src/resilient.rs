@@ -38,7 +38,7 @@ use spillway_core::store::{
     StoreFuture,
 };
 
-use crate::{RedisSettings, RedisStore, ServerClock, StoreError};
+use crate::{LeaseCounters, RedisSettings, RedisStore, ServerClock, StoreError};
 
 /// Marks an entry id granted by the local fallback.
 pub const LOCAL: u64 = 1 << 63;
@@ -57,6 +57,7 @@ pub struct StoreMetrics {
     pub degraded: IntGauge,
     pub replicas: IntGauge,
     pub failovers: IntCounter,
+    pub leases: LeaseCounters,
 }
 
 impl StoreMetrics {
@@ -76,11 +77,25 @@ impl StoreMetrics {
             "Times this replica lost the shared quota store and fell back to its local share.",
         )
         .expect("valid metric");
+        let leases = LeaseCounters {
+            granted: IntCounter::new(
+                "spillway_quota_store_leases_total",
+                "Leases Redis granted this replica: room for several requests, admitted here without a round trip until the lease ends.",
+            )
+            .expect("valid metric"),
+            admitted: IntCounter::new(
+                "spillway_quota_store_lease_admissions_total",
+                "Requests admitted under a lease (the one that asked for it included).",
+            )
+            .expect("valid metric"),
+        };
         if let Some(r) = registry {
             for c in [
                 Box::new(degraded.clone()) as Box<dyn prometheus::core::Collector>,
                 Box::new(replicas.clone()),
                 Box::new(failovers.clone()),
+                Box::new(leases.granted.clone()),
+                Box::new(leases.admitted.clone()),
             ] {
                 if let Err(e) = r.register(c) {
                     tracing::debug!(error = %e, "quota store metrics already registered");
@@ -91,6 +106,7 @@ impl StoreMetrics {
             degraded,
             replicas,
             failovers,
+            leases,
         }
     }
 }
@@ -138,7 +154,7 @@ impl ResilientStore {
         replicas: u32,
         metrics: StoreMetrics,
     ) -> Result<Self, StoreError> {
-        let redis = RedisStore::new(settings)?;
+        let redis = RedisStore::with_lease_counters(settings, metrics.leases.clone())?;
         let fixed_replicas = (replicas > 0).then_some(replicas);
         let n = replicas.max(1);
         let local_budgets: Vec<BudgetConfig> = settings

@@ -9,7 +9,8 @@
 //! code, so each admission carries only its own arguments.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -21,15 +22,17 @@ use spillway_core::store::{
     StoreFuture, Strategy,
 };
 
+use crate::lease::{Adjustment, Learn, LeaseCounters, Leases, LEASED};
 use crate::{RedisSettings, ServerClock, StoreError};
 
 const COMMON: &str = include_str!("lua/common.lua");
 
 /// The functions of the library, each a file of `lua/` run with the
 /// caller's `KEYS` and `ARGV`.
-const FUNCTIONS: [(&str, &str); 5] = [
+const FUNCTIONS: [(&str, &str); 6] = [
     ("reserve", include_str!("lua/reserve.lua")),
     ("settle", include_str!("lua/settle.lua")),
+    ("adjust", include_str!("lua/adjust.lua")),
     ("states", include_str!("lua/states.lua")),
     ("configure", include_str!("lua/configure.lua")),
     ("import", include_str!("lua/import.lua")),
@@ -103,8 +106,22 @@ struct Slot {
 
 /// The shared store. Standalone, its [`QuotaStore`] impl fails closed (a
 /// Redis error refuses admission for a second); the gateway wraps it in
-/// [`crate::ResilientStore`] instead.
+/// [`crate::ResilientStore`] instead. Cheap to clone: clones share
+/// everything (a lease's closing task holds one).
+#[derive(Clone)]
 pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+impl Deref for RedisStore {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+pub struct Shared {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     prefix: String,
@@ -117,6 +134,7 @@ pub struct RedisStore {
     clock: ServerClock,
     library: Library,
     heartbeat: Script,
+    leases: Leases,
 }
 
 fn none_or(v: Option<u64>) -> i64 {
@@ -154,6 +172,14 @@ fn us(v: i64) -> Duration {
     Duration::from_micros(v.max(0) as u64)
 }
 
+fn exhausted_code(which: Exhausted) -> u8 {
+    match which {
+        Exhausted::Requests => 0,
+        Exhausted::Tokens => 1,
+        Exhausted::Unknown => 2,
+    }
+}
+
 fn protocol(what: &str, reply: &[i64]) -> StoreError {
     StoreError::Protocol(format!("{what}: {reply:?}"))
 }
@@ -161,6 +187,14 @@ fn protocol(what: &str, reply: &[i64]) -> StoreError {
 impl RedisStore {
     /// Builds the store without connecting; call [`RedisStore::reconnect`].
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        Self::with_lease_counters(settings, LeaseCounters::unregistered())
+    }
+
+    /// [`RedisStore::new`], counting leases in the gateway's metrics.
+    pub fn with_lease_counters(
+        settings: &RedisSettings,
+        counters: LeaseCounters,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let p = &settings.key_prefix;
         let mut models: HashMap<Arc<str>, Vec<Slot>> = HashMap::new();
@@ -211,16 +245,19 @@ impl RedisStore {
             ),
         ]);
         Ok(Self {
-            client,
-            conn: Mutex::new(None),
-            prefix: p.clone(),
-            timeout: settings.timeout,
-            window: settings.window,
-            models,
-            drained_keys,
-            clock: ServerClock::default(),
-            library,
-            heartbeat: Script::new(HEARTBEAT),
+            shared: Arc::new(Shared {
+                client,
+                conn: Mutex::new(None),
+                prefix: p.clone(),
+                timeout: settings.timeout,
+                window: settings.window,
+                models,
+                drained_keys,
+                clock: ServerClock::default(),
+                library,
+                heartbeat: Script::new(HEARTBEAT),
+                leases: Leases::new(settings.lease, counters),
+            }),
         })
     }
 
@@ -248,7 +285,9 @@ impl RedisStore {
         *self.lock_conn() = Some(conn);
         Ok(())
     }
+}
 
+impl Shared {
     /// Loads (or reloads) the quota functions.
     async fn load_library(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("FUNCTION");
@@ -333,12 +372,15 @@ impl RedisStore {
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One admission decision: reserve (or only probe) in one round trip.
-    pub async fn try_decide(
+    /// One decision in Redis: reserve (asking for a lease of `want` more
+    /// requests of this charge, or none) or only probe, in one round trip.
+    /// A grant comes with how many requests its entry holds.
+    async fn decide(
         &self,
         request: ReserveRequest<'_>,
         reserve: bool,
-    ) -> Result<Result<Option<Grant>, Denial>, StoreError> {
+        want: u32,
+    ) -> Result<Result<Option<(Grant, u32)>, Denial>, StoreError> {
         let Some(slots) = self.models.get(request.model) else {
             return Ok(Err(Denial::Never));
         };
@@ -358,19 +400,21 @@ impl RedisStore {
             .arg(u32::from(request.strategy == Strategy::Ordered))
             .arg(request.charge.input)
             .arg(request.charge.output)
-            .arg(candidates.len());
+            .arg(candidates.len())
+            .arg(want)
+            .arg(self.leases.length().as_micros() as u64);
         for s in &candidates {
             call.arg(&*s.region)
                 .arg(&limits_args(Self::configured(s))[..]);
         }
         let reply: Vec<i64> = self.invoke(&call).await?;
         match reply.as_slice() {
-            [1, index, id, l @ .., empty_at, now] if l.len() == 7 => {
+            [1, index, id, l @ .., empty_at, now, requests] if l.len() == 7 => {
                 self.clock.observe(*now);
                 let slot = candidates
                     .get((*index as usize).wrapping_sub(1))
                     .ok_or_else(|| protocol("reserve", &reply))?;
-                Ok(Ok(Some(Grant {
+                let grant = Grant {
                     model: Arc::from(request.model),
                     region: Arc::clone(&slot.region),
                     entry: EntryId::from_raw(*id as u64),
@@ -381,7 +425,11 @@ impl RedisStore {
                         empty_at: us(*empty_at),
                         now: us(*now),
                     },
-                })))
+                };
+                Ok(Ok(Some((
+                    grant,
+                    (*requests).clamp(1, i64::from(u32::MAX)) as u32,
+                ))))
             }
             [0, now] => {
                 self.clock.observe(*now);
@@ -401,31 +449,61 @@ impl RedisStore {
         }
     }
 
-    pub async fn try_reserve(
-        &self,
-        request: ReserveRequest<'_>,
-    ) -> Result<Result<Grant, Denial>, StoreError> {
-        Ok(self
-            .try_decide(request, true)
-            .await?
-            .map(|g| g.expect("a reserving script answers with a grant or a denial")))
+    /// The stamp of a grant's entry: the reserve answered it as `empty_at`,
+    /// stamp + window + 1 µs.
+    fn stamp_of(&self, grant: &Grant) -> i64 {
+        (grant.view.empty_at.as_micros() as i64).saturating_sub(self.window.as_micros() as i64 + 1)
+    }
+
+    /// Sends one change to a lease's entry.
+    async fn try_adjust(&self, a: &Adjustment) -> Result<(), StoreError> {
+        let Some(slot) = self.slot(&a.model, &a.region) else {
+            return Ok(());
+        };
+        let (outcome, which) = match a.learn {
+            Learn::Success => (0, 0),
+            Learn::RateLimited(which) => (1, exhausted_code(which)),
+            Learn::Unavailable => (2, 0),
+            Learn::Nothing => (3, 0),
+        };
+        let keys = slot.keys.each_ref().map(String::as_str);
+        let mut call = self.library.call("adjust", &keys);
+        call.arg(&limits_args(Self::configured(slot))[..])
+            .arg(a.id)
+            .arg(a.stamp_us)
+            .arg(a.change.requests)
+            .arg(a.change.input)
+            .arg(a.change.output)
+            .arg(u32::from(a.settled))
+            .arg(outcome)
+            .arg(which)
+            .arg(rand::random::<f64>());
+        let now: i64 = self.invoke(&call).await?;
+        self.clock.observe(now);
+        Ok(())
+    }
+
+    /// Sends changes to leases' entries, in order; the first error stops.
+    async fn try_adjust_all(&self, all: &[Adjustment]) -> Result<(), StoreError> {
+        for a in all {
+            self.try_adjust(a).await?;
+        }
+        Ok(())
     }
 
     pub async fn try_settle(&self, grant: &Grant, outcome: Outcome) -> Result<(), StoreError> {
+        if grant.entry.raw() & LEASED != 0 {
+            return match self.leases.settle(grant, outcome) {
+                Some(a) => self.try_adjust(&a).await,
+                None => Ok(()),
+            };
+        }
         let Some(slot) = self.slot(&grant.model, &grant.region) else {
             return Ok(());
         };
         let (code, actual, which) = match outcome {
             Outcome::Used(c) => (0, c, 0),
-            Outcome::RateLimited(which) => (
-                1,
-                Charge::default(),
-                match which {
-                    Exhausted::Requests => 0,
-                    Exhausted::Tokens => 1,
-                    Exhausted::Unknown => 2,
-                },
-            ),
+            Outcome::RateLimited(which) => (1, Charge::default(), exhausted_code(which)),
             Outcome::Unavailable => (2, Charge::default(), 0),
             Outcome::NotSent => (3, Charge::default(), 0),
         };
@@ -440,12 +518,7 @@ impl RedisStore {
             .arg(rand::random::<f64>())
             .arg(grant.charge.input)
             .arg(grant.charge.output)
-            // The entry's stamp: the reserve answered it as `empty_at`,
-            // stamp + window + 1 µs.
-            .arg(
-                (grant.view.empty_at.as_micros() as i64)
-                    .saturating_sub(self.window.as_micros() as i64 + 1),
-            );
+            .arg(self.stamp_of(grant));
         let now: i64 = self.invoke(&call).await?;
         self.clock.observe(now);
         Ok(())
@@ -502,6 +575,8 @@ impl RedisStore {
             return Ok(false);
         };
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+        self.try_adjust_all(&self.leases.revoke(Some(model), region))
+            .await?;
         let keys = slot.keys.each_ref().map(String::as_str);
         let mut call = self.library.call("configure", &keys);
         call.arg(&limits_args(limits)[..]);
@@ -511,6 +586,10 @@ impl RedisStore {
     }
 
     pub async fn try_set_drained(&self, region: &str, drained: bool) -> Result<usize, StoreError> {
+        if drained {
+            self.try_adjust_all(&self.leases.revoke(None, region))
+                .await?;
+        }
         let mut pipe = redis::pipe();
         let mut count = 0;
         for (model, slots) in &self.models {
@@ -583,6 +662,77 @@ impl RedisStore {
         Err(Denial::Later {
             retry_at: self.clock.now() + Duration::from_secs(1),
         })
+    }
+}
+
+impl RedisStore {
+    /// One admission decision, reserving or only probing: from an open
+    /// lease if one has room (no round trip), else in Redis.
+    pub async fn try_decide(
+        &self,
+        request: ReserveRequest<'_>,
+        reserve: bool,
+    ) -> Result<Result<Option<Grant>, Denial>, StoreError> {
+        if reserve {
+            return Ok(self.try_reserve(request).await?.map(Some));
+        }
+        if self
+            .leases
+            .admit(&request, self.clock.now(), false)
+            .is_some()
+        {
+            return Ok(Ok(None));
+        }
+        Ok(self
+            .decide(request, false, 0)
+            .await?
+            .map(|g| g.map(|(g, _)| g)))
+    }
+
+    pub async fn try_reserve(
+        &self,
+        request: ReserveRequest<'_>,
+    ) -> Result<Result<Grant, Denial>, StoreError> {
+        let now = self.clock.now();
+        let want = self.leases.note(request.model, now);
+        if let Some(grant) = self.leases.admit(&request, now, true) {
+            return Ok(Ok(grant));
+        }
+        let decided = self.decide(request, true, want).await?;
+        Ok(decided.map(|g| {
+            let (grant, requests) = g.expect("a reserving script answers with a grant or a denial");
+            if requests <= 1 {
+                return grant;
+            }
+            let stamp = self.stamp_of(&grant);
+            let (grant, until) = self.leases.open(grant, requests, stamp);
+            self.close_at(grant.entry.raw() & !LEASED, until);
+            grant
+        }))
+    }
+
+    /// Leases this replica still tracks: open, or closed with requests in
+    /// flight.
+    pub fn leases_tracked(&self) -> usize {
+        self.leases.tracked()
+    }
+
+    /// Closes a lease when its time is up, giving back what it did not use.
+    fn close_at(&self, id: u64, until: Duration) {
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let wait = until.saturating_sub(self.clock.now());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let Some(shared) = weak.upgrade() else { return };
+            let Some(adjustment) = shared.leases.close(id) else {
+                return;
+            };
+            if let Err(e) = shared.try_adjust(&adjustment).await {
+                // Its entry keeps the whole lease until it leaves the
+                // window: the safe direction.
+                tracing::debug!(error = %e, "quota store: closing a lease failed");
+            }
+        });
     }
 }
 

@@ -14,7 +14,7 @@ use spillway_core::ledger::{Charge, Limits, Usage};
 use spillway_core::store::{
     BudgetConfig, Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy,
 };
-use spillway_redis::{RedisSettings, RedisStore};
+use spillway_redis::{LeaseCounters, RedisSettings, RedisStore};
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 
@@ -35,6 +35,7 @@ fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
                 limits,
             })
             .to_vec(),
+        lease: Duration::ZERO,
     }
 }
 
@@ -299,16 +300,35 @@ async fn the_window_is_closed_and_frees_exactly_then_keys_expire() {
 /// at random, concurrently; every closed window of the merged log fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_handles_never_put_a_window_over_budget() {
+    several_handles_at_once(Duration::ZERO, Limits::new(7, 4_000)).await;
+}
+
+/// The same with leases: a request admitted under a lease is logged when
+/// it was admitted (when it would go upstream), not at its lease's stamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_handles_with_leases_never_put_a_window_over_budget() {
+    // Roomier, so that leases form at all (at most a quarter of the room).
+    let admitted =
+        several_handles_at_once(Duration::from_millis(30), Limits::new(40, 20_000)).await;
+    assert!(admitted > 0, "some requests were admitted under leases");
+}
+
+/// Returns how many requests leases admitted.
+async fn several_handles_at_once(lease: Duration, limits: Limits) -> u64 {
     let redis = RedisServer::start();
     let w = Duration::from_millis(300);
-    let limits = Limits::new(7, 4_000);
-    let settings = settings(&redis.url(), w, limits);
+    let settings = RedisSettings {
+        lease,
+        ..settings(&redis.url(), w, limits)
+    };
+    let counters = LeaseCounters::unregistered();
     let log = Arc::new(std::sync::Mutex::new(
         Vec::<(Arc<str>, Duration, Charge)>::new(),
     ));
     let mut tasks = Vec::new();
     for seed in 0..4u64 {
-        let s = RedisStore::connect(&settings).await.unwrap();
+        let s = RedisStore::with_lease_counters(&settings, counters.clone()).unwrap();
+        s.reconnect().await.unwrap();
         let log = Arc::clone(&log);
         tasks.push(tokio::spawn(async move {
             let r = regions();
@@ -338,7 +358,11 @@ async fn concurrent_handles_never_put_a_window_over_budget() {
                 };
                 match s.try_reserve(request).await.unwrap() {
                     Ok(grant) => {
-                        let stamp = grant.view.empty_at - w - Duration::from_micros(1);
+                        let stamp = if lease.is_zero() {
+                            grant.view.empty_at - w - Duration::from_micros(1)
+                        } else {
+                            grant.view.now
+                        };
                         let actual = match next() % 3 {
                             0 => None,
                             _ => Some(Charge {
@@ -382,8 +406,17 @@ async fn concurrent_handles_never_put_a_window_over_budget() {
             requests <= limits.requests,
             "{requests} requests in a {region} window"
         );
-        assert!(tokens <= 4_000, "{tokens} tokens in a {region} window");
+        assert!(
+            tokens <= limits.tokens.unwrap(),
+            "{tokens} tokens in a {region} window"
+        );
     }
+    println!(
+        "{} admissions, {} under leases",
+        log.len(),
+        counters.admitted.get()
+    );
+    counters.admitted.get()
 }
 
 /// The state key outlives the entries (it holds adaptive state too): once
@@ -537,4 +570,190 @@ async fn a_lost_function_library_is_loaded_again() {
         .unwrap();
     reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
     assert_eq!(s.try_states().await.unwrap()[1].usage.requests, 2);
+}
+
+// Leases (`lease.rs`) ------------------------------------------------------
+
+const LEASE: Duration = Duration::from_millis(120);
+
+async fn leasing_store(redis: &RedisServer, limits: Limits) -> (RedisStore, LeaseCounters) {
+    let s = RedisSettings {
+        lease: LEASE,
+        ..settings(&redis.url(), Duration::from_secs(60), limits)
+    };
+    let counters = LeaseCounters::unregistered();
+    let store = RedisStore::with_lease_counters(&s, counters.clone()).unwrap();
+    store.reconnect().await.unwrap();
+    (store, counters)
+}
+
+fn leased(g: &Grant) -> bool {
+    g.entry.raw() & (1 << 62) != 0
+}
+
+async fn us_state(s: &RedisStore) -> spillway_core::store::BudgetState {
+    let states = s.try_states().await.unwrap();
+    states
+        .into_iter()
+        .find(|b| &*b.region == "us-central1")
+        .unwrap()
+}
+
+/// Two requests in one lease length, then a lease of 1 + 2: Redis holds
+/// all three at once, the next two are admitted without asking it, and
+/// what the lease did not use goes back when it ends.
+#[tokio::test]
+async fn a_busy_replica_leases_room_admits_from_it_locally_and_gives_back_the_rest() {
+    let redis = RedisServer::start();
+    let (s, counters) = leasing_store(&redis, Limits::new(60, 50_000)).await;
+    let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    for _ in 0..2 {
+        let g = reserve(&s, ask(&only, 100, Strategy::Ordered))
+            .await
+            .unwrap();
+        assert!(!leased(&g), "no demand seen yet");
+        s.try_settle(
+            &g,
+            Outcome::Used(Charge {
+                input: 100,
+                output: 0,
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(LEASE).await;
+    let g3 = reserve(&s, ask(&only, 100, Strategy::Ordered))
+        .await
+        .unwrap();
+    assert!(leased(&g3));
+    assert_eq!(counters.granted.get(), 1);
+    let in_redis = us_state(&s).await.usage;
+    assert_eq!(in_redis.requests, 5, "the singles and the whole lease");
+    assert_eq!(in_redis.input, 500);
+    let g4 = reserve(&s, ask(&only, 100, Strategy::Ordered))
+        .await
+        .unwrap();
+    let g5 = reserve(&s, ask(&only, 100, Strategy::Ordered))
+        .await
+        .unwrap();
+    assert!(leased(&g4) && leased(&g5));
+    assert_eq!(counters.admitted.get(), 3);
+    assert_eq!(us_state(&s).await.usage, in_redis, "no call to Redis");
+    // While the lease is open its requests end locally.
+    s.try_settle(&g4, Outcome::NotSent).await.unwrap();
+    s.try_settle(
+        &g3,
+        Outcome::Used(Charge {
+            input: 80,
+            output: 7,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(us_state(&s).await.usage, in_redis);
+    tokio::time::sleep(LEASE + Duration::from_millis(30)).await;
+    // Closed: g4 gone, g3 as used, g5 still in flight at its estimate.
+    let state = us_state(&s).await;
+    assert_eq!(
+        state.usage,
+        Usage {
+            requests: 4,
+            input: 380,
+            output: 7
+        }
+    );
+    assert_eq!(
+        state.in_flight.requests, 2,
+        "the lease's entry waits for g5"
+    );
+    s.try_settle(
+        &g5,
+        Outcome::Used(Charge {
+            input: 90,
+            output: 3,
+        }),
+    )
+    .await
+    .unwrap();
+    let state = us_state(&s).await;
+    assert_eq!(
+        state.usage,
+        Usage {
+            requests: 4,
+            input: 370,
+            output: 10
+        }
+    );
+    assert_eq!(state.in_flight, Usage::default());
+    assert_eq!(s.leases_tracked(), 0);
+}
+
+/// Near the limit a lease is at most a quarter of what is left after the
+/// request, so one replica's lease never holds what the others need, and
+/// the budget fills exactly.
+#[tokio::test]
+async fn leases_shrink_near_the_limit() {
+    let redis = RedisServer::start();
+    let (s, _) = leasing_store(&redis, Limits::new(40, 50_000)).await;
+    let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+    let mut leases = Vec::new();
+    let mut before = 0;
+    for _ in 0..40 {
+        for _ in 0..4 {
+            let Ok(g) = reserve(&s, ask(&only, 10, Strategy::Ordered)).await else {
+                break;
+            };
+            let after = us_state(&s).await.usage.requests;
+            if after > before {
+                let extra = after - before - 1;
+                // Room left after the request, a quarter of it at most.
+                assert!(
+                    extra <= (40 - before - 1) / 4,
+                    "{extra} leased with {before} used"
+                );
+                if leased(&g) {
+                    leases.push(extra);
+                }
+            }
+            before = after;
+        }
+        tokio::time::sleep(LEASE / 2).await;
+    }
+    // Demand asks for about 8 (two rounds of 4 per length); what is left
+    // decides (7, 5, 4, 3, 2, 1 here).
+    assert!(
+        leases.len() >= 3 && leases[0] >= 2,
+        "leases granted: {leases:?}"
+    );
+    assert!(leases.last() < leases.first(), "shrinking: {leases:?}");
+    assert_eq!(us_state(&s).await.usage.requests, 40, "exactly the budget");
+    assert!(matches!(
+        reserve(&s, ask(&only, 10, Strategy::Ordered)).await,
+        Err(Denial::Later { .. })
+    ));
+}
+
+/// A 429 on a leased request closes the lease at once and cools the region
+/// down in Redis: the next request spills without waiting for the lease.
+#[tokio::test]
+async fn a_429_under_a_lease_closes_it_and_traffic_spills_at_once() {
+    let redis = RedisServer::start();
+    let (s, _) = leasing_store(&redis, Limits::new(60, 50_000)).await;
+    let r = regions();
+    for _ in 0..3 {
+        reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    }
+    tokio::time::sleep(LEASE).await;
+    let g = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert!(leased(&g));
+    assert_eq!(&*g.region, "us-central1");
+    s.try_settle(&g, Outcome::RateLimited(Exhausted::Requests))
+        .await
+        .unwrap();
+    let us = us_state(&s).await;
+    assert!(us.cooldown_remaining > Duration::ZERO);
+    assert_eq!(us.usage.requests, 4, "the lease's unused room went back");
+    let next = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
+    assert_eq!(&*next.region, "europe-west4");
 }

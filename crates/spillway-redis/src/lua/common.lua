@@ -30,6 +30,8 @@ local CD_BASE = {{cooldown_base_us}}
 local CD_MAX = {{cooldown_max_us}}
 local PROBE = {{probe_period_us}}
 local HUGE = 2 ^ 53
+-- The most of a budget's room left after a request that one lease may take.
+local LEASE_SHARE = 0.25
 local NEVER_FIT_RETRY = 60000000
 
 local function I(x) return string.format('%d', x) end
@@ -373,4 +375,21 @@ local function earliest_fit(b, ci, co, now)
     end
   end
   return now
+end
+
+-- How many more requests of this charge a lease may hold on top of it:
+-- at most `want`, and at most LEASE_SHARE of what the learned limits leave
+-- after it in every dimension, so a busy replica never holds the room the
+-- others need (near the limit, leases shrink to nothing).
+local function lease_cap(x, limit, used, per)
+  if limit < 0 or per <= 0 then return x end
+  return math.min(x, math.floor((limit - used - per) * LEASE_SHARE / per))
+end
+
+local function lease_extra(v, ci, co, want)
+  local x = math.min(want, math.floor((v[18] - v[3] - 1) * LEASE_SHARE))
+  x = lease_cap(x, v[19], v[4] + v[5], ci + co)
+  x = lease_cap(x, v[20], v[4], ci)
+  x = lease_cap(x, v[21], v[5], co)
+  return math.max(x, 0)
 end

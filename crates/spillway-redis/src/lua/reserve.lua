@@ -1,23 +1,27 @@
 -- Choose a region and reserve there, atomically, across all candidates:
 -- the same decision as MemoryStore::decide.
 -- KEYS: drained set of the model, then entries and state per candidate.
--- ARGV 1..5: reserve (1) or probe (0), strategy (0 most headroom, 1
--- ordered), charge input, charge output, candidate count; then per
+-- ARGV 1..7: reserve (1) or probe (0), strategy (0 most headroom, 1
+-- ordered), charge input, charge output, candidate count, lease wanted
+-- (requests beyond this one; 0: none), lease length (us); then per
 -- candidate: region, configured requests, tokens, input, output.
--- Returns {1, index, id, limits x4, usage x3, empty_at, now} for a grant
--- (empty_at is the entry's stamp + W + 1: settle names the entry by it),
--- {0, now} for a successful probe, {2, retry_at, now} or {3, now} refused.
+-- Returns {1, index, id, limits x4, usage x3, empty_at, now, requests}
+-- for a grant (empty_at is the entry's stamp + W + 1: settle names the
+-- entry by it; requests > 1 is a lease of that many, each of this charge,
+-- stamped at the end of its length), {0, now} for a successful probe,
+-- {2, retry_at, now} or {3, now} refused.
 local now = now_us()
 local reserve = ARGV[1] == '1'
 local ordered = ARGV[2] == '1'
 local ci, co = tonumber(ARGV[3]), tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
+local want, lease_us = tonumber(ARGV[6]), tonumber(ARGV[7])
 local drained = {}
 for _, region in ipairs(redis.call('SMEMBERS', KEYS[1])) do drained[region] = true end
 local cands = {}
 local best, best_h = nil, nil
 for k = 1, n do
-  local a0 = 5 + (k - 1) * 5
+  local a0 = 7 + (k - 1) * 5
   local kb = 1 + (k - 1) * 2
   local b = { log = KEYS[kb + 1], st = KEYS[kb + 2], drained = drained[ARGV[a0 + 1]] == true }
   load_state(b, now, ARGV, a0 + 2)
@@ -53,15 +57,22 @@ if best then
     last = last_at(b)
   end
   local at = math.max(last or now, now)
+  local r = 1
+  if want > 0 then
+    r = 1 + lease_extra(v, ci, co, want)
+    -- Its requests go out until the lease ends: counting them from then
+    -- keeps the ledger's window over every one of them.
+    if r > 1 then at = at + lease_us end
+  end
   local id = math.max(v[9] + 1, now * 4)
   v[9] = id
-  redis.call('ZADD', b.log, I(at), entry(id, at, 1, ci, co, 0))
-  account(b, 1, 1, ci, co, 0)
+  redis.call('ZADD', b.log, I(at), entry(id, at, r, ci * r, co * r, 0))
+  account(b, 1, r, ci * r, co * r, 0)
   if v[11] == 0 then v[11] = at end
   v[12] = at
   v[13] = id
   save_state(b, now, last == nil, at)
-  return { 1, best, id, v[18], v[19], v[20], v[21], v[3], v[4], v[5], at + W + 1, now }
+  return { 1, best, id, v[18], v[19], v[20], v[21], v[3], v[4], v[5], at + W + 1, now, r }
 end
 local retry = nil
 for k = 1, #cands do

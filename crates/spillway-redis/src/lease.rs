@@ -1,0 +1,560 @@
+//! Leases: most admissions of a busy replica without a Redis round trip,
+//! and still exact.
+//!
+//! A replica that has been busy asks Redis for more than the request in
+//! hand: a *lease* of `1 + k` requests of that request's charge, reserved
+//! as one ledger entry by the same atomic choose-and-reserve as any other
+//! (`reserve.lua`), but stamped at the lease's end, `L` after it is granted
+//! (`quota.redis_lease_ms`). Until then this replica admits further requests
+//! for the model from it, in memory, while each fits what is left. Then the
+//! lease closes: one call (`adjust.lua`) gives back what was not used.
+//! Requests still in flight adjust the entry when they end, by what they
+//! really used, as a settle does for a lone reservation.
+//!
+//! **Why it stays exact.** The whole lease was checked against the shared
+//! budget when it was granted and counts from then. Every request it admits
+//! goes out between the grant and the stamp, so the shared window, which
+//! holds the entry until stamp + W, holds each of those requests at least
+//! as long as Vertex's window does. No window of Vertex's can see more than
+//! the ledger does, and the ledger never holds more than the budget.
+//!
+//! **What it costs**, and why leases stay small: room leased and not used
+//! is idle until the lease closes (at most `L`), and the entries stamped
+//! after it on the same budget count `L` longer. So a lease takes at most a
+//! quarter of what the budget has left after the request (`LEASE_SHARE` in
+//! `common.lua`: near the limit it shrinks to nothing and admission is the
+//! one round trip it always was), and `k` follows demand: how many requests
+//! for the model this replica saw in the previous `L` (none below two).
+//! And a cooldown, drain or limit set through another replica reaches this
+//! replica's open leases only when they close, at most `L` later; through
+//! this replica, at once (its leases on that budget are closed first).
+//!
+//! This module is the bookkeeping only: which leases are open, what each
+//! has left, what each change to Redis must say. `store.rs` makes the calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use spillway_core::adaptive::Exhausted;
+use spillway_core::ledger::{Charge, EntryId};
+use spillway_core::store::{BudgetView, Grant, Outcome, ReserveRequest, Strategy};
+
+/// Marks the entry id of a grant admitted under a lease.
+pub const LEASED: u64 = 1 << 62;
+/// The most requests one lease holds beyond the one that asked for it.
+const MAX_EXTRA: u32 = 256;
+
+/// Requests and tokens, signed: changes to an entry go both ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub requests: i64,
+    pub input: i64,
+    pub output: i64,
+}
+
+impl Amount {
+    fn of(requests: i64, charge: Charge) -> Self {
+        let tokens = |t: u64| i64::try_from(t).unwrap_or(i64::MAX / 4);
+        Self {
+            requests,
+            input: tokens(charge.input).saturating_mul(requests),
+            output: tokens(charge.output).saturating_mul(requests),
+        }
+    }
+
+    fn plus(self, o: Self) -> Self {
+        Self {
+            requests: self.requests + o.requests,
+            input: self.input.saturating_add(o.input),
+            output: self.output.saturating_add(o.output),
+        }
+    }
+
+    fn minus(self, o: Self) -> Self {
+        self.plus(Self {
+            requests: -o.requests,
+            input: -o.input,
+            output: -o.output,
+        })
+    }
+
+    /// Whether one more request of `charge` fits in this much.
+    fn admits(self, charge: Charge) -> bool {
+        let one = Self::of(1, charge);
+        self.requests >= 1 && self.input >= one.input && self.output >= one.output
+    }
+}
+
+/// What Redis should learn from how a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    Nothing,
+    Success,
+    RateLimited(Exhausted),
+    Unavailable,
+}
+
+/// One change to a lease's entry in Redis (`adjust.lua`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adjustment {
+    pub model: Arc<str>,
+    pub region: Arc<str>,
+    pub id: u64,
+    pub stamp_us: i64,
+    pub change: Amount,
+    /// No request of the lease is in flight any more.
+    pub settled: bool,
+    pub learn: Learn,
+}
+
+#[derive(Debug)]
+struct Lease {
+    model: Arc<str>,
+    region: Arc<str>,
+    stamp_us: i64,
+    /// As the grant saw the budget (for rate-limit headers).
+    view: BudgetView,
+    /// Local admissions end here (store clock).
+    until: Duration,
+    /// What its entry in Redis holds, as last written.
+    held: Amount,
+    /// Its requests' charges: estimates in flight, then what they used.
+    used: Amount,
+    in_flight: u32,
+    /// Successes not yet told to Redis (told once, at close).
+    successes: u32,
+    open: bool,
+}
+
+impl Lease {
+    /// Ends local admissions: the entry shrinks to what was used.
+    fn close(&mut self, id: u64, learn: Option<Learn>) -> Option<Adjustment> {
+        self.open = false;
+        let change = self.used.minus(self.held);
+        self.held = self.used;
+        let learn = learn.unwrap_or(if self.successes > 0 {
+            Learn::Success
+        } else {
+            Learn::Nothing
+        });
+        self.successes = 0;
+        let settled = self.in_flight == 0;
+        (change != Amount::default() || learn != Learn::Nothing || settled)
+            .then(|| self.adjustment(id, change, learn))
+    }
+
+    fn adjustment(&self, id: u64, change: Amount, learn: Learn) -> Adjustment {
+        Adjustment {
+            model: Arc::clone(&self.model),
+            region: Arc::clone(&self.region),
+            id,
+            stamp_us: self.stamp_us,
+            change,
+            settled: self.in_flight == 0,
+            learn,
+        }
+    }
+}
+
+/// Requests for one model seen in the current and previous lease length.
+#[derive(Debug, Default)]
+struct Demand {
+    since: Duration,
+    current: u32,
+    previous: u32,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    /// By entry id; a lease leaves when closed with nothing in flight.
+    leases: HashMap<u64, Lease>,
+    demand: HashMap<Arc<str>, Demand>,
+}
+
+/// Counters for the gateway's metrics (unregistered unless given).
+#[derive(Clone)]
+pub struct LeaseCounters {
+    pub granted: IntCounter,
+    pub admitted: IntCounter,
+}
+
+impl LeaseCounters {
+    pub fn unregistered() -> Self {
+        Self {
+            granted: IntCounter::new("leases_granted", "-").expect("valid metric"),
+            admitted: IntCounter::new("lease_admissions", "-").expect("valid metric"),
+        }
+    }
+}
+
+/// This replica's open leases.
+pub struct Leases {
+    /// `L`; zero: no leases.
+    length: Duration,
+    book: Mutex<Book>,
+    counters: LeaseCounters,
+}
+
+/// How long before its stamp a lease stops admitting: covers the error of
+/// the local copy of the server clock (half a round trip at most).
+const CLOCK_SLACK: Duration = Duration::from_millis(1);
+
+impl Leases {
+    pub fn new(length: Duration, counters: LeaseCounters) -> Self {
+        Self {
+            length,
+            book: Mutex::new(Book::default()),
+            counters,
+        }
+    }
+
+    pub fn length(&self) -> Duration {
+        self.length
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a request for `model` and says how many more than it a lease
+    /// asked for now should hold (0: ask for it alone).
+    pub fn note(&self, model: &str, now: Duration) -> u32 {
+        if self.length.is_zero() {
+            return 0;
+        }
+        let mut book = self.book();
+        if !book.demand.contains_key(model) {
+            book.demand.insert(Arc::from(model), Demand::default());
+        }
+        let d = book.demand.get_mut(model).expect("inserted above");
+        let elapsed = now.saturating_sub(d.since);
+        if elapsed >= self.length {
+            d.previous = if elapsed < self.length * 2 {
+                d.current
+            } else {
+                0
+            };
+            d.current = 0;
+            d.since = now;
+        }
+        d.current += 1;
+        if d.previous >= 2 {
+            d.previous.min(MAX_EXTRA)
+        } else {
+            0
+        }
+    }
+
+    /// Admits `request` from an open lease if one has room (`take`: and
+    /// charges it there); its grant names the lease.
+    pub fn admit(&self, request: &ReserveRequest<'_>, now: Duration, take: bool) -> Option<Grant> {
+        if self.length.is_zero() {
+            return None;
+        }
+        let mut book = self.book();
+        let rank = |region: &str| request.regions.iter().position(|r| &**r == region);
+        let mut best: Option<(u64, usize, i64)> = None;
+        for (id, lease) in &book.leases {
+            if !lease.open || now >= lease.until || &*lease.model != request.model {
+                continue;
+            }
+            let Some(position) = rank(&lease.region) else {
+                continue;
+            };
+            let left = lease.held.minus(lease.used);
+            if !left.admits(request.charge) {
+                continue;
+            }
+            let better = match (best, request.strategy) {
+                (None, _) => true,
+                (Some((_, p, _)), Strategy::Ordered) => position < p,
+                (Some((_, _, r)), Strategy::MostHeadroom) => left.requests > r,
+            };
+            if better {
+                best = Some((*id, position, left.requests));
+            }
+        }
+        let (id, _, _) = best?;
+        let lease = book.leases.get_mut(&id).expect("found above");
+        if take {
+            lease.used = lease.used.plus(Amount::of(1, request.charge));
+            lease.in_flight += 1;
+            self.counters.admitted.inc();
+        }
+        Some(Grant {
+            model: Arc::clone(&lease.model),
+            region: Arc::clone(&lease.region),
+            entry: EntryId::from_raw(id | LEASED),
+            charge: request.charge,
+            view: BudgetView { now, ..lease.view },
+        })
+    }
+
+    /// Records a lease Redis granted (`requests` of `grant.charge`, its entry
+    /// stamped `stamp_us`) with `grant` as its first request; returns that
+    /// grant as the lease's and when local admissions end.
+    pub fn open(&self, mut grant: Grant, requests: u32, stamp_us: i64) -> (Grant, Duration) {
+        let id = grant.entry.raw();
+        let until = grant.view.now + self.length.saturating_sub(CLOCK_SLACK);
+        let lease = Lease {
+            model: Arc::clone(&grant.model),
+            region: Arc::clone(&grant.region),
+            stamp_us,
+            view: grant.view,
+            until,
+            held: Amount::of(i64::from(requests), grant.charge),
+            used: Amount::of(1, grant.charge),
+            in_flight: 1,
+            successes: 0,
+            open: true,
+        };
+        self.book().leases.insert(id, lease);
+        self.counters.granted.inc();
+        self.counters.admitted.inc();
+        grant.entry = EntryId::from_raw(id | LEASED);
+        (grant, until)
+    }
+
+    /// One of a lease's requests ended; what Redis must hear, if anything
+    /// now (an open lease keeps successes for its close, but a 429 or an
+    /// unavailable upstream closes it at once: routing must see it).
+    pub fn settle(&self, grant: &Grant, outcome: Outcome) -> Option<Adjustment> {
+        let id = grant.entry.raw() & !LEASED;
+        let mut book = self.book();
+        let lease = book.leases.get_mut(&id)?;
+        let estimate = Amount::of(1, grant.charge);
+        let unsent = Amount {
+            requests: 0,
+            ..estimate
+        };
+        let (change, learn) = match outcome {
+            Outcome::Used(actual) => (Amount::of(1, actual).minus(estimate), Learn::Success),
+            Outcome::RateLimited(which) => {
+                (Amount::default().minus(unsent), Learn::RateLimited(which))
+            }
+            Outcome::Unavailable => (Amount::default().minus(unsent), Learn::Unavailable),
+            Outcome::NotSent => (Amount::default().minus(estimate), Learn::Nothing),
+        };
+        lease.used = lease.used.plus(change);
+        lease.in_flight = lease.in_flight.saturating_sub(1);
+        let adjustment = if lease.open {
+            match learn {
+                Learn::Success => {
+                    lease.successes += 1;
+                    None
+                }
+                Learn::Nothing => None,
+                Learn::RateLimited(_) | Learn::Unavailable => lease.close(id, Some(learn)),
+            }
+        } else {
+            lease.held = lease.held.plus(change);
+            Some(lease.adjustment(id, change, learn))
+        };
+        if !lease.open && lease.in_flight == 0 {
+            book.leases.remove(&id);
+        }
+        adjustment
+    }
+
+    /// Ends a lease's local admissions (its time is up).
+    pub fn close(&self, id: u64) -> Option<Adjustment> {
+        let mut book = self.book();
+        let lease = book.leases.get_mut(&id)?;
+        if !lease.open {
+            return None;
+        }
+        let adjustment = lease.close(id, None);
+        if lease.in_flight == 0 {
+            book.leases.remove(&id);
+        }
+        adjustment
+    }
+
+    /// Closes the open leases on `region` (of `model`, or of every model):
+    /// an operator drained it or changed its limits here.
+    pub fn revoke(&self, model: Option<&str>, region: &str) -> Vec<Adjustment> {
+        let ids: Vec<u64> = self
+            .book()
+            .leases
+            .iter()
+            .filter(|(_, l)| l.open && &*l.region == region && model.is_none_or(|m| &*l.model == m))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.close(id)).collect()
+    }
+
+    /// Leases still tracked (open, or closed with requests in flight).
+    pub fn tracked(&self) -> usize {
+        self.book().leases.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_core::ledger::{Limits, Usage};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn leases() -> Leases {
+        Leases::new(MS * 50, LeaseCounters::unregistered())
+    }
+
+    fn charge(input: u64, output: u64) -> Charge {
+        Charge { input, output }
+    }
+
+    fn grant(id: u64, region: &str, c: Charge, now: Duration) -> Grant {
+        Grant {
+            model: Arc::from("m"),
+            region: Arc::from(region),
+            entry: EntryId::from_raw(id),
+            charge: c,
+            view: BudgetView {
+                limits: Limits::new(60, 50_000),
+                usage: Usage::default(),
+                empty_at: now,
+                now,
+            },
+        }
+    }
+
+    fn ask<'a>(regions: &'a [Arc<str>], c: Charge, strategy: Strategy) -> ReserveRequest<'a> {
+        ReserveRequest {
+            model: "m",
+            regions,
+            charge: c,
+            strategy,
+        }
+    }
+
+    #[test]
+    fn demand_below_two_per_length_asks_for_no_lease() {
+        let l = leases();
+        assert_eq!(l.note("m", MS * 0), 0);
+        assert_eq!(l.note("m", MS * 10), 0);
+        assert_eq!(l.note("m", MS * 20), 0);
+        // The previous 50 ms saw three.
+        assert_eq!(l.note("m", MS * 60), 3);
+        // A quiet stretch longer than a length forgets.
+        assert_eq!(l.note("m", MS * 400), 0);
+        let off = Leases::new(Duration::ZERO, LeaseCounters::unregistered());
+        for t in 0..10 {
+            assert_eq!(off.note("m", MS * t), 0);
+        }
+    }
+
+    #[test]
+    fn a_lease_admits_what_fits_until_it_ends_then_gives_back_the_rest() {
+        let l = leases();
+        let r: Vec<Arc<str>> = vec![Arc::from("us")];
+        let c = charge(100, 10);
+        let (first, until) = l.open(grant(7, "us", c, MS * 0), 3, 50_000);
+        assert_eq!(first.entry.raw(), 7 | LEASED);
+        assert_eq!(until, MS * 49);
+        let second = l
+            .admit(&ask(&r, c, Strategy::Ordered), MS * 10, true)
+            .unwrap();
+        // A bigger request does not fit what is left; a probe takes nothing.
+        assert!(l
+            .admit(&ask(&r, charge(101, 10), Strategy::Ordered), MS * 10, true)
+            .is_none());
+        assert!(l
+            .admit(&ask(&r, c, Strategy::Ordered), MS * 10, false)
+            .is_some());
+        assert!(
+            l.admit(&ask(&r, c, Strategy::Ordered), MS * 49, true)
+                .is_none(),
+            "ended"
+        );
+        let _third = l
+            .admit(&ask(&r, c, Strategy::Ordered), MS * 11, true)
+            .unwrap();
+        assert!(
+            l.admit(&ask(&r, c, Strategy::Ordered), MS * 12, true)
+                .is_none(),
+            "all taken"
+        );
+        // While open, a success is kept for the close; a cancel gives back.
+        assert_eq!(l.settle(&first, Outcome::Used(charge(90, 30))), None);
+        assert_eq!(l.settle(&second, Outcome::NotSent), None);
+        let close = l.close(7).unwrap();
+        // held 3 × (100, 10); used: first (90, 30), third (100, 10) in flight.
+        assert_eq!(
+            close.change,
+            Amount {
+                requests: -1,
+                input: -110,
+                output: 10
+            }
+        );
+        assert_eq!(close.learn, Learn::Success);
+        assert!(!close.settled);
+        assert_eq!(l.close(7), None, "closed once");
+        // The last request ends after the close: its own change, settled.
+        let third = grant(7 | LEASED, "us", c, MS * 11);
+        let last = l.settle(&third, Outcome::Used(charge(100, 4))).unwrap();
+        assert_eq!(
+            last.change,
+            Amount {
+                requests: 0,
+                input: 0,
+                output: -6
+            }
+        );
+        assert!(last.settled);
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn a_429_closes_the_lease_at_once_and_is_learned() {
+        let l = leases();
+        let r: Vec<Arc<str>> = vec![Arc::from("us")];
+        let c = charge(100, 10);
+        let (first, _) = l.open(grant(9, "us", c, MS * 0), 4, 50_000);
+        let adj = l
+            .settle(&first, Outcome::RateLimited(Exhausted::Tokens))
+            .unwrap();
+        assert_eq!(adj.learn, Learn::RateLimited(Exhausted::Tokens));
+        // The request counts, its tokens do not, the three unused go back.
+        assert_eq!(
+            adj.change,
+            Amount {
+                requests: -3,
+                input: -400,
+                output: -40
+            }
+        );
+        assert!(adj.settled);
+        assert!(l.admit(&ask(&r, c, Strategy::Ordered), MS, true).is_none());
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn strategies_pick_among_open_leases_and_revoking_closes_them() {
+        let l = leases();
+        let r: Vec<Arc<str>> = vec![Arc::from("us"), Arc::from("eu")];
+        let c = charge(1, 1);
+        l.open(grant(1, "eu", c, MS * 0), 10, 50_000);
+        l.open(grant(2, "us", c, MS * 0), 3, 50_000);
+        let g = l.admit(&ask(&r, c, Strategy::Ordered), MS, true).unwrap();
+        assert_eq!(&*g.region, "us");
+        let g = l
+            .admit(&ask(&r, c, Strategy::MostHeadroom), MS, true)
+            .unwrap();
+        assert_eq!(&*g.region, "eu");
+        // Only the regions asked for.
+        let only_us: Vec<Arc<str>> = vec![Arc::from("us")];
+        let g = l
+            .admit(&ask(&only_us, c, Strategy::MostHeadroom), MS, true)
+            .unwrap();
+        assert_eq!(&*g.region, "us");
+        let revoked = l.revoke(None, "eu");
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].id, 1);
+        let g = l.admit(&ask(&r, c, Strategy::MostHeadroom), MS, true);
+        assert!(g.is_none(), "us is full, eu revoked: {g:?}");
+    }
+}
