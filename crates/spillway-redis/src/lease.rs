@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn demand_below_two_per_length_asks_for_no_lease() {
         let l = leases();
-        assert_eq!(l.note("m", MS * 0), 0);
+        assert_eq!(l.note("m", Duration::ZERO), 0);
         assert_eq!(l.note("m", MS * 10), 0);
         assert_eq!(l.note("m", MS * 20), 0);
         // The previous 50 ms saw three.
@@ -451,7 +451,7 @@ mod tests {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us")];
         let c = charge(100, 10);
-        let (first, until) = l.open(grant(7, "us", c, MS * 0), 3, 50_000);
+        let (first, until) = l.open(grant(7, "us", c, Duration::ZERO), 3, 50_000);
         assert_eq!(first.entry.raw(), 7 | LEASED);
         assert_eq!(until, MS * 49);
         let second = l
@@ -513,7 +513,7 @@ mod tests {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us")];
         let c = charge(100, 10);
-        let (first, _) = l.open(grant(9, "us", c, MS * 0), 4, 50_000);
+        let (first, _) = l.open(grant(9, "us", c, Duration::ZERO), 4, 50_000);
         let adj = l
             .settle(&first, Outcome::RateLimited(Exhausted::Tokens))
             .unwrap();
@@ -537,8 +537,8 @@ mod tests {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us"), Arc::from("eu")];
         let c = charge(1, 1);
-        l.open(grant(1, "eu", c, MS * 0), 10, 50_000);
-        l.open(grant(2, "us", c, MS * 0), 3, 50_000);
+        l.open(grant(1, "eu", c, Duration::ZERO), 10, 50_000);
+        l.open(grant(2, "us", c, Duration::ZERO), 3, 50_000);
         let g = l.admit(&ask(&r, c, Strategy::Ordered), MS, true).unwrap();
         assert_eq!(&*g.region, "us");
         let g = l
