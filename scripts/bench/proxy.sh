@@ -252,6 +252,8 @@ oha --no-tui --output-format quiet -m POST -T application/json -d "$UNARY" \
   -c "$CONNS" -q "$UNARY_QPS" -z 3s "$GW/v1/messages"
 run_oha unary_spillway_redis  "$GW/v1/messages" "$UNARY"  -- -c "$CONNS" -q "$UNARY_QPS" "${FIXED[@]}"
 run_oha stream_spillway_redis "$GW/v1/messages" "$STREAM" -- -c "$CONNS" -q "$STREAM_QPS" "${FIXED[@]}"
+# How many of those admissions leases answered without a round trip.
+curl -sf "$GW/metrics" | grep -E '^spillway_(quota_store_lease|requests_total)' >"$OUT/redis_leases.txt" || true
 # The same without leases: every admission one round trip to Redis.
 sed 's/^replicas = 1$/replicas = 1\nredis_lease_ms = 0/' "$OUT/redis.toml" > "$OUT/redis_nolease.toml"
 start_gateway warn "$OUT/redis_nolease.toml"

@@ -104,6 +104,11 @@ def table(out):
             print(f"| {title} | {label} | {r['rate']:.0f} | {r['ok']} | {r['errors']} | "
                   f"{fmt(r['lat']['p50'])} | {fmt(r['lat']['p99'])} | {fmt(r['max'])} |")
         print(f"| {title} | Spillway / direct | {res[s]['rate'] / res[d]['rate']:.2f} | | | | | |")
+    leases = os.path.join(out, "redis_leases.txt")
+    if os.path.exists(leases):
+        print("\n### Leases in the Redis runs (the gateway's counters)\n\n```")
+        print(open(leases).read().rstrip())
+        print("```")
     mem = os.path.join(out, "memory.txt")
     if os.path.exists(mem):
         print("\n### Memory (spillway-bench open-streams)\n\n```")

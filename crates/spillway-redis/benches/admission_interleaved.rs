@@ -157,6 +157,10 @@ fn main() {
         over_ping.push(took[4] - took[1]);
     }
     println!("{rounds} rounds, each case once per round");
+    let trips = samples[6].iter().filter(|&&ns| ns > 20_000).count();
+    println!(
+        "leases: {trips} of {rounds} admissions over 20 µs (a round trip to Redis: a lease granted, or closed beside it)"
+    );
     for (name, ns) in names.iter().zip(samples) {
         report(name, ns);
     }
