@@ -102,3 +102,38 @@ async fn metrics_follow_quota_routing_and_refusals() {
         "62 served plus the one admitted to europe-west4 before its 429"
     );
 }
+
+/// A stream is counted once, when it ends, with its model and tenant: the
+/// outer layer sees its headers (200) long before and must not count it as
+/// an unattributed request too.
+#[tokio::test]
+async fn a_stream_is_counted_once_with_its_outcome() {
+    let h = Harness::start("").await;
+    let mut body = hello(HAIKU);
+    body["stream"] = serde_json::json!(true);
+    for _ in 0..3 {
+        let response = h.post_json("/v1/messages", &body).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().contains("message_stop"));
+    }
+    let text = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("spillway_requests_total{"))
+        .collect();
+    assert_eq!(
+        counted,
+        [format!(
+            "spillway_requests_total{{model=\"{HAIKU}\",outcome=\"ok\",tenant=\"anonymous\"}} 3"
+        )],
+        "{text}"
+    );
+}

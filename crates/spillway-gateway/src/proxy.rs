@@ -591,6 +591,9 @@ fn relay_stream(
 ) -> Response {
     let grant = settle.grant.clone();
     let region = log.region.clone();
+    // The stream logs itself when it ends (from `Drop` if need be): the
+    // outer layer, which sees only the headers, must not log it as well.
+    log.request_id.mark_logged();
     let drop_vertex_events = state.settings.upstream.drop_vertex_events;
     let metrics = Arc::clone(&state.metrics);
     metrics.open_streams.inc();
