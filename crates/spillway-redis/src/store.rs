@@ -7,6 +7,9 @@
 //! whole prelude (defining every helper) on each call, while a library
 //! defines them once; and this deployment's constants are written into its
 //! code, so each admission carries only its own arguments.
+//!
+//! An admission is answered from an open lease when one has room, without
+//! a call; otherwise `reserve` decides, and may grant a lease (`lease.rs`).
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -107,21 +110,23 @@ struct Slot {
 /// The shared store. Standalone, its [`QuotaStore`] impl fails closed (a
 /// Redis error refuses admission for a second); the gateway wraps it in
 /// [`crate::ResilientStore`] instead. Cheap to clone: clones share
-/// everything (a lease's closing task holds one).
+/// everything. Each open lease has a task that closes it when its time is
+/// up; it holds the store weakly, so the last clone dropped ends them.
 #[derive(Clone)]
 pub struct RedisStore {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
 }
 
 impl Deref for RedisStore {
-    type Target = Shared;
+    type Target = Inner;
 
-    fn deref(&self) -> &Shared {
-        &self.shared
+    fn deref(&self) -> &Inner {
+        &self.inner
     }
 }
 
-pub struct Shared {
+/// What every clone of a [`RedisStore`] and its leases' closing tasks share.
+pub struct Inner {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     prefix: String,
@@ -245,7 +250,7 @@ impl RedisStore {
             ),
         ]);
         Ok(Self {
-            shared: Arc::new(Shared {
+            inner: Arc::new(Inner {
                 client,
                 conn: Mutex::new(None),
                 prefix: p.clone(),
@@ -287,7 +292,7 @@ impl RedisStore {
     }
 }
 
-impl Shared {
+impl Inner {
     /// Loads (or reloads) the quota functions.
     async fn load_library(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("FUNCTION");
@@ -719,15 +724,15 @@ impl RedisStore {
 
     /// Closes a lease when its time is up, giving back what it did not use.
     fn close_at(&self, id: u64, until: Duration) {
-        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let wait = until.saturating_sub(self.clock.now());
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            let Some(shared) = weak.upgrade() else { return };
-            let Some(adjustment) = shared.leases.close(id) else {
+            let Some(inner) = weak.upgrade() else { return };
+            let Some(adjustment) = inner.leases.close(id) else {
                 return;
             };
-            if let Err(e) = shared.try_adjust(&adjustment).await {
+            if let Err(e) = inner.try_adjust(&adjustment).await {
                 // Its entry keeps the whole lease until it leaves the
                 // window: the safe direction.
                 tracing::debug!(error = %e, "quota store: closing a lease failed");
