@@ -46,6 +46,11 @@ async fn metrics_follow_quota_routing_and_refusals() {
         .unwrap()
         .starts_with("text/plain"));
     let text = response.text().await.unwrap();
+    // The shared store's series exist with the in-memory store too: one
+    // replica, never degraded, no leases (dashboards read the same).
+    assert_eq!(value(&text, "spillway_quota_store_degraded"), 0.0);
+    assert_eq!(value(&text, "spillway_quota_store_replicas"), 1.0);
+    assert_eq!(value(&text, "spillway_quota_store_lease_admissions_total"), 0.0);
     let m = HAIKU;
     assert_eq!(
         value(

@@ -174,14 +174,21 @@ impl Gateway {
             .collect();
         let ledger_window = window + Duration::from_millis(q.window_margin_ms);
         let store: Arc<dyn QuotaStore> = match q.store {
-            crate::shared_quota::QuotaStoreKind::Memory => Arc::new(MemoryStore::new(
-                TokioClock {
-                    epoch: tokio::time::Instant::now(),
-                },
-                ledger_window,
-                adaptive,
-                &budgets,
-            )),
+            crate::shared_quota::QuotaStoreKind::Memory => {
+                // The store's series exist in every mode (one replica, never
+                // degraded, no leases), so dashboards and alerts read the same.
+                spillway_redis::StoreMetrics::new(Some(metrics.registry()))
+                    .replicas
+                    .set(1);
+                Arc::new(MemoryStore::new(
+                    TokioClock {
+                        epoch: tokio::time::Instant::now(),
+                    },
+                    ledger_window,
+                    adaptive,
+                    &budgets,
+                ))
+            }
             crate::shared_quota::QuotaStoreKind::Redis => {
                 crate::shared_quota::open(q, ledger_window, adaptive, budgets, metrics.registry())
                     .await

@@ -699,7 +699,12 @@ impl RedisStore {
         request: ReserveRequest<'_>,
     ) -> Result<Result<Grant, Denial>, StoreError> {
         let now = self.clock.now();
-        let want = self.leases.note(request.model, now);
+        // Only configured models are counted: the demand map stays bounded.
+        let want = if self.models.contains_key(request.model) {
+            self.leases.note(request.model, now)
+        } else {
+            0
+        };
         if let Some(grant) = self.leases.admit(&request, now, true) {
             return Ok(Ok(grant));
         }
