@@ -50,7 +50,10 @@ async fn metrics_follow_quota_routing_and_refusals() {
     // replica, never degraded, no leases (dashboards read the same).
     assert_eq!(value(&text, "spillway_quota_store_degraded"), 0.0);
     assert_eq!(value(&text, "spillway_quota_store_replicas"), 1.0);
-    assert_eq!(value(&text, "spillway_quota_store_lease_admissions_total"), 0.0);
+    assert_eq!(
+        value(&text, "spillway_quota_store_lease_admissions_total"),
+        0.0
+    );
     let m = HAIKU;
     assert_eq!(
         value(

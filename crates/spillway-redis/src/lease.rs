@@ -197,8 +197,8 @@ pub struct Leases {
     counters: LeaseCounters,
 }
 
-/// How long before its stamp a lease stops admitting: covers the error of
-/// the local copy of the server clock (half a round trip at most).
+/// How long before its stamp a lease stops admitting: a margin for the
+/// local system clock stepping between two readings of the server's.
 const CLOCK_SLACK: Duration = Duration::from_millis(1);
 
 impl Leases {
@@ -295,9 +295,21 @@ impl Leases {
     /// Records a lease Redis granted (`requests` of `grant.charge`, its entry
     /// stamped `stamp_us`) with `grant` as its first request; returns that
     /// grant as the lease's and when local admissions end.
-    pub fn open(&self, mut grant: Grant, requests: u32, stamp_us: i64) -> (Grant, Duration) {
+    ///
+    /// `asked_at` is the local copy of the server clock read before the
+    /// call. That copy lags the server (its offset was measured when a reply
+    /// arrived, after the server's `TIME`), so `asked_at` is no later than
+    /// the server's time when it granted: counting the length from it ends
+    /// local admissions before the entry's stamp however long the round trip.
+    pub fn open(
+        &self,
+        mut grant: Grant,
+        requests: u32,
+        stamp_us: i64,
+        asked_at: Duration,
+    ) -> (Grant, Duration) {
         let id = grant.entry.raw();
-        let until = grant.view.now + self.length.saturating_sub(CLOCK_SLACK);
+        let until = asked_at.min(grant.view.now) + self.length.saturating_sub(CLOCK_SLACK);
         let lease = Lease {
             model: Arc::clone(&grant.model),
             region: Arc::clone(&grant.region),
@@ -451,7 +463,7 @@ mod tests {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us")];
         let c = charge(100, 10);
-        let (first, until) = l.open(grant(7, "us", c, Duration::ZERO), 3, 50_000);
+        let (first, until) = l.open(grant(7, "us", c, Duration::ZERO), 3, 50_000, Duration::ZERO);
         assert_eq!(first.entry.raw(), 7 | LEASED);
         assert_eq!(until, MS * 49);
         let second = l
@@ -508,12 +520,23 @@ mod tests {
         assert_eq!(l.tracked(), 0);
     }
 
+    /// The local clock lags the server's by up to a reply's transit: local
+    /// admissions end a length after the earlier of the two readings.
+    #[test]
+    fn a_lease_ends_a_length_after_it_was_asked_for() {
+        let l = leases();
+        let (_, until) = l.open(grant(3, "us", charge(1, 1), MS * 30), 2, 0, MS * 10);
+        assert_eq!(until, MS * 59);
+        let (_, until) = l.open(grant(4, "us", charge(1, 1), MS * 30), 2, 0, MS * 40);
+        assert_eq!(until, MS * 79);
+    }
+
     #[test]
     fn a_429_closes_the_lease_at_once_and_is_learned() {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us")];
         let c = charge(100, 10);
-        let (first, _) = l.open(grant(9, "us", c, Duration::ZERO), 4, 50_000);
+        let (first, _) = l.open(grant(9, "us", c, Duration::ZERO), 4, 50_000, Duration::ZERO);
         let adj = l
             .settle(&first, Outcome::RateLimited(Exhausted::Tokens))
             .unwrap();
@@ -537,8 +560,13 @@ mod tests {
         let l = leases();
         let r: Vec<Arc<str>> = vec![Arc::from("us"), Arc::from("eu")];
         let c = charge(1, 1);
-        l.open(grant(1, "eu", c, Duration::ZERO), 10, 50_000);
-        l.open(grant(2, "us", c, Duration::ZERO), 3, 50_000);
+        l.open(
+            grant(1, "eu", c, Duration::ZERO),
+            10,
+            50_000,
+            Duration::ZERO,
+        );
+        l.open(grant(2, "us", c, Duration::ZERO), 3, 50_000, Duration::ZERO);
         let g = l.admit(&ask(&r, c, Strategy::Ordered), MS, true).unwrap();
         assert_eq!(&*g.region, "us");
         let g = l

@@ -715,7 +715,7 @@ impl RedisStore {
                 return grant;
             }
             let stamp = self.stamp_of(&grant);
-            let (grant, until) = self.leases.open(grant, requests, stamp);
+            let (grant, until) = self.leases.open(grant, requests, stamp, now);
             self.close_at(grant.entry.raw() & !LEASED, until);
             grant
         }))
