@@ -16,7 +16,10 @@
 //! goes out between the grant and the stamp, so the shared window, which
 //! holds the entry until stamp + W, holds each of those requests at least
 //! as long as Vertex's window does. No window of Vertex's can see more than
-//! the ledger does, and the ledger never holds more than the budget.
+//! the ledger does, and the ledger never holds more than the budget. ("Goes
+//! out before the stamp" holds on any round trip: local admissions end `L`
+//! after this replica *asked*, by its copy of the server clock, which lags
+//! the server and so never runs past the stamp.)
 //!
 //! **What it costs**, and why leases stay small: room leased and not used
 //! is idle until the lease closes (at most `L`), and the entries stamped
