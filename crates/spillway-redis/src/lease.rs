@@ -176,6 +176,75 @@ struct Book {
     demand: HashMap<Arc<str>, Demand>,
 }
 
+impl Book {
+    /// Counts a request for `model`; returns what the previous `length` saw
+    /// (below two: 0, no lease), capped at MAX_EXTRA.
+    fn count_demand(&mut self, model: &str, now: Duration, length: Duration) -> u32 {
+        if !self.demand.contains_key(model) {
+            self.demand.insert(Arc::from(model), Demand::default());
+        }
+        let d = self.demand.get_mut(model).expect("inserted above");
+        let elapsed = now.saturating_sub(d.since);
+        if elapsed >= length {
+            d.previous = if elapsed < length * 2 { d.current } else { 0 };
+            d.current = 0;
+            d.since = now;
+        }
+        d.current += 1;
+        if d.previous >= 2 {
+            d.previous.min(MAX_EXTRA)
+        } else {
+            0
+        }
+    }
+
+    /// The open lease `request` fits best (by its strategy), as a grant
+    /// naming the lease; charged there when `take` gives the counters.
+    fn admit(
+        &mut self,
+        request: &ReserveRequest<'_>,
+        now: Duration,
+        take: Option<&LeaseCounters>,
+    ) -> Option<Grant> {
+        let rank = |region: &str| request.regions.iter().position(|r| &**r == region);
+        let mut best: Option<(u64, usize, i64)> = None;
+        for (id, lease) in &self.leases {
+            if !lease.open || now >= lease.until || &*lease.model != request.model {
+                continue;
+            }
+            let Some(position) = rank(&lease.region) else {
+                continue;
+            };
+            let left = lease.held.minus(lease.used);
+            if !left.admits(request.charge) {
+                continue;
+            }
+            let better = match (best, request.strategy) {
+                (None, _) => true,
+                (Some((_, p, _)), Strategy::Ordered) => position < p,
+                (Some((_, _, r)), Strategy::MostHeadroom) => left.requests > r,
+            };
+            if better {
+                best = Some((*id, position, left.requests));
+            }
+        }
+        let (id, _, _) = best?;
+        let lease = self.leases.get_mut(&id).expect("found above");
+        if let Some(counters) = take {
+            lease.used = lease.used.plus(Amount::of(1, request.charge));
+            lease.in_flight += 1;
+            counters.admitted.inc();
+        }
+        Some(Grant {
+            model: Arc::clone(&lease.model),
+            region: Arc::clone(&lease.region),
+            entry: EntryId::from_raw(id | LEASED),
+            charge: request.charge,
+            view: BudgetView { now, ..lease.view },
+        })
+    }
+}
+
 /// Counters for the gateway's metrics (unregistered unless given).
 #[derive(Clone)]
 pub struct LeaseCounters {
@@ -221,78 +290,22 @@ impl Leases {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a request for `model` and says how many more than it a lease
-    /// asked for now should hold (0: ask for it alone).
-    pub fn note(&self, model: &str, now: Duration) -> u32 {
+    /// One admission: counts it in `request.model`'s demand and admits it
+    /// from an open lease with room, charged there; without one, says how
+    /// many more requests than it a lease asked for now should hold (0: ask
+    /// for it alone). One lock for both: this runs on every admission.
+    pub fn reserve(&self, request: &ReserveRequest<'_>, now: Duration) -> Result<Grant, u32> {
         if self.length.is_zero() {
-            return 0;
+            return Err(0);
         }
         let mut book = self.book();
-        if !book.demand.contains_key(model) {
-            book.demand.insert(Arc::from(model), Demand::default());
-        }
-        let d = book.demand.get_mut(model).expect("inserted above");
-        let elapsed = now.saturating_sub(d.since);
-        if elapsed >= self.length {
-            d.previous = if elapsed < self.length * 2 {
-                d.current
-            } else {
-                0
-            };
-            d.current = 0;
-            d.since = now;
-        }
-        d.current += 1;
-        if d.previous >= 2 {
-            d.previous.min(MAX_EXTRA)
-        } else {
-            0
-        }
+        let want = book.count_demand(request.model, now, self.length);
+        book.admit(request, now, Some(&self.counters)).ok_or(want)
     }
 
-    /// Admits `request` from an open lease if one has room (`take`: and
-    /// charges it there); its grant names the lease.
-    pub fn admit(&self, request: &ReserveRequest<'_>, now: Duration, take: bool) -> Option<Grant> {
-        if self.length.is_zero() {
-            return None;
-        }
-        let mut book = self.book();
-        let rank = |region: &str| request.regions.iter().position(|r| &**r == region);
-        let mut best: Option<(u64, usize, i64)> = None;
-        for (id, lease) in &book.leases {
-            if !lease.open || now >= lease.until || &*lease.model != request.model {
-                continue;
-            }
-            let Some(position) = rank(&lease.region) else {
-                continue;
-            };
-            let left = lease.held.minus(lease.used);
-            if !left.admits(request.charge) {
-                continue;
-            }
-            let better = match (best, request.strategy) {
-                (None, _) => true,
-                (Some((_, p, _)), Strategy::Ordered) => position < p,
-                (Some((_, _, r)), Strategy::MostHeadroom) => left.requests > r,
-            };
-            if better {
-                best = Some((*id, position, left.requests));
-            }
-        }
-        let (id, _, _) = best?;
-        let lease = book.leases.get_mut(&id).expect("found above");
-        if take {
-            lease.used = lease.used.plus(Amount::of(1, request.charge));
-            lease.in_flight += 1;
-            self.counters.admitted.inc();
-        }
-        Some(Grant {
-            model: Arc::clone(&lease.model),
-            region: Arc::clone(&lease.region),
-            entry: EntryId::from_raw(id | LEASED),
-            charge: request.charge,
-            view: BudgetView { now, ..lease.view },
-        })
+    /// Would an open lease admit `request` now? Takes nothing.
+    pub fn probe(&self, request: &ReserveRequest<'_>, now: Duration) -> bool {
+        !self.length.is_zero() && self.book().admit(request, now, None).is_some()
     }
 
     /// Records a lease Redis granted (`requests` of `grant.charge`, its entry
@@ -445,19 +458,26 @@ mod tests {
         }
     }
 
+    /// What a lease asked for now would want (none is open).
+    fn want(l: &Leases, now: Duration) -> u32 {
+        let r: Vec<Arc<str>> = vec![Arc::from("us")];
+        l.reserve(&ask(&r, charge(1, 1), Strategy::Ordered), now)
+            .unwrap_err()
+    }
+
     #[test]
     fn demand_below_two_per_length_asks_for_no_lease() {
         let l = leases();
-        assert_eq!(l.note("m", Duration::ZERO), 0);
-        assert_eq!(l.note("m", MS * 10), 0);
-        assert_eq!(l.note("m", MS * 20), 0);
+        assert_eq!(want(&l, Duration::ZERO), 0);
+        assert_eq!(want(&l, MS * 10), 0);
+        assert_eq!(want(&l, MS * 20), 0);
         // The previous 50 ms saw three.
-        assert_eq!(l.note("m", MS * 60), 3);
+        assert_eq!(want(&l, MS * 60), 3);
         // A quiet stretch longer than a length forgets.
-        assert_eq!(l.note("m", MS * 400), 0);
+        assert_eq!(want(&l, MS * 400), 0);
         let off = Leases::new(Duration::ZERO, LeaseCounters::unregistered());
         for t in 0..10 {
-            assert_eq!(off.note("m", MS * t), 0);
+            assert_eq!(want(&off, MS * t), 0);
         }
     }
 
@@ -469,27 +489,19 @@ mod tests {
         let (first, until) = l.open(grant(7, "us", c, Duration::ZERO), 3, 50_000, Duration::ZERO);
         assert_eq!(first.entry.raw(), 7 | LEASED);
         assert_eq!(until, MS * 49);
-        let second = l
-            .admit(&ask(&r, c, Strategy::Ordered), MS * 10, true)
-            .unwrap();
+        let second = l.reserve(&ask(&r, c, Strategy::Ordered), MS * 10).unwrap();
         // A bigger request does not fit what is left; a probe takes nothing.
         assert!(l
-            .admit(&ask(&r, charge(101, 10), Strategy::Ordered), MS * 10, true)
-            .is_none());
-        assert!(l
-            .admit(&ask(&r, c, Strategy::Ordered), MS * 10, false)
-            .is_some());
+            .reserve(&ask(&r, charge(101, 10), Strategy::Ordered), MS * 10)
+            .is_err());
+        assert!(l.probe(&ask(&r, c, Strategy::Ordered), MS * 10));
         assert!(
-            l.admit(&ask(&r, c, Strategy::Ordered), MS * 49, true)
-                .is_none(),
+            l.reserve(&ask(&r, c, Strategy::Ordered), MS * 49).is_err(),
             "ended"
         );
-        let _third = l
-            .admit(&ask(&r, c, Strategy::Ordered), MS * 11, true)
-            .unwrap();
+        let _third = l.reserve(&ask(&r, c, Strategy::Ordered), MS * 11).unwrap();
         assert!(
-            l.admit(&ask(&r, c, Strategy::Ordered), MS * 12, true)
-                .is_none(),
+            l.reserve(&ask(&r, c, Strategy::Ordered), MS * 12).is_err(),
             "all taken"
         );
         // While open, a success is kept for the close; a cancel gives back.
@@ -554,7 +566,7 @@ mod tests {
             }
         );
         assert!(adj.settled);
-        assert!(l.admit(&ask(&r, c, Strategy::Ordered), MS, true).is_none());
+        assert!(l.reserve(&ask(&r, c, Strategy::Ordered), MS).is_err());
         assert_eq!(l.tracked(), 0);
     }
 
@@ -570,22 +582,20 @@ mod tests {
             Duration::ZERO,
         );
         l.open(grant(2, "us", c, Duration::ZERO), 3, 50_000, Duration::ZERO);
-        let g = l.admit(&ask(&r, c, Strategy::Ordered), MS, true).unwrap();
+        let g = l.reserve(&ask(&r, c, Strategy::Ordered), MS).unwrap();
         assert_eq!(&*g.region, "us");
-        let g = l
-            .admit(&ask(&r, c, Strategy::MostHeadroom), MS, true)
-            .unwrap();
+        let g = l.reserve(&ask(&r, c, Strategy::MostHeadroom), MS).unwrap();
         assert_eq!(&*g.region, "eu");
         // Only the regions asked for.
         let only_us: Vec<Arc<str>> = vec![Arc::from("us")];
         let g = l
-            .admit(&ask(&only_us, c, Strategy::MostHeadroom), MS, true)
+            .reserve(&ask(&only_us, c, Strategy::MostHeadroom), MS)
             .unwrap();
         assert_eq!(&*g.region, "us");
         let revoked = l.revoke(None, "eu");
         assert_eq!(revoked.len(), 1);
         assert_eq!(revoked[0].id, 1);
-        let g = l.admit(&ask(&r, c, Strategy::MostHeadroom), MS, true);
+        let g = l.reserve(&ask(&r, c, Strategy::MostHeadroom), MS).ok();
         assert!(g.is_none(), "us is full, eu revoked: {g:?}");
     }
 }

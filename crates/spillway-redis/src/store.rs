@@ -681,11 +681,7 @@ impl RedisStore {
         if reserve {
             return Ok(self.try_reserve(request).await?.map(Some));
         }
-        if self
-            .leases
-            .admit(&request, self.clock.now(), false)
-            .is_some()
-        {
+        if self.leases.probe(&request, self.clock.now()) {
             return Ok(Ok(None));
         }
         Ok(self
@@ -698,16 +694,15 @@ impl RedisStore {
         &self,
         request: ReserveRequest<'_>,
     ) -> Result<Result<Grant, Denial>, StoreError> {
-        let now = self.clock.now();
-        // Only configured models are counted: the demand map stays bounded.
-        let want = if self.models.contains_key(request.model) {
-            self.leases.note(request.model, now)
-        } else {
-            0
-        };
-        if let Some(grant) = self.leases.admit(&request, now, true) {
-            return Ok(Ok(grant));
+        if !self.models.contains_key(request.model) {
+            // Nothing to ask Redis, and no demand to count for it.
+            return Ok(Err(Denial::Never));
         }
+        let now = self.clock.now();
+        let want = match self.leases.reserve(&request, now) {
+            Ok(grant) => return Ok(Ok(grant)),
+            Err(want) => want,
+        };
         let decided = self.decide(request, true, want).await?;
         Ok(decided.map(|g| {
             let (grant, requests) = g.expect("a reserving script answers with a grant or a denial");
