@@ -8,7 +8,6 @@
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
 load_state(b, now, ARGV, 1)
-local v = b.v
 evict(b, now)
 local id, at = tonumber(ARGV[5]), ARGV[6]
 local dr, di, dout = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -26,17 +25,6 @@ for _, m in ipairs(redis.call('ZRANGE', b.log, at, at, 'BYSCORE')) do
     break
   end
 end
-if outcome ~= 3 then
-  local a = adaptive_of(v)
-  if outcome == 0 then
-    on_success(a, now)
-  elseif outcome == 1 then
-    local obs = { math.max(v[3] - 1, 0), v[4], v[5] }
-    on_rate_limited(a, now, obs, tonumber(ARGV[12]), tonumber(ARGV[13]))
-  else
-    cool_down(a, now, tonumber(ARGV[13]))
-  end
-  store_adaptive(b, a)
-end
+learn(b, now, outcome, tonumber(ARGV[12]), tonumber(ARGV[13]))
 save_state(b, now)
 return now

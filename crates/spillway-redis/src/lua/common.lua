@@ -330,6 +330,23 @@ local function last_at(b)
   return at
 end
 
+-- What a budget learns from how a request ended (after its charge is
+-- settled): outcome 0 used, 1 rate limited (the usage it saw, less that
+-- request, is what the limit held), 2 unavailable, 3 nothing to learn.
+local function learn(b, now, outcome, which, jitter)
+  if outcome == 3 then return end
+  local v = b.v
+  local a = adaptive_of(v)
+  if outcome == 0 then
+    on_success(a, now)
+  elseif outcome == 1 then
+    on_rate_limited(a, now, { math.max(v[3] - 1, 0), v[4], v[5] }, which, jitter)
+  else
+    cool_down(a, now, jitter)
+  end
+  store_adaptive(b, a)
+end
+
 -- Whether a charge fits under the limits at v[l..l+3] on top of usage.
 local function fits_at(v, l, ur, ui, uo, ci, co)
   local input = ui + ci

@@ -8,7 +8,6 @@
 local now = now_us()
 local b = { log = KEYS[1], st = KEYS[2] }
 load_state(b, now, ARGV, 1)
-local v = b.v
 evict(b, now)
 local id = tonumber(ARGV[5])
 local outcome = tonumber(ARGV[6])
@@ -27,20 +26,11 @@ local function settle_to(r, i, o)
 end
 if outcome == 3 then
   settle_to(0, 0, 0)
+elseif outcome == 0 then
+  settle_to(1, ai, ao)
 else
-  local a = adaptive_of(v)
-  if outcome == 0 then
-    settle_to(1, ai, ao)
-    on_success(a, now)
-  elseif outcome == 1 then
-    settle_to(1, 0, 0)
-    local obs = { math.max(v[3] - 1, 0), v[4], v[5] }
-    on_rate_limited(a, now, obs, which, jitter)
-  else
-    settle_to(1, 0, 0)
-    cool_down(a, now, jitter)
-  end
-  store_adaptive(b, a)
+  settle_to(1, 0, 0)
 end
+learn(b, now, outcome, which, jitter)
 save_state(b, now)
 return now
