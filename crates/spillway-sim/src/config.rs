@@ -1,4 +1,4 @@
-//! Simulator configuration: which models each region offers, with which
+//! Simulator configuration: which models each location offers, with which
 //! quotas, and how the simulated upstream behaves.
 //!
 //! [`SimConfig::vertex_defaults`] is a small but realistic topology (two
@@ -16,24 +16,125 @@
 //! [[regions.models]]
 //! id = "claude-3-haiku@20240307"
 //! requests_per_min = 60
-//! tokens_per_min = 50000
+//! tokens_per_min = 50000         # optional: combined input + output
 //! input_tokens_per_min = 40000   # optional
 //! output_tokens_per_min = 10000  # optional
+//!
+//! [[regions]]
+//! name = "global"
+//! [[regions.models]]
+//! id = "claude-sonnet-4-6"
+//! quota_group = "anthropic-claude-sonnet"  # optional: lineage bucket
+//! cache_reads_count = false                # optional: see below
+//! requests_per_min = 100
+//! input_tokens_per_min = 200000
+//! output_tokens_per_min = 40000
+//! [[regions.models]]
+//! id = "claude-sonnet-4-5@20250929"
+//! quota_group = "anthropic-claude-sonnet"  # shares the window above
+//! requests_per_min = 100
+//! input_tokens_per_min = 200000
+//! output_tokens_per_min = 40000
 //! ```
+//!
+//! Every key is checked: unknown keys (a misspelt `quota_grup`) are errors.
+//!
+//! * **Token limits** are all optional; absent means not enforced. Vertex
+//!   has only the split ones (input and output per minute, reference §5);
+//!   `tokens_per_min` is a combined budget kept for older configurations.
+//! * **`quota_group`** names a lineage (the `base_model` dimension Google
+//!   uses for it, e.g. `anthropic-claude-sonnet`). On `global` and the
+//!   multi-regions (`us`, `eu`) all models of a location naming the same
+//!   group share one window, and their limits **must be identical**: a
+//!   mismatch is a [`ConfigError::GroupLimitsDisagree`] (the simulator
+//!   refuses to guess which one Google would enforce). On regional
+//!   locations the group is ignored for quotas: each model has its own
+//!   window there, with its own limits. See [`crate::quota`].
+//! * **`cache_reads_count`**: whether `cache_read_input_tokens` count
+//!   against the input-token quota. Absent means the default rule
+//!   ([`default_cache_reads_count`]): `true` for Claude 3 and 3.5 ids
+//!   (`claude-3-…` except `claude-3-7-…`), which Anthropic marks as counting
+//!   cache reads, `false` for every other (current) model.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::quota::QuotaLimits;
+use crate::quota::{BucketId, QuotaLimits};
+
+/// Why a configuration was refused.
+///
+/// (`Display` and `Error` are written out by hand rather than derived with
+/// `thiserror`: the crate keeps its dependency list, and so the workspace
+/// lock file, unchanged.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The TOML text did not parse or had unknown keys.
+    Toml(String),
+    /// `window_secs` was negative, not finite or too large.
+    Window(String),
+    /// A location lists the same model twice.
+    DuplicateModel {
+        /// The location.
+        location: String,
+        /// The model id.
+        model: String,
+    },
+    /// A `quota_group` is empty.
+    EmptyGroup {
+        /// The location.
+        location: String,
+        /// The model id.
+        model: String,
+    },
+    /// Two models sharing a lineage bucket have different limits.
+    GroupLimitsDisagree {
+        /// The location.
+        location: String,
+        /// The group.
+        group: String,
+        /// The first model of the group (whose limits the others must match).
+        first: String,
+        /// The model that disagrees.
+        model: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Toml(e) => write!(f, "invalid simulator config: {e}"),
+            ConfigError::Window(e) => write!(f, "window_secs: {e}"),
+            ConfigError::DuplicateModel { location, model } => {
+                write!(f, "location {location}: model {model} is listed twice")
+            }
+            ConfigError::EmptyGroup { location, model } => {
+                write!(f, "location {location}: model {model} has an empty quota_group")
+            }
+            ConfigError::GroupLimitsDisagree {
+                location,
+                group,
+                first,
+                model,
+            } => write!(
+                f,
+                "location {location}: models {first} and {model} share quota group {group} but have different limits"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// The simulator's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
-    /// Regions and the models each offers.
+    /// Locations and the models each offers.
     pub regions: Vec<SimRegion>,
     /// If set, predict calls need `Authorization: Bearer <this>` (or a token
-    /// issued by the simulator's `/token` endpoint).
+    /// issued by the simulator's `/token` endpoint). See
+    /// [`crate::SimHandle::rotate_token`] to revoke it at run time.
     pub bearer_token: Option<String>,
     /// Quota window length (60 s on Vertex; tests compress it).
     pub window: Duration,
@@ -43,31 +144,43 @@ pub struct SimConfig {
     pub emit_vertex_event: bool,
 }
 
-/// One region (`{location}`) and the models it offers.
+/// One location (`{location}`: a region, `global`, `us` or `eu`) and the
+/// models it offers.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimRegion {
-    /// Location name, e.g. `us-central1`.
+    /// Location name, e.g. `us-central1` or `global`.
     pub name: String,
     /// Models offered there.
     #[serde(default)]
     pub models: Vec<SimModel>,
 }
 
-/// A model offered in a region, with its quota there.
+/// A model offered in a location, with its quota there.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimModel {
     /// Vertex model id, e.g. `claude-3-haiku@20240307`.
     pub id: String,
     /// Requests per window.
     pub requests_per_min: u32,
-    /// Input + output tokens per window.
-    pub tokens_per_min: u64,
+    /// Input + output tokens per window (not enforced if `None`).
+    #[serde(default)]
+    pub tokens_per_min: Option<u64>,
     /// Input tokens per window (not enforced if `None`).
     #[serde(default)]
     pub input_tokens_per_min: Option<u64>,
     /// Output tokens per window (not enforced if `None`).
     #[serde(default)]
     pub output_tokens_per_min: Option<u64>,
+    /// Lineage bucket (e.g. `anthropic-claude-sonnet`), shared with the
+    /// other models of the group on `global` and multi-regions.
+    #[serde(default)]
+    pub quota_group: Option<String>,
+    /// Whether cache reads count against the input-token quota; `None`
+    /// applies [`default_cache_reads_count`].
+    #[serde(default)]
+    pub cache_reads_count: Option<bool>,
 }
 
 /// Vertex id of Claude 3 Haiku, used by the defaults.
@@ -75,25 +188,91 @@ pub const HAIKU: &str = "claude-3-haiku@20240307";
 /// Vertex id of Claude 3 Sonnet, used by the defaults.
 pub const SONNET: &str = "claude-3-sonnet@20240229";
 
+/// The default of [`SimModel::cache_reads_count`]: `true` for Claude 3 and
+/// 3.5 (`claude-3-…`, but not `claude-3-7-…`), whose cache reads Anthropic
+/// counts towards input-token limits; `false` for later models.
+pub fn default_cache_reads_count(model_id: &str) -> bool {
+    model_id.starts_with("claude-3-") && !model_id.starts_with("claude-3-7-")
+}
+
 impl SimModel {
-    /// A model with `rpm` requests and `tpm` tokens per window, no split limits.
+    /// A model with `rpm` requests and `tpm` combined tokens per window, no
+    /// split limits.
     pub fn new(id: impl Into<String>, rpm: u32, tpm: u64) -> Self {
         SimModel {
             id: id.into(),
             requests_per_min: rpm,
-            tokens_per_min: tpm,
+            tokens_per_min: Some(tpm),
             input_tokens_per_min: None,
             output_tokens_per_min: None,
+            quota_group: None,
+            cache_reads_count: None,
         }
     }
 
-    pub(crate) fn limits(&self) -> QuotaLimits {
+    /// A model with Vertex's three quotas only: `rpm` requests, `itpm`
+    /// input tokens and `otpm` output tokens per window.
+    pub fn split(id: impl Into<String>, rpm: u32, itpm: u64, otpm: u64) -> Self {
+        SimModel {
+            tokens_per_min: None,
+            input_tokens_per_min: Some(itpm),
+            output_tokens_per_min: Some(otpm),
+            ..SimModel::new(id, rpm, 0)
+        }
+    }
+
+    /// Puts the model in a lineage group (shared window on `global` and
+    /// multi-regions): `SimModel::split(..).in_group("anthropic-claude-sonnet")`.
+    pub fn in_group(mut self, group: impl Into<String>) -> Self {
+        self.quota_group = Some(group.into());
+        self
+    }
+
+    /// Says whether cache reads count against the input-token quota,
+    /// overriding [`default_cache_reads_count`].
+    pub fn with_cache_reads_count(mut self, counts: bool) -> Self {
+        self.cache_reads_count = Some(counts);
+        self
+    }
+
+    /// Sets (or with `None` removes) the combined token limit.
+    pub fn with_tokens_per_min(mut self, tpm: Option<u64>) -> Self {
+        self.tokens_per_min = tpm;
+        self
+    }
+
+    /// Sets (or removes) the input-token limit.
+    pub fn with_input_tokens_per_min(mut self, itpm: Option<u64>) -> Self {
+        self.input_tokens_per_min = itpm;
+        self
+    }
+
+    /// Sets (or removes) the output-token limit.
+    pub fn with_output_tokens_per_min(mut self, otpm: Option<u64>) -> Self {
+        self.output_tokens_per_min = otpm;
+        self
+    }
+
+    /// Whether this model's cache reads count against the input quota
+    /// (the explicit setting, else [`default_cache_reads_count`]).
+    pub fn counts_cache_reads(&self) -> bool {
+        self.cache_reads_count
+            .unwrap_or_else(|| default_cache_reads_count(&self.id))
+    }
+
+    /// The model's quota limits.
+    pub fn limits(&self) -> QuotaLimits {
         QuotaLimits {
             requests_per_min: self.requests_per_min,
             tokens_per_min: self.tokens_per_min,
             input_tokens_per_min: self.input_tokens_per_min,
             output_tokens_per_min: self.output_tokens_per_min,
         }
+    }
+
+    /// The bucket this model draws on at `location`.
+    pub fn bucket(&self, location: &str) -> BucketId {
+        BucketId::for_model(location, &self.id, self.quota_group.as_deref())
     }
 }
 
@@ -126,8 +305,50 @@ impl SimConfig {
         }
     }
 
-    /// Parses the TOML form shown in the module docs.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
+    /// Checks what the types cannot: no model twice in a location, no empty
+    /// group, and identical limits for the models of each shared bucket.
+    /// [`crate::Simulator::start`] and [`SimConfig::from_toml`] call it.
+    /// (A location listed twice is one location: its model lists add up.)
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen: HashMap<(&str, &str), ()> = HashMap::new();
+        let mut buckets: HashMap<BucketId, &SimModel> = HashMap::new();
+        for r in &self.regions {
+            for m in &r.models {
+                if seen.insert((&r.name, &m.id), ()).is_some() {
+                    return Err(ConfigError::DuplicateModel {
+                        location: r.name.clone(),
+                        model: m.id.clone(),
+                    });
+                }
+                if m.quota_group.as_deref() == Some("") {
+                    return Err(ConfigError::EmptyGroup {
+                        location: r.name.clone(),
+                        model: m.id.clone(),
+                    });
+                }
+                let id = m.bucket(&r.name);
+                match buckets.get(&id) {
+                    None => {
+                        buckets.insert(id, m);
+                    }
+                    Some(first) if first.limits() != m.limits() => {
+                        return Err(ConfigError::GroupLimitsDisagree {
+                            location: r.name.clone(),
+                            group: m.quota_group.clone().unwrap_or_default(),
+                            first: first.id.clone(),
+                            model: m.id.clone(),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses (and [validates](SimConfig::validate)) the TOML form shown in
+    /// the module docs.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
@@ -138,19 +359,23 @@ impl SimConfig {
             default_output_tokens: Option<u32>,
             emit_vertex_event: Option<bool>,
         }
-        let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let f: File = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
         let d = SimConfig::vertex_defaults();
         let window = match f.window_secs {
             None => d.window,
-            Some(s) => Duration::try_from_secs_f64(s).map_err(|e| format!("window_secs: {e}"))?,
+            Some(s) => {
+                Duration::try_from_secs_f64(s).map_err(|e| ConfigError::Window(e.to_string()))?
+            }
         };
-        Ok(SimConfig {
+        let config = SimConfig {
             regions: f.regions,
             bearer_token: f.bearer_token,
             window,
             default_output_tokens: f.default_output_tokens.unwrap_or(d.default_output_tokens),
             emit_vertex_event: f.emit_vertex_event.unwrap_or(d.emit_vertex_event),
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -184,5 +409,95 @@ output_tokens_per_min = 100
         assert!(c.emit_vertex_event);
         assert!(SimConfig::from_toml("window_secs = -1").is_err());
         assert!(SimConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn groups_split_limits_and_cache_rule_from_toml() {
+        let c = SimConfig::from_toml(
+            r#"
+[[regions]]
+name = "global"
+[[regions.models]]
+id = "claude-sonnet-4-6"
+quota_group = "anthropic-claude-sonnet"
+requests_per_min = 10
+input_tokens_per_min = 1000
+output_tokens_per_min = 100
+[[regions.models]]
+id = "claude-sonnet-4-5@20250929"
+quota_group = "anthropic-claude-sonnet"
+cache_reads_count = true
+requests_per_min = 10
+input_tokens_per_min = 1000
+output_tokens_per_min = 100
+"#,
+        )
+        .unwrap();
+        let m = &c.regions[0].models;
+        assert_eq!(m[0].limits(), QuotaLimits::split(10, 1000, 100));
+        assert_eq!(m[0].bucket("global"), m[1].bucket("global"));
+        assert!(!m[0].counts_cache_reads());
+        assert!(m[1].counts_cache_reads());
+        assert_eq!(
+            m[0],
+            SimModel::split("claude-sonnet-4-6", 10, 1000, 100).in_group("anthropic-claude-sonnet")
+        );
+        assert!(matches!(
+            SimConfig::from_toml("[[regions]]\nname = \"x\"\n[[regions.models]]\nid = \"m\"\nrequests_per_min = 1\nquota_grup = \"g\"\n"),
+            Err(ConfigError::Toml(_))
+        ));
+    }
+
+    #[test]
+    fn shared_buckets_need_identical_limits_but_regional_ones_do_not() {
+        let cfg = |location: &str| SimConfig {
+            regions: vec![SimRegion {
+                name: location.into(),
+                models: vec![
+                    SimModel::split("claude-opus-4-7", 10, 1000, 100)
+                        .in_group("anthropic-claude-opus"),
+                    SimModel::split("claude-opus-4-8", 20, 1000, 100)
+                        .in_group("anthropic-claude-opus"),
+                ],
+            }],
+            ..SimConfig::vertex_defaults()
+        };
+        for shared in ["global", "us", "eu"] {
+            assert_eq!(
+                cfg(shared).validate(),
+                Err(ConfigError::GroupLimitsDisagree {
+                    location: shared.into(),
+                    group: "anthropic-claude-opus".into(),
+                    first: "claude-opus-4-7".into(),
+                    model: "claude-opus-4-8".into(),
+                })
+            );
+        }
+        assert_eq!(cfg("us-east5").validate(), Ok(()));
+        let mut dup = cfg("us-east5");
+        dup.regions[0].models[1].id = "claude-opus-4-7".into();
+        assert!(matches!(
+            dup.validate(),
+            Err(ConfigError::DuplicateModel { .. })
+        ));
+        let mut empty = cfg("us-east5");
+        empty.regions[0].models[0].quota_group = Some(String::new());
+        assert!(matches!(
+            empty.validate(),
+            Err(ConfigError::EmptyGroup { .. })
+        ));
+    }
+
+    #[test]
+    fn cache_read_default_rule() {
+        assert!(default_cache_reads_count("claude-3-haiku@20240307"));
+        assert!(default_cache_reads_count("claude-3-5-sonnet-v2@20241022"));
+        assert!(default_cache_reads_count("claude-3-5-haiku@20241022"));
+        assert!(!default_cache_reads_count("claude-3-7-sonnet@20250219"));
+        assert!(!default_cache_reads_count("claude-sonnet-4-5@20250929"));
+        assert!(!default_cache_reads_count("claude-opus-4-7"));
+        assert!(SimModel::new("claude-opus-4-7", 1, 1)
+            .with_cache_reads_count(true)
+            .counts_cache_reads());
     }
 }

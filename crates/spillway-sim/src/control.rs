@@ -5,12 +5,17 @@
 //! | method and path | body | effect |
 //! |---|---|---|
 //! | `GET /_sim/counters` | | `{"total_requests":N,"tokens_issued":N,"regions":{region:{model:counters}}}` |
-//! | `POST /_sim/reset` | | clears counters, quota windows, faults, recorded requests |
+//! | `POST /_sim/reset` | | clears counters, quota windows and admission logs, faults, refusals, recorded requests |
 //! | `GET /_sim/faults` | | the active faults |
 //! | `POST /_sim/faults` | a `Fault` (see `faults`) | adds it (201) |
 //! | `DELETE /_sim/faults` | | clears all faults |
-//! | `GET /_sim/quota` | | `{region:{model:limits}}` |
-//! | `PUT /_sim/quota` | `{"region","model","requests_per_min","tokens_per_min","input_tokens_per_min"?,"output_tokens_per_min"?}` | sets the limits (offering the model in that region if it was not) |
+//! | `GET /_sim/quota` | | `{region:{model:limits}}`; each entry also names its `bucket` and `base_model` |
+//! | `PUT /_sim/quota` | `{"region","model","requests_per_min","tokens_per_min"?,"input_tokens_per_min"?,"output_tokens_per_min"?}` | sets the limits of the model's bucket (offering the model in that region if it was not); an absent token limit is not enforced |
+//! | `GET /_sim/buckets` | | every quota bucket: `id`, `location_kind`, `base_model`, `models`, `limits`, `admitted`, `log_truncated`, `usage` (now) and `peak` (the most any window of the simulator's length held over the run; see `SimHandle::bucket_reports`) |
+//! | `POST /_sim/models/refuse` | `{"region","model"}` | the region answers 404 `NOT_FOUND` for the model |
+//! | `POST /_sim/models/allow` | `{"region","model"}` | undoes a refusal; `{"was_refused":bool}` |
+//! | `GET /_sim/models/refused` | | `[{"region","model"}]` |
+//! | `POST /_sim/rotate-token` | | revokes the bearer token(s); answers `{"bearer_token":"<new static token>"}` (tokens from `/token` issued later work too) |
 //! | `PUT /_sim/output-tokens` | `{"default_output_tokens":N}` | sets the default answer length |
 //! | `GET /_sim/requests` | | the last 64 requests (`RecordedRequest`s), oldest first |
 //!
@@ -28,7 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::faults::Fault;
-use crate::quota::QuotaLimits;
+use crate::quota::{peak_usage, QuotaLimits};
 use crate::state::SharedState;
 
 /// Body of `PUT /_sim/quota`.
@@ -38,11 +43,20 @@ struct QuotaUpdate {
     region: String,
     model: String,
     requests_per_min: u32,
-    tokens_per_min: u64,
+    #[serde(default)]
+    tokens_per_min: Option<u64>,
     #[serde(default)]
     input_tokens_per_min: Option<u64>,
     #[serde(default)]
     output_tokens_per_min: Option<u64>,
+}
+
+/// Body of `POST /_sim/models/refuse` and `/allow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelRef {
+    region: String,
+    model: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +76,11 @@ pub(crate) fn routes() -> Router<SharedState> {
         .route("/_sim/quota", put(set_quota).get(get_quota))
         .route("/_sim/output-tokens", put(set_output_tokens))
         .route("/_sim/requests", get(requests))
+        .route("/_sim/buckets", get(buckets))
+        .route("/_sim/models/refuse", post(refuse_model))
+        .route("/_sim/models/allow", post(allow_model))
+        .route("/_sim/models/refused", get(refused_models))
+        .route("/_sim/rotate-token", post(rotate_token))
 }
 
 fn bad_request(e: JsonRejection) -> Response {
@@ -138,7 +157,7 @@ async fn get_quota(State(st): State<SharedState>) -> Response {
         .map(|(region, models)| {
             let m: serde_json::Map<String, serde_json::Value> = models
                 .into_iter()
-                .map(|(id, l)| {
+                .map(|(id, (bucket, l))| {
                     (
                         id,
                         json!({
@@ -146,6 +165,8 @@ async fn get_quota(State(st): State<SharedState>) -> Response {
                             "tokens_per_min": l.tokens_per_min,
                             "input_tokens_per_min": l.input_tokens_per_min,
                             "output_tokens_per_min": l.output_tokens_per_min,
+                            "bucket": bucket,
+                            "base_model": bucket.base_model(),
                         }),
                     )
                 })
@@ -172,4 +193,62 @@ async fn set_output_tokens(
 
 async fn requests(State(st): State<SharedState>) -> Response {
     Json(st.recorder.snapshot()).into_response()
+}
+
+async fn buckets(State(st): State<SharedState>) -> Response {
+    let out: Vec<serde_json::Value> = st
+        .buckets()
+        .iter()
+        .map(|b| {
+            let (log, dropped) = b.log();
+            json!({
+                "id": b.id,
+                "location_kind": b.id.location_kind(),
+                "base_model": b.id.base_model(),
+                "models": st.bucket_models(&b.id),
+                "limits": b.limits(),
+                "admitted": log.len() as u64 + dropped,
+                "log_truncated": dropped > 0,
+                "usage": b.usage(st.window),
+                "peak": peak_usage(&log, st.window),
+            })
+        })
+        .collect();
+    Json(out).into_response()
+}
+
+async fn refuse_model(
+    State(st): State<SharedState>,
+    body: Result<Json<ModelRef>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(m)) => {
+            st.refuse(&m.region, &m.model);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn allow_model(
+    State(st): State<SharedState>,
+    body: Result<Json<ModelRef>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(m)) => Json(json!({"was_refused": st.allow(&m.region, &m.model)})).into_response(),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn refused_models(State(st): State<SharedState>) -> Response {
+    let out: Vec<serde_json::Value> = st
+        .refused()
+        .into_iter()
+        .map(|(region, model)| json!({"region": region, "model": model}))
+        .collect();
+    Json(out).into_response()
+}
+
+async fn rotate_token(State(st): State<SharedState>) -> Response {
+    Json(json!({"bearer_token": st.rotate_token()})).into_response()
 }

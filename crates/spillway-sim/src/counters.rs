@@ -8,10 +8,15 @@
 //!   400, faults and 429s included). count-tokens calls are counted apart in
 //!   `count_tokens_requests`.
 //! * `succeeded`: rawPredict answered 200; streams that sent `message_stop`.
-//! * `rate_limited`: 429 answers (quota or injected).
+//! * `rate_limited`: 429 answers (quota, injected, or capacity);
+//!   `capacity_limited` counts the capacity ones among them (the 429s whose
+//!   body names no metric).
 //! * `errors`: other error statuses, keyed by HTTP status.
 //! * `resets`: connections closed without an answer (`Reset` fault).
-//! * `input_tokens`: input tokens of admitted requests (answered 200).
+//! * `input_tokens`: `usage.input_tokens` of admitted requests (answered
+//!   200): fresh input, without cache reads or writes, which are in
+//!   `cache_read_input_tokens` and `cache_creation_input_tokens` (the three
+//!   add up to the prompts' token counts).
 //! * `output_tokens`: output tokens actually served (for an aborted stream,
 //!   only the deltas that were sent).
 //! * `streams_started` / `streams_completed`: 200 streams begun / finished
@@ -34,12 +39,18 @@ pub struct ModelCounters {
     pub succeeded: u64,
     /// 429 answers.
     pub rate_limited: u64,
+    /// Capacity 429s (no metric), also counted in `rate_limited`.
+    pub capacity_limited: u64,
     /// Other error answers by HTTP status.
     pub errors: BTreeMap<u16, u64>,
     /// Connections reset without an answer.
     pub resets: u64,
-    /// Input tokens of admitted requests.
+    /// `usage.input_tokens` of admitted requests.
     pub input_tokens: u64,
+    /// `usage.cache_read_input_tokens` of admitted requests.
+    pub cache_read_input_tokens: u64,
+    /// `usage.cache_creation_input_tokens` of admitted requests.
+    pub cache_creation_input_tokens: u64,
     /// Output tokens served.
     pub output_tokens: u64,
     /// Streams started (200 sent).

@@ -13,10 +13,32 @@
 //!
 //! [`SimError`] is one error answer; [`SimError::into_response`] renders it
 //! for a given action (object vs array).
+//!
+//! ## The three 429s
+//!
+//! Vertex says "429 `RESOURCE_EXHAUSTED`" for two different things, and a
+//! gateway must tell them apart because only one of them is *its* fault:
+//!
+//! * **Quota** (reference §1.6, §5): the project went over a per-minute
+//!   budget. The message names the metric and the `base_model` dimension:
+//!   `Quota exceeded for aiplatform.googleapis.com/<metric> with base model:
+//!   <base model>. Please submit a quota increase request. https://...`.
+//!   The metric depends on the *kind of location* ([`LocationKind`]):
+//!   `online_prediction_{requests,input_tokens_per_minute,output_tokens_per_minute}_per_base_model`
+//!   on a regional endpoint, the same with a `global_` prefix on `global`,
+//!   and with a `{location}_multi_region_` prefix on `us` / `eu` (the
+//!   simulator writes the location in lower case, as metric names are).
+//!   See [`QuotaMetric::name_in`] and [`SimError::quota_exceeded_in`].
+//! * **Capacity** (dynamic shared quota): Google ran out of capacity for
+//!   everyone. No metric, no dimension: `Resource exhausted. Please try
+//!   again later.` ([`SimError::capacity_exhausted`]). Waiting for one's
+//!   own window to slide does not help; another region might.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use crate::quota::LocationKind;
 
 /// Which quota metric a 429 names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +62,29 @@ impl QuotaMetric {
             }
         }
     }
+
+    /// The metric name for a request to `location` (reference §5):
+    /// regional locations use [`QuotaMetric::name`] as is, `global` prefixes
+    /// it with `global_`, multi-regions (`us`, `eu`) with
+    /// `{location}_multi_region_`.
+    pub fn name_in(self, location: &str) -> String {
+        match LocationKind::of(location) {
+            LocationKind::Regional => self.name().to_owned(),
+            LocationKind::Global => format!("global_{}", self.name()),
+            LocationKind::MultiRegion => {
+                format!(
+                    "{}_multi_region_{}",
+                    location.to_ascii_lowercase(),
+                    self.name()
+                )
+            }
+        }
+    }
 }
+
+/// The exact message of a capacity 429 (no metric: Google's shared pool
+/// ran dry, not the project's quota).
+pub const CAPACITY_EXHAUSTED_MESSAGE: &str = "Resource exhausted. Please try again later.";
 
 /// The quota dimension for a Vertex model id: `"anthropic-"` + the id
 /// without its `@date` suffix (`claude-3-haiku@20240307` →
@@ -103,17 +147,52 @@ impl SimError {
         }
     }
 
-    /// 429 `RESOURCE_EXHAUSTED` naming the exceeded metric, as Vertex does.
+    /// 429 `RESOURCE_EXHAUSTED` naming the exceeded *regional* metric and
+    /// the base model derived from `model` (see [`base_model`]). Kept for
+    /// callers that predate location-aware metrics; the server uses
+    /// [`SimError::quota_exceeded_in`].
     pub fn quota_exceeded(metric: QuotaMetric, model: &str) -> Self {
+        Self::quota_message(metric.name(), &base_model(model))
+    }
+
+    /// 429 `RESOURCE_EXHAUSTED` as Vertex sends it for a request to
+    /// `location`: the metric named for that kind of location
+    /// ([`QuotaMetric::name_in`]) and `base_model` verbatim (a lineage
+    /// group such as `anthropic-claude-sonnet`, or [`base_model`] of a
+    /// model id).
+    pub fn quota_exceeded_in(metric: QuotaMetric, location: &str, base_model: &str) -> Self {
+        Self::quota_message(&metric.name_in(location), base_model)
+    }
+
+    fn quota_message(metric: &str, base_model: &str) -> Self {
         SimError::Google {
             code: 429,
             status: "RESOURCE_EXHAUSTED",
             message: format!(
-                "Quota exceeded for aiplatform.googleapis.com/{} with base model: {}. Please submit a quota increase request. https://cloud.google.com/vertex-ai/docs/generative-ai/quotas-genai.",
-                metric.name(),
-                base_model(model)
+                "Quota exceeded for aiplatform.googleapis.com/{metric} with base model: {base_model}. Please submit a quota increase request. https://cloud.google.com/vertex-ai/docs/generative-ai/quotas-genai."
             ),
         }
+    }
+
+    /// 429 `RESOURCE_EXHAUSTED` for lack of shared capacity: no metric, no
+    /// base model ([`CAPACITY_EXHAUSTED_MESSAGE`]).
+    pub fn capacity_exhausted() -> Self {
+        SimError::Google {
+            code: 429,
+            status: "RESOURCE_EXHAUSTED",
+            message: CAPACITY_EXHAUSTED_MESSAGE.into(),
+        }
+    }
+
+    /// Whether this is a capacity 429 ([`SimError::capacity_exhausted`]).
+    pub fn is_capacity_exhausted(&self) -> bool {
+        matches!(self, SimError::Google { code: 429, message, .. } if message == CAPACITY_EXHAUSTED_MESSAGE)
+    }
+
+    /// Whether this is a quota 429 (one that names a metric), as opposed
+    /// to a capacity 429 or any other error.
+    pub fn is_quota_exceeded(&self) -> bool {
+        matches!(self, SimError::Google { code: 429, message, .. } if message.starts_with("Quota exceeded for "))
     }
 
     /// 529 `overloaded_error` (Anthropic-shaped).
@@ -131,8 +210,15 @@ impl SimError {
     /// Anthropic validation error; everything else is the Google object
     /// with the canonical status for that code.
     pub fn for_status(code: u16, model: &str) -> Self {
+        Self::for_status_in(code, "us-central1", &base_model(model))
+    }
+
+    /// Like [`SimError::for_status`], for a request to `location` whose
+    /// quota dimension is `base_model`: an injected 429 then names the
+    /// request metric of that kind of location, as a real one would.
+    pub fn for_status_in(code: u16, location: &str, base_model: &str) -> Self {
         match code {
-            429 => Self::quota_exceeded(QuotaMetric::Requests, model),
+            429 => Self::quota_exceeded_in(QuotaMetric::Requests, location, base_model),
             529 => Self::overloaded(),
             400 => Self::invalid_request("Injected invalid request"),
             _ => {
@@ -249,6 +335,56 @@ mod tests {
         );
         assert!(
             e.body(true).starts_with("[{\"error\":{\"code\":429,") && e.body(true).ends_with("}}]")
+        );
+    }
+
+    #[test]
+    fn metric_names_follow_the_location_kind() {
+        use QuotaMetric::*;
+        assert_eq!(
+            Requests.name_in("us-east5"),
+            "online_prediction_requests_per_base_model"
+        );
+        assert_eq!(
+            InputTokens.name_in("global"),
+            "global_online_prediction_input_tokens_per_minute_per_base_model"
+        );
+        assert_eq!(
+            OutputTokens.name_in("eu"),
+            "eu_multi_region_online_prediction_output_tokens_per_minute_per_base_model"
+        );
+        assert_eq!(
+            Requests.name_in("us"),
+            "us_multi_region_online_prediction_requests_per_base_model"
+        );
+        let e = SimError::quota_exceeded_in(InputTokens, "global", "anthropic-claude-sonnet");
+        assert_eq!(
+            e.body(false),
+            r#"{"error":{"code":429,"message":"Quota exceeded for aiplatform.googleapis.com/global_online_prediction_input_tokens_per_minute_per_base_model with base model: anthropic-claude-sonnet. Please submit a quota increase request. https://cloud.google.com/vertex-ai/docs/generative-ai/quotas-genai.","status":"RESOURCE_EXHAUSTED"}}"#
+        );
+        assert!(e.is_quota_exceeded());
+        // The old constructor is the regional form with the derived base model.
+        assert_eq!(
+            SimError::quota_exceeded(Requests, "claude-3-haiku@20240307").body(false),
+            SimError::quota_exceeded_in(Requests, "europe-west4", "anthropic-claude-3-haiku")
+                .body(false)
+        );
+    }
+
+    #[test]
+    fn capacity_429_names_no_metric() {
+        let e = SimError::capacity_exhausted();
+        assert_eq!(e.code(), 429);
+        assert!(!e.is_quota_exceeded());
+        assert!(e.is_capacity_exhausted());
+        assert!(!SimError::for_status(429, "m").is_capacity_exhausted());
+        assert_eq!(
+            e.body(false),
+            r#"{"error":{"code":429,"message":"Resource exhausted. Please try again later.","status":"RESOURCE_EXHAUSTED"}}"#
+        );
+        assert_eq!(
+            e.body(true),
+            r#"[{"error":{"code":429,"message":"Resource exhausted. Please try again later.","status":"RESOURCE_EXHAUSTED"}}]"#
         );
     }
 

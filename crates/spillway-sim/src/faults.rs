@@ -9,7 +9,8 @@
 //! |---|---|---|
 //! | `Status(503)` | Google `UNAVAILABLE` (array-wrapped on streams) | no |
 //! | `Status(529)` | Anthropic `overloaded_error` | no |
-//! | `Status(429)` | Vertex's request-quota 429 | no |
+//! | `Status(429)` | Vertex's request-quota 429 (metric and base model of the request's location and bucket) | no |
+//! | `Capacity` | Vertex's *capacity* 429: `RESOURCE_EXHAUSTED`, `Resource exhausted. Please try again later.`, no metric | no |
 //! | `Status(n)` | Google error with the canonical status for `n` | no |
 //! | `Hang(d)` | waits `d` (forever if `d == Duration::MAX`, or until the faults are cleared), then answers normally | only if it then succeeds |
 //! | `Reset` | the connection is closed with no response bytes at all (HTTP/1.1; an HTTP/2 client would see headers, then a reset stream) | no |
@@ -17,7 +18,7 @@
 //! | `Delay{first_token, per_token}` | slows a successful answer: `first_token` before the first byte of the body, `per_token` between text deltas (rawPredict waits the total) | yes (it succeeds) |
 //!
 //! Order in the request pipeline: auth → routing (404) → validation (400) →
-//! `Hang`/`Status`/`Reset` → quota → `DropMidStream` and `Delay` → answer.
+//! `Hang`/`Status`/`Capacity`/`Reset` → quota → `DropMidStream` and `Delay` → answer.
 //! So a faulted request never eats quota, except a mid-stream drop, which
 //! only happens to admitted requests (it is picked after the quota check, so
 //! a 429 does not use it up). At most one fault of each group (pre-quota,
@@ -26,7 +27,7 @@
 //! JSON form (control API `POST /_sim/faults`):
 //! `{"region":"us-central1","model":null,"remaining":3,"kind":{"type":"status","status":503}}`,
 //! with kinds `{"type":"hang","ms":5000}` (omit `ms` for forever),
-//! `{"type":"reset"}`, `{"type":"drop_mid_stream","after_events":4}` and
+//! `{"type":"capacity"}`, `{"type":"reset"}`, `{"type":"drop_mid_stream","after_events":4}` and
 //! `{"type":"delay","first_token_ms":200,"per_token_ms":20}`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,6 +81,9 @@ impl Fault {
 pub enum FaultKind {
     /// Answer with this HTTP status and Vertex's body for it.
     Status(u16),
+    /// Answer with Vertex's capacity 429 (dynamic shared quota ran out):
+    /// no metric name, unlike a quota 429.
+    Capacity,
     /// Wait this long before answering normally (`Duration::MAX` = forever).
     Hang(Duration),
     /// Close the connection without sending a response.
@@ -112,7 +116,9 @@ pub(crate) enum FaultGroup {
 impl FaultKind {
     pub(crate) fn group(&self) -> FaultGroup {
         match self {
-            FaultKind::Status(_) | FaultKind::Hang(_) | FaultKind::Reset => FaultGroup::PreQuota,
+            FaultKind::Status(_) | FaultKind::Capacity | FaultKind::Hang(_) | FaultKind::Reset => {
+                FaultGroup::PreQuota
+            }
             FaultKind::DropMidStream { .. } => FaultGroup::Drop,
             FaultKind::Delay { .. } => FaultGroup::Delay,
         }
@@ -125,6 +131,7 @@ enum FaultKindRepr {
     Status {
         status: u16,
     },
+    Capacity,
     Hang {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ms: Option<u64>,
@@ -155,6 +162,7 @@ impl TryFrom<FaultKindRepr> for FaultKind {
                 FaultKind::Hang(ms.map_or(Duration::MAX, Duration::from_millis))
             }
             FaultKindRepr::Reset => FaultKind::Reset,
+            FaultKindRepr::Capacity => FaultKind::Capacity,
             FaultKindRepr::DropMidStream { after_events } => {
                 FaultKind::DropMidStream { after_events }
             }
@@ -177,6 +185,7 @@ impl From<FaultKind> for FaultKindRepr {
             FaultKind::Hang(d) if d == Duration::MAX => FaultKindRepr::Hang { ms: None },
             FaultKind::Hang(d) => FaultKindRepr::Hang { ms: Some(ms(d)) },
             FaultKind::Reset => FaultKindRepr::Reset,
+            FaultKind::Capacity => FaultKindRepr::Capacity,
             FaultKind::DropMidStream { after_events } => {
                 FaultKindRepr::DropMidStream { after_events }
             }
@@ -267,6 +276,7 @@ mod tests {
             FaultKind::Hang(Duration::from_millis(1500)),
             FaultKind::Hang(Duration::MAX),
             FaultKind::Reset,
+            FaultKind::Capacity,
             FaultKind::DropMidStream { after_events: 3 },
             FaultKind::Delay {
                 first_token: Duration::from_millis(10),
@@ -276,6 +286,10 @@ mod tests {
             let s = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<FaultKind>(&s).unwrap(), kind, "{s}");
         }
+        assert_eq!(
+            serde_json::to_string(&FaultKind::Capacity).unwrap(),
+            r#"{"type":"capacity"}"#
+        );
         let hang: FaultKind = serde_json::from_str(r#"{"type":"hang"}"#).unwrap();
         assert_eq!(hang, FaultKind::Hang(Duration::MAX));
         assert!(serde_json::from_str::<FaultKind>(r#"{"type":"status","status":7}"#).is_err());

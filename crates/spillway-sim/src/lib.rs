@@ -12,12 +12,22 @@
 //!   padding, `ping` and `vertex_event` quirks ([`sse`], [`message`]);
 //! * both error families, and the array-wrapping of Google errors on streams
 //!   ([`errors`]);
-//! * per-(region, model) quotas with a strict sliding window and Vertex's
-//!   429 bodies ([`quota`]);
+//! * today's Vertex quota system ([`quota`]): requests, input tokens and
+//!   output tokens per minute counted separately (a combined limit is
+//!   optional), per model on regional locations and per *lineage group* on
+//!   `global` and the multi-regions (`us`, `eu`), with a strict sliding
+//!   window, Vertex's 429 bodies naming the right metric and base model
+//!   ([`errors`]), and a log of every admission so a test can check every
+//!   window of a run ([`SimHandle::bucket_reports`], [`quota::peak_usage`]);
+//! * prompt caching as a test dictates it (`SIM_CACHE_READ=`,
+//!   `SIM_CACHE_WRITE=`), with a per-model rule for whether cache reads
+//!   count against the input quota ([`message`], [`config`]);
 //! * a deterministic tokenizer that deliberately differs from `chars / 3.5`
 //!   ([`tokenizer`]);
-//! * switchable faults: 5xx, 529, 429, hangs, connection resets, mid-stream
-//!   drops, slow tokens ([`faults`]);
+//! * switchable faults: 5xx, 529, quota and *capacity* 429s, hangs,
+//!   connection resets, mid-stream drops, slow tokens ([`faults`]); models
+//!   refused by a region at run time (404, [`SimHandle::refuse_model`]);
+//!   revoked bearer tokens (401, [`SimHandle::rotate_token`]);
 //! * counters and a ring buffer of recent requests, so tests can assert what
 //!   reached "Google" ([`counters`], [`recorder`]);
 //! * an HTTP control API ([`control`]) and an OAuth JWT-bearer endpoint ([`oauth`]).
@@ -37,12 +47,38 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Controlling the answer length
+//! ## Controlling the answer length and the cache
 //!
 //! Put `SIM_OUTPUT_TOKENS=<n>` anywhere in the last user message to get an
 //! `n`-token answer (capped by `max_tokens`); otherwise the answer has
-//! [`SimConfig::default_output_tokens`] tokens. Time uses
+//! [`SimConfig::default_output_tokens`] tokens. `SIM_CACHE_READ=<r>` and
+//! `SIM_CACHE_WRITE=<w>` there make `r` (`w`) of the prompt's tokens cache
+//! reads (writes) in the reported usage ([`message`]). Time uses
 //! `tokio::time::Instant`, so tests may run on tokio's paused clock.
+//!
+//! ## Quota buckets in a test
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use std::time::Duration;
+//! use spillway_sim::{SimConfig, SimModel, SimRegion, Simulator};
+//!
+//! let sonnet = |id: &str| SimModel::split(id, 50, 20_000, 4_000).in_group("anthropic-claude-sonnet");
+//! let config = SimConfig {
+//!     regions: vec![SimRegion {
+//!         name: "global".into(),
+//!         // One shared window for both ids on `global`.
+//!         models: vec![sonnet("claude-sonnet-4-6"), sonnet("claude-sonnet-4-5@20250929")],
+//!     }],
+//!     ..SimConfig::vertex_defaults()
+//! };
+//! let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await?;
+//! // ... drive the gateway ...
+//! for r in sim.bucket_reports(Duration::from_secs(60)) {
+//!     assert!(r.within_limits(), "{:?} peaked at {:?}", r.id, r.peak);
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod config;
 pub mod control;
@@ -67,15 +103,45 @@ use axum::serve::ListenerExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{SimConfig, SimModel, SimRegion};
+pub use config::{ConfigError, SimConfig, SimModel, SimRegion};
 pub use counters::ModelCounters;
 pub use faults::{Fault, FaultKind};
-pub use quota::{QuotaLimits, WindowUsage};
+pub use message::InputUsage;
+pub use quota::{
+    peak_usage, Admission, BucketId, BucketKey, LocationKind, PeakUsage, QuotaLimits, WindowUsage,
+};
 pub use recorder::RecordedRequest;
 pub use tokenizer::count_tokens;
 
 use faults::lock;
 use state::State;
+
+/// A bucket's view of a run, from [`SimHandle::bucket_reports`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BucketReport {
+    /// Location and key.
+    pub id: BucketId,
+    /// The `base_model` dimension its 429s name.
+    pub base_model: String,
+    /// The models drawing on it, sorted.
+    pub models: Vec<String>,
+    /// Its current limits.
+    pub limits: QuotaLimits,
+    /// Requests admitted since start or the last reset.
+    pub admitted: u64,
+    /// Whether the log dropped old admissions (then `peak` covers only the
+    /// last [`quota::ADMISSION_LOG_LEN`]).
+    pub log_truncated: bool,
+    /// The most any window held, per figure.
+    pub peak: PeakUsage,
+}
+
+impl BucketReport {
+    /// Whether no window exceeded the (current) limits.
+    pub fn within_limits(&self) -> bool {
+        self.limits.allows(&self.peak)
+    }
+}
 
 /// Starts simulators.
 #[derive(Debug)]
@@ -83,8 +149,13 @@ pub struct Simulator;
 
 impl Simulator {
     /// Binds `addr` (use port 0 for a free port) and serves the simulated
-    /// Vertex AI there until [`SimHandle::shutdown`].
+    /// Vertex AI there until [`SimHandle::shutdown`]. A config that fails
+    /// [`SimConfig::validate`] is an `InvalidInput` error (its source is the
+    /// [`ConfigError`]).
     pub async fn start(config: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandle> {
+        config
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let state = Arc::new(State::new(&config));
@@ -179,31 +250,115 @@ impl SimHandle {
         self.state.faults.list()
     }
 
-    /// Sets requests and tokens per window for (region, model), keeping its
-    /// split input/output limits. Offers the model in that region if it was
-    /// not. Usage already in the window is kept.
+    /// Sets requests and combined tokens per window for (region, model)'s
+    /// bucket, keeping its split input/output limits. Offers the model in
+    /// that region (with a bucket of its own) if it was not. Usage already
+    /// in the window is kept. On a shared lineage bucket this changes the
+    /// limits of every model of the group there.
     pub fn set_quota(&self, region: &str, model: &str, requests_per_min: u32, tokens_per_min: u64) {
-        let mut limits = self.state.limits(region, model).unwrap_or(QuotaLimits {
-            requests_per_min,
-            tokens_per_min,
-            input_tokens_per_min: None,
-            output_tokens_per_min: None,
-        });
+        let mut limits = self
+            .state
+            .limits(region, model)
+            .unwrap_or(QuotaLimits::combined(requests_per_min, tokens_per_min));
         limits.requests_per_min = requests_per_min;
-        limits.tokens_per_min = tokens_per_min;
+        limits.tokens_per_min = Some(tokens_per_min);
         self.state.set_limits(region, model, limits);
     }
 
-    /// Sets all limits of (region, model), including the split ones.
+    /// Sets all limits of (region, model)'s bucket (see [`SimHandle::set_quota`]).
     pub fn set_limits(&self, region: &str, model: &str, limits: QuotaLimits) {
         self.state.set_limits(region, model, limits);
     }
 
-    /// Current usage inside the quota window of (region, model).
+    /// The limits of (region, model)'s bucket, if the model is offered there.
+    pub fn limits(&self, region: &str, model: &str) -> Option<QuotaLimits> {
+        self.state.limits(region, model)
+    }
+
+    /// Current usage inside the quota window of (region, model)'s bucket
+    /// (shared with its lineage group on `global` and multi-regions).
     pub fn window_usage(&self, region: &str, model: &str) -> Option<WindowUsage> {
         let slot = self.state.slot(region, model)?;
-        let usage = lock(&slot.quota).usage(tokio::time::Instant::now(), self.state.window);
-        Some(usage)
+        Some(slot.bucket.usage(self.state.window))
+    }
+
+    /// The bucket (region, model) draws on, if the model is offered there.
+    pub fn bucket_of(&self, region: &str, model: &str) -> Option<BucketId> {
+        self.state.slot(region, model).map(|s| s.bucket.id.clone())
+    }
+
+    /// Every quota bucket, sorted by location, then key.
+    pub fn buckets(&self) -> Vec<BucketId> {
+        self.state.buckets().iter().map(|b| b.id.clone()).collect()
+    }
+
+    /// The admission log of a bucket: every admitted request (the last
+    /// [`quota::ADMISSION_LOG_LEN`]), oldest first, with the tokens it was
+    /// charged. Empty for an unknown bucket.
+    pub fn admissions(&self, bucket: &BucketId) -> Vec<Admission> {
+        self.state
+            .bucket(bucket)
+            .map(|b| b.log().0)
+            .unwrap_or_default()
+    }
+
+    /// For every bucket: its limits, members, admissions and the peak of
+    /// every window of length `window` over the logged run (see
+    /// [`quota::peak_usage`]). With `window` = the simulator's window, each
+    /// report must be [`BucketReport::within_limits`] unless limits were
+    /// lowered during the run.
+    pub fn bucket_reports(&self, window: Duration) -> Vec<BucketReport> {
+        self.state
+            .buckets()
+            .iter()
+            .map(|b| {
+                let (log, dropped) = b.log();
+                BucketReport {
+                    id: b.id.clone(),
+                    base_model: b.id.base_model(),
+                    models: self.state.bucket_models(&b.id),
+                    limits: b.limits(),
+                    admitted: log.len() as u64 + dropped,
+                    log_truncated: dropped > 0,
+                    peak: peak_usage(&log, window),
+                }
+            })
+            .collect()
+    }
+
+    /// The simulator's quota window length.
+    pub fn window(&self) -> Duration {
+        self.state.window
+    }
+
+    /// Makes `region` refuse `model` with Vertex's 404 `NOT_FOUND` ("Publisher
+    /// Model `projects/...` was not found or your project does not have
+    /// access to it..."), on predict and count-tokens, until
+    /// [`SimHandle::allow_model`] or a reset. Works for offered models and
+    /// not (the latter already get that 404).
+    pub fn refuse_model(&self, region: &str, model: &str) {
+        self.state.refuse(region, model);
+    }
+
+    /// Undoes [`SimHandle::refuse_model`]; returns whether it was refused.
+    /// (It does not offer a model the region never had: see
+    /// [`SimHandle::set_limits`] for that.)
+    pub fn allow_model(&self, region: &str, model: &str) -> bool {
+        self.state.allow(region, model)
+    }
+
+    /// The (region, model) pairs currently refused, sorted.
+    pub fn refused_models(&self) -> Vec<(String, String)> {
+        self.state.refused()
+    }
+
+    /// Revokes the accepted bearer token(s): the static one and every token
+    /// `/token` issued so far now get Google's 401 `UNAUTHENTICATED`.
+    /// Tokens issued by `/token` from now on are accepted, as is the new
+    /// static token returned here. If no token was required before, one is
+    /// from now on.
+    pub fn rotate_token(&self) -> String {
+        self.state.rotate_token()
     }
 
     /// Sets the answer length used when a request has no `SIM_OUTPUT_TOKENS=`.
@@ -227,8 +382,9 @@ impl SimHandle {
         self.state.recorder.snapshot()
     }
 
-    /// Clears counters, quota windows, faults and recorded requests (quota
-    /// limits, the default answer length and issued OAuth tokens are kept).
+    /// Clears counters, quota windows, admission logs, faults, model
+    /// refusals and recorded requests (quota limits, the default answer
+    /// length, the bearer token and issued OAuth tokens are kept).
     pub fn reset(&self) {
         self.state.reset();
     }

@@ -13,6 +13,23 @@
 //! `output_tokens = min(max_tokens, N)` and `stop_reason` `"max_tokens"` if
 //! `max_tokens` cut it short, else `"end_turn"`.
 //!
+//! ## Prompt caching
+//!
+//! The simulator has no cache; a test says what the cache did. In the last
+//! user message (same places as above):
+//!
+//! * `SIM_CACHE_READ=<r>` makes `r` of the prompt's input tokens cache
+//!   reads, reported in `usage.cache_read_input_tokens`;
+//! * `SIM_CACHE_WRITE=<w>` makes `w` of them cache writes, reported in
+//!   `usage.cache_creation_input_tokens`;
+//!
+//! and `usage.input_tokens` is what is left, so the three always add up to
+//! the prompt's token count (reads are taken first, each figure is capped by
+//! what remains). [`plan_input`] does the split. The same usage is sent in
+//! rawPredict's body and in a stream's `message_start`. Whether the reads
+//! then count against the input-token quota is the model's
+//! `cache_reads_count` (see [`crate::config`]); writes always count.
+//!
 //! Responses use the Anthropic model id (`claude-3-haiku-20240307`: the
 //! Vertex `@` becomes `-`) and a `msg_vrtx_` + 24 alphanumerics id, as
 //! Vertex does.
@@ -78,24 +95,29 @@ pub fn anthropic_model_id(vertex_id: &str) -> String {
 
 /// Finds `SIM_OUTPUT_TOKENS=<n>` in the last user message, if any.
 pub fn requested_output_tokens(body: &Value) -> Option<u64> {
+    directive(body, "SIM_OUTPUT_TOKENS=")
+}
+
+/// Finds `<key><n>` (e.g. `SIM_CACHE_READ=` and a number) in the last user
+/// message: in its string content, or the first text block that has it.
+pub fn directive(body: &Value, key: &str) -> Option<u64> {
     let messages = body.get("messages")?.as_array()?;
     let last_user = messages
         .iter()
         .rev()
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
     match last_user.get("content")? {
-        Value::String(s) => parse_directive(s),
+        Value::String(s) => parse_directive(s, key),
         Value::Array(blocks) => blocks
             .iter()
             .filter_map(|b| b.get("text").and_then(Value::as_str))
-            .find_map(parse_directive),
+            .find_map(|t| parse_directive(t, key)),
         _ => None,
     }
 }
 
-fn parse_directive(text: &str) -> Option<u64> {
-    const KEY: &str = "SIM_OUTPUT_TOKENS=";
-    let at = text.find(KEY)? + KEY.len();
+fn parse_directive(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
     let digits: &str = &text[at..];
     let end = digits
         .find(|c: char| !c.is_ascii_digit())
@@ -142,7 +164,55 @@ struct TextBlock<'a> {
     text: &'a str,
 }
 
-/// Usage as Vertex reports it (cache fields always present, zero here).
+/// How a prompt's input tokens split between fresh input and the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct InputUsage {
+    /// `usage.input_tokens`: neither read from nor written to the cache.
+    pub input_tokens: u64,
+    /// `usage.cache_creation_input_tokens`: written to the cache.
+    pub cache_creation_input_tokens: u64,
+    /// `usage.cache_read_input_tokens`: read from the cache.
+    pub cache_read_input_tokens: u64,
+}
+
+impl InputUsage {
+    /// All of `total` as fresh input.
+    pub fn uncached(total: u64) -> Self {
+        InputUsage {
+            input_tokens: total,
+            ..InputUsage::default()
+        }
+    }
+
+    /// The input tokens charged to the input-token quota: fresh input and
+    /// cache writes always, cache reads only if `reads_count`.
+    pub fn counted(&self, reads_count: bool) -> u64 {
+        let reads = if reads_count {
+            self.cache_read_input_tokens
+        } else {
+            0
+        };
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(reads)
+    }
+}
+
+/// Splits a prompt of `total` input tokens by its `SIM_CACHE_READ=` and
+/// `SIM_CACHE_WRITE=` directives (see the module docs).
+pub fn plan_input(body: &Value, total: u64) -> InputUsage {
+    let read = directive(body, "SIM_CACHE_READ=").unwrap_or(0).min(total);
+    let write = directive(body, "SIM_CACHE_WRITE=")
+        .unwrap_or(0)
+        .min(total - read);
+    InputUsage {
+        input_tokens: total - read - write,
+        cache_creation_input_tokens: write,
+        cache_read_input_tokens: read,
+    }
+}
+
+/// Usage as Vertex reports it (cache fields always present).
 #[derive(Serialize)]
 pub(crate) struct Usage {
     pub input_tokens: u64,
@@ -164,8 +234,14 @@ struct Message<'a> {
     usage: Usage,
 }
 
-/// The rawPredict body: an Anthropic `Message`, field order as Vertex.
+/// The rawPredict body: an Anthropic `Message`, field order as Vertex, with
+/// no cache activity.
 pub fn message_json(model: &str, input_tokens: u64, plan: OutputPlan) -> Vec<u8> {
+    message_json_with_input(model, InputUsage::uncached(input_tokens), plan)
+}
+
+/// The rawPredict body with the given input split (cache reads and writes).
+pub fn message_json_with_input(model: &str, input: InputUsage, plan: OutputPlan) -> Vec<u8> {
     let id = message_id();
     let text = text(plan.tokens);
     let msg = Message {
@@ -180,9 +256,9 @@ pub fn message_json(model: &str, input_tokens: u64, plan: OutputPlan) -> Vec<u8>
         stop_reason: plan.stop_reason,
         stop_sequence: None,
         usage: Usage {
-            input_tokens,
-            cache_creation_input_tokens: 0,
-            cache_read_input_tokens: 0,
+            input_tokens: input.input_tokens,
+            cache_creation_input_tokens: input.cache_creation_input_tokens,
+            cache_read_input_tokens: input.cache_read_input_tokens,
             output_tokens: plan.tokens,
         },
     };
@@ -242,5 +318,48 @@ mod tests {
             json!({"input_tokens":16,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":3})
         );
         assert!(v["stop_sequence"].is_null());
+    }
+
+    #[test]
+    fn cache_directives_split_the_prompt() {
+        let body = |t: &str| json!({"messages": [{"role": "user", "content": t}]});
+        assert_eq!(plan_input(&body("hi"), 50), InputUsage::uncached(50));
+        assert_eq!(
+            plan_input(&body("SIM_CACHE_READ=30 SIM_CACHE_WRITE=5"), 50),
+            InputUsage {
+                input_tokens: 15,
+                cache_creation_input_tokens: 5,
+                cache_read_input_tokens: 30
+            }
+        );
+        // Capped: reads first, writes get what is left.
+        assert_eq!(
+            plan_input(&body("SIM_CACHE_READ=40 SIM_CACHE_WRITE=40"), 50),
+            InputUsage {
+                input_tokens: 0,
+                cache_creation_input_tokens: 10,
+                cache_read_input_tokens: 40
+            }
+        );
+        assert_eq!(
+            plan_input(&body("SIM_CACHE_READ=99999999999999999999999"), 7).cache_read_input_tokens,
+            7
+        );
+        let u = plan_input(&body("SIM_CACHE_READ=30 SIM_CACHE_WRITE=5"), 50);
+        assert_eq!(u.counted(true), 50);
+        assert_eq!(u.counted(false), 20);
+        let v: Value = serde_json::from_slice(&message_json_with_input(
+            "claude-sonnet-4-6",
+            u,
+            OutputPlan {
+                tokens: 1,
+                stop_reason: "end_turn",
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            v["usage"],
+            json!({"input_tokens":15,"cache_creation_input_tokens":5,"cache_read_input_tokens":30,"output_tokens":1})
+        );
     }
 }

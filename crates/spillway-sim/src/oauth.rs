@@ -23,6 +23,11 @@
 //! `400 {"error":"unsupported_grant_type",...}`. Good assertions get a fresh
 //! `sim-oauth-<random>` token, valid for 3600 s, which the predict routes
 //! then accept in addition to `SimConfig::bearer_token`.
+//!
+//! **Revocation.** `SimHandle::rotate_token` (control API `POST
+//! /_sim/rotate-token`) forgets every token issued so far, as if Google had
+//! revoked them: they then get Google's 401 `UNAUTHENTICATED`. Tokens issued
+//! afterwards are valid, so a client that refreshes its token recovers.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +87,12 @@ impl OAuthState {
 
     pub(crate) fn issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Revokes every token issued so far (later ones are valid).
+    pub(crate) fn revoke_all(&self) {
+        let old = std::mem::take(&mut *lock(&self.valid));
+        drop(old);
     }
 
     /// Resets the issued count; already issued tokens stay valid.
@@ -240,5 +251,9 @@ mod tests {
         assert!(s.is_valid(&t));
         assert!(!s.is_valid("sim-oauth-nope"));
         assert_eq!(s.issued(), 1);
+        s.revoke_all();
+        assert!(!s.is_valid(&t));
+        let t2 = s.issue();
+        assert!(s.is_valid(&t2));
     }
 }

@@ -18,20 +18,37 @@
 //!
 //! A predict request goes through these steps, each of which may answer:
 //!
-//! 1. **auth**: with `SimConfig::bearer_token` set, `Authorization: Bearer`
-//!    must carry it or a token from `/token` → else 401 `UNAUTHENTICATED`;
-//! 2. **routing**: the model must be offered in the location → else 404
-//!    `NOT_FOUND` (Google-shaped);
+//! 1. **auth**: when a bearer token is required (`SimConfig::bearer_token`,
+//!    or after `SimHandle::rotate_token`), `Authorization: Bearer` must
+//!    carry the current one or a live token from `/token` → else 401
+//!    `UNAUTHENTICATED`;
+//! 2. **routing**: the model must be offered in the location and not
+//!    refused there (`SimHandle::refuse_model`) → else 404 `NOT_FOUND`
+//!    (Google-shaped, naming the publisher model path);
 //! 3. **validation**: JSON object, no `model`, `anthropic_version` (any
 //!    string), `max_tokens` (integer >= 1), `messages` (non-empty list of
 //!    user/assistant messages with content) → else 400 (Anthropic-shaped);
-//! 4. **pre-quota faults**: `Status`, `Reset`, `Hang` (see `faults`);
-//! 5. **quota**: strict sliding window (see `quota`) → else 429;
+//! 4. **pre-quota faults**: `Status`, `Capacity`, `Reset`, `Hang` (see
+//!    `faults`);
+//! 5. **quota**: strict sliding window of the model's bucket (see `quota`),
+//!    charged with the input tokens that count (cache rule, see `message`)
+//!    and the output tokens → else 429 naming the metric of the location's
+//!    kind and the bucket's base model;
 //! 6. **answer**: the Message JSON, or the SSE stream (with the optional
 //!    `DropMidStream` and `Delay` faults).
 //!
 //! Google-shaped errors are JSON objects on `:rawPredict` and one-element
 //! arrays on `:streamRawPredict`, as on the real service.
+//!
+//! **`"stream": true` on `:rawPredict`.** What Vertex does when the body's
+//! flag and the endpoint disagree is undocumented (reference §1.2 marks it
+//! `[?]`). The simulator's reading: the body wins. From the moment the body
+//! is parsed, such a request is handled exactly as `:streamRawPredict`
+//! would handle it: the answer is the SSE stream, and Google errors from
+//! then on (faults, quota) are array-wrapped. Errors decided before the
+//! body is read (401, 404) keep `:rawPredict`'s object form. The recorded
+//! action stays `rawPredict`. (`:streamRawPredict` always streams, whatever
+//! the body says.)
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -45,9 +62,10 @@ use axum::routing::{any, post};
 use axum::Router;
 use serde_json::Value;
 
+use crate::counters::ModelCounters;
 use crate::errors::SimError;
 use crate::faults::{lock, FaultGroup, FaultKind};
-use crate::message;
+use crate::message::{self, InputUsage};
 use crate::recorder::{RecordedRequest, MAX_RECORDED_BODY};
 use crate::sse::{self, StreamPlan};
 use crate::state::SharedState;
@@ -126,18 +144,12 @@ fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String
 }
 
 fn authorized(st: &SharedState, headers: &HeaderMap) -> bool {
-    let Some(expected) = st.bearer_token.as_deref() else {
-        return true;
-    };
-    let Some(token) = headers
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-    else {
-        return false;
-    };
-    token == expected || st.oauth.is_valid(token)
+        .map(str::trim);
+    st.authorized(token)
 }
 
 async fn model_route(
@@ -186,37 +198,52 @@ async fn model_route(
     st.total_requests.fetch_add(1, Ordering::Relaxed);
     st.count(&location, model, |c| c.requests += 1);
     st.arrived(&location, model);
-    let stream = action == Action::Stream;
-    let fail = |recording: &mut Recording, e: SimError, body: Option<Value>| {
+    // The endpoint decides the error form until the body says otherwise
+    // (see the module docs on `"stream": true` sent to rawPredict).
+    let mut stream = action == Action::Stream;
+    let fail = |recording: &mut Recording, stream: bool, e: SimError, body: Option<Value>| {
         let code = e.code();
-        st.count(&location, model, |c| c.record_status(code));
+        let capacity = e.is_capacity_exhausted();
+        st.count(&location, model, |c| {
+            c.record_status(code);
+            if capacity {
+                c.capacity_limited += 1;
+            }
+        });
         recording.finish(code, body);
         e.into_response(stream)
     };
 
     // 1. auth
     if !authorized(&st, &headers) {
-        return fail(&mut recording, SimError::unauthenticated(), None);
+        return fail(&mut recording, stream, SimError::unauthenticated(), None);
     }
     // 2. routing
-    let Some(slot) = st.slot(&location, model) else {
-        let e = SimError::model_not_found(&project, &location, model);
-        return fail(&mut recording, e, None);
+    let slot = match st.slot(&location, model) {
+        Some(slot) if !st.is_refused(&location, model) => slot,
+        _ => {
+            let e = SimError::model_not_found(&project, &location, model);
+            return fail(&mut recording, stream, e, None);
+        }
     };
     // 3. validation
     let json = match serde_json::from_slice::<Value>(&body) {
         Ok(v) => v,
         Err(e) => {
             let e = SimError::invalid_request(format!("Invalid JSON in request body: {e}"));
-            return fail(&mut recording, e, None);
+            return fail(&mut recording, stream, e, None);
         }
     };
+    if json.get("stream").and_then(Value::as_bool) == Some(true) {
+        stream = true;
+    }
     let keep = |v: Value| (body.len() <= MAX_RECORDED_BODY).then_some(v);
     let max_tokens = match validate_predict(&json) {
         Ok(m) => m,
-        Err(e) => return fail(&mut recording, e, keep(json)),
+        Err(e) => return fail(&mut recording, stream, e, keep(json)),
     };
-    let input_tokens = count_tokens(&json);
+    let input = message::plan_input(&json, count_tokens(&json));
+    let counted_input = input.counted(slot.cache_reads_count);
     let default_out = st.default_output_tokens.load(Ordering::Relaxed);
     let out = message::plan_output(&json, max_tokens, default_out);
     let json = keep(json);
@@ -224,7 +251,11 @@ async fn model_route(
     // 4. faults that act before quota
     match st.faults.take(&location, model, FaultGroup::PreQuota) {
         Some(FaultKind::Status(code)) => {
-            return fail(&mut recording, SimError::for_status(code, model), json);
+            let e = SimError::for_status_in(code, &location, &slot.bucket.id.base_model());
+            return fail(&mut recording, stream, e, json);
+        }
+        Some(FaultKind::Capacity) => {
+            return fail(&mut recording, stream, SimError::capacity_exhausted(), json);
         }
         Some(FaultKind::Reset) => {
             st.count(&location, model, |c| c.resets += 1);
@@ -242,18 +273,12 @@ async fn model_route(
     }
 
     // 5. quota
-    let admitted = lock(&slot.quota).try_admit(
-        tokio::time::Instant::now(),
-        st.window,
-        input_tokens,
-        out.tokens,
-    );
+    let admitted = slot
+        .bucket
+        .try_admit(st.window, &slot.model, counted_input, out.tokens);
     if let Err(metric) = admitted {
-        return fail(
-            &mut recording,
-            SimError::quota_exceeded(metric, model),
-            json,
-        );
+        let e = SimError::quota_exceeded_in(metric, &location, &slot.bucket.id.base_model());
+        return fail(&mut recording, stream, e, json);
     }
 
     // 6. answer
@@ -284,10 +309,10 @@ async fn model_route(
         {
             let mut c = lock(&slot.counters);
             c.succeeded += 1;
-            c.input_tokens += input_tokens;
+            add_input(&mut c, input);
             c.output_tokens += out.tokens;
         }
-        let bytes = message::message_json(model, input_tokens, out);
+        let bytes = message::message_json_with_input(model, input, out);
         return (
             StatusCode::OK,
             [(
@@ -301,12 +326,14 @@ async fn model_route(
 
     {
         let mut c = lock(&slot.counters);
-        c.input_tokens += input_tokens;
+        add_input(&mut c, input);
         c.streams_started += 1;
     }
     let plan = StreamPlan {
         model: model.to_owned(),
-        input_tokens,
+        input_tokens: input.input_tokens,
+        cache_creation_input_tokens: input.cache_creation_input_tokens,
+        cache_read_input_tokens: input.cache_read_input_tokens,
         output_tokens: out.tokens,
         stop_reason: out.stop_reason,
         emit_vertex_event: st.emit_vertex_event,
@@ -331,6 +358,12 @@ async fn model_route(
         Body::from_stream(events),
     )
         .into_response()
+}
+
+fn add_input(c: &mut ModelCounters, input: InputUsage) {
+    c.input_tokens += input.input_tokens;
+    c.cache_read_input_tokens += input.cache_read_input_tokens;
+    c.cache_creation_input_tokens += input.cache_creation_input_tokens;
 }
 
 /// A response whose body fails before producing a byte. hyper (HTTP/1)
@@ -484,7 +517,7 @@ fn count_tokens_route(
             keep(json),
         );
     };
-    if st.slot(location, &model).is_none() {
+    if st.slot(location, &model).is_none() || st.is_refused(location, &model) {
         let e = SimError::model_not_found(project, location, &model);
         return fail(&mut recording, e, keep(json));
     }

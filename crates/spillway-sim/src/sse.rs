@@ -12,7 +12,8 @@
 //! * **`vertex_event`** (when `SimConfig::emit_vertex_event`): an event
 //!   outside Anthropic's schema, sent halfway through the text deltas. Strict
 //!   clients choke on it; its `usage` is *not* the final usage.
-//! * **Usage.** `message_start` carries the input tokens and a small output
+//! * **Usage.** `message_start` carries the input tokens (split into fresh
+//!   input, cache writes and cache reads, see `message`) and a small output
 //!   count (1..=4); the final `message_delta` carries the cumulative
 //!   `{"output_tokens":M}`.
 //!
@@ -59,8 +60,12 @@ pub mod padding {
 pub struct StreamPlan {
     /// Vertex model id (converted to the Anthropic form in the events).
     pub model: String,
-    /// Input tokens reported in `message_start`.
+    /// `input_tokens` reported in `message_start` (fresh input only).
     pub input_tokens: u64,
+    /// `cache_creation_input_tokens` reported in `message_start`.
+    pub cache_creation_input_tokens: u64,
+    /// `cache_read_input_tokens` reported in `message_start`.
+    pub cache_read_input_tokens: u64,
     /// Output tokens (= text deltas).
     pub output_tokens: u64,
     /// `end_turn` or `max_tokens`.
@@ -207,8 +212,8 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
                         stop_sequence: None,
                         usage: Usage {
                             input_tokens: self.plan.input_tokens,
-                            cache_creation_input_tokens: 0,
-                            cache_read_input_tokens: 0,
+                            cache_creation_input_tokens: self.plan.cache_creation_input_tokens,
+                            cache_read_input_tokens: self.plan.cache_read_input_tokens,
                             output_tokens: 1 + self.plan.input_tokens % 4,
                         },
                     },
@@ -369,6 +374,8 @@ mod tests {
         StreamPlan {
             model: "claude-3-7-sonnet@20250219".into(),
             input_tokens: 16,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 0,
             output_tokens: n,
             stop_reason: "end_turn",
             emit_vertex_event: vertex_event,

@@ -450,7 +450,7 @@ async fn token_quota_counts_input_plus_output() {
         HAIKU,
         spillway_sim::QuotaLimits {
             requests_per_min: 100,
-            tokens_per_min: 1_000_000,
+            tokens_per_min: Some(1_000_000),
             input_tokens_per_min: None,
             output_tokens_per_min: Some(30),
         },
