@@ -21,8 +21,7 @@
 //!
 //! * **Quota** (reference §1.6, §5): the project went over a per-minute
 //!   budget. The message names the metric and the `base_model` dimension:
-//!   `Quota exceeded for aiplatform.googleapis.com/<metric> with base model:
-//!   <base model>. Please submit a quota increase request. https://...`.
+//!   ``"Quota exceeded for aiplatform.googleapis.com/{metric} with base model: {base_model}. Please submit a quota increase request. https://..."``.
 //!   The metric depends on the *kind of location* ([`LocationKind`]):
 //!   `online_prediction_{requests,input_tokens_per_minute,output_tokens_per_minute}_per_base_model`
 //!   on a regional endpoint, the same with a `global_` prefix on `global`,
