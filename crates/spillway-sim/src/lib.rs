@@ -11,7 +11,8 @@
 //! * exact response bodies and SSE framing, including Vertex's whitespace
 //!   padding, `ping` and `vertex_event` quirks ([`sse`], [`message`]);
 //! * both error families, and the array-wrapping of Google errors on streams
-//!   ([`errors`]);
+//!   ([`errors`]); `"stream": true` sent to `:rawPredict` streams, as the
+//!   simulator's reading of an undocumented case ([`server`]);
 //! * today's Vertex quota system ([`quota`]): requests, input tokens and
 //!   output tokens per minute counted separately (a combined limit is
 //!   optional), per model on regional locations and per *lineage group* on
