@@ -12,13 +12,21 @@
 
 use std::collections::HashMap;
 
+use crate::keys::{ModelId, QuotaGroup};
 use crate::ledger::Limits;
+
+/// The provider of locations that name none: Google's Vertex AI.
+pub const VERTEX_PROVIDER: &str = "vertex";
 
 /// The per-(region, model) budget Vertex grants, as configured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegionBudget {
     /// Vertex location, e.g. `us-central1` or `global`.
     pub region: String,
+    /// Which upstream provider serves this location ([`VERTEX_PROVIDER`]
+    /// unless configured otherwise): the gateway looks the provider up by
+    /// this name, so a new provider is a new module, not a new branch.
+    pub provider: String,
     /// Requests and tokens per window (Vertex: per minute).
     pub limits: Limits,
 }
@@ -27,7 +35,7 @@ pub struct RegionBudget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     /// The Vertex model id, used verbatim in upstream URLs.
-    pub id: String,
+    pub id: ModelId,
     /// Other names clients may use for this model.
     pub aliases: Vec<String>,
     /// Largest input plus output the model accepts, in tokens.
@@ -40,7 +48,7 @@ pub struct ModelSpec {
     /// The budget this model draws on. Usually its own id; models that share
     /// one Vertex quota (the "lineage" buckets of newer models on global and
     /// multi-region endpoints) name the same group.
-    pub quota_group: String,
+    pub quota_group: QuotaGroup,
 }
 
 /// How a requested name was resolved.
@@ -86,12 +94,14 @@ impl Catalog {
         for (index, model) in models.iter().enumerate() {
             for budget in &model.regions {
                 let key = (model.quota_group.as_str(), budget.region.as_str());
-                if let Some((other, other_model)) = group_budgets.insert(key, (budget, &model.id)) {
+                if let Some((other, other_model)) =
+                    group_budgets.insert(key, (budget, model.id.as_str()))
+                {
                     if other.limits != budget.limits {
                         return Err(CatalogError::GroupMismatch {
-                            model: model.id.clone(),
+                            model: model.id.to_string(),
                             other: other_model.to_string(),
-                            group: model.quota_group.clone(),
+                            group: model.quota_group.to_string(),
                             region: budget.region.clone(),
                         });
                     }
@@ -101,19 +111,19 @@ impl Catalog {
             for budget in &model.regions {
                 if !seen_regions.insert(budget.region.as_str()) {
                     return Err(CatalogError::DuplicateRegion {
-                        model: model.id.clone(),
+                        model: model.id.to_string(),
                         region: budget.region.clone(),
                     });
                 }
             }
-            let all_names = std::iter::once((&model.id, false))
-                .chain(model.aliases.iter().map(|alias| (alias, true)));
+            let all_names = std::iter::once((model.id.as_str(), false))
+                .chain(model.aliases.iter().map(|alias| (alias.as_str(), true)));
             for (name, is_alias) in all_names {
-                if let Some((other, _)) = names.insert(name.clone(), (index, is_alias)) {
+                if let Some((other, _)) = names.insert(name.to_string(), (index, is_alias)) {
                     return Err(CatalogError::DuplicateName {
-                        name: name.clone(),
-                        first: models[other].id.clone(),
-                        second: model.id.clone(),
+                        name: name.to_string(),
+                        first: models[other].id.to_string(),
+                        second: model.id.to_string(),
                     });
                 }
             }
@@ -134,22 +144,22 @@ impl Catalog {
     }
 
     /// Every (quota group, region) budget once, with its limits.
-    pub fn budgets(&self) -> Vec<(&str, &RegionBudget)> {
+    pub fn budgets(&self) -> Vec<(&QuotaGroup, &RegionBudget)> {
         let mut seen = std::collections::HashSet::new();
         self.models
             .iter()
-            .flat_map(|m| m.regions.iter().map(move |r| (m.quota_group.as_str(), r)))
-            .filter(|(group, r)| seen.insert((*group, r.region.as_str())))
+            .flat_map(|m| m.regions.iter().map(move |r| (&m.quota_group, r)))
+            .filter(|(group, r)| seen.insert((group.as_str(), r.region.as_str())))
             .collect()
     }
 
     /// Every quota group once.
-    pub fn quota_groups(&self) -> Vec<&str> {
+    pub fn quota_groups(&self) -> Vec<&QuotaGroup> {
         let mut seen = std::collections::HashSet::new();
         self.models
             .iter()
-            .map(|m| m.quota_group.as_str())
-            .filter(|g| seen.insert(*g))
+            .map(|m| &m.quota_group)
+            .filter(|g| seen.insert(g.as_str()))
             .collect()
     }
 }
@@ -168,10 +178,11 @@ mod tests {
                 .iter()
                 .map(|r| RegionBudget {
                     region: r.to_string(),
+                    provider: VERTEX_PROVIDER.into(),
                     limits: Limits::new(60, 50_000),
                 })
                 .collect(),
-            quota_group: id.to_string(),
+            quota_group: id.into(),
         }
     }
 

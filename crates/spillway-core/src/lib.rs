@@ -6,6 +6,8 @@
 //! (`spillway-gateway`) owns sockets, config files and time; it hands this
 //! crate plain values and gets decisions back.
 //!
+//! - [`keys`]: [`ModelId`] and [`QuotaGroup`], the two names of a model, as
+//!   two types (budgets and queues are keyed by group, learning by model).
 //! - [`catalog`]: the configured models, their aliases and the regions that
 //!   serve each one; resolves whatever name a client sent to one model.
 //! - [`estimate`]: input-token estimates of request bodies (text by the
@@ -20,11 +22,13 @@
 pub mod adaptive;
 pub mod catalog;
 pub mod estimate;
+pub mod keys;
 pub mod ledger;
 pub mod store;
 
-pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution};
+pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution, VERTEX_PROVIDER};
 pub use estimate::{
     base64_image_dimensions, estimate_input, image_dimensions, image_tokens, ImageRule,
     InputEstimate,
 };
+pub use keys::{ModelId, QuotaGroup};

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::adaptive::{Adaptive, AdaptiveConfig, Exhausted};
+use crate::keys::QuotaGroup;
 use crate::ledger::{Charge, EntryId, Ledger, Limits, Usage};
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,7 +44,9 @@ pub enum Strategy {
 /// One admission question.
 #[derive(Debug, Clone, Copy)]
 pub struct ReserveRequest<'a> {
-    pub model: &'a str,
+    /// The quota group whose budgets are asked (not a model id: models of
+    /// one lineage share a group).
+    pub group: &'a QuotaGroup,
     /// Eligible regions, in configured preference order.
     pub regions: &'a [Arc<str>],
     pub charge: Charge,
@@ -64,7 +67,7 @@ pub struct BudgetView {
 /// A reservation to settle when the request ends.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    pub model: Arc<str>,
+    pub group: QuotaGroup,
     pub region: Arc<str>,
     pub entry: EntryId,
     pub charge: Charge,
@@ -96,7 +99,7 @@ pub enum Outcome {
 /// The live state of one region-model budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
-    pub model: Arc<str>,
+    pub group: QuotaGroup,
     pub region: Arc<str>,
     pub configured: Limits,
     /// What admission uses now (headroom and learning applied).
@@ -125,10 +128,10 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>>;
     fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()>;
     fn states(&self) -> StoreFuture<'_, Vec<BudgetState>>;
-    /// Sets a region-model's configured limits at run time; false if unknown.
+    /// Sets a (group, region) budget's configured limits at run time; false if unknown.
     fn set_configured<'a>(
         &'a self,
-        model: &'a str,
+        group: &'a QuotaGroup,
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool>;
@@ -156,16 +159,16 @@ type RegionBudgets = Vec<(Arc<str>, Mutex<Budget>)>;
 /// The in-memory store: exact for one replica.
 pub struct MemoryStore<C: Clock> {
     clock: C,
-    /// model → regions in configured order. Built once; only the budgets'
-    /// contents change, under their own locks.
-    models: HashMap<Arc<str>, RegionBudgets>,
+    /// quota group → regions in configured order. Built once; only the
+    /// budgets' contents change, under their own locks.
+    groups: HashMap<QuotaGroup, RegionBudgets>,
     jitter_state: AtomicU64,
 }
 
 /// One configured budget for [`MemoryStore::new`].
 #[derive(Debug, Clone)]
 pub struct BudgetConfig {
-    pub model: String,
+    pub group: QuotaGroup,
     pub region: String,
     pub limits: Limits,
 }
@@ -184,7 +187,7 @@ impl<C: Clock> MemoryStore<C> {
         adaptive: AdaptiveConfig,
         budgets: &[BudgetConfig],
     ) -> Self {
-        let mut models: HashMap<Arc<str>, RegionBudgets> = HashMap::new();
+        let mut groups: HashMap<QuotaGroup, RegionBudgets> = HashMap::new();
         for b in budgets {
             let adaptive = Adaptive::new(b.limits, adaptive);
             let budget = Budget {
@@ -192,14 +195,14 @@ impl<C: Clock> MemoryStore<C> {
                 adaptive,
                 drained: false,
             };
-            models
-                .entry(Arc::from(b.model.as_str()))
+            groups
+                .entry(b.group.clone())
                 .or_default()
                 .push((Arc::from(b.region.as_str()), Mutex::new(budget)));
         }
         Self {
             clock,
-            models,
+            groups,
             jitter_state: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         }
     }
@@ -214,9 +217,9 @@ impl<C: Clock> MemoryStore<C> {
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn budget(&self, model: &str, region: &str) -> Option<&Mutex<Budget>> {
-        self.models
-            .get(model)?
+    fn budget(&self, group: &str, region: &str) -> Option<&Mutex<Budget>> {
+        self.groups
+            .get(group)?
             .iter()
             .find(|(r, _)| &**r == region)
             .map(|(_, b)| b)
@@ -235,7 +238,7 @@ impl<C: Clock> MemoryStore<C> {
 
     fn decide(&self, request: ReserveRequest<'_>, reserve: bool) -> Result<Option<Grant>, Denial> {
         let now = self.clock.now();
-        let Some(regions) = self.models.get(request.model) else {
+        let Some(regions) = self.groups.get(request.group) else {
             return Err(Denial::Never);
         };
         // Lock every candidate, in configured order (a fixed order, so no
@@ -276,7 +279,7 @@ impl<C: Clock> MemoryStore<C> {
                 now,
             };
             return Ok(Some(Grant {
-                model: Arc::from(request.model),
+                group: request.group.clone(),
                 region: Arc::clone(region),
                 entry,
                 charge: request.charge,
@@ -309,7 +312,7 @@ impl<C: Clock> MemoryStore<C> {
 
     /// The synchronous heart of [`QuotaStore::settle`].
     pub fn settle_now(&self, grant: &Grant, outcome: Outcome) {
-        let Some(budget) = self.budget(&grant.model, &grant.region) else {
+        let Some(budget) = self.budget(grant.group.as_str(), &grant.region) else {
             return;
         };
         let now = self.clock.now();
@@ -343,11 +346,11 @@ impl<C: Clock> MemoryStore<C> {
     pub fn states_now(&self) -> Vec<BudgetState> {
         let now = self.clock.now();
         let mut states = Vec::new();
-        for (model, regions) in &self.models {
+        for (group, regions) in &self.groups {
             for (region, budget) in regions {
                 let mut b = lock(budget);
                 states.push(BudgetState {
-                    model: Arc::clone(model),
+                    group: group.clone(),
                     region: Arc::clone(region),
                     configured: b.adaptive.configured(),
                     effective: b.ledger.limits(),
@@ -358,7 +361,7 @@ impl<C: Clock> MemoryStore<C> {
                 });
             }
         }
-        states.sort_by(|a, b| (&a.model, &a.region).cmp(&(&b.model, &b.region)));
+        states.sort_by(|a, b| (&a.group, &a.region).cmp(&(&b.group, &b.region)));
         states
     }
 }
@@ -391,11 +394,11 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
 
     fn set_configured<'a>(
         &'a self,
-        model: &'a str,
+        group: &'a QuotaGroup,
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool> {
-        let found = self.budget(model, region).map(|b| {
+        let found = self.budget(group.as_str(), region).map(|b| {
             let mut b = lock(b);
             b.adaptive.set_configured(limits);
             b.sync_limits();
@@ -405,7 +408,7 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
 
     fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
         let mut count = 0;
-        for regions in self.models.values() {
+        for regions in self.groups.values() {
             for (r, budget) in regions {
                 if &**r == region {
                     lock(budget).drained = drained;
@@ -439,7 +442,7 @@ mod tests {
 
     fn store(clock: TestClock) -> MemoryStore<TestClock> {
         let budgets = ["us-central1", "europe-west4"].map(|region| BudgetConfig {
-            model: HAIKU.into(),
+            group: HAIKU.into(),
             region: region.into(),
             limits: Limits::new(60, 50_000),
         });
@@ -455,9 +458,12 @@ mod tests {
         vec![Arc::from("us-central1"), Arc::from("europe-west4")]
     }
 
+    static HAIKU_GROUP: std::sync::LazyLock<QuotaGroup> =
+        std::sync::LazyLock::new(|| QuotaGroup::from(HAIKU));
+
     fn ask<'a>(regions: &'a [Arc<str>], tokens: u64, strategy: Strategy) -> ReserveRequest<'a> {
         ReserveRequest {
-            model: HAIKU,
+            group: &HAIKU_GROUP,
             regions,
             charge: Charge {
                 input: tokens,
@@ -582,13 +588,13 @@ mod tests {
             );
         }
         assert!(futures_ready(s.set_configured(
-            HAIKU,
+            &HAIKU_GROUP,
             "europe-west4",
             Limits::new(5, 50_000)
         )));
         assert!(s.reserve_now(ask(&r, 10, Strategy::Ordered)).is_err());
         assert!(!futures_ready(s.set_configured(
-            HAIKU,
+            &HAIKU_GROUP,
             "nowhere",
             Limits::new(5, 5)
         )));
@@ -610,7 +616,8 @@ mod tests {
         let s = store(TestClock::default());
         let r = regions();
         let mut q = ask(&r, 1, Strategy::Ordered);
-        q.model = "claude-x";
+        let unknown = QuotaGroup::from("claude-x");
+        q.group = &unknown;
         assert_eq!(s.reserve_now(q).unwrap_err(), Denial::Never);
         let _ = AtomicU64::new(0);
     }

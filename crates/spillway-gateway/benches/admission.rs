@@ -15,6 +15,7 @@ use spillway_core::ledger::{Charge, Limits};
 use spillway_core::store::{
     BudgetConfig, Clock, MemoryStore, Outcome, QuotaStore, ReserveRequest, Strategy,
 };
+use spillway_core::QuotaGroup;
 use spillway_gateway::scheduler::{Demand, Priority, Scheduler};
 
 struct RealClock(std::time::Instant);
@@ -27,25 +28,25 @@ impl Clock for RealClock {
 const MODELS: usize = 50;
 const TENANTS: usize = 1_000;
 
-fn budgets() -> (Vec<BudgetConfig>, Vec<Arc<str>>) {
+fn budgets() -> (Vec<BudgetConfig>, Vec<QuotaGroup>) {
     let mut budgets = Vec::new();
     let mut models = Vec::new();
     for m in 0..MODELS {
-        let model = format!("claude-model-{m}@20250101");
+        let model = QuotaGroup::from(format!("claude-model-{m}@20250101"));
         for region in ["us-central1", "europe-west4"] {
             budgets.push(BudgetConfig {
-                model: model.clone(),
+                group: model.clone(),
                 region: region.into(),
                 // Large enough never to refuse: this measures the decision.
                 limits: Limits::new(u32::MAX, u64::MAX / 4),
             });
         }
-        models.push(Arc::from(model.as_str()));
+        models.push(model);
     }
     (budgets, models)
 }
 
-fn store() -> (Arc<MemoryStore<RealClock>>, Vec<Arc<str>>) {
+fn store() -> (Arc<MemoryStore<RealClock>>, Vec<QuotaGroup>) {
     let (budgets, models) = budgets();
     let store = MemoryStore::new(
         RealClock(std::time::Instant::now()),
@@ -69,7 +70,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = i.wrapping_add(1);
             let request = ReserveRequest {
-                model: &models[i % MODELS],
+                group: &models[i % MODELS],
                 regions: &regions,
                 charge,
                 strategy: Strategy::MostHeadroom,
@@ -97,7 +98,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let demands: Vec<Demand> = (0..TENANTS)
         .map(|t| Demand {
-            model: models[t % MODELS].clone(),
+            group: models[t % MODELS].clone(),
             regions: regions.clone(),
             charge,
             strategy: Strategy::MostHeadroom,

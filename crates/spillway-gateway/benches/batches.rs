@@ -232,7 +232,7 @@ async fn store_cost(name: &str, store: Arc<dyn BatchStore>, n: usize) {
         }
     }
     let run = t.elapsed();
-    let bytes = store.stats().await.unwrap().bytes;
+    let bytes = store.size_bytes().await.unwrap();
     println!(
         "store {name}: insert {:.1} µs/item, claim+complete {:.1} µs/item ({:.0} items/s on one runner); {:.0} bytes/item on disk",
         insert.as_secs_f64() * 1e6 / n as f64,

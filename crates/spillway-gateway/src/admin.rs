@@ -22,14 +22,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use spillway_core::ledger::{Limits, Usage};
-use subtle::ConstantTimeEq;
+use spillway_core::QuotaGroup;
 
-use crate::auth::KeyRing;
+use crate::auth::{key_matches, presented_key, KeyRing};
 use crate::config::Settings;
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Checks the admin key on every admin route.
 pub async fn require_admin(
@@ -41,21 +40,10 @@ pub async fn require_admin(
         return ApiError::Forbidden("the admin API is disabled: set admin.key_sha256".into())
             .into_response();
     };
-    let headers = request.headers();
-    let presented = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
-    let Some(presented) = presented else {
+    let Some(presented) = presented_key(request.headers()) else {
         return ApiError::Unauthenticated("missing admin key").into_response();
     };
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    if !bool::from(digest.ct_eq(&expected)) {
+    if !key_matches(presented, &expected) {
         state.metrics.auth_failures.inc();
         return ApiError::Unauthenticated("invalid admin key").into_response();
     }
@@ -113,14 +101,15 @@ pub struct QuotaView {
 }
 
 pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
-    let states = state.scheduler.store().states().await;
+    let scheduler = state.forwarder.scheduler();
+    let states = scheduler.store().states().await;
     Json(
         states
             .into_iter()
             .map(|b| {
-                let (queued_interactive, queued_batch) = state.scheduler.queue_depth(&b.model);
+                let (queued_interactive, queued_batch) = scheduler.queue_depth(&b.group);
                 QuotaView {
-                    model: b.model.to_string(),
+                    model: b.group.to_string(),
                     region: b.region.to_string(),
                     configured: b.configured.into(),
                     effective: b.effective.into(),
@@ -175,7 +164,12 @@ async fn set_drained(
     region: String,
     drained: bool,
 ) -> Result<Response, ApiError> {
-    let budgets = state.scheduler.store().set_drained(&region, drained).await;
+    let budgets = state
+        .forwarder
+        .scheduler()
+        .store()
+        .set_drained(&region, drained)
+        .await;
     if budgets == 0 {
         return Err(ApiError::NotFound(format!(
             "region {region:?} serves no configured model"
@@ -190,16 +184,18 @@ async fn set_drained(
     .into_response())
 }
 
-pub async fn drain(State(state): State<Arc<AppState>>, Path(region): Path<String>) -> Response {
-    set_drained(&state, region, true)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+pub async fn drain(
+    State(state): State<Arc<AppState>>,
+    Path(region): Path<String>,
+) -> Result<Response, ApiError> {
+    set_drained(&state, region, true).await
 }
 
-pub async fn undrain(State(state): State<Arc<AppState>>, Path(region): Path<String>) -> Response {
-    set_drained(&state, region, false)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+pub async fn undrain(
+    State(state): State<Arc<AppState>>,
+    Path(region): Path<String>,
+) -> Result<Response, ApiError> {
+    set_drained(&state, region, false).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,37 +207,35 @@ pub struct SetQuota {
     pub output_tokens_per_min: Option<u64>,
 }
 
+/// `PUT /admin/quotas/{name}/{region}`: `name` is a quota group, or a
+/// model id standing for its group.
 pub async fn set_quota(
     State(state): State<Arc<AppState>>,
-    Path((model, region)): Path<(String, String)>,
+    Path((name, region)): Path<(String, String)>,
     body: Result<Json<SetQuota>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let result = async {
-        let Json(q) = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
-        if q.requests_per_min == 0 || q.tokens_per_min == 0 {
-            return Err(ApiError::BadRequest("limits must be positive".into()));
-        }
-        let limits = Limits {
-            requests: q.requests_per_min,
-            tokens: Some(q.tokens_per_min),
-            input_tokens: q.input_tokens_per_min,
-            output_tokens: q.output_tokens_per_min,
-        };
-        if !state
-            .scheduler
-            .store()
-            .set_configured(&model, &region, limits)
-            .await
-        {
-            return Err(ApiError::NotFound(format!(
-                "no budget for {model} in {region}"
-            )));
-        }
-        tracing::warn!(%model, %region, ?limits, "admin: budget set");
-        Ok(Json(LimitsView::from(limits)).into_response())
+) -> Result<Response, ApiError> {
+    let Json(q) = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
+    if q.requests_per_min == 0 || q.tokens_per_min == 0 {
+        return Err(ApiError::BadRequest("limits must be positive".into()));
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let limits = Limits {
+        requests: q.requests_per_min,
+        tokens: Some(q.tokens_per_min),
+        input_tokens: q.input_tokens_per_min,
+        output_tokens: q.output_tokens_per_min,
+    };
+    let group = match state.forwarder.catalog().resolve(&name) {
+        Some(r) => r.model.quota_group.clone(),
+        None => QuotaGroup::from(name.as_str()),
+    };
+    let store = state.forwarder.scheduler().store();
+    if !store.set_configured(&group, &region, limits).await {
+        return Err(ApiError::NotFound(format!(
+            "no budget for {name} in {region}"
+        )));
+    }
+    tracing::warn!(%group, %region, ?limits, "admin: budget set");
+    Ok(Json(LimitsView::from(limits)).into_response())
 }
 
 /// Applies a re-read configuration while serving: tenants (keys, weights,
@@ -256,12 +250,12 @@ pub async fn reload(state: &AppState, settings: Settings) {
         tracing::error!("reload: the new model catalog is invalid; budgets unchanged");
         return;
     };
-    let store = state.scheduler.store();
+    let store = state.forwarder.scheduler().store();
     let current = store.states().await;
     for (group, region) in catalog.budgets() {
         let existing = current
             .iter()
-            .find(|b| &*b.model == group && *b.region == region.region);
+            .find(|b| b.group == *group && *b.region == region.region);
         match existing {
             Some(b) if b.configured == region.limits => {}
             Some(_) => {

@@ -24,25 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ClientAuth, Settings};
 use crate::error::ApiError;
-use crate::tenants::TenantPolicy;
-
-/// The caller, as established by the auth layer, available to handlers as a
-/// request extension.
-#[derive(Debug, Clone)]
-pub struct Tenant {
-    pub name: Arc<str>,
-    pub policy: Arc<TenantPolicy>,
-}
-
-impl Tenant {
-    /// The tenant of requests on a gateway running without client auth.
-    pub fn anonymous() -> Self {
-        Self {
-            name: Arc::from("anonymous"),
-            policy: Arc::new(TenantPolicy::default()),
-        }
-    }
-}
+use crate::tenants::{Tenant, TenantPolicy};
 
 /// Hex SHA-256 of a client key, the form stored in config.
 pub fn hash_key(key: &str) -> String {
@@ -91,9 +73,14 @@ impl KeyRing {
         self
     }
 
-    /// The tenant configured under `name` (for work submitted earlier by it).
-    pub fn tenant_named(&self, name: &str) -> Option<&Tenant> {
-        self.by_digest.values().find(|t| &*t.name == name)
+    /// The tenant that submitted work earlier under `name`, as configured
+    /// now: a keyed tenant, or the anonymous one while client auth is off.
+    pub fn tenant_named(&self, name: &str) -> Option<Tenant> {
+        let keyed = self.by_digest.values().find(|t| &*t.name == name);
+        keyed.cloned().or_else(|| {
+            (self.mode == ClientAuth::None && *self.anonymous.name == *name)
+                .then(|| self.anonymous.clone())
+        })
     }
 
     /// Every configured tenant.
@@ -107,6 +94,13 @@ impl KeyRing {
         let (stored, tenant) = self.by_digest.get_key_value(&digest)?;
         bool::from(stored.ct_eq(&digest)).then_some(tenant)
     }
+}
+
+/// Whether `presented` hashes to `digest`, compared in constant time (the
+/// admin key's check; tenants are found by digest in [`KeyRing`]).
+pub fn key_matches(presented: &str, digest: &[u8; 32]) -> bool {
+    let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    bool::from(presented.ct_eq(digest))
 }
 
 /// The key ring in force, replaceable while serving (SIGHUP reloads tenants).
@@ -127,8 +121,10 @@ impl Keys {
     }
 }
 
-/// Where a client put its key: `x-api-key` first, then a bearer token.
-fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
+/// Where a caller put its key: `x-api-key` first (the Anthropic SDK), then
+/// `Authorization: Bearer` (the Vertex SDK's `access_token`; the scheme in
+/// any case, as RFC 7235 says). The one parser for client and admin keys.
+pub fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-api-key") {
         return v.to_str().ok();
     }

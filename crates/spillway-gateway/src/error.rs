@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
 use spillway_vertex::{ErrorKind, RequestError, UpstreamError};
 
+use crate::answer::ForwardError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
@@ -82,12 +84,48 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status a forwarding error is answered with.
+    pub fn status_of(error: &ForwardError) -> u16 {
+        let status = match error {
+            ForwardError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ForwardError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            ForwardError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ForwardError::Upstream(e) => return e.status,
+            ForwardError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            ForwardError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Credentials => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        status.as_u16()
+    }
+
     /// Whether retrying the same request could ever succeed.
     fn retryable(&self) -> bool {
         let (_, status) = self.kind_and_status();
         status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
             || status.is_server_error()
+    }
+}
+
+impl From<ForwardError> for ApiError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Invalid(m) => ApiError::BadRequest(m),
+            ForwardError::UnknownModel(m) => ApiError::NotFound(m),
+            ForwardError::RateLimited {
+                message,
+                retry_after,
+            } => ApiError::RateLimited {
+                message,
+                retry_after,
+            },
+            ForwardError::Upstream(e) => ApiError::Upstream(e),
+            ForwardError::UpstreamUnavailable { region, reason } => {
+                ApiError::UpstreamUnavailable { region, reason }
+            }
+            ForwardError::UpstreamTimeout { region } => ApiError::UpstreamTimeout { region },
+            ForwardError::Credentials => ApiError::Credentials,
+        }
     }
 }
 

@@ -10,7 +10,9 @@
 //! cannot make estimates absurd.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use spillway_core::ModelId;
 
 const WEIGHT: f64 = 0.1;
 const MIN_FACTOR: f64 = 0.5;
@@ -37,22 +39,22 @@ impl Default for Correction {
 #[derive(Debug)]
 pub struct EstimateLearner {
     enabled: bool,
-    models: HashMap<Arc<str>, Mutex<Correction>>,
+    models: HashMap<ModelId, Mutex<Correction>>,
 }
 
 impl EstimateLearner {
-    pub fn new(models: &[Arc<str>], enabled: bool) -> Self {
+    pub fn new(models: &[ModelId], enabled: bool) -> Self {
         Self {
             enabled,
             models: models
                 .iter()
-                .map(|m| (Arc::clone(m), Mutex::default()))
+                .map(|m| (m.clone(), Mutex::default()))
                 .collect(),
         }
     }
 
     /// The multiplier for a model's raw input estimate.
-    pub fn factor(&self, model: &str) -> f64 {
+    pub fn factor(&self, model: &ModelId) -> f64 {
         if !self.enabled {
             return 1.0;
         }
@@ -68,7 +70,7 @@ impl EstimateLearner {
 
     /// Records one request's raw estimate against its actual input tokens.
     /// Returns the ratio, for metrics.
-    pub fn observe(&self, model: &str, estimated: u64, actual: u64) -> Option<f64> {
+    pub fn observe(&self, model: &ModelId, estimated: u64, actual: u64) -> Option<f64> {
         if estimated == 0 {
             return None;
         }
@@ -94,26 +96,26 @@ mod tests {
 
     #[test]
     fn converges_above_a_steady_ratio_and_stays_bounded() {
-        let m: Arc<str> = Arc::from("m");
+        let m = ModelId::from("m");
         let l = EstimateLearner::new(std::slice::from_ref(&m), true);
-        assert_eq!(l.factor("m"), 1.0);
+        assert_eq!(l.factor(&m), 1.0);
         for i in 0..200 {
             // Actual is 1.2× to 1.4× the estimate.
-            l.observe("m", 1000, 1200 + (i % 3) * 100);
+            l.observe(&m, 1000, 1200 + (i % 3) * 100);
         }
-        let f = l.factor("m");
+        let f = l.factor(&m);
         assert!(f > 1.3 && f < 1.6, "{f}");
         for _ in 0..200 {
-            l.observe("m", 1000, 100_000);
+            l.observe(&m, 1000, 100_000);
         }
-        assert_eq!(l.factor("m"), MAX_FACTOR);
+        assert_eq!(l.factor(&m), MAX_FACTOR);
     }
 
     #[test]
     fn disabled_means_no_correction() {
-        let m: Arc<str> = Arc::from("m");
+        let m = ModelId::from("m");
         let l = EstimateLearner::new(std::slice::from_ref(&m), false);
-        l.observe("m", 100, 300);
-        assert_eq!(l.factor("m"), 1.0);
+        l.observe(&m, 100, 300);
+        assert_eq!(l.factor(&m), 1.0);
     }
 }

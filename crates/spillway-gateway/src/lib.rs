@@ -1,33 +1,40 @@
 //! The Spillway gateway: the HTTP edge between backend services and
 //! Claude on Vertex AI.
 //!
-//! A request travels: [`request_id`] layer → [`auth`] layer → a handler in
-//! [`routes`] (content type, size, JSON and Messages validation, model
-//! resolution) → [`proxy::forward`] (region, upstream call, relay, log) →
-//! [`upstream`] (URL from config, Google credentials) and, for streams,
-//! [`passthrough`] (bytes relayed as they arrive, usage read on the side).
-//! Errors are [`error::ApiError`] until the edge renders them in Anthropic's
-//! shape. [`config`] loads and validates settings once at start.
+//! A request travels: the [`observer`] layer (request id, one record per
+//! request) → the [`auth`] layer → a handler in [`routes`] (content type,
+//! size, JSON and Messages validation) → the [`forwarder`] (model, charge,
+//! admission through the [`scheduler`], attempts, relay, settlement) → a
+//! provider in [`upstream`] (URL from config, Google credentials) and, for
+//! streams, [`passthrough`] (bytes relayed as they arrive, usage read on the
+//! side). The forwarder answers in domain terms ([`answer`]); `routes`
+//! renders that as HTTP, with errors in Anthropic's shape ([`error`]), and
+//! [`batch`] stores it as results. [`config`] loads and validates settings
+//! once at start; [`server`] puts it all together.
 
 pub mod admin;
+pub mod answer;
 pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod error;
 pub mod estimates;
+pub mod forwarder;
 pub mod ids;
 pub mod metrics;
+pub mod observer;
 pub mod passthrough;
-pub mod proxy;
+pub mod quota_store;
 pub mod ratelimit;
 pub mod request_id;
 pub mod rfc3339;
 pub mod routes;
 pub mod scheduler;
 pub mod server;
-pub mod shared_quota;
+pub mod state;
 pub mod tenants;
 pub mod upstream;
 
 pub use config::Settings;
-pub use server::{AppState, Gateway, StartError};
+pub use server::{Gateway, StartError};
+pub use state::AppState;

@@ -121,7 +121,7 @@ pub struct BatchSnapshot {
 /// What a scrape needs from the rest of the gateway.
 pub struct Snapshot<'a> {
     pub budgets: &'a [BudgetState],
-    /// (model, interactive waiting, batch waiting)
+    /// (quota group, interactive waiting, batch waiting)
     pub queues: Vec<(&'a str, usize, usize)>,
     /// When batches are enabled.
     pub batches: Option<BatchSnapshot>,
@@ -209,7 +209,8 @@ impl Metrics {
     /// Refreshes state gauges and renders the exposition text.
     pub fn render(&self, snapshot: Snapshot<'_>) -> String {
         for b in snapshot.budgets {
-            let (region, model) = (&*b.region, &*b.model);
+            // Budgets are per quota group; the label keeps its name, `model`.
+            let (region, model) = (&*b.region, b.group.as_str());
             let set = |g: &GaugeVec, resource: &str, v: f64| {
                 g.with_label_values(&[region, model, resource]).set(v)
             };
@@ -333,7 +334,7 @@ mod tests {
             .with_label_values(&["us-central1", "m", status_label(429)])
             .inc();
         let budgets = [BudgetState {
-            model: Arc::from("m"),
+            group: "m".into(),
             region: Arc::from("us-central1"),
             configured: Limits::new(60, 50_000),
             effective: Limits::new(40, 50_000),

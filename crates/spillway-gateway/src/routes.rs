@@ -1,5 +1,7 @@
 //! The client-facing HTTP surface: thin handlers that turn a request into a
-//! [`proxy::Call`](crate::proxy::Call).
+//! [`CallRequest`](crate::forwarder::CallRequest), hand it to the
+//! [`Forwarder`](crate::forwarder::Forwarder), and render what comes back
+//! (an [`Answer`] or a [`ForwardError`]) as HTTP.
 //!
 //! Two surfaces lead to the same call:
 //! - **Vertex-style**, for `AnthropicVertex(base_url=".../v1")`:
@@ -10,8 +12,10 @@
 //! - **Anthropic-style**, for `Anthropic(base_url=...)`: `POST /v1/messages`
 //!   and `/v1/messages/count_tokens` with `model` in the body.
 //!
-//! Every check that can reject a request runs here, before anything is
-//! sent: content type, size, JSON, the Messages rules, the model.
+//! Every check on the request's form runs here: content type, size, JSON,
+//! the Messages rules. The checks on what it asks for (model, locations,
+//! context window, can ever fit, tenant caps) run in the forwarder before it
+//! asks for quota. Either way a refused request never reaches upstream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,20 +25,21 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use http::{header, HeaderMap, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::{Map, Value};
-use spillway_core::Resolution;
 use spillway_vertex::{
-    anthropic_to_vertex_id, is_valid_model_id, parse_body, parse_model_action, validate, Operation,
-    RequestSummary, Specifier, COUNT_TOKENS_MODEL,
+    parse_body, parse_model_action, validate, Operation, RequestSummary, Specifier,
+    COUNT_TOKENS_MODEL,
 };
 
-use crate::auth::Tenant;
+use crate::answer::{Answer, Served};
 use crate::error::ApiError;
-use crate::proxy::{forward, Call};
+use crate::forwarder::{CallRequest, Forwarded};
+use crate::observer::RequestRecord;
 use crate::request_id::RequestId;
 use crate::scheduler::Priority;
-use crate::server::AppState;
+use crate::state::AppState;
+use crate::tenants::Tenant;
 
 /// Reads and parses a JSON body, enforcing content type and size first.
 async fn read_json(
@@ -61,36 +66,6 @@ async fn read_json(
         .await
         .map_err(|_| ApiError::TooLarge { limit })?;
     Ok(parse_body(&bytes)?)
-}
-
-/// Resolves a client's model name: Vertex id, Anthropic id, or alias.
-pub(crate) fn resolve_model<'a>(
-    state: &'a AppState,
-    name: &str,
-) -> Result<Resolution<'a>, ApiError> {
-    let not_found = || ApiError::NotFound(format!("model: {name}"));
-    if !is_valid_model_id(name) {
-        return Err(not_found());
-    }
-    state
-        .catalog
-        .resolve(name)
-        .or_else(|| anthropic_to_vertex_id(name).and_then(|id| state.catalog.resolve(&id)))
-        .ok_or_else(not_found)
-}
-
-fn alias_warning(name: &str, resolution: &Resolution<'_>) -> Option<String> {
-    resolution.via_alias.then(|| {
-        tracing::warn!(
-            alias = name,
-            model = %resolution.model.id,
-            "model alias resolved; Google advises pinning versioned model ids"
-        );
-        format!(
-            "299 spillway \"model alias {name} resolved to {}; Google advises versioned model ids\"",
-            resolution.model.id
-        )
-    })
 }
 
 /// `x-spillway-regions: a,b`: narrow the regions (data residency).
@@ -132,50 +107,122 @@ fn max_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
         })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn new_call<'a>(
-    op: Operation,
-    name: &str,
-    resolution: Resolution<'a>,
-    body: Map<String, Value>,
-    summary: &RequestSummary,
-    headers: &HeaderMap,
+/// The parts of a call that come from the client's request, not its body.
+struct Caller {
     tenant: Tenant,
     request_id: RequestId,
-) -> Result<Call<'a>, ApiError> {
-    Ok(Call {
-        op,
-        model: resolution.model,
-        alias_warning: alias_warning(name, &resolution),
-        stream: summary.stream,
-        max_tokens: summary.max_tokens.unwrap_or(0),
-        body,
-        beta: headers.get("anthropic-beta").cloned(),
-        region_hint: region_hint(headers)?,
-        max_wait: max_wait(headers)?,
-        priority: Priority::Interactive,
-        tenant,
-        request_id,
-    })
+    headers: HeaderMap,
+}
+
+impl Caller {
+    fn request(
+        self,
+        op: Operation,
+        body: Map<String, Value>,
+        summary: &RequestSummary,
+    ) -> Result<CallRequest, ApiError> {
+        Ok(CallRequest {
+            op,
+            stream: summary.stream,
+            max_tokens: summary.max_tokens.unwrap_or(0),
+            body,
+            beta: self.headers.get("anthropic-beta").cloned(),
+            region_hint: region_hint(&self.headers)?,
+            max_wait: max_wait(&self.headers)?,
+            priority: Priority::Interactive,
+            tenant: self.tenant,
+            request_id: self.request_id,
+        })
+    }
+}
+
+/// Prepares and forwards one call for model `name`, and renders the result.
+async fn forward(state: &AppState, name: &str, request: CallRequest) -> Result<Response, ApiError> {
+    let call = state.forwarder.prepare(name, request)?;
+    Ok(render(state.forwarder.forward(call).await))
+}
+
+/// A forwarded call as an HTTP response, carrying its record for the
+/// observer layer.
+fn render(forwarded: Forwarded) -> Response {
+    let Forwarded { trace, result } = forwarded;
+    let (mut response, record) = match result {
+        Ok(Answer::Unary {
+            body,
+            content_type,
+            usage,
+            served,
+        }) => {
+            let mut response = Response::new(Body::from(body));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+            success_headers(response.headers_mut(), &served);
+            let record = RequestRecord::Done {
+                trace,
+                status: 200,
+                usage,
+            };
+            (response, record)
+        }
+        Ok(Answer::Stream {
+            events,
+            end,
+            served,
+        }) => {
+            let mut response = Response::new(Body::from_stream(events));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream; charset=utf-8"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            success_headers(headers, &served);
+            (response, RequestRecord::Streaming { trace, end })
+        }
+        Err(error) => {
+            let status = ApiError::status_of(&error);
+            let response = ApiError::from(error).into_response();
+            let record = RequestRecord::Done {
+                trace,
+                status,
+                usage: None,
+            };
+            (response, record)
+        }
+    };
+    response.extensions_mut().insert(record);
+    response
+}
+
+fn success_headers(headers: &mut HeaderMap, served: &Served) {
+    if let Ok(v) = HeaderValue::from_str(&served.region) {
+        headers.insert("x-spillway-region", v);
+    }
+    if let Some(warning) = served
+        .alias_warning
+        .as_deref()
+        .and_then(|w| HeaderValue::from_str(w).ok())
+    {
+        headers.insert(header::WARNING, warning);
+    }
+    if let Some(view) = &served.budget {
+        crate::ratelimit::add_budget_headers(headers, view);
+    }
 }
 
 /// `POST /v1/messages` and `POST /v1/messages/count_tokens`.
 async fn anthropic_surface(
     state: Arc<AppState>,
     op: Operation,
-    tenant: Tenant,
-    request_id: RequestId,
-    headers: HeaderMap,
+    caller: Caller,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_json(&headers, body, state.settings.server.max_body_bytes).await?;
+    let body = read_json(&caller.headers, body, state.settings.server.max_body_bytes).await?;
     let summary = validate(&body, op, true)?;
-    let name = summary.model.as_deref().unwrap_or_default();
-    let resolution = resolve_model(&state, name)?;
-    let call = new_call(
-        op, name, resolution, body, &summary, &headers, tenant, request_id,
-    )?;
-    forward(&state, call).await
+    let name = summary.model.clone().unwrap_or_default();
+    let request = caller.request(op, body, &summary)?;
+    forward(&state, &name, request).await
 }
 
 pub async fn messages(
@@ -184,17 +231,13 @@ pub async fn messages(
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    anthropic_surface(
-        state,
-        Operation::Messages,
+) -> Result<Response, ApiError> {
+    let caller = Caller {
         tenant,
         request_id,
         headers,
-        body,
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response)
+    };
+    anthropic_surface(state, Operation::Messages, caller, body).await
 }
 
 pub async fn count_tokens(
@@ -203,17 +246,13 @@ pub async fn count_tokens(
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    anthropic_surface(
-        state,
-        Operation::CountTokens,
+) -> Result<Response, ApiError> {
+    let caller = Caller {
         tenant,
         request_id,
         headers,
-        body,
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response)
+    };
+    anthropic_surface(state, Operation::CountTokens, caller, body).await
 }
 
 /// `POST /v1/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{action}`.
@@ -221,19 +260,6 @@ pub async fn vertex_predict(
     State(state): State<Arc<AppState>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
-    path: Result<Path<(String, String, String)>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    vertex_surface(state, tenant, request_id, path, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn vertex_surface(
-    state: Arc<AppState>,
-    tenant: Tenant,
-    request_id: RequestId,
     path: Result<Path<(String, String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -246,8 +272,13 @@ async fn vertex_surface(
             "{model_action:?}: expected MODEL:rawPredict or MODEL:streamRawPredict"
         ))
     })?;
+    let caller = Caller {
+        tenant,
+        request_id,
+        headers,
+    };
     let path_stream = specifier == Specifier::StreamRawPredict;
-    let mut body = read_json(&headers, body, state.settings.server.max_body_bytes).await?;
+    let mut body = read_json(&caller.headers, body, state.settings.server.max_body_bytes).await?;
     if model_name == COUNT_TOKENS_MODEL {
         if path_stream {
             return Err(ApiError::NotFound(
@@ -255,21 +286,12 @@ async fn vertex_surface(
             ));
         }
         let summary = validate(&body, Operation::CountTokens, true)?;
-        let name = summary.model.as_deref().unwrap_or_default();
-        let resolution = resolve_model(&state, name)?;
-        let call = new_call(
-            Operation::CountTokens,
-            name,
-            resolution,
-            body,
-            &summary,
-            &headers,
-            tenant,
-            request_id,
-        )?;
-        return forward(&state, call).await;
+        let name = summary.model.clone().unwrap_or_default();
+        let request = caller.request(Operation::CountTokens, body, &summary)?;
+        return forward(&state, &name, request).await;
     }
-    let resolution = resolve_model(&state, model_name)?;
+    // An unknown model is the first thing to say, before the body's rules.
+    state.forwarder.resolve(model_name)?;
     let mut summary = validate(&body, Operation::Messages, false)?;
     if summary.stream && !path_stream {
         return Err(ApiError::BadRequest(
@@ -281,17 +303,8 @@ async fn vertex_surface(
         body.insert("stream".into(), Value::Bool(true));
         summary.stream = true;
     }
-    let call = new_call(
-        Operation::Messages,
-        model_name,
-        resolution,
-        body,
-        &summary,
-        &headers,
-        tenant,
-        request_id,
-    )?;
-    forward(&state, call).await
+    let request = caller.request(Operation::Messages, body, &summary)?;
+    forward(&state, model_name, request).await
 }
 
 pub async fn healthz() -> &'static str {
@@ -299,16 +312,16 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.upstream.ready().await {
+    match state.forwarder.providers().ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),
     }
 }
 
-pub async fn not_found(uri: http::Uri) -> Response {
-    ApiError::NotFound(format!("no route for {}", uri.path())).into_response()
+pub async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
 }
 
-pub async fn method_not_allowed() -> Response {
-    ApiError::MethodNotAllowed.into_response()
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }

@@ -1,11 +1,11 @@
 //! Waiting for quota instead of failing: the admission scheduler.
 //!
 //! Every request asks the [`QuotaStore`] for a reservation. When no region
-//! has room, the request waits — up to its deadline — in its model's queue
+//! has room, the request waits — up to its deadline — in its quota group's queue
 //! and is admitted as budget frees. The queue decides *who goes next*:
 //!
 //! - **Interactive before batch.** A batch request is only considered when
-//!   no interactive request of the same model is waiting.
+//!   no interactive request of the same quota group is waiting.
 //! - **Weighted fair share between tenants.** Each waiter gets a virtual
 //!   finish tag, `max(V, tenant's last tag) + cost / weight` (weighted fair
 //!   queueing, cost = reserved tokens); the smallest tag goes first. A
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use spillway_core::ledger::Charge;
 use spillway_core::store::{Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy};
+use spillway_core::QuotaGroup;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -41,7 +42,8 @@ pub enum Priority {
 /// What one request asks for.
 #[derive(Debug, Clone)]
 pub struct Demand {
-    pub model: Arc<str>,
+    /// The quota group asked (its budgets and its wait queue).
+    pub group: QuotaGroup,
     pub regions: Vec<Arc<str>>,
     pub charge: Charge,
     pub strategy: Strategy,
@@ -57,7 +59,7 @@ pub struct Demand {
 pub enum Rejection {
     /// No room before the deadline; room is expected after `retry_after`.
     NoRoom { retry_after: Duration },
-    /// Too many requests already waiting for this model.
+    /// Too many requests already waiting for this quota group.
     QueueFull { retry_after: Duration },
     /// The charge can never fit any candidate budget.
     NeverFits,
@@ -111,12 +113,12 @@ impl WaitQueue {
     }
 }
 
-struct ModelQueue {
+struct GroupQueue {
     queue: Mutex<WaitQueue>,
     changed: Notify,
 }
 
-impl ModelQueue {
+impl GroupQueue {
     fn lock(&self) -> MutexGuard<'_, WaitQueue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -124,7 +126,7 @@ impl ModelQueue {
 
 /// Removes a waiter from its queue however its future ends.
 struct Waiting<'a> {
-    queue: &'a ModelQueue,
+    queue: &'a GroupQueue,
     ticket: Option<Ticket>,
 }
 
@@ -144,19 +146,21 @@ impl Drop for Waiting<'_> {
 
 pub struct Scheduler {
     store: Arc<dyn QuotaStore>,
-    queues: HashMap<Arc<str>, ModelQueue>,
+    /// One wait queue per quota group: requests for two models of one
+    /// lineage wait in one line for the one budget they share.
+    queues: HashMap<QuotaGroup, GroupQueue>,
     max_queue: usize,
     decision_seconds: Option<prometheus::Histogram>,
 }
 
 impl Scheduler {
-    pub fn new(store: Arc<dyn QuotaStore>, models: &[Arc<str>], max_queue: usize) -> Self {
-        let queues = models
+    pub fn new(store: Arc<dyn QuotaStore>, groups: &[QuotaGroup], max_queue: usize) -> Self {
+        let queues = groups
             .iter()
-            .map(|m| {
+            .map(|g| {
                 (
-                    Arc::clone(m),
-                    ModelQueue {
+                    g.clone(),
+                    GroupQueue {
                         queue: Mutex::new(WaitQueue::default()),
                         changed: Notify::new(),
                     },
@@ -198,9 +202,9 @@ impl Scheduler {
         Instant::now() + store_time.saturating_sub(self.store.now())
     }
 
-    /// Requests waiting for `model`, by class.
-    pub fn queue_depth(&self, model: &str) -> (usize, usize) {
-        self.queues.get(model).map_or((0, 0), |q| {
+    /// Requests waiting for `group`'s budgets, by class.
+    pub fn queue_depth(&self, group: &QuotaGroup) -> (usize, usize) {
+        self.queues.get(group).map_or((0, 0), |q| {
             let q = q.lock();
             let interactive = q
                 .waiting
@@ -217,11 +221,11 @@ impl Scheduler {
 
     /// Admits `demand` now or when budget frees, or rejects it.
     pub async fn admit(&self, demand: &Demand) -> Result<Grant, Rejection> {
-        let Some(queue) = self.queues.get(&demand.model) else {
+        let Some(queue) = self.queues.get(&demand.group) else {
             return Err(Rejection::NeverFits);
         };
         let request = ReserveRequest {
-            model: &demand.model,
+            group: &demand.group,
             regions: &demand.regions,
             charge: demand.charge,
             strategy: demand.strategy,
@@ -321,7 +325,7 @@ impl Scheduler {
     /// Ends a reservation and lets waiters try again (a refund may make room).
     pub async fn settle(&self, grant: &Grant, outcome: Outcome) {
         self.store.settle(grant, outcome).await;
-        if let Some(queue) = self.queues.get(&grant.model) {
+        if let Some(queue) = self.queues.get(&grant.group) {
             queue.changed.notify_waiters();
         }
     }

@@ -1,7 +1,10 @@
 //! Assembling the gateway: state, router and layers, and serving it.
 //!
-//! The layering, outermost first: request id → (for API routes) client auth
-//! → handler. Health endpoints sit outside auth so probes need no key.
+//! The layering, outermost first: the observer (request id, one record per
+//! request) → (for API routes) client auth → handler. Health endpoints sit
+//! outside auth so probes need no key. Each surface's handlers get the state
+//! they need (`AppState`, or the batch API's own `BatchApi`), so no module
+//! below this one needs to know how the gateway is put together.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,64 +12,17 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
-use std::time::Duration;
-
-use spillway_core::adaptive::AdaptiveConfig;
-use spillway_core::ledger::Limits;
-use spillway_core::store::{BudgetConfig, Clock, MemoryStore, QuotaStore, Strategy};
-use spillway_core::Catalog;
 use tokio::net::TcpListener;
 
 use crate::auth::{require_tenant, KeyRing, Keys};
-use crate::config::{RoutingStrategy, Settings};
-use crate::estimates::EstimateLearner;
+use crate::batch::api::BatchApi;
+use crate::config::Settings;
+use crate::forwarder::Forwarder;
 use crate::metrics::{Metrics, Snapshot};
+use crate::observer::observe_requests;
 use crate::routes;
-use crate::scheduler::Scheduler;
-use crate::upstream::{Upstream, UpstreamInitError};
-
-/// What every handler shares. Built once; the parts that change (budgets,
-/// queues, estimate corrections) have their own interior locks.
-pub struct AppState {
-    pub settings: Settings,
-    pub catalog: Catalog,
-    pub upstream: Upstream,
-    pub keys: Arc<Keys>,
-    /// SHA-256 of the admin key; `None` disables the admin API.
-    pub admin_key_digest: Option<[u8; 32]>,
-    pub scheduler: Scheduler,
-    pub estimates: EstimateLearner,
-    pub strategy: Strategy,
-    pub max_wait: Duration,
-    pub max_wait_cap: Duration,
-    pub max_attempts: u32,
-    pub metrics: Arc<Metrics>,
-    /// Batch jobs (store and runner); `None` when `batch.enabled = false`.
-    pub batches: Option<Arc<crate::batch::BatchService>>,
-    headroom: f64,
-}
-
-impl AppState {
-    /// What a configured budget allows at most, headroom applied.
-    pub fn quota_ceiling(&self, configured: &Limits) -> Limits {
-        AdaptiveConfig {
-            headroom: self.headroom,
-            ..AdaptiveConfig::default()
-        }
-        .ceiling(*configured)
-    }
-}
-
-/// The store's clock: tokio's, so tests on a paused clock are exact.
-struct TokioClock {
-    epoch: tokio::time::Instant,
-}
-
-impl Clock for TokioClock {
-    fn now(&self) -> Duration {
-        tokio::time::Instant::now().duration_since(self.epoch)
-    }
-}
+use crate::state::AppState;
+use crate::upstream::{Providers, UpstreamInitError, Vertex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -87,14 +43,16 @@ pub enum StartError {
 async fn metrics_handler(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> impl axum::response::IntoResponse {
-    let budgets = state.scheduler.store().states().await;
+    let scheduler = state.forwarder.scheduler();
+    let budgets = scheduler.store().states().await;
     let queues = state
-        .catalog
+        .forwarder
+        .catalog()
         .quota_groups()
         .into_iter()
         .map(|group| {
-            let (interactive, batch) = state.scheduler.queue_depth(group);
-            (group, interactive, batch)
+            let (interactive, batch) = scheduler.queue_depth(group);
+            (group.as_str(), interactive, batch)
         })
         .collect();
     let batches = match &state.batches {
@@ -128,14 +86,39 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Builds the gateway with the providers the config names (Vertex).
     pub async fn new(settings: Settings) -> Result<Self, StartError> {
+        let vertex = Vertex::from_settings(&settings.upstream).await?;
+        let providers = Providers::default().with(spillway_core::VERTEX_PROVIDER, Arc::new(vertex));
+        Self::with_providers(settings, providers).await
+    }
+
+    /// Builds the gateway over the given providers, by the names the
+    /// catalog's locations use.
+    pub async fn with_providers(
+        settings: Settings,
+        providers: Providers,
+    ) -> Result<Self, StartError> {
         settings
             .validate()
             .map_err(|e| StartError::Config(e.to_string()))?;
         let catalog = settings
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
-        let upstream = Upstream::from_settings(&settings.upstream).await?;
+        for model in catalog.models() {
+            if let Some(r) = model
+                .regions
+                .iter()
+                .find(|r| providers.get(&r.provider).is_none())
+            {
+                return Err(StartError::Config(format!(
+                    "models.{:?}.regions: location {:?} names provider {:?}, which is not available",
+                    model.id.as_str(),
+                    r.region,
+                    r.provider
+                )));
+            }
+        }
         let metrics = Arc::new(Metrics::new());
         metrics.pre_register(
             &catalog
@@ -155,58 +138,16 @@ impl Gateway {
         let admin_key_digest = hex::decode(&settings.admin.key_sha256)
             .ok()
             .and_then(|d| <[u8; 32]>::try_from(d).ok());
-        let q = &settings.quota;
-        let window = Duration::from_secs(q.window_secs);
-        let adaptive = AdaptiveConfig {
-            headroom: q.headroom,
-            cooldown_base: Duration::from_millis(q.cooldown_base_ms),
-            cooldown_max: Duration::from_millis(q.cooldown_max_ms),
-            probe_period: window,
-        };
-        let budgets: Vec<BudgetConfig> = catalog
-            .budgets()
-            .into_iter()
-            .map(|(group, r)| BudgetConfig {
-                model: group.to_string(),
-                region: r.region.clone(),
-                limits: r.limits,
-            })
-            .collect();
-        let ledger_window = window + Duration::from_millis(q.window_margin_ms);
-        let store: Arc<dyn QuotaStore> = match q.store {
-            crate::shared_quota::QuotaStoreKind::Memory => {
-                // The store's series exist in every mode (one replica, never
-                // degraded, no leases), so dashboards and alerts read the same.
-                spillway_redis::StoreMetrics::new(Some(metrics.registry()))
-                    .replicas
-                    .set(1);
-                Arc::new(MemoryStore::new(
-                    TokioClock {
-                        epoch: tokio::time::Instant::now(),
-                    },
-                    ledger_window,
-                    adaptive,
-                    &budgets,
-                ))
-            }
-            crate::shared_quota::QuotaStoreKind::Redis => {
-                crate::shared_quota::open(q, ledger_window, adaptive, budgets, metrics.registry())
-                    .await
-                    .map_err(StartError::Config)?
-            }
-        };
-        let models: Vec<Arc<str>> = catalog
-            .models()
-            .iter()
-            .map(|m| Arc::from(m.id.as_str()))
-            .collect();
-        let scheduler = Scheduler::new(store, &models, settings.scheduler.max_queue)
-            .with_decision_histogram(metrics.admission_seconds.clone());
-        let estimates = EstimateLearner::new(&models, q.learn_estimates);
-        let strategy = match q.strategy {
-            RoutingStrategy::MostHeadroom => Strategy::MostHeadroom,
-            RoutingStrategy::Ordered => Strategy::Ordered,
-        };
+        let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
+            .await
+            .map_err(StartError::Config)?;
+        let forwarder = Arc::new(Forwarder::new(
+            &settings,
+            catalog,
+            store,
+            providers,
+            Arc::clone(&metrics),
+        ));
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
@@ -216,20 +157,12 @@ impl Gateway {
             None
         };
         let state = AppState {
-            batches,
-            max_wait: Duration::from_millis(settings.scheduler.max_wait_ms),
-            max_wait_cap: Duration::from_millis(settings.scheduler.max_wait_cap_ms),
-            max_attempts: settings.scheduler.max_attempts,
-            headroom: q.headroom,
-            metrics,
-            strategy,
-            estimates,
-            scheduler,
             settings,
-            catalog,
-            upstream,
+            forwarder,
             keys,
             admin_key_digest,
+            metrics,
+            batches,
         };
         Ok(Self {
             state: Arc::new(state),
@@ -249,7 +182,11 @@ impl Gateway {
                 "/v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model_action}",
                 post(routes::vertex_predict),
             )
-            .merge(crate::batch::api::routes())
+            .merge(crate::batch::api::routes().with_state(Arc::new(BatchApi {
+                service: state.batches.clone(),
+                forwarder: Arc::clone(&state.forwarder),
+                listen: state.settings.server.listen,
+            })))
             .route_layer(middleware::from_fn_with_state(
                 state.keys.clone(),
                 require_tenant,
@@ -282,8 +219,8 @@ impl Gateway {
             // Anthropic-shaped 413, so axum's 2 MB default must not interfere.
             .layer(DefaultBodyLimit::disable())
             .layer(middleware::from_fn_with_state(
-                Arc::clone(&self.state.metrics),
-                crate::request_id::assign_request_id,
+                self.state.forwarder.observer().clone(),
+                observe_requests,
             ))
             .with_state(state)
     }
@@ -318,7 +255,9 @@ impl Gateway {
         // Batch items run beside the server and stop with it.
         let (stop_batches, batches_stopped) = tokio::sync::oneshot::channel::<()>();
         let runner = self.state.batches.clone().map(|batches| {
-            tokio::spawn(batches.run(Arc::clone(&self.state), async {
+            let forwarder = Arc::clone(&self.state.forwarder);
+            let keys = Arc::clone(&self.state.keys);
+            tokio::spawn(batches.run(forwarder, keys, async {
                 let _ = batches_stopped.await;
             }))
         });

@@ -7,11 +7,30 @@
 //! which do need exact windows and refunds, live in the ledger instead.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::TenantSettings;
+
+/// The caller, as established by the auth layer (or, for batch items, the
+/// tenant that submitted them), with its policy.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: Arc<str>,
+    pub policy: Arc<TenantPolicy>,
+}
+
+impl Tenant {
+    /// The tenant of requests on a gateway running without client auth.
+    pub fn anonymous() -> Self {
+        Self {
+            name: Arc::from("anonymous"),
+            policy: Arc::new(TenantPolicy::default()),
+        }
+    }
+}
 
 /// Why a tenant cap refused a request.
 #[derive(Debug, Clone, PartialEq)]

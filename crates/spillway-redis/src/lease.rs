@@ -43,6 +43,7 @@ use prometheus::IntCounter;
 use spillway_core::adaptive::Exhausted;
 use spillway_core::ledger::{Charge, EntryId};
 use spillway_core::store::{BudgetView, Grant, Outcome, ReserveRequest, Strategy};
+use spillway_core::QuotaGroup;
 
 /// Marks the entry id of a grant admitted under a lease.
 pub const LEASED: u64 = 1 << 62;
@@ -102,7 +103,7 @@ pub enum Learn {
 /// One change to a lease's entry in Redis (`adjust.lua`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adjustment {
-    pub model: Arc<str>,
+    pub group: QuotaGroup,
     pub region: Arc<str>,
     pub id: u64,
     pub stamp_us: i64,
@@ -114,7 +115,7 @@ pub struct Adjustment {
 
 #[derive(Debug)]
 struct Lease {
-    model: Arc<str>,
+    group: QuotaGroup,
     region: Arc<str>,
     stamp_us: i64,
     /// As the grant saw the budget (for rate-limit headers).
@@ -150,7 +151,7 @@ impl Lease {
 
     fn adjustment(&self, id: u64, change: Amount, learn: Learn) -> Adjustment {
         Adjustment {
-            model: Arc::clone(&self.model),
+            group: self.group.clone(),
             region: Arc::clone(&self.region),
             id,
             stamp_us: self.stamp_us,
@@ -173,17 +174,18 @@ struct Demand {
 struct Book {
     /// By entry id; a lease leaves when closed with nothing in flight.
     leases: HashMap<u64, Lease>,
-    demand: HashMap<Arc<str>, Demand>,
+    /// Recent admissions per quota group: how large a lease to ask for.
+    demand: HashMap<QuotaGroup, Demand>,
 }
 
 impl Book {
-    /// Counts a request for `model`; returns what the previous `length` saw
+    /// Counts a request for `group`; returns what the previous `length` saw
     /// (below two: 0, no lease), capped at MAX_EXTRA.
-    fn count_demand(&mut self, model: &str, now: Duration, length: Duration) -> u32 {
-        if !self.demand.contains_key(model) {
-            self.demand.insert(Arc::from(model), Demand::default());
+    fn count_demand(&mut self, group: &QuotaGroup, now: Duration, length: Duration) -> u32 {
+        if !self.demand.contains_key(group) {
+            self.demand.insert(group.clone(), Demand::default());
         }
-        let d = self.demand.get_mut(model).expect("inserted above");
+        let d = self.demand.get_mut(group).expect("inserted above");
         let elapsed = now.saturating_sub(d.since);
         if elapsed >= length {
             d.previous = if elapsed < length * 2 { d.current } else { 0 };
@@ -209,7 +211,7 @@ impl Book {
         let rank = |region: &str| request.regions.iter().position(|r| &**r == region);
         let mut best: Option<(u64, usize, i64)> = None;
         for (id, lease) in &self.leases {
-            if !lease.open || now >= lease.until || &*lease.model != request.model {
+            if !lease.open || now >= lease.until || lease.group != *request.group {
                 continue;
             }
             let Some(position) = rank(&lease.region) else {
@@ -236,7 +238,7 @@ impl Book {
             counters.admitted.inc();
         }
         Some(Grant {
-            model: Arc::clone(&lease.model),
+            group: lease.group.clone(),
             region: Arc::clone(&lease.region),
             entry: EntryId::from_raw(id | LEASED),
             charge: request.charge,
@@ -290,7 +292,7 @@ impl Leases {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One admission: counts it in `request.model`'s demand and admits it
+    /// One admission: counts it in `request.group`'s demand and admits it
     /// from an open lease with room, charged there; without one, says how
     /// many more requests than it a lease asked for now should hold (0: ask
     /// for it alone). One lock for both: this runs on every admission.
@@ -299,7 +301,7 @@ impl Leases {
             return Err(0);
         }
         let mut book = self.book();
-        let want = book.count_demand(request.model, now, self.length);
+        let want = book.count_demand(request.group, now, self.length);
         book.admit(request, now, Some(&self.counters)).ok_or(want)
     }
 
@@ -327,7 +329,7 @@ impl Leases {
         let id = grant.entry.raw();
         let until = asked_at.min(grant.view.now) + self.length.saturating_sub(CLOCK_SLACK);
         let lease = Lease {
-            model: Arc::clone(&grant.model),
+            group: grant.group.clone(),
             region: Arc::clone(&grant.region),
             stamp_us,
             view: grant.view,
@@ -400,14 +402,14 @@ impl Leases {
         adjustment
     }
 
-    /// Closes the open leases on `region` (of `model`, or of every model):
+    /// Closes the open leases on `region` (of `group`, or of every group):
     /// an operator drained it or changed its limits here.
-    pub fn revoke(&self, model: Option<&str>, region: &str) -> Vec<Adjustment> {
+    pub fn revoke(&self, group: Option<&QuotaGroup>, region: &str) -> Vec<Adjustment> {
         let ids: Vec<u64> = self
             .book()
             .leases
             .iter()
-            .filter(|(_, l)| l.open && &*l.region == region && model.is_none_or(|m| &*l.model == m))
+            .filter(|(_, l)| l.open && &*l.region == region && group.is_none_or(|g| l.group == *g))
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter().filter_map(|id| self.close(id)).collect()
@@ -436,7 +438,7 @@ mod tests {
 
     fn grant(id: u64, region: &str, c: Charge, now: Duration) -> Grant {
         Grant {
-            model: Arc::from("m"),
+            group: "m".into(),
             region: Arc::from(region),
             entry: EntryId::from_raw(id),
             charge: c,
@@ -449,9 +451,11 @@ mod tests {
         }
     }
 
+    static M: std::sync::LazyLock<QuotaGroup> = std::sync::LazyLock::new(|| QuotaGroup::from("m"));
+
     fn ask<'a>(regions: &'a [Arc<str>], c: Charge, strategy: Strategy) -> ReserveRequest<'a> {
         ReserveRequest {
-            model: "m",
+            group: &M,
             regions,
             charge: c,
             strategy,

@@ -37,6 +37,7 @@ use spillway_core::store::{
     BudgetConfig, BudgetState, Denial, Grant, MemoryStore, Outcome, QuotaStore, ReserveRequest,
     StoreFuture,
 };
+use spillway_core::QuotaGroup;
 
 use crate::{LeaseCounters, RedisSettings, RedisStore, ServerClock, StoreError};
 
@@ -111,8 +112,8 @@ impl StoreMetrics {
     }
 }
 
-/// (model, region)
-type BudgetKey = (Arc<str>, Arc<str>);
+/// (quota group, region).
+type BudgetKey = (QuotaGroup, Arc<str>);
 
 struct Inner {
     redis: RedisStore,
@@ -254,9 +255,9 @@ impl Inner {
         }
         self.metrics.replicas.set(i64::from(n));
         tracing::info!(replicas = n, "quota store: replica count changed");
-        for (model, region, limits) in self.redis.budgets() {
+        for (group, region, limits) in self.redis.budgets() {
             self.local
-                .set_configured(&model, &region, share(limits, n))
+                .set_configured(&group, &region, share(limits, n))
                 .await;
         }
     }
@@ -274,11 +275,11 @@ impl Inner {
                 continue;
             }
             let at = last_local
-                .get(&(Arc::clone(&state.model), Arc::clone(&state.region)))
+                .get(&(state.group.clone(), Arc::clone(&state.region)))
                 .copied()
                 .unwrap_or_else(|| spillway_core::store::Clock::now(self.redis.clock()));
             self.redis
-                .try_import(&state.model, &state.region, at, state.usage)
+                .try_import(state.group.as_str(), &state.region, at, state.usage)
                 .await?;
         }
         self.redis.heartbeat(&self.id, REPLICA_TTL).await?;
@@ -294,7 +295,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
-                (Arc::clone(&grant.model), Arc::clone(&grant.region)),
+                (grant.group.clone(), Arc::clone(&grant.region)),
                 grant.view.now,
             );
         grant.entry = EntryId::from_raw(grant.entry.raw() | LOCAL);
@@ -396,7 +397,7 @@ impl QuotaStore for ResilientStore {
 
     fn set_configured<'a>(
         &'a self,
-        model: &'a str,
+        group: &'a QuotaGroup,
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool> {
@@ -405,9 +406,9 @@ impl QuotaStore for ResilientStore {
             let n = inner.replicas.load(Ordering::Relaxed);
             let known = inner
                 .local
-                .set_configured(model, region, share(limits, n))
+                .set_configured(group, region, share(limits, n))
                 .await;
-            if let Err(e) = inner.redis.try_set_configured(model, region, limits).await {
+            if let Err(e) = inner.redis.try_set_configured(group, region, limits).await {
                 inner.fail("set_configured", &e);
             }
             known

@@ -24,6 +24,7 @@ use spillway_core::store::{
     BudgetState, BudgetView, Clock, Denial, Grant, Outcome, QuotaStore, ReserveRequest,
     StoreFuture, Strategy,
 };
+use spillway_core::QuotaGroup;
 
 use crate::lease::{Adjustment, Learn, LeaseCounters, Leases, LEASED};
 use crate::{RedisSettings, ServerClock, StoreError};
@@ -133,9 +134,9 @@ pub struct Inner {
     timeout: Duration,
     window: Duration,
     /// model → budgets in configured order.
-    models: HashMap<Arc<str>, Vec<Slot>>,
+    groups: HashMap<QuotaGroup, Vec<Slot>>,
     /// model → its drained-regions set.
-    drained_keys: HashMap<Arc<str>, String>,
+    drained_keys: HashMap<QuotaGroup, String>,
     clock: ServerClock,
     library: Library,
     heartbeat: Script,
@@ -202,17 +203,16 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let p = &settings.key_prefix;
-        let mut models: HashMap<Arc<str>, Vec<Slot>> = HashMap::new();
+        let mut groups: HashMap<QuotaGroup, Vec<Slot>> = HashMap::new();
         let mut drained_keys = HashMap::new();
         for b in &settings.budgets {
-            // `{model}` is a hash tag: one model's keys share a cluster slot,
-            // so a script may touch all its regions.
-            let base = format!("{p}{{{}}}:{}", b.model, b.region);
-            let model: Arc<str> = Arc::from(b.model.as_str());
+            // `{group}` is a hash tag: one quota group's keys share a cluster
+            // slot, so a script may touch all its regions.
+            let base = format!("{p}{{{}}}:{}", b.group, b.region);
             drained_keys
-                .entry(Arc::clone(&model))
-                .or_insert_with(|| format!("{p}{{{}}}:drained", b.model));
-            models.entry(model).or_default().push(Slot {
+                .entry(b.group.clone())
+                .or_insert_with(|| format!("{p}{{{}}}:drained", b.group));
+            groups.entry(b.group.clone()).or_default().push(Slot {
                 region: Arc::from(b.region.as_str()),
                 keys: ["entries", "state"].map(|k| format!("{base}:{k}")),
                 configured: Mutex::new(b.limits),
@@ -256,7 +256,7 @@ impl RedisStore {
                 prefix: p.clone(),
                 timeout: settings.timeout,
                 window: settings.window,
-                models,
+                groups,
                 drained_keys,
                 clock: ServerClock::default(),
                 library,
@@ -366,9 +366,9 @@ impl Inner {
         &self.prefix
     }
 
-    fn slot(&self, model: &str, region: &str) -> Option<&Slot> {
-        self.models
-            .get(model)?
+    fn slot(&self, group: &str, region: &str) -> Option<&Slot> {
+        self.groups
+            .get(group)?
             .iter()
             .find(|s| &*s.region == region)
     }
@@ -386,7 +386,7 @@ impl Inner {
         reserve: bool,
         want: u32,
     ) -> Result<Result<Option<(Grant, u32)>, Denial>, StoreError> {
-        let Some(slots) = self.models.get(request.model) else {
+        let Some(slots) = self.groups.get(request.group) else {
             return Ok(Err(Denial::Never));
         };
         let candidates: Vec<&Slot> = slots
@@ -396,7 +396,7 @@ impl Inner {
         if candidates.is_empty() {
             return Ok(Err(Denial::Never));
         }
-        let mut keys: Vec<&str> = vec![&self.drained_keys[request.model]];
+        let mut keys: Vec<&str> = vec![&self.drained_keys[request.group]];
         for s in &candidates {
             keys.extend(s.keys.iter().map(String::as_str));
         }
@@ -420,7 +420,7 @@ impl Inner {
                     .get((*index as usize).wrapping_sub(1))
                     .ok_or_else(|| protocol("reserve", &reply))?;
                 let grant = Grant {
-                    model: Arc::from(request.model),
+                    group: request.group.clone(),
                     region: Arc::clone(&slot.region),
                     entry: EntryId::from_raw(*id as u64),
                     charge: request.charge,
@@ -462,7 +462,7 @@ impl Inner {
 
     /// Sends one change to a lease's entry.
     async fn try_adjust(&self, a: &Adjustment) -> Result<(), StoreError> {
-        let Some(slot) = self.slot(&a.model, &a.region) else {
+        let Some(slot) = self.slot(a.group.as_str(), &a.region) else {
             return Ok(());
         };
         let (outcome, which) = match a.learn {
@@ -503,7 +503,7 @@ impl Inner {
                 None => Ok(()),
             };
         }
-        let Some(slot) = self.slot(&grant.model, &grant.region) else {
+        let Some(slot) = self.slot(grant.group.as_str(), &grant.region) else {
             return Ok(());
         };
         let (code, actual, which) = match outcome {
@@ -530,14 +530,14 @@ impl Inner {
     }
 
     pub async fn try_states(&self) -> Result<Vec<BudgetState>, StoreError> {
-        let all: Vec<(&Arc<str>, &Slot)> = self
-            .models
+        let all: Vec<(&QuotaGroup, &Slot)> = self
+            .groups
             .iter()
             .flat_map(|(m, slots)| slots.iter().map(move |s| (m, s)))
             .collect();
         let mut keys: Vec<&str> = Vec::with_capacity(all.len() * 3);
-        for (model, slot) in &all {
-            keys.push(&self.drained_keys[*model]);
+        for (group, slot) in &all {
+            keys.push(&self.drained_keys[*group]);
             keys.extend(slot.keys.iter().map(String::as_str));
         }
         let mut call = self.library.call("states", &keys);
@@ -555,8 +555,8 @@ impl Inner {
         let mut states: Vec<BudgetState> = all
             .iter()
             .zip(reply[1..].chunks(16))
-            .map(|((model, slot), v)| BudgetState {
-                model: Arc::clone(model),
+            .map(|((group, slot), v)| BudgetState {
+                group: (*group).clone(),
                 region: Arc::clone(&slot.region),
                 configured: limits_from(&v[0..4]),
                 effective: limits_from(&v[4..8]),
@@ -566,21 +566,21 @@ impl Inner {
                 drained: v[15] == 1,
             })
             .collect();
-        states.sort_by(|a, b| (&a.model, &a.region).cmp(&(&b.model, &b.region)));
+        states.sort_by(|a, b| (&a.group, &a.region).cmp(&(&b.group, &b.region)));
         Ok(states)
     }
 
     pub async fn try_set_configured(
         &self,
-        model: &str,
+        group: &QuotaGroup,
         region: &str,
         limits: Limits,
     ) -> Result<bool, StoreError> {
-        let Some(slot) = self.slot(model, region) else {
+        let Some(slot) = self.slot(group.as_str(), region) else {
             return Ok(false);
         };
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
-        self.try_adjust_all(&self.leases.revoke(Some(model), region))
+        self.try_adjust_all(&self.leases.revoke(Some(group), region))
             .await?;
         let keys = slot.keys.each_ref().map(String::as_str);
         let mut call = self.library.call("configure", &keys);
@@ -597,9 +597,9 @@ impl Inner {
         }
         let mut pipe = redis::pipe();
         let mut count = 0;
-        for (model, slots) in &self.models {
+        for (group, slots) in &self.groups {
             if slots.iter().any(|s| &*s.region == region) {
-                let key = &self.drained_keys[model];
+                let key = &self.drained_keys[group];
                 if drained {
                     pipe.sadd(key, region).ignore();
                 } else {
@@ -619,12 +619,12 @@ impl Inner {
     /// settled entry stamped `at`, if `at` is still in the window.
     pub async fn try_import(
         &self,
-        model: &str,
+        group: &str,
         region: &str,
         at: Duration,
         usage: Usage,
     ) -> Result<(), StoreError> {
-        let Some(slot) = self.slot(model, region) else {
+        let Some(slot) = self.slot(group, region) else {
             return Ok(());
         };
         let keys = slot.keys.each_ref().map(String::as_str);
@@ -650,14 +650,14 @@ impl Inner {
         Ok(count)
     }
 
-    /// Every region of every model this store knows, with its configured limits.
-    pub fn budgets(&self) -> Vec<(Arc<str>, Arc<str>, Limits)> {
-        self.models
+    /// Every region of every quota group this store knows, with its configured limits.
+    pub fn budgets(&self) -> Vec<(QuotaGroup, Arc<str>, Limits)> {
+        self.groups
             .iter()
-            .flat_map(|(m, slots)| {
+            .flat_map(|(g, slots)| {
                 slots
                     .iter()
-                    .map(move |s| (Arc::clone(m), Arc::clone(&s.region), Self::configured(s)))
+                    .map(move |s| (g.clone(), Arc::clone(&s.region), Self::configured(s)))
             })
             .collect()
     }
@@ -694,7 +694,7 @@ impl RedisStore {
         &self,
         request: ReserveRequest<'_>,
     ) -> Result<Result<Grant, Denial>, StoreError> {
-        if !self.models.contains_key(request.model) {
+        if !self.groups.contains_key(request.group) {
             // Nothing to ask Redis, and no demand to count for it.
             return Ok(Err(Denial::Never));
         }
@@ -785,12 +785,12 @@ impl QuotaStore for RedisStore {
 
     fn set_configured<'a>(
         &'a self,
-        model: &'a str,
+        group: &'a QuotaGroup,
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            self.try_set_configured(model, region, limits)
+            self.try_set_configured(group, region, limits)
                 .await
                 .unwrap_or(false)
         })

@@ -14,9 +14,12 @@ use spillway_core::ledger::{Charge, Limits, Usage};
 use spillway_core::store::{
     BudgetConfig, Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy,
 };
+use spillway_core::QuotaGroup;
 use spillway_redis::{LeaseCounters, RedisSettings, RedisStore};
 
 const HAIKU: &str = "claude-3-haiku@20240307";
+static HAIKU_GROUP: std::sync::LazyLock<QuotaGroup> =
+    std::sync::LazyLock::new(|| QuotaGroup::from(HAIKU));
 
 fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
     RedisSettings {
@@ -30,7 +33,7 @@ fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
         },
         budgets: ["us-central1", "europe-west4"]
             .map(|region| BudgetConfig {
-                model: HAIKU.into(),
+                group: HAIKU.into(),
                 region: region.into(),
                 limits,
             })
@@ -54,7 +57,7 @@ fn regions() -> Vec<Arc<str>> {
 
 fn ask(regions: &[Arc<str>], tokens: u64, strategy: Strategy) -> ReserveRequest<'_> {
     ReserveRequest {
-        model: HAIKU,
+        group: &HAIKU_GROUP,
         regions,
         charge: Charge {
             input: tokens,
@@ -225,12 +228,12 @@ async fn drained_regions_take_nothing_and_runtime_quota_changes_apply() {
     // Another handle (another replica) sees the drain and the new limits.
     let other = store(&redis).await;
     assert!(s
-        .try_set_configured(HAIKU, "europe-west4", Limits::new(5, 50_000))
+        .try_set_configured(&HAIKU_GROUP, "europe-west4", Limits::new(5, 50_000))
         .await
         .unwrap());
     assert!(reserve(&s, ask(&r, 10, Strategy::Ordered)).await.is_err());
     assert!(!s
-        .try_set_configured(HAIKU, "nowhere", Limits::new(5, 5))
+        .try_set_configured(&HAIKU_GROUP, "nowhere", Limits::new(5, 5))
         .await
         .unwrap());
     drop(other);
@@ -245,7 +248,8 @@ async fn unknown_models_never_fit() {
     let s = store(&redis).await;
     let r = regions();
     let mut q = ask(&r, 1, Strategy::Ordered);
-    q.model = "claude-x";
+    let unknown = QuotaGroup::from("claude-x");
+    q.group = &unknown;
     assert_eq!(reserve(&s, q).await.unwrap_err(), Denial::Never);
 }
 
@@ -351,7 +355,7 @@ async fn several_handles_at_once(lease: Duration, limits: Limits) -> u64 {
                     Strategy::MostHeadroom
                 };
                 let request = ReserveRequest {
-                    model: HAIKU,
+                    group: &HAIKU_GROUP,
                     regions: &r,
                     charge,
                     strategy,

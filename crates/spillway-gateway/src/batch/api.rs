@@ -32,12 +32,11 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::jsonl::{self, Format, Limits, RawRequest};
 use super::store::{BatchStore, DeleteOutcome, NewBatch, NewItem, PageQuery};
 use super::{check_custom_id, is_batch_id, new_batch_id, BatchError, BatchService};
-use crate::auth::Tenant;
 use crate::error::ApiError;
-use crate::proxy::Call;
+use crate::forwarder::{CallRequest, Forwarder};
 use crate::request_id::RequestId;
 use crate::scheduler::Priority;
-use crate::server::AppState;
+use crate::tenants::Tenant;
 
 /// A batch expires this long after it was created.
 pub const EXPIRY_MS: i64 = 24 * 3_600_000;
@@ -46,8 +45,19 @@ const INSERT_CHUNK: usize = 1_000;
 /// Result rows read from the store per page while streaming results.
 const RESULTS_PAGE: i64 = 1_000;
 
+/// What the batch handlers share.
+pub struct BatchApi {
+    /// `None` when `batch.enabled = false`: every route answers 404.
+    pub service: Option<Arc<BatchService>>,
+    /// Items are validated by the forwarder's own checks, as interactive
+    /// requests are.
+    pub forwarder: Arc<Forwarder>,
+    /// `server.listen`, the default base of `results_url`.
+    pub listen: std::net::SocketAddr,
+}
+
 /// The batch routes (mounted behind client auth by the server).
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn routes() -> Router<Arc<BatchApi>> {
     Router::new()
         .route("/v1/messages/batches", post(create).get(list))
         .route("/v1/messages/batches/{id}", get(retrieve).delete(delete))
@@ -55,15 +65,15 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/messages/batches/{id}/results", get(results))
 }
 
-fn service(state: &AppState) -> Result<&Arc<BatchService>, ApiError> {
+fn service(state: &BatchApi) -> Result<&Arc<BatchService>, ApiError> {
     state
-        .batches
+        .service
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("message batches are disabled on this gateway".into()))
 }
 
-fn base_url(state: &AppState, service: &BatchService, headers: &HeaderMap) -> String {
-    service.base_url(state.settings.server.listen, headers)
+fn base_url(state: &BatchApi, service: &BatchService, headers: &HeaderMap) -> String {
+    service.base_url(state.listen, headers)
 }
 
 fn checked_id(id: &str) -> Result<&str, ApiError> {
@@ -74,12 +84,11 @@ fn checked_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// Logs a batch API call (the request-id layer logs only what it must).
+/// Logs what a batch API call did (the observer layer logs the request).
 fn log_call(request_id: &RequestId, tenant: &Tenant, action: &'static str, batch: &str) {
-    request_id.mark_logged();
     tracing::info!(
-        target: "spillway::request",
-        request_id = %request_id.id,
+        target: "spillway::batch_api",
+        request_id = %request_id,
         tenant = %tenant.name,
         action,
         batch,
@@ -90,7 +99,7 @@ fn log_call(request_id: &RequestId, tenant: &Tenant, action: &'static str, batch
 /// Checks one uploaded request with the rules of an interactive one and
 /// turns it into a stored item.
 fn validate_item(
-    state: &AppState,
+    state: &BatchApi,
     tenant: &Tenant,
     raw: RawRequest,
     seen: &mut HashSet<String>,
@@ -112,13 +121,9 @@ fn validate_item(
         )));
     }
     let name = summary.model.as_deref().unwrap_or_default();
-    let resolution = crate::routes::resolve_model(state, name)
-        .map_err(|e| BatchError::Invalid(format!("{at}.params.model: {e}")))?;
     let params = serde_json::to_string(&raw.params).expect("a JSON map serializes");
-    let call = Call {
+    let request = CallRequest {
         op: Operation::Messages,
-        model: resolution.model,
-        alias_warning: None,
         stream: false,
         max_tokens: summary.max_tokens.unwrap_or(0),
         body: raw.params,
@@ -127,9 +132,15 @@ fn validate_item(
         max_wait: None,
         priority: Priority::Batch,
         tenant: tenant.clone(),
-        request_id: RequestId::new("batch-validation"),
+        request_id: RequestId::from("batch-validation".to_string()),
     };
-    crate::proxy::precheck(state, &call)
+    let call = state
+        .forwarder
+        .prepare(name, request)
+        .map_err(|e| BatchError::Invalid(format!("{at}.params.model: {e}")))?;
+    state
+        .forwarder
+        .precheck(&call)
         .map_err(|e| BatchError::Invalid(format!("{at}.params: {e}")))?;
     Ok(NewItem {
         custom_id: raw.custom_id,
@@ -163,28 +174,23 @@ impl Drop for Staging {
 
 /// `POST /v1/messages/batches`
 pub async fn create(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
+) -> Result<Response, ApiError> {
     let result = create_batch(&state, &tenant, &headers, body).await;
     let outcome = match &result {
         Ok(id) => id.clone(),
         Err(e) => format!("rejected: {e}"),
     };
     log_call(&request_id, &tenant, "create", &outcome);
-    match result {
-        Ok(id) => retrieve_json(&state, &tenant, &id, &headers)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
-        Err(e) => e.into_response(),
-    }
+    retrieve_json(&state, &tenant, &result?, &headers).await
 }
 
 async fn create_batch(
-    state: &Arc<AppState>,
+    state: &Arc<BatchApi>,
     tenant: &Tenant,
     headers: &HeaderMap,
     body: Body,
@@ -268,7 +274,7 @@ async fn create_batch(
 }
 
 async fn retrieve_json(
-    state: &AppState,
+    state: &BatchApi,
     tenant: &Tenant,
     id: &str,
     headers: &HeaderMap,
@@ -284,16 +290,14 @@ async fn retrieve_json(
 
 /// `GET /v1/messages/batches/{id}`
 pub async fn retrieve(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     log_call(&request_id, &tenant, "retrieve", &id);
-    retrieve_json(&state, &tenant, &id, &headers)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    retrieve_json(&state, &tenant, &id, &headers).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,20 +309,18 @@ pub struct ListQuery {
 
 /// `GET /v1/messages/batches`
 pub async fn list(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     log_call(&request_id, &tenant, "list", "");
-    list_page(&state, &tenant, query, &headers)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    list_page(&state, &tenant, query, &headers).await
 }
 
 async fn list_page(
-    state: &AppState,
+    state: &BatchApi,
     tenant: &Tenant,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
     headers: &HeaderMap,
@@ -365,20 +367,18 @@ async fn list_page(
 
 /// `POST /v1/messages/batches/{id}/cancel`
 pub async fn cancel(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     log_call(&request_id, &tenant, "cancel", &id);
-    cancel_batch(&state, &tenant, &id, &headers)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    cancel_batch(&state, &tenant, &id, &headers).await
 }
 
 async fn cancel_batch(
-    state: &AppState,
+    state: &BatchApi,
     tenant: &Tenant,
     id: &str,
     headers: &HeaderMap,
@@ -400,18 +400,16 @@ async fn cancel_batch(
 
 /// `DELETE /v1/messages/batches/{id}`
 pub async fn delete(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
-) -> Response {
+) -> Result<Response, ApiError> {
     log_call(&request_id, &tenant, "delete", &id);
-    delete_batch(&state, &tenant, &id)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    delete_batch(&state, &tenant, &id).await
 }
 
-async fn delete_batch(state: &AppState, tenant: &Tenant, id: &str) -> Result<Response, ApiError> {
+async fn delete_batch(state: &BatchApi, tenant: &Tenant, id: &str) -> Result<Response, ApiError> {
     let service = service(state)?;
     let id = checked_id(id)?;
     match service.store().delete(&tenant.name, id).await? {
@@ -428,15 +426,13 @@ async fn delete_batch(state: &AppState, tenant: &Tenant, id: &str) -> Result<Res
 
 /// `GET /v1/messages/batches/{id}/results`
 pub async fn results(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
-) -> Response {
+) -> Result<Response, ApiError> {
     log_call(&request_id, &tenant, "results", &id);
-    stream_results(&state, &tenant, &id)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    stream_results(&state, &tenant, &id).await
 }
 
 /// One results line.
@@ -450,7 +446,7 @@ fn result_line(row: &super::store::ResultRow) -> String {
     }
 }
 
-async fn stream_results(state: &AppState, tenant: &Tenant, id: &str) -> Result<Response, ApiError> {
+async fn stream_results(state: &BatchApi, tenant: &Tenant, id: &str) -> Result<Response, ApiError> {
     let service = service(state)?;
     let id = checked_id(id)?;
     let store = Arc::clone(service.store());

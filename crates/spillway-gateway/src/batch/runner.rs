@@ -4,8 +4,11 @@
 //! Whenever a slot is free it claims more from the store (each claim is a
 //! lease: this process's owner id and an expiry, renewed every third of the
 //! lease while it runs), and runs each claimed item as one
-//! [`proxy::Call`](crate::proxy::Call) at [`Priority::Batch`] for the tenant
-//! that submitted it. The scheduler only admits a batch request when no
+//! [`Call`](crate::forwarder::Call) at [`Priority::Batch`] for the tenant
+//! that submitted it, through the same [`Forwarder`] as interactive
+//! requests. The forwarder's answer is used as it is: a unary Message is
+//! stored as the result, and the [`ForwardError`]'s variant says whether to
+//! try again; no HTTP response is built or read on the way. The scheduler only admits a batch request when no
 //! interactive request of its model is waiting, so:
 //!
 //! - interactive traffic waits at most for the batch requests already
@@ -19,7 +22,7 @@
 //! |---|---|
 //! | 200 | `succeeded`, with the Message |
 //! | no quota before the item's deadline (429 from the scheduler, or upstream 429 with no region left) | back to `pending` until the quota is expected; the attempt is refunded |
-//! | 5xx, 529, timeout, unreachable (after `proxy`'s own region fallback) | back to `pending` after a jittered exponential backoff; after `max_item_attempts`, `errored` |
+//! | 5xx, 529, timeout, unreachable (after the forwarder's own region fallback) | back to `pending` after a jittered exponential backoff; after `max_item_attempts`, `errored` |
 //! | any other error (400, 404, ...) | `errored` at once: retrying cannot help |
 //!
 //! A separate maintenance task renews leases, expires what is left of
@@ -40,13 +43,13 @@ use tokio::task::JoinSet;
 
 use super::store::{BatchStore, ClaimedItem, Finish, PgStore, SqliteStore};
 use super::{BatchClock, BatchError};
-use crate::auth::Tenant;
+use crate::answer::{Answer, ForwardError};
+use crate::auth::Keys;
 use crate::config::{BatchSettings, BatchStoreKind};
 use crate::error::ApiError;
-use crate::proxy::{forward, Call};
+use crate::forwarder::{Call, CallRequest, Forwarded, Forwarder, Pacing};
 use crate::request_id::{new_request_id, RequestId};
 use crate::scheduler::Priority;
-use crate::server::AppState;
 
 /// Items finished since this process started, by result.
 #[derive(Debug, Default)]
@@ -66,10 +69,6 @@ pub struct BatchSnapshot {
     pub completed: Vec<(&'static str, i64)>,
     /// Items of unfinished batches still to finish: the batch queue depth.
     pub open_items: i64,
-    /// Items in flight in this process.
-    pub in_flight: i64,
-    /// Bytes the store takes on disk.
-    pub store_bytes: i64,
 }
 
 /// The batch store, the runner's state and the clock, shared by the API
@@ -84,7 +83,6 @@ pub struct BatchService {
     /// Some batch stopped running (canceled, expired): paced items recheck.
     changed: Notify,
     completed: Completed,
-    in_flight: AtomicI64,
     /// Upstream attempts of batch items since start (items sent again after
     /// a crash count again).
     attempts: AtomicI64,
@@ -130,7 +128,6 @@ impl BatchService {
             wake: Notify::new(),
             changed: Notify::new(),
             completed: Completed::default(),
-            in_flight: AtomicI64::new(0),
             attempts: AtomicI64::new(0),
             pacer: Pacer::default(),
         }
@@ -180,7 +177,7 @@ impl BatchService {
         }
     }
 
-    /// Batch counts, items finished, queue depth and store size.
+    /// Batch counts, items finished and queue depth.
     pub async fn snapshot(&self) -> Result<BatchSnapshot, BatchError> {
         let stats = self.store.stats().await?;
         let c = &self.completed;
@@ -193,8 +190,6 @@ impl BatchService {
                 ("expired", c.expired.load(Ordering::Relaxed)),
             ],
             open_items: stats.open_items,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            store_bytes: stats.bytes,
         })
     }
 
@@ -212,7 +207,8 @@ impl BatchService {
     /// (or on another replica at once).
     pub async fn run(
         self: Arc<Self>,
-        state: Arc<AppState>,
+        forwarder: Arc<Forwarder>,
+        keys: Arc<Keys>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let maintenance = tokio::spawn(Arc::clone(&self).maintain_forever());
@@ -234,8 +230,8 @@ impl BatchService {
                     Ok(items) => {
                         idle = items.len() < free;
                         for item in items {
-                            self.in_flight.fetch_add(1, Ordering::Relaxed);
-                            tasks.spawn(Arc::clone(&self).run_item(Arc::clone(&state), item));
+                            let (forwarder, keys) = (Arc::clone(&forwarder), Arc::clone(&keys));
+                            tasks.spawn(Arc::clone(&self).run_item(forwarder, keys, item));
                         }
                     }
                     Err(e) => {
@@ -306,17 +302,13 @@ impl BatchService {
         }
     }
 
-    async fn run_item(self: Arc<Self>, state: Arc<AppState>, item: ClaimedItem) {
-        let step = execute(
-            &state,
-            &item,
-            &self.attempts,
-            &self.pacer,
-            &*self.store,
-            &self.clock,
-            &self.changed,
-        )
-        .await;
+    async fn run_item(
+        self: Arc<Self>,
+        forwarder: Arc<Forwarder>,
+        keys: Arc<Keys>,
+        item: ClaimedItem,
+    ) {
+        let step = self.execute(&forwarder, &keys, &item).await;
         let now = self.clock.now_ms();
         let recorded = match step {
             Step::Done(finish, result) => self.finish(&item, finish, &result, now).await,
@@ -354,7 +346,6 @@ impl BatchService {
             // The lease runs out and the item runs again: at least once.
             tracing::error!(error = %e, batch = %item.batch_id, custom_id = %item.custom_id, "recording a batch item failed");
         }
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     async fn finish(
@@ -395,71 +386,36 @@ impl BatchService {
 /// runs at the full rate of the quota.
 #[derive(Default)]
 struct Pacer {
-    /// Next free slot per (model, regions).
+    /// Next free slot per pace key (model and locations).
     next: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 impl Pacer {
-    /// How far apart items like this one must be: the larger of one request's
-    /// and this item's tokens' share of the eligible regions' combined budget.
-    fn spacing(state: &AppState, call: &Call<'_>) -> (String, Duration) {
-        let q = &state.settings.quota;
-        let window = Duration::from_secs(q.window_secs) + Duration::from_millis(q.window_margin_ms);
-        let mut key = call.model.id.clone();
-        let (mut requests, mut tokens) = (0u64, Some(0u64));
-        for region in call
-            .model
-            .regions
-            .iter()
-            .filter(|r| call.tenant.policy.allows_region(&r.region))
-        {
-            key.push(' ');
-            key.push_str(&region.region);
-            let limits = state.quota_ceiling(&region.limits);
-            requests += u64::from(limits.requests);
-            tokens = tokens.zip(limits.tokens).map(|(a, b)| a + b);
-        }
-        let per_request = window.as_secs_f64() / requests.max(1) as f64;
-        let charge = spillway_core::estimate::estimate_input(
-            &call.body,
-            call.model.chars_per_token,
-            spillway_core::estimate::ImageRule::default(),
-        )
-        .tokens
-        .saturating_add(call.max_tokens);
-        let per_tokens = tokens
-            .filter(|t| *t > 0)
-            .map_or(0.0, |t| window.as_secs_f64() * charge as f64 / t as f64);
-        (key, Duration::from_secs_f64(per_request.max(per_tokens)))
-    }
-
-    /// Takes the gate if it is open (`None`: go now), else says when it
-    /// opens. Waiting items hold no slot, so items that never go (canceled,
-    /// expired) cost the batch nothing.
-    fn try_go(&self, state: &AppState, call: &Call<'_>) -> Option<tokio::time::Instant> {
-        let (key, spacing) = Self::spacing(state, call);
+    /// Takes the gate for `pacing` if it is open (`None`: go now), else says
+    /// when it opens. Waiting items hold no slot, so items that never go
+    /// (canceled, expired) cost the batch nothing.
+    fn try_go(&self, pacing: &Pacing) -> Option<tokio::time::Instant> {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         let now = tokio::time::Instant::now();
-        let slot = next.entry(key).or_insert(now);
+        let slot = next.entry(pacing.key.clone()).or_insert(now);
         if *slot > now {
             return Some(*slot);
         }
         // Keep the cadence across timer lateness; after idleness, no credit.
-        let base = if now.duration_since(*slot) < spacing {
+        let base = if now.duration_since(*slot) < pacing.spacing {
             *slot
         } else {
             now
         };
-        *slot = base + spacing;
+        *slot = base + pacing.spacing;
         None
     }
 
     /// Gives back the slot just taken (the item turned out not to go).
-    fn undo(&self, state: &AppState, call: &Call<'_>) {
-        let (key, spacing) = Self::spacing(state, call);
+    fn undo(&self, pacing: &Pacing) {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = next.get_mut(&key) {
-            *slot -= spacing;
+        if let Some(slot) = next.get_mut(&pacing.key) {
+            *slot -= pacing.spacing;
         }
     }
 }
@@ -502,68 +458,88 @@ fn errored(error: &ApiError, request_id: &str) -> String {
     )
 }
 
-/// The owner of a batch, as configured now.
-fn tenant_of(state: &AppState, name: &str) -> Option<Tenant> {
-    match state.keys.current().tenant_named(name) {
-        Some(t) => Some(t.clone()),
-        None if state.settings.server.auth == crate::config::ClientAuth::None => {
-            let anonymous = Tenant::anonymous();
-            (*anonymous.name == *name).then_some(anonymous)
-        }
-        None => None,
+/// What to do after one try whose answer was `result`.
+fn step_after(result: Result<Answer, ForwardError>, request_id: &str) -> Step {
+    let error = match result {
+        Ok(Answer::Unary { body, .. }) => match serde_json::from_slice::<&RawValue>(&body) {
+            Ok(message) => {
+                return Step::Done(
+                    Finish::Succeeded,
+                    format!(r#"{{"type":"succeeded","message":{}}}"#, message.get()),
+                )
+            }
+            Err(e) => ForwardError::UpstreamUnavailable {
+                region: String::new(),
+                reason: format!("the response was not JSON: {e}"),
+            },
+        },
+        Ok(Answer::Stream { .. }) => ForwardError::UpstreamUnavailable {
+            region: String::new(),
+            reason: "a batch item was answered with a stream".into(),
+        },
+        Err(e) => e,
+    };
+    let retry = match &error {
+        ForwardError::RateLimited { retry_after, .. } => Some((
+            (*retry_after).clamp(Duration::from_millis(100), Duration::from_secs(60)),
+            true,
+        )),
+        ForwardError::Upstream(e) if e.status == 429 => Some((Duration::from_secs(1), true)),
+        e if e.is_transient() => Some((Duration::ZERO, false)),
+        _ => None,
+    };
+    let result = errored(&ApiError::from(error), request_id);
+    match retry {
+        Some((after, refund)) => Step::Retry {
+            after,
+            refund,
+            error: result,
+        },
+        None => Step::Done(Finish::Errored, result),
     }
 }
 
-async fn execute(
-    state: &Arc<AppState>,
-    item: &ClaimedItem,
-    attempts: &AtomicI64,
-    pacer: &Pacer,
-    store: &dyn BatchStore,
-    clock: &BatchClock,
-    changed: &Notify,
-) -> Step {
-    let request_id = new_request_id();
-    let done_error = |e: ApiError| Step::Done(Finish::Errored, errored(&e, &request_id));
-    let Some(tenant) = tenant_of(state, &item.tenant) else {
-        return done_error(ApiError::BadRequest(format!(
-            "tenant {:?}, which submitted this batch, is no longer configured",
-            item.tenant
-        )));
-    };
-    let params: Map<String, Value> = match serde_json::from_str(&item.params) {
-        Ok(p) => p,
-        Err(e) => return done_error(ApiError::Internal(format!("stored params unreadable: {e}"))),
-    };
-    // Validated at submit; checked again because the config may have changed.
-    let summary = match validate(&params, Operation::Messages, true) {
-        Ok(s) => s,
-        Err(e) => return done_error(e.into()),
-    };
-    let name = summary.model.as_deref().unwrap_or_default();
-    let resolution = match crate::routes::resolve_model(state, name) {
-        Ok(r) => r,
-        Err(e) => return done_error(e),
-    };
-    let call = Call {
-        op: Operation::Messages,
-        model: resolution.model,
-        alias_warning: None,
-        stream: false,
-        max_tokens: summary.max_tokens.unwrap_or(0),
-        body: params,
-        beta: None,
-        region_hint: None,
-        max_wait: Some(state.max_wait_cap),
-        priority: Priority::Batch,
-        tenant,
-        request_id: RequestId::new(&request_id),
-    };
-    // Wait for its turn; a cancel or the expiry may come first, and then it
-    // is not sent. Cancels and expiries in this process wake the wait; one
-    // on another replica is seen within a minute.
-    let active = || async {
-        match store.batch_active(item.key.batch_seq, clock.now_ms()).await {
+impl BatchService {
+    /// The item as a call for the tenant that submitted it, checked again
+    /// (the config may have changed since it was submitted).
+    fn call_for<'f>(
+        forwarder: &'f Forwarder,
+        keys: &Keys,
+        item: &ClaimedItem,
+        request_id: &str,
+    ) -> Result<Call<'f>, ApiError> {
+        let Some(tenant) = keys.current().tenant_named(&item.tenant) else {
+            return Err(ApiError::BadRequest(format!(
+                "tenant {:?}, which submitted this batch, is no longer configured",
+                item.tenant
+            )));
+        };
+        let params: Map<String, Value> = serde_json::from_str(&item.params)
+            .map_err(|e| ApiError::Internal(format!("stored params unreadable: {e}")))?;
+        let summary = validate(&params, Operation::Messages, true)?;
+        let name = summary.model.as_deref().unwrap_or_default();
+        let request = CallRequest {
+            op: Operation::Messages,
+            stream: false,
+            max_tokens: summary.max_tokens.unwrap_or(0),
+            body: params,
+            beta: None,
+            region_hint: None,
+            max_wait: Some(forwarder.policy().max_wait_cap),
+            priority: Priority::Batch,
+            tenant,
+            request_id: RequestId::from(request_id.to_string()),
+        };
+        Ok(forwarder.prepare(name, request)?)
+    }
+
+    /// Whether the item's batch still runs; a store failure is a retry.
+    async fn still_active(&self, item: &ClaimedItem) -> Result<bool, Step> {
+        match self
+            .store
+            .batch_active(item.key.batch_seq, self.clock.now_ms())
+            .await
+        {
             Ok(active) => Ok(active),
             Err(e) => {
                 tracing::error!(error = %e, "batch store unavailable");
@@ -574,76 +550,62 @@ async fn execute(
                 })
             }
         }
-    };
-    loop {
-        match pacer.try_go(state, &call) {
-            None => match active().await {
-                Ok(true) => break,
-                Ok(false) => {
-                    pacer.undo(state, &call);
-                    return Step::Skip;
+    }
+
+    /// Waits for the item's turn at its pace. A cancel or the expiry may
+    /// come first, and then it is not sent. Cancels and expiries in this
+    /// process wake the wait; one on another replica is seen within a minute.
+    async fn wait_turn(&self, item: &ClaimedItem, pacing: &Pacing) -> Result<(), Step> {
+        loop {
+            match self.pacer.try_go(pacing) {
+                None => {
+                    return match self.still_active(item).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            self.pacer.undo(pacing);
+                            Err(Step::Skip)
+                        }
+                        Err(step) => {
+                            self.pacer.undo(pacing);
+                            Err(step)
+                        }
+                    }
                 }
-                Err(step) => {
-                    pacer.undo(state, &call);
-                    return step;
-                }
-            },
-            Some(opens) => {
-                let changed = changed.notified();
-                let wake = opens.min(tokio::time::Instant::now() + Duration::from_secs(60));
-                tokio::select! {
-                    _ = changed => match active().await {
-                        Ok(true) => {}
-                        Ok(false) => return Step::Skip,
-                        Err(step) => return step,
-                    },
-                    _ = tokio::time::sleep_until(wake) => {}
+                Some(opens) => {
+                    let changed = self.changed.notified();
+                    let wake = opens.min(tokio::time::Instant::now() + Duration::from_secs(60));
+                    tokio::select! {
+                        _ = changed => match self.still_active(item).await {
+                            Ok(true) => {}
+                            Ok(false) => return Err(Step::Skip),
+                            Err(step) => return Err(step),
+                        },
+                        _ = tokio::time::sleep_until(wake) => {}
+                    }
                 }
             }
         }
     }
-    attempts.fetch_add(1, Ordering::Relaxed);
-    let error = match forward(state, call).await {
-        Ok(response) => {
-            let limit = state.settings.server.max_body_bytes.max(64 << 20);
-            match axum::body::to_bytes(response.into_body(), limit).await {
-                Ok(bytes) => match serde_json::from_slice::<&RawValue>(&bytes) {
-                    Ok(message) => {
-                        return Step::Done(
-                            Finish::Succeeded,
-                            format!(r#"{{"type":"succeeded","message":{}}}"#, message.get()),
-                        )
-                    }
-                    Err(e) => ApiError::UpstreamUnavailable {
-                        region: String::new(),
-                        reason: format!("the response was not JSON: {e}"),
-                    },
-                },
-                Err(e) => ApiError::UpstreamUnavailable {
-                    region: String::new(),
-                    reason: format!("reading the response: {e}"),
-                },
-            }
+
+    async fn execute(&self, forwarder: &Arc<Forwarder>, keys: &Keys, item: &ClaimedItem) -> Step {
+        let request_id = new_request_id();
+        let call = match Self::call_for(forwarder, keys, item, &request_id) {
+            Ok(call) => call,
+            Err(e) => return Step::Done(Finish::Errored, errored(&e, &request_id)),
+        };
+        let pacing = forwarder.pacing(&call);
+        if let Err(step) = self.wait_turn(item, &pacing).await {
+            return step;
         }
-        Err(e) => e,
-    };
-    match &error {
-        ApiError::RateLimited { retry_after, .. } => Step::Retry {
-            after: (*retry_after).clamp(Duration::from_millis(100), Duration::from_secs(60)),
-            refund: true,
-            error: errored(&error, &request_id),
-        },
-        ApiError::Upstream(e) if e.status == 429 => Step::Retry {
-            after: Duration::from_secs(1),
-            refund: true,
-            error: errored(&error, &request_id),
-        },
-        e if e.kind_and_status().1.is_server_error() => Step::Retry {
-            after: Duration::ZERO,
-            refund: false,
-            error: errored(&error, &request_id),
-        },
-        _ => done_error(error),
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let Forwarded { trace, result } = forwarder.forward(call).await;
+        let (status, usage) = match &result {
+            Ok(Answer::Unary { usage, .. }) => (200, *usage),
+            Ok(Answer::Stream { .. }) => (200, None),
+            Err(e) => (ApiError::status_of(e), None),
+        };
+        forwarder.observer().record(&trace, status, usage);
+        step_after(result, &request_id)
     }
 }
 

@@ -122,9 +122,6 @@ pub struct StoreStats {
     pub batches: Vec<(&'static str, i64)>,
     /// Items of unfinished batches not yet finished (waiting or in flight).
     pub open_items: i64,
-    /// Bytes the store takes (SQLite: file pages; PostgreSQL: the two tables
-    /// with their indexes and TOAST).
-    pub bytes: i64,
 }
 
 /// The batch store. Times are Unix milliseconds, passed in by the caller.
@@ -214,6 +211,9 @@ pub trait BatchStore: Send + Sync + 'static {
         stale_upload_before: i64,
     ) -> StoreFuture<'_, Maintenance>;
     fn stats(&self) -> StoreFuture<'_, StoreStats>;
+    /// Bytes the store takes (SQLite: file pages; PostgreSQL: the two tables
+    /// with their indexes and TOAST), for sizing; not read on scrapes.
+    fn size_bytes(&self) -> StoreFuture<'_, i64>;
 }
 
 const BATCH_COLUMNS: &str = "seq, id, tenant, status, created_at, expires_at, ended_at, cancel_initiated_at, archived_at, total, n_succeeded, n_errored, n_canceled, n_expired";
@@ -1095,8 +1095,14 @@ macro_rules! sql_store {
                     Ok(StoreStats {
                         batches,
                         open_items,
-                        bytes: self.file_bytes().await?,
                     })
+                })
+            }
+
+            fn size_bytes(&self) -> StoreFuture<'_, i64> {
+                Box::pin(async move {
+                    let _hold = self.hold();
+                    self.file_bytes().await
                 })
             }
         }

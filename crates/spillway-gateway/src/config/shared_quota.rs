@@ -1,18 +1,10 @@
-//! `quota.store = "redis"`: the settings and the glue that opens the
-//! shared store ([`spillway_redis::ResilientStore`]) for the gateway.
-//!
-//! Queues stay local to each replica; admission is global: every replica's
-//! scheduler asks the same Redis ledgers, one script per decision.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! The `quota.store`, `quota.redis_*` and `quota.replicas` settings: where
+//! the ledgers live, and the rules a shared store's settings must meet.
+//! Opening the store is `quota_store`'s job.
 
 use serde::{Deserialize, Serialize};
-use spillway_core::adaptive::AdaptiveConfig;
-use spillway_core::store::{BudgetConfig, QuotaStore};
-use spillway_redis::{RedisSettings, ResilientStore, StoreMetrics};
 
-use crate::config::{ConfigError, QuotaDefaults};
+use super::{invalid, ConfigError, QuotaDefaults};
 
 /// Where the ledgers live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -35,13 +27,6 @@ pub fn default_redis_timeout_ms() -> u64 {
 
 pub fn default_redis_lease_ms() -> u64 {
     50
-}
-
-fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
 }
 
 /// The `quota.store`, `quota.redis_*` and `quota.replicas` rules.
@@ -101,28 +86,4 @@ pub fn validate(q: &QuotaDefaults) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// Opens the shared store: connected if Redis answers, degraded (and
-/// retrying) if not, so a replica starts even while Redis is down.
-pub async fn open(
-    q: &QuotaDefaults,
-    window: Duration,
-    adaptive: AdaptiveConfig,
-    budgets: Vec<BudgetConfig>,
-    registry: &prometheus::Registry,
-) -> Result<Arc<dyn QuotaStore>, String> {
-    let settings = RedisSettings {
-        url: q.redis_url.clone(),
-        key_prefix: q.redis_key_prefix.clone(),
-        timeout: Duration::from_millis(q.redis_timeout_ms),
-        window,
-        adaptive,
-        budgets,
-        lease: Duration::from_millis(q.redis_lease_ms),
-    };
-    let store = ResilientStore::start(&settings, q.replicas, StoreMetrics::new(Some(registry)))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Arc::new(store))
 }

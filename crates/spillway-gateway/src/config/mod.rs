@@ -15,12 +15,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use spillway_core::ledger::Limits;
-use spillway_core::{Catalog, ModelSpec, RegionBudget};
+use spillway_core::{Catalog, ModelSpec, RegionBudget, VERTEX_PROVIDER};
+
+mod shared_quota;
+pub use shared_quota::QuotaStoreKind;
 
 /// The defaults shipped with Spillway, embedded so the binary needs no files.
-pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../../../config/default.toml");
 /// The demo overlay (simulated upstream, no client auth on loopback).
-pub const DEMO_TOML: &str = include_str!("../../../config/demo.toml");
+pub const DEMO_TOML: &str = include_str!("../../../../config/demo.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -134,18 +137,18 @@ pub struct QuotaDefaults {
     pub learn_estimates: bool,
     /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
     #[serde(default)]
-    pub store: crate::shared_quota::QuotaStoreKind,
+    pub store: QuotaStoreKind,
     /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted).
     #[serde(default)]
     pub redis_url: String,
-    #[serde(default = "crate::shared_quota::default_key_prefix")]
+    #[serde(default = "shared_quota::default_key_prefix")]
     pub redis_key_prefix: String,
     /// Longest wait for Redis on the admission path before failing over.
-    #[serde(default = "crate::shared_quota::default_redis_timeout_ms")]
+    #[serde(default = "shared_quota::default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
     /// How long a lease of shared budget lets a busy replica admit without
     /// a round trip to Redis; 0 turns leases off (`spillway-redis` lease.rs).
-    #[serde(default = "crate::shared_quota::default_redis_lease_ms")]
+    #[serde(default = "shared_quota::default_redis_lease_ms")]
     pub redis_lease_ms: u64,
     /// N for the local 1/N share while Redis is down; 0 = live replicas.
     #[serde(default)]
@@ -347,6 +350,9 @@ fn default_context_window() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RegionSettings {
     pub name: String,
+    /// Which upstream provider serves this location; `vertex` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub requests_per_min: Option<u32>,
     pub tokens_per_min: Option<u64>,
     pub input_tokens_per_min: Option<u64>,
@@ -468,7 +474,7 @@ impl Settings {
                 "requests_per_min and tokens_per_min must be positive",
             ));
         }
-        crate::shared_quota::validate(&self.quota)?;
+        shared_quota::validate(&self.quota)?;
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model must be configured"));
         }
@@ -564,8 +570,8 @@ impl Settings {
             .models
             .iter()
             .map(|(id, m)| ModelSpec {
-                quota_group: m.quota_group.clone().unwrap_or_else(|| id.clone()),
-                id: id.clone(),
+                quota_group: m.quota_group.as_deref().unwrap_or(id).into(),
+                id: id.as_str().into(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,
                 chars_per_token: m.chars_per_token.unwrap_or(self.quota.chars_per_token),
@@ -574,6 +580,7 @@ impl Settings {
                     .iter()
                     .map(|r| RegionBudget {
                         region: r.name.clone(),
+                        provider: r.provider.as_deref().unwrap_or(VERTEX_PROVIDER).into(),
                         limits: Limits {
                             requests: r.requests_per_min.unwrap_or(self.quota.requests_per_min),
                             tokens: Some(r.tokens_per_min.unwrap_or(self.quota.tokens_per_min)),

@@ -1,4 +1,4 @@
-//! The upstream: Vertex AI's Anthropic endpoints, reached over pooled
+//! The Vertex provider: Vertex AI's Anthropic endpoints, reached over pooled
 //! connections with Google credentials.
 //!
 //! Three facts shape this module:
@@ -18,11 +18,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
+use serde_json::{Map, Value};
+use spillway_core::ModelId;
+use spillway_vertex::{to_vertex_body, vertex_path, Operation};
 
-use spillway_vertex::{vertex_path, Operation};
-
+use super::{Provider, ProviderFuture, ProviderRequest};
+use crate::answer::ForwardError;
 use crate::config::{UpstreamAuth, UpstreamSettings};
-use crate::error::ApiError;
 
 /// OAuth scope Vertex AI requires.
 const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -59,15 +61,15 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    pub async fn authorization(&self) -> Result<Option<HeaderValue>, ApiError> {
+    pub async fn authorization(&self) -> Result<Option<HeaderValue>, ForwardError> {
         match self {
             TokenSource::Gcp(provider) => {
                 let token = provider.token(&[CLOUD_PLATFORM_SCOPE]).await.map_err(|e| {
                     tracing::error!(error = %e, "could not get a Google access token");
-                    ApiError::Credentials
+                    ForwardError::Credentials
                 })?;
                 let mut value = HeaderValue::try_from(format!("Bearer {}", token.as_str()))
-                    .map_err(|_| ApiError::Credentials)?;
+                    .map_err(|_| ForwardError::Credentials)?;
                 value.set_sensitive(true);
                 Ok(Some(value))
             }
@@ -77,9 +79,9 @@ impl TokenSource {
     }
 }
 
-/// The Vertex client: one connection pool for every region.
+/// The Vertex client: one connection pool for every location.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub struct Vertex {
     client: reqwest::Client,
     tokens: TokenSource,
     project: String,
@@ -88,7 +90,7 @@ pub struct Upstream {
     multi_region_urls: BTreeMap<String, String>,
 }
 
-impl Upstream {
+impl Vertex {
     pub async fn from_settings(settings: &UpstreamSettings) -> Result<Self, UpstreamInitError> {
         let tokens = match settings.auth {
             UpstreamAuth::None => TokenSource::None,
@@ -189,20 +191,13 @@ impl Upstream {
     }
 
     /// Sends one request; the caller interprets status and body.
-    pub async fn send(
-        &self,
-        region: &str,
-        model: &str,
-        op: Operation,
-        stream: bool,
-        body: Bytes,
-        beta: Option<HeaderValue>,
-    ) -> Result<reqwest::Response, ApiError> {
+    async fn send_one(&self, r: ProviderRequest<'_>) -> Result<reqwest::Response, ForwardError> {
+        let (region, stream, beta) = (r.location, r.stream, r.beta);
         let mut request = self
             .client
-            .post(self.url(region, model, op, stream))
+            .post(self.url(region, r.model.as_str(), r.op, stream))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
+            .body(r.body);
         if stream {
             request = request.header(http::header::ACCEPT, "text/event-stream");
         }
@@ -217,22 +212,36 @@ impl Upstream {
             .await
             .map_err(|e| classify_send_error(region, e))
     }
+}
+
+impl Provider for Vertex {
+    /// Vertex's body: no `model` (the URL names it), `anthropic_version`
+    /// added; for `count_tokens`, the model in the body and no `max_tokens`.
+    fn encode(&self, body: Map<String, Value>, op: Operation, model: &ModelId) -> Bytes {
+        Bytes::from(to_vertex_body(body, op, model.as_str()))
+    }
+
+    fn send<'a>(&'a self, request: ProviderRequest<'a>) -> ProviderFuture<'a, reqwest::Response> {
+        Box::pin(self.send_one(request))
+    }
 
     /// Readiness: can we produce credentials right now?
-    pub async fn ready(&self) -> Result<(), ApiError> {
-        tokio::time::timeout(Duration::from_secs(5), self.tokens.authorization())
-            .await
-            .map_err(|_| ApiError::Credentials)?
-            .map(|_| ())
+    fn ready(&self) -> ProviderFuture<'_, ()> {
+        Box::pin(async move {
+            tokio::time::timeout(Duration::from_secs(5), self.tokens.authorization())
+                .await
+                .map_err(|_| ForwardError::Credentials)?
+                .map(|_| ())
+        })
     }
 }
 
 /// Turns a transport failure into a client-facing error without leaking
 /// the URL (which names the project) or any header.
-pub fn classify_send_error(region: &str, error: reqwest::Error) -> ApiError {
+pub fn classify_send_error(region: &str, error: reqwest::Error) -> ForwardError {
     let region = region.to_string();
     if error.is_timeout() {
-        ApiError::UpstreamTimeout { region }
+        ForwardError::UpstreamTimeout { region }
     } else {
         let reason = if error.is_connect() {
             "connection failed"
@@ -240,7 +249,7 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ApiError {
             "connection error"
         };
         tracing::warn!(%region, error = %error.without_url(), "upstream transport error");
-        ApiError::UpstreamUnavailable {
+        ForwardError::UpstreamUnavailable {
             region,
             reason: reason.into(),
         }
@@ -251,8 +260,8 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ApiError {
 mod tests {
     use super::*;
 
-    fn upstream() -> Upstream {
-        Upstream {
+    fn upstream() -> Vertex {
+        Vertex {
             client: reqwest::Client::new(),
             tokens: TokenSource::None,
             project: "my-proj".into(),

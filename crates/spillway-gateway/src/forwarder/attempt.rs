@@ -1,0 +1,269 @@
+//! Admit, send, and fall back: the attempts of one call.
+//!
+//! Each attempt takes a grant from the scheduler, sends the call to the
+//! granted location's provider and reads the status. A success is relayed
+//! ([`super::relay`]). A refusal that another location (or the same one
+//! later) may not repeat — 429, 529, 503, a transport failure or timeout,
+//! before any byte reached the client — settles the attempt so the store
+//! learns from it, and the next attempt asks the scheduler again. Any other
+//! answer is the call's answer. Nothing is replayed once streamed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use serde_json::{Map, Value};
+use spillway_core::adaptive::Exhausted;
+use spillway_core::ledger::Charge;
+use spillway_core::store::{Grant, Outcome};
+use spillway_core::ModelSpec;
+use spillway_vertex::{normalize_upstream_error, Operation};
+
+use super::call::{Call, Plan};
+use super::relay::{self, Settle};
+use super::Forwarder;
+use crate::answer::{Answer, ForwardError, Served};
+use crate::metrics::status_label;
+use crate::observer::{Admission, Trace};
+use crate::scheduler::{Demand, Rejection};
+use crate::upstream::{Provider, ProviderRequest};
+
+/// The client's body, encoded for each provider the call may reach. Most
+/// models are served by one provider: its body is encoded once, from the
+/// client's map itself, with no copy.
+struct Bodies {
+    source: Option<Map<String, Value>>,
+    single_provider: bool,
+    encoded: Vec<(String, Bytes)>,
+}
+
+impl Bodies {
+    fn new(model: &ModelSpec, source: Map<String, Value>) -> Self {
+        let first = model.regions.first().map(|r| r.provider.as_str());
+        Self {
+            source: Some(source),
+            single_provider: model
+                .regions
+                .iter()
+                .all(|r| Some(r.provider.as_str()) == first),
+            encoded: Vec::new(),
+        }
+    }
+
+    fn for_provider(
+        &mut self,
+        name: &str,
+        provider: &dyn Provider,
+        op: Operation,
+        model: &ModelSpec,
+    ) -> Bytes {
+        if let Some((_, body)) = self.encoded.iter().find(|(n, _)| n == name) {
+            return body.clone();
+        }
+        let source = if self.single_provider {
+            self.source.take().unwrap_or_default()
+        } else {
+            self.source.clone().unwrap_or_default()
+        };
+        let body = provider.encode(source, op, &model.id);
+        self.encoded.push((name.to_string(), body.clone()));
+        body
+    }
+}
+
+/// What an attempt's failure means for retrying and for the budget.
+fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
+    match error {
+        ForwardError::Upstream(e) if e.status == 429 => {
+            Some(Outcome::RateLimited(Exhausted::from_message(&e.message)))
+        }
+        ForwardError::Upstream(e) if e.status == 529 || e.status == 503 => {
+            Some(Outcome::Unavailable)
+        }
+        ForwardError::UpstreamUnavailable { .. } | ForwardError::UpstreamTimeout { .. } => {
+            Some(Outcome::Unavailable)
+        }
+        _ => None,
+    }
+}
+
+/// The refusal when the scheduler gives no grant: an upstream error with
+/// nowhere left to retry is still the truest answer; otherwise say when
+/// quota frees.
+fn refusal(last_error: Option<ForwardError>, rejection: Rejection, model: &str) -> ForwardError {
+    match (last_error, rejection) {
+        (Some(ForwardError::Upstream(e)), Rejection::NoRoom { retry_after }) if e.status == 429 => {
+            ForwardError::RateLimited {
+                message: e.message,
+                retry_after,
+            }
+        }
+        (Some(e), Rejection::NoRoom { .. }) => e,
+        (_, Rejection::NoRoom { retry_after }) => ForwardError::RateLimited {
+            message: format!(
+                "no quota for {model} in any eligible region before this request's deadline; room is expected in {:.1} s",
+                retry_after.as_secs_f64()
+            ),
+            retry_after,
+        },
+        (_, Rejection::QueueFull { retry_after }) => ForwardError::RateLimited {
+            message: format!("too many requests are waiting for {model}; try again later"),
+            retry_after,
+        },
+        (_, Rejection::NeverFits) => ForwardError::Invalid(format!(
+            "request can never fit the current quota of {model} in any eligible region"
+        )),
+    }
+}
+
+impl Forwarder {
+    pub(super) async fn attempts(
+        self: &Arc<Self>,
+        call: Call<'_>,
+        demand: Demand,
+        plan: Plan,
+        trace: &mut Trace,
+    ) -> Result<Answer, ForwardError> {
+        let Call {
+            model,
+            alias_warning,
+            request,
+        } = call;
+        let (op, stream, beta) = (request.op, request.stream, request.beta);
+        let mut bodies = Bodies::new(model, request.body);
+        let mut last_error = None;
+        let mut failed_region: Option<Arc<str>> = None;
+        while trace.attempts < self.policy.max_attempts {
+            let grant = self
+                .admit(&demand, model, plan, failed_region.take(), trace)
+                .await
+                .map_err(|rejection| {
+                    trace.outcome = "rejected";
+                    refusal(last_error.take(), rejection, model.id.as_str())
+                })?;
+            let location = model
+                .regions
+                .iter()
+                .find(|r| *r.region == *grant.region)
+                .expect("grants name the model's locations");
+            let provider = match self.provider(&location.provider) {
+                Ok(provider) => provider,
+                Err(e) => {
+                    self.scheduler.settle(&grant, Outcome::NotSent).await;
+                    return Err(e);
+                }
+            };
+            let body = bodies.for_provider(&location.provider, provider.as_ref(), op, model);
+            let sent = self
+                .send(provider, trace, op, stream, body, beta.clone())
+                .await;
+            let error = match sent {
+                Ok(response) if response.status().is_success() => {
+                    let settle = Settle::new(Arc::clone(self), model.id.clone(), grant, plan);
+                    let served = Served {
+                        region: Arc::clone(&trace.region),
+                        budget: Some(settle.grant().view),
+                        alias_warning,
+                    };
+                    return if stream {
+                        Ok(relay::stream(self, response, trace, settle, served))
+                    } else {
+                        relay::unary(response, trace, Some(settle), served).await
+                    };
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let bytes = response.bytes().await.unwrap_or_default();
+                    ForwardError::Upstream(normalize_upstream_error(status, &bytes))
+                }
+                Err(error) => error,
+            };
+            match attempt_failure(&error) {
+                Some(outcome) => {
+                    tracing::info!(request_id = %trace.request_id, region = %grant.region, error = %error, "upstream refused; trying again");
+                    failed_region = Some(Arc::clone(&grant.region));
+                    self.scheduler.settle(&grant, outcome).await;
+                    last_error = Some(error);
+                }
+                None => {
+                    // A definite answer (400, 404, credentials...): upstream
+                    // spent nothing on it.
+                    let outcome = match error {
+                        ForwardError::Upstream(_) => Outcome::Used(Charge::default()),
+                        _ => Outcome::NotSent,
+                    };
+                    self.scheduler.settle(&grant, outcome).await;
+                    return Err(error);
+                }
+            }
+        }
+        trace.outcome = "attempts_exhausted";
+        Err(last_error.unwrap_or(ForwardError::UpstreamUnavailable {
+            region: trace.region.to_string(),
+            reason: "no attempt left".into(),
+        }))
+    }
+
+    /// One admission, timed and counted.
+    async fn admit(
+        &self,
+        demand: &Demand,
+        model: &ModelSpec,
+        plan: Plan,
+        failed_region: Option<Arc<str>>,
+        trace: &mut Trace,
+    ) -> Result<Grant, Rejection> {
+        let waited = tokio::time::Instant::now();
+        let grant = self.scheduler.admit(demand).await?;
+        let wait = waited.elapsed();
+        trace.queue_wait += wait;
+        trace.attempts += 1;
+        trace.region = Arc::clone(&grant.region);
+        self.observer.admitted(Admission {
+            model: model.id.as_str(),
+            primary: model.regions[0].region.as_str(),
+            region: &grant.region,
+            failed_region: failed_region.as_deref(),
+            wait,
+            priority: demand.priority,
+            raw_input: plan.raw_input,
+            reserved: grant.charge,
+        });
+        Ok(grant)
+    }
+
+    /// One upstream attempt to `trace.region`, timed and counted.
+    pub(super) async fn send(
+        &self,
+        provider: &Arc<dyn Provider>,
+        trace: &mut Trace,
+        op: Operation,
+        stream: bool,
+        body: Bytes,
+        beta: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, ForwardError> {
+        let sent = Instant::now();
+        let result = provider
+            .send(ProviderRequest {
+                location: &trace.region,
+                model: &trace.model,
+                op,
+                stream,
+                body,
+                beta,
+            })
+            .await;
+        trace.upstream_latency = sent.elapsed();
+        let status = match &result {
+            Ok(response) => status_label(response.status().as_u16()),
+            Err(ForwardError::UpstreamTimeout { .. }) => "timeout",
+            Err(ForwardError::Credentials) => "credentials",
+            Err(_) => "transport",
+        };
+        let latency: Option<Duration> = result.is_ok().then_some(trace.upstream_latency);
+        self.observer
+            .attempted(&trace.region, trace.model.as_str(), status, latency);
+        result
+    }
+}

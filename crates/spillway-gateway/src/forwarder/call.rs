@@ -1,0 +1,252 @@
+//! Preparing a call: the one place a client's request becomes something the
+//! forwarder can admit — its model resolved, the locations it may use, and
+//! the charge it reserves — and where the checks that refuse it before
+//! anything is spent live.
+//!
+//! Interactive requests (from `routes`) and batch items (validated at
+//! submit by `batch::api`, sent later by `batch::runner`) are prepared here
+//! alike, so both surfaces refuse the same requests for the same reasons.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use serde_json::{Map, Value};
+use spillway_core::estimate::{estimate_input, ImageRule};
+use spillway_core::ledger::Charge;
+use spillway_core::{ModelSpec, Resolution};
+use spillway_vertex::{anthropic_to_vertex_id, is_valid_model_id, Operation};
+
+use super::Forwarder;
+use crate::answer::ForwardError;
+use crate::request_id::RequestId;
+use crate::scheduler::Priority;
+use crate::tenants::{CapExceeded, Tenant};
+
+/// What a surface hands the forwarder, the model still named as the client
+/// named it.
+pub struct CallRequest {
+    pub op: Operation,
+    pub body: Map<String, Value>,
+    pub stream: bool,
+    pub max_tokens: u64,
+    /// The client's `anthropic-beta`, forwarded as is.
+    pub beta: Option<HeaderValue>,
+    /// `x-spillway-regions`, if the client narrowed the locations.
+    pub region_hint: Option<Vec<String>>,
+    /// `x-spillway-max-wait-ms`, or a batch item's deadline.
+    pub max_wait: Option<Duration>,
+    pub priority: Priority,
+    pub tenant: Tenant,
+    pub request_id: RequestId,
+}
+
+/// One call, resolved to a configured model.
+pub struct Call<'a> {
+    pub model: &'a ModelSpec,
+    /// Set when the client named the model by an unversioned alias.
+    pub alias_warning: Option<String>,
+    pub request: CallRequest,
+}
+
+/// What to reserve for a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// The input estimate before the learned correction.
+    pub raw_input: u64,
+    /// Input (corrected) and output (`max_tokens`) to reserve.
+    pub charge: Charge,
+}
+
+/// How far apart paced batch items must be, and the key of their pace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pacing {
+    /// The model and the locations it may use, as one key.
+    pub key: String,
+    pub spacing: Duration,
+}
+
+impl Forwarder {
+    /// Resolves a client's model name: Vertex id, Anthropic id, or alias.
+    pub fn resolve(&self, name: &str) -> Result<Resolution<'_>, ForwardError> {
+        let not_found = || ForwardError::UnknownModel(format!("model: {name}"));
+        if !is_valid_model_id(name) {
+            return Err(not_found());
+        }
+        self.catalog
+            .resolve(name)
+            .or_else(|| anthropic_to_vertex_id(name).and_then(|id| self.catalog.resolve(&id)))
+            .ok_or_else(not_found)
+    }
+
+    /// Resolves `name` and makes `request` a call for that model.
+    pub fn prepare(&self, name: &str, request: CallRequest) -> Result<Call<'_>, ForwardError> {
+        let resolution = self.resolve(name)?;
+        let alias_warning = resolution.via_alias.then(|| {
+            tracing::warn!(
+                alias = name,
+                model = %resolution.model.id,
+                "model alias resolved; Google advises pinning versioned model ids"
+            );
+            format!(
+                "299 spillway \"model alias {name} resolved to {}; Google advises versioned model ids\"",
+                resolution.model.id
+            )
+        });
+        Ok(Call {
+            model: resolution.model,
+            alias_warning,
+            request,
+        })
+    }
+
+    /// The checks made before asking for quota (locations allowed, context
+    /// window, can ever fit), for work validated now and sent later.
+    pub fn precheck(&self, call: &Call<'_>) -> Result<Plan, ForwardError> {
+        let regions = eligible_regions(call)?;
+        self.plan(call, &regions)
+    }
+
+    /// The input estimate (corrected by what past responses of this model
+    /// taught) and output to reserve; refuses what can never fit.
+    pub(super) fn plan(&self, call: &Call<'_>, regions: &[Arc<str>]) -> Result<Plan, ForwardError> {
+        let model = call.model;
+        let max_tokens = call.request.max_tokens;
+        let estimate = estimate_input(
+            &call.request.body,
+            model.chars_per_token,
+            ImageRule::default(),
+        );
+        let factor = self.estimates.factor(&model.id);
+        let charge = Charge {
+            input: (estimate.tokens as f64 * factor).ceil() as u64,
+            output: max_tokens,
+        };
+        if estimate.tokens.saturating_add(max_tokens) > model.context_window {
+            return Err(ForwardError::Invalid(format!(
+                "prompt is too long: an estimated {} input tokens plus max_tokens {max_tokens} is {}, over the {}-token context window of {}",
+                estimate.tokens,
+                estimate.tokens + max_tokens,
+                model.context_window,
+                model.id
+            )));
+        }
+        let largest = model
+            .regions
+            .iter()
+            .filter(|r| regions.iter().any(|e| **e == *r.region))
+            .map(|r| self.policy.ceiling(&r.limits))
+            .max_by_key(|l| l.token_capacity())
+            .expect("regions is non-empty");
+        if !largest.admits(charge) {
+            return Err(ForwardError::Invalid(format!(
+                "request can never fit the quota: an estimated {} input tokens plus max_tokens {} exceeds the largest per-minute token budget of any eligible region ({} tokens); lower max_tokens or split the prompt",
+                charge.input,
+                charge.output,
+                largest.token_capacity()
+            )));
+        }
+        Ok(Plan {
+            raw_input: estimate.tokens,
+            charge,
+        })
+    }
+
+    /// The tenant's own caps, on the planned charge.
+    pub(super) fn check_caps(&self, call: &Call<'_>, plan: &Plan) -> Result<(), ForwardError> {
+        let tenant = &call.request.tenant;
+        tenant
+            .policy
+            .check_caps(plan.charge.total())
+            .map_err(|cap| match cap {
+                CapExceeded::Later(retry_after) => ForwardError::RateLimited {
+                    message: format!("tenant {} is over its own rate cap", tenant.name),
+                    retry_after,
+                },
+                CapExceeded::Never { cap } => ForwardError::Invalid(format!(
+                    "request's estimated {} tokens exceed tenant {}'s cap of {cap} tokens per minute",
+                    plan.charge.total(),
+                    tenant.name
+                )),
+            })
+    }
+
+    /// How far apart batch items like this one must be admitted so they
+    /// take quota at its refill rate: the larger of one request's and this
+    /// item's tokens' share of the allowed locations' combined budget.
+    pub fn pacing(&self, call: &Call<'_>) -> Pacing {
+        let window = self.policy.window;
+        let mut key = call.model.id.to_string();
+        let (mut requests, mut tokens) = (0u64, Some(0u64));
+        let tenant = &call.request.tenant;
+        for region in call
+            .model
+            .regions
+            .iter()
+            .filter(|r| tenant.policy.allows_region(&r.region))
+        {
+            key.push(' ');
+            key.push_str(&region.region);
+            let limits = self.policy.ceiling(&region.limits);
+            requests += u64::from(limits.requests);
+            tokens = tokens.zip(limits.tokens).map(|(a, b)| a + b);
+        }
+        let per_request = window.as_secs_f64() / requests.max(1) as f64;
+        let charge = match eligible_regions(call).and_then(|r| self.plan(call, &r)) {
+            Ok(plan) => plan.charge.total(),
+            Err(_) => call.request.max_tokens,
+        };
+        let per_tokens = tokens
+            .filter(|t| *t > 0)
+            .map_or(0.0, |t| window.as_secs_f64() * charge as f64 / t as f64);
+        Pacing {
+            key,
+            spacing: Duration::from_secs_f64(per_request.max(per_tokens)),
+        }
+    }
+}
+
+/// The locations this call may use: the model's, narrowed by tenant policy
+/// and the request's `x-spillway-regions`, in configured order.
+pub(super) fn eligible_regions(call: &Call<'_>) -> Result<Vec<Arc<str>>, ForwardError> {
+    let model = call.model;
+    let (tenant, hint) = (&call.request.tenant, &call.request.region_hint);
+    if model.regions.is_empty() {
+        return Err(ForwardError::Invalid(format!(
+            "model {:?} is not served in any configured region",
+            model.id.as_str()
+        )));
+    }
+    if let Some(hint) = hint {
+        if let Some(unknown) = hint
+            .iter()
+            .find(|h| !model.regions.iter().any(|r| &r.region == *h))
+        {
+            return Err(ForwardError::Invalid(format!(
+                "x-spillway-regions: {unknown:?} does not serve {}; it is served in {}",
+                model.id,
+                model
+                    .regions
+                    .iter()
+                    .map(|r| r.region.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let regions: Vec<Arc<str>> = model
+        .regions
+        .iter()
+        .map(|r| r.region.as_str())
+        .filter(|r| tenant.policy.allows_region(r))
+        .filter(|r| hint.as_ref().is_none_or(|h| h.iter().any(|x| x == r)))
+        .map(Arc::from)
+        .collect();
+    if regions.is_empty() {
+        return Err(ForwardError::Invalid(format!(
+            "no region allowed for this request serves {} (tenant policy and x-spillway-regions leave none)",
+            model.id
+        )));
+    }
+    Ok(regions)
+}

@@ -1,0 +1,247 @@
+//! The request lifecycle as one service: take a validated call, get it a
+//! quota reservation in some location, send it to that location's provider,
+//! relay the answer, and settle the reservation to what was really used.
+//!
+//! The [`Forwarder`] owns what that takes — the catalog, the scheduler (and
+//! through it the quota store), the providers, the estimate learner and the
+//! observer — and knows nothing of HTTP on the client side: it returns a
+//! [`Forwarded`], the call's [`Trace`] and either an
+//! [`Answer`](crate::answer::Answer) or a
+//! [`ForwardError`](crate::answer::ForwardError). `routes` renders that for
+//! a client; `batch` stores it as a result.
+//!
+//! One call's life:
+//! 1. **Prepare** ([`call`]): resolve the model, estimate input tokens
+//!    (corrected per model by what past responses taught), reserve output
+//!    as `max_tokens`, and refuse early what can never fit.
+//! 2. **Admit**: the scheduler reserves in the location with the most room,
+//!    waiting up to the call's deadline, or refuses with when room is
+//!    expected.
+//! 3. **Send** ([`attempt`]), and on a 429, 529, 503, connect failure or
+//!    timeout before any byte reached the client, settle that attempt (the
+//!    store cools the location down) and go back to 2: another location, or
+//!    the same one after its cooldown, within the deadline.
+//! 4. **Relay and settle** ([`relay`]): the unary body's `usage`, or for a
+//!    stream `message_start` plus the last `message_delta`; a broken stream
+//!    is charged what was observed, and at least the input estimate.
+//!
+//! `count_tokens` is free on Vertex, so it skips quota entirely.
+
+pub mod attempt;
+pub mod call;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::ledger::Limits;
+use spillway_core::store::{QuotaStore, Strategy};
+use spillway_core::{Catalog, ModelId};
+use spillway_vertex::Operation;
+
+use crate::answer::{Answer, ForwardError};
+use crate::config::{RoutingStrategy, Settings};
+use crate::estimates::EstimateLearner;
+use crate::metrics::Metrics;
+use crate::observer::{Observer, Trace};
+use crate::scheduler::{Demand, Scheduler};
+use crate::upstream::Providers;
+
+pub use call::{Call, CallRequest, Pacing, Plan};
+
+/// A forwarded call: what happened ([`Trace`]) and its result.
+pub struct Forwarded {
+    pub trace: Trace,
+    pub result: Result<Answer, ForwardError>,
+}
+
+/// The settings the lifecycle reads on every call.
+#[derive(Debug, Clone)]
+pub struct ForwardPolicy {
+    pub strategy: Strategy,
+    /// Default wait for quota, and the most any request may ask for.
+    pub max_wait: Duration,
+    pub max_wait_cap: Duration,
+    pub max_attempts: u32,
+    /// The ledger's window (Vertex's plus a transit margin).
+    pub window: Duration,
+    pub headroom: f64,
+    pub drop_vertex_events: bool,
+}
+
+impl ForwardPolicy {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let q = &settings.quota;
+        Self {
+            strategy: match q.strategy {
+                RoutingStrategy::MostHeadroom => Strategy::MostHeadroom,
+                RoutingStrategy::Ordered => Strategy::Ordered,
+            },
+            max_wait: Duration::from_millis(settings.scheduler.max_wait_ms),
+            max_wait_cap: Duration::from_millis(settings.scheduler.max_wait_cap_ms),
+            max_attempts: settings.scheduler.max_attempts,
+            window: crate::quota_store::ledger_window(q),
+            headroom: q.headroom,
+            drop_vertex_events: settings.upstream.drop_vertex_events,
+        }
+    }
+
+    /// What a configured budget allows at most, headroom applied.
+    pub fn ceiling(&self, configured: &Limits) -> Limits {
+        AdaptiveConfig {
+            headroom: self.headroom,
+            ..AdaptiveConfig::default()
+        }
+        .ceiling(*configured)
+    }
+}
+
+/// The request lifecycle's owner. Built once; the parts that change
+/// (budgets, queues, estimate corrections) have their own interior locks.
+pub struct Forwarder {
+    catalog: Catalog,
+    scheduler: Scheduler,
+    providers: Providers,
+    estimates: EstimateLearner,
+    observer: Observer,
+    policy: ForwardPolicy,
+}
+
+impl Forwarder {
+    pub fn new(
+        settings: &Settings,
+        catalog: Catalog,
+        store: Arc<dyn QuotaStore>,
+        providers: Providers,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let groups: Vec<_> = catalog.quota_groups().into_iter().cloned().collect();
+        let scheduler = Scheduler::new(store, &groups, settings.scheduler.max_queue)
+            .with_decision_histogram(metrics.admission_seconds.clone());
+        let models: Vec<ModelId> = catalog.models().iter().map(|m| m.id.clone()).collect();
+        Self {
+            estimates: EstimateLearner::new(&models, settings.quota.learn_estimates),
+            policy: ForwardPolicy::from_settings(settings),
+            observer: Observer::new(metrics),
+            catalog,
+            scheduler,
+            providers,
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn providers(&self) -> &Providers {
+        &self.providers
+    }
+
+    pub fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
+    pub fn policy(&self) -> &ForwardPolicy {
+        &self.policy
+    }
+
+    /// Runs one call to its end (for a stream: to its first byte; the
+    /// stream settles itself when it ends).
+    pub async fn forward(self: &Arc<Self>, call: Call<'_>) -> Forwarded {
+        let r = &call.request;
+        let mut trace = Trace::new(
+            r.request_id.clone(),
+            Arc::clone(&r.tenant.name),
+            call.model.id.clone(),
+        );
+        let result = match call.request.op {
+            Operation::CountTokens => self.count_tokens(call, &mut trace).await,
+            Operation::Messages => self.messages(call, &mut trace).await,
+        };
+        if let Err(e) = &result {
+            if trace.outcome == "error" {
+                trace.outcome = match e {
+                    ForwardError::Invalid(_) | ForwardError::UnknownModel(_) => "invalid",
+                    ForwardError::RateLimited { .. } => "rejected",
+                    ForwardError::Upstream(_) => "upstream_error",
+                    ForwardError::Credentials => "credentials",
+                    _ => "transport",
+                };
+            }
+        }
+        Forwarded { trace, result }
+    }
+
+    async fn messages(
+        self: &Arc<Self>,
+        call: Call<'_>,
+        trace: &mut Trace,
+    ) -> Result<Answer, ForwardError> {
+        let regions = call::eligible_regions(&call)?;
+        let plan = self.plan(&call, &regions)?;
+        trace.estimated = plan.charge;
+        self.check_caps(&call, &plan)?;
+        let r = &call.request;
+        let max_wait = r
+            .max_wait
+            .or(r.tenant.policy.max_wait)
+            .unwrap_or(self.policy.max_wait)
+            .min(self.policy.max_wait_cap);
+        let demand = Demand {
+            group: call.model.quota_group.clone(),
+            regions,
+            charge: plan.charge,
+            strategy: self.policy.strategy,
+            priority: r.priority,
+            tenant: Arc::clone(&r.tenant.name),
+            weight: r.tenant.policy.weight,
+            deadline: tokio::time::Instant::now() + max_wait,
+        };
+        self.attempts(call, demand, plan, trace).await
+    }
+
+    async fn count_tokens(
+        &self,
+        call: Call<'_>,
+        trace: &mut Trace,
+    ) -> Result<Answer, ForwardError> {
+        let regions = call::eligible_regions(&call)?;
+        let location = call
+            .model
+            .regions
+            .iter()
+            .find(|r| *r.region == *regions[0])
+            .expect("eligible regions are the model's");
+        trace.region = Arc::clone(&regions[0]);
+        let provider = self.provider(&location.provider)?;
+        let Call {
+            model,
+            alias_warning,
+            request,
+        } = call;
+        let body = provider.encode(request.body, request.op, &model.id);
+        let response = self
+            .send(provider, trace, request.op, false, body, request.beta)
+            .await?;
+        let served = crate::answer::Served {
+            region: Arc::clone(&trace.region),
+            budget: None,
+            alias_warning,
+        };
+        relay::unary(response, trace, None, served).await
+    }
+
+    fn provider(&self, name: &str) -> Result<&Arc<dyn crate::upstream::Provider>, ForwardError> {
+        self.providers
+            .get(name)
+            .ok_or_else(|| ForwardError::UpstreamUnavailable {
+                region: String::new(),
+                reason: format!("no provider {name:?} is configured"),
+            })
+    }
+}

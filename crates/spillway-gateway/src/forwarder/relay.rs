@@ -1,0 +1,164 @@
+//! Relaying a successful answer and settling its reservation.
+//!
+//! A unary answer is read whole (its `usage` settles the grant, on a task of
+//! its own: with a shared store a settle is another round trip, and nothing
+//! in the answer depends on it). A stream is handed on as it arrives through
+//! [`SsePassthrough`]; when it ends — completed, failed, or dropped by the
+//! client — its end hook settles the grant to what was observed and fills the
+//! answer's [`StreamEnd`] for the request's record.
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue};
+use spillway_core::ledger::Charge;
+use spillway_core::store::{Grant, Outcome};
+use spillway_core::ModelId;
+use spillway_vertex::{normalize_upstream_error, usage_from_message_body, Usage};
+
+use super::call::Plan;
+use super::Forwarder;
+use crate::answer::{Answer, ForwardError, Served, StreamEnd};
+use crate::observer::Trace;
+use crate::passthrough::{SsePassthrough, StreamOutcome};
+use crate::upstream::vertex::classify_send_error;
+
+/// Settles a reservation once the response's usage is known.
+pub(super) struct Settle {
+    forwarder: Arc<Forwarder>,
+    model: ModelId,
+    grant: Grant,
+    raw_input: u64,
+}
+
+impl Settle {
+    pub(super) fn new(forwarder: Arc<Forwarder>, model: ModelId, grant: Grant, plan: Plan) -> Self {
+        Self {
+            forwarder,
+            model,
+            grant,
+            raw_input: plan.raw_input,
+        }
+    }
+
+    pub(super) fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    fn charge_for(&self, usage: Option<Usage>, complete: bool) -> Charge {
+        match usage {
+            Some(u) if complete => Charge {
+                input: u.total_input(),
+                output: u.output_tokens,
+            },
+            // A broken stream: what was observed, and at least the input estimate.
+            Some(u) => Charge {
+                input: u.total_input().max(self.grant.charge.input),
+                output: u.output_tokens,
+            },
+            None if complete => self.grant.charge,
+            None => Charge {
+                input: self.grant.charge.input,
+                output: 0,
+            },
+        }
+    }
+
+    async fn run(self, usage: Option<Usage>, complete: bool) {
+        if let Some(u) = usage.filter(|_| complete) {
+            let f = &self.forwarder;
+            if let Some(ratio) = f
+                .estimates
+                .observe(&self.model, self.raw_input, u.total_input())
+            {
+                f.observer.estimate_ratio(self.model.as_str(), ratio);
+            }
+        }
+        let charge = self.charge_for(usage, complete);
+        self.forwarder
+            .scheduler
+            .settle(&self.grant, Outcome::Used(charge))
+            .await;
+    }
+}
+
+pub(super) async fn unary(
+    response: reqwest::Response,
+    trace: &mut Trace,
+    settle: Option<Settle>,
+    served: Served,
+) -> Result<Answer, ForwardError> {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let body = match response.bytes().await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            if let Some(settle) = settle {
+                settle.run(None, false).await;
+            }
+            return Err(classify_send_error(&trace.region, e));
+        }
+    };
+    if !status.is_success() {
+        return Err(ForwardError::Upstream(normalize_upstream_error(
+            status.as_u16(),
+            &body,
+        )));
+    }
+    let usage = usage_from_message_body(&body);
+    if let Some(settle) = settle {
+        tokio::spawn(settle.run(usage, true));
+    }
+    trace.outcome = "ok";
+    Ok(Answer::Unary {
+        body,
+        content_type,
+        usage,
+        served,
+    })
+}
+
+pub(super) fn stream(
+    forwarder: &Forwarder,
+    response: reqwest::Response,
+    trace: &Trace,
+    settle: Settle,
+    served: Served,
+) -> Answer {
+    let end = StreamEnd::default();
+    let observer = forwarder.observer.clone();
+    observer.stream_opened();
+    let (region, model, started) = (
+        Arc::clone(&trace.region),
+        trace.model.clone(),
+        trace.started,
+    );
+    let ended = end.clone();
+    let events = SsePassthrough::new(
+        response.bytes_stream(),
+        forwarder.policy.drop_vertex_events,
+        move |outcome: StreamOutcome| {
+            let first_event_after = outcome.first_event_at.map(|t| t.duration_since(started));
+            observer.stream_closed(&region, model.as_str(), first_event_after);
+            let label = if outcome.completed {
+                "ok"
+            } else if outcome.client_gone {
+                "client_gone"
+            } else {
+                "stream_error"
+            };
+            ended.set(outcome.usage, label);
+            let usage = outcome.saw_message_start.then_some(outcome.usage);
+            // The hook may run from Drop, outside any await: settle on a task.
+            tokio::spawn(settle.run(usage, outcome.completed));
+        },
+    );
+    Answer::Stream {
+        events,
+        end,
+        served,
+    }
+}

@@ -1,0 +1,339 @@
+//! Logging and metrics as one observer: what happened to each request,
+//! recorded once, in one place.
+//!
+//! - A [`Trace`] collects the facts of one forwarded call as the forwarder
+//!   makes them (model, region, attempts, estimate, waits, outcome). It is
+//!   plain data; nothing is logged while the call runs.
+//! - [`Observer::record`] is the one place a request's outcome becomes its
+//!   log line (`spillway::request`) and its outcome counters and token
+//!   totals. Per-attempt events (admissions, spillovers, upstream statuses,
+//!   stream opens) are counted by the observer's other methods as they
+//!   happen, because a dashboard wants them before the request ends.
+//! - [`observe_requests`] is the outermost HTTP layer. It gives every
+//!   request an id (`request-id` on every response, as Anthropic's API
+//!   does) and records every request when its response is done: a
+//!   forwarded call from the [`RequestRecord`] its response carries (for a
+//!   stream, when the body ends or the client drops it), anything else
+//!   (bad auth, bad JSON, admin and batch API calls) from method, path and
+//!   status. The batch runner, which has no HTTP response, records its items
+//!   with the same [`Observer::record`].
+//!
+//! So no request goes unrecorded, none is recorded twice, and inner code
+//! never reaches back to tell an outer layer what it did.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::{Stream, StreamExt};
+use http::HeaderValue;
+use spillway_core::ledger::Charge;
+use spillway_core::ModelId;
+use spillway_vertex::Usage;
+
+use crate::answer::StreamEnd;
+use crate::metrics::{status_label, Metrics};
+use crate::request_id::{new_request_id, RequestId};
+use crate::scheduler::Priority;
+
+/// The facts of one forwarded call, gathered while it runs.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub request_id: RequestId,
+    pub tenant: Arc<str>,
+    pub model: ModelId,
+    /// The location of the last attempt; empty before any.
+    pub region: Arc<str>,
+    pub started: Instant,
+    pub attempts: u32,
+    pub estimated: Charge,
+    pub queue_wait: Duration,
+    /// Time to response headers of the last upstream attempt.
+    pub upstream_latency: Duration,
+    /// The outcome label once the forwarder knows it (`ok`, `rejected`,
+    /// `invalid`, `upstream_error`, ...); a stream's comes at its end.
+    pub outcome: &'static str,
+}
+
+impl Trace {
+    pub fn new(request_id: RequestId, tenant: Arc<str>, model: ModelId) -> Self {
+        Self {
+            request_id,
+            tenant,
+            model,
+            region: Arc::from(""),
+            started: Instant::now(),
+            attempts: 0,
+            estimated: Charge::default(),
+            queue_wait: Duration::ZERO,
+            upstream_latency: Duration::ZERO,
+            outcome: "error",
+        }
+    }
+}
+
+/// What a forwarded call's response carries to the [`observe_requests`]
+/// layer: its trace, and its status (or, for a stream, how it will end).
+#[derive(Clone)]
+pub enum RequestRecord {
+    Done {
+        trace: Trace,
+        status: u16,
+        usage: Option<Usage>,
+    },
+    Streaming {
+        trace: Trace,
+        end: StreamEnd,
+    },
+}
+
+/// Counts and logs what requests do. Cheap to clone.
+#[derive(Clone)]
+pub struct Observer {
+    metrics: Arc<Metrics>,
+}
+
+impl Observer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+
+    /// The one place a request's outcome is logged and counted.
+    pub fn record(&self, trace: &Trace, status: u16, usage: Option<Usage>) {
+        let usage = usage.unwrap_or_default();
+        let m = &self.metrics;
+        let model = trace.model.as_str();
+        m.requests
+            .with_label_values(&[&*trace.tenant, model, trace.outcome])
+            .inc();
+        if usage.total() > 0 && !trace.region.is_empty() {
+            let tokens = |kind: &str, n: u64| {
+                m.tokens
+                    .with_label_values(&[model, &*trace.region, kind])
+                    .inc_by(n)
+            };
+            tokens("actual_input", usage.total_input());
+            tokens("actual_output", usage.output_tokens);
+            let by_tenant = |kind: &str, n: u64| {
+                m.tenant_tokens
+                    .with_label_values(&[&*trace.tenant, model, kind])
+                    .inc_by(n)
+            };
+            by_tenant("input", usage.total_input());
+            by_tenant("output", usage.output_tokens);
+        }
+        tracing::info!(
+            target: "spillway::request",
+            request_id = %trace.request_id,
+            tenant = %trace.tenant,
+            model = %trace.model,
+            region = %trace.region,
+            attempts = trace.attempts,
+            status,
+            outcome = trace.outcome,
+            estimated_input_tokens = trace.estimated.input,
+            reserved_output_tokens = trace.estimated.output,
+            input_tokens = usage.total_input(),
+            output_tokens = usage.output_tokens,
+            queue_wait_ms = trace.queue_wait.as_secs_f64() * 1000.0,
+            upstream_latency_ms = trace.upstream_latency.as_secs_f64() * 1000.0,
+            latency_ms = trace.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+
+    /// A request that never became a forwarded call (refused by auth or
+    /// validation, an unknown route, an admin or batch API call).
+    fn record_plain(&self, request_id: &RequestId, method: &http::Method, path: &str, status: u16) {
+        let outcome = match status {
+            200..=299 => "ok",
+            401 => "unauthenticated",
+            404 => "not_found",
+            413 => "too_large",
+            400..=499 => "invalid",
+            _ => "error",
+        };
+        self.metrics
+            .requests
+            .with_label_values(&["-", "-", outcome])
+            .inc();
+        tracing::info!(
+            target: "spillway::request",
+            request_id = %request_id,
+            %method,
+            path = %path,
+            status,
+            outcome,
+            "request"
+        );
+    }
+
+    /// One admission: its wait, where it went (spillover from the primary,
+    /// fallback from a failed location) and the tokens reserved.
+    pub fn admitted(&self, admission: Admission<'_>) {
+        let m = &self.metrics;
+        let (model, region) = (admission.model, admission.region);
+        let priority = match admission.priority {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        };
+        m.queue_wait_seconds
+            .with_label_values(&[model, priority])
+            .observe(admission.wait.as_secs_f64());
+        if region != admission.primary {
+            m.spillovers
+                .with_label_values(&[model, admission.primary, region])
+                .inc();
+        }
+        if let Some(from) = admission.failed_region {
+            m.fallbacks.with_label_values(&[model, from, region]).inc();
+        }
+        let tokens =
+            |kind: &str, n: u64| m.tokens.with_label_values(&[model, region, kind]).inc_by(n);
+        tokens("estimated_input", admission.raw_input);
+        tokens("reserved_input", admission.reserved.input);
+        tokens("reserved_output", admission.reserved.output);
+    }
+
+    /// One upstream attempt's answer (`status` as [`status_label`] names it,
+    /// or `timeout`, `credentials`, `transport`).
+    pub fn attempted(&self, region: &str, model: &str, status: &str, latency: Option<Duration>) {
+        let m = &self.metrics;
+        m.upstream_requests
+            .with_label_values(&[region, model, status])
+            .inc();
+        if status == status_label(429) {
+            m.upstream_rate_limited
+                .with_label_values(&[region, model])
+                .inc();
+        }
+        if let Some(latency) = latency {
+            m.upstream_latency_seconds
+                .with_label_values(&[region, model])
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// How far a learned correction was off for one request.
+    pub fn estimate_ratio(&self, model: &str, ratio: f64) {
+        self.metrics
+            .estimate_ratio
+            .with_label_values(&[model])
+            .observe(ratio);
+    }
+
+    pub fn stream_opened(&self) {
+        self.metrics.open_streams.inc();
+    }
+
+    pub fn stream_closed(&self, region: &str, model: &str, first_event_after: Option<Duration>) {
+        self.metrics.open_streams.dec();
+        if let Some(ttft) = first_event_after {
+            self.metrics
+                .time_to_first_token_seconds
+                .with_label_values(&[region, model])
+                .observe(ttft.as_secs_f64());
+        }
+    }
+}
+
+/// What [`Observer::admitted`] counts.
+pub struct Admission<'a> {
+    pub model: &'a str,
+    pub primary: &'a str,
+    pub region: &'a str,
+    pub failed_region: Option<&'a str>,
+    pub wait: Duration,
+    pub priority: Priority,
+    pub raw_input: u64,
+    pub reserved: Charge,
+}
+
+/// The outermost layer: a request id for every request, and every request
+/// recorded once its response is done.
+pub async fn observe_requests(
+    State(observer): State<Observer>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let id = new_request_id();
+    let header = HeaderValue::from_str(&id).expect("request ids are ASCII");
+    let request_id = RequestId::from(id);
+    request.extensions_mut().insert(request_id.clone());
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    response.headers_mut().insert("request-id", header);
+    match response.extensions_mut().remove::<RequestRecord>() {
+        Some(RequestRecord::Done {
+            trace,
+            status,
+            usage,
+        }) => observer.record(&trace, status, usage),
+        Some(RequestRecord::Streaming { trace, end }) => {
+            let (parts, body) = response.into_parts();
+            let body = RecordOnEnd {
+                inner: Some(body.into_data_stream()),
+                pending: Some((observer, trace, end)),
+            };
+            response = Response::from_parts(parts, Body::from_stream(body));
+        }
+        None => {
+            let quiet = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+            if !quiet {
+                observer.record_plain(&request_id, &method, &path, response.status().as_u16());
+            }
+        }
+    }
+    response
+}
+
+/// A streamed body that records its request when it ends or is dropped.
+struct RecordOnEnd<S> {
+    inner: Option<S>,
+    pending: Option<(Observer, Trace, StreamEnd)>,
+}
+
+impl<S> RecordOnEnd<S> {
+    fn finish(&mut self) {
+        // The inner stream reports how it ended when it is done or dropped:
+        // drop it first, so its end is known.
+        self.inner = None;
+        if let Some((observer, mut trace, end)) = self.pending.take() {
+            let (usage, outcome) = end.get().unwrap_or((Usage::default(), "client_gone"));
+            trace.outcome = outcome;
+            observer.record(&trace, 200, Some(usage));
+        }
+    }
+}
+
+impl<S> Stream for RecordOnEnd<S>
+where
+    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match inner.poll_next_unpin(cx) {
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S> Drop for RecordOnEnd<S> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

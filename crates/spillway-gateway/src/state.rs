@@ -1,0 +1,22 @@
+//! What every handler shares: the forwarder (the request lifecycle), the
+//! keys in force, the batch service, settings and metrics. Built once by
+//! `server`; the parts that change have their own interior locks.
+
+use std::sync::Arc;
+
+use crate::auth::Keys;
+use crate::batch::BatchService;
+use crate::config::Settings;
+use crate::forwarder::Forwarder;
+use crate::metrics::Metrics;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub forwarder: Arc<Forwarder>,
+    pub keys: Arc<Keys>,
+    /// SHA-256 of the admin key; `None` disables the admin API.
+    pub admin_key_digest: Option<[u8; 32]>,
+    pub metrics: Arc<Metrics>,
+    /// Batch jobs (store and runner); `None` when `batch.enabled = false`.
+    pub batches: Option<Arc<BatchService>>,
+}
