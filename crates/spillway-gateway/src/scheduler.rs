@@ -251,6 +251,17 @@ impl Scheduler {
             });
         }
 
+        self.wait_in_line(queue, demand, request).await
+    }
+
+    /// Queues `demand` (fairly: class, then finish tag) and admits it when
+    /// it is at the head and its charge fits, or rejects it at its deadline.
+    async fn wait_in_line(
+        &self,
+        queue: &GroupQueue,
+        demand: &Demand,
+        request: ReserveRequest<'_>,
+    ) -> Result<Grant, Rejection> {
         let ticket = {
             let mut q = queue.lock();
             (q.waiting.len() < self.max_queue).then(|| q.enqueue(demand))

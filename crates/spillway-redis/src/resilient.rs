@@ -207,10 +207,6 @@ impl ResilientStore {
         Ok(store)
     }
 
-    pub fn is_degraded(&self) -> bool {
-        self.inner.degraded.load(Ordering::Relaxed)
-    }
-
     /// N, the number of replicas the local share divides by.
     pub fn replicas(&self) -> u32 {
         self.inner.replicas.load(Ordering::Relaxed)

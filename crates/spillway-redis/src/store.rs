@@ -332,10 +332,6 @@ impl Inner {
         *self.lock_conn() = None;
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.lock_conn().is_some()
-    }
-
     fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -122,14 +122,6 @@ impl ErrorKind {
             _ => ErrorKind::Api,
         }
     }
-
-    /// True for kinds a client may retry (rate limit, overloaded, api and timeout errors).
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::RateLimit | ErrorKind::Api | ErrorKind::Overloaded | ErrorKind::Timeout
-        )
-    }
 }
 
 impl std::fmt::Display for ErrorKind {
@@ -200,11 +192,6 @@ impl UpstreamError {
     /// The Anthropic-shaped body for this error.
     pub fn body(&self, request_id: Option<&str>) -> Vec<u8> {
         error_body(self.kind, &self.message, request_id)
-    }
-
-    /// The `event: error` frame for this error (for failures after a stream started).
-    pub fn sse_event(&self) -> Bytes {
-        sse_error_event(self.kind, &self.message)
     }
 }
 

@@ -142,19 +142,14 @@ impl Forwarder {
                     trace.outcome = "rejected";
                     refusal(last_error.take(), rejection, model.id.as_str())
                 })?;
-            let location = model
-                .regions
-                .iter()
-                .find(|r| *r.region == *grant.region)
-                .expect("grants name the model's locations");
-            let provider = match self.provider(&location.provider) {
-                Ok(provider) => provider,
+            let (name, provider) = match self.provider_for(model, &grant) {
+                Ok(found) => found,
                 Err(e) => {
                     self.scheduler.settle(&grant, Outcome::NotSent).await;
                     return Err(e);
                 }
             };
-            let body = bodies.for_provider(&location.provider, provider.as_ref(), op, model);
+            let body = bodies.for_provider(name, provider.as_ref(), op, model);
             let sent = self
                 .send(provider, trace, op, stream, body, beta.clone())
                 .await;
@@ -179,30 +174,56 @@ impl Forwarder {
                 }
                 Err(error) => error,
             };
-            match attempt_failure(&error) {
-                Some(outcome) => {
-                    tracing::info!(request_id = %trace.request_id, region = %grant.region, error = %error, "upstream refused; trying again");
-                    failed_region = Some(Arc::clone(&grant.region));
-                    self.scheduler.settle(&grant, outcome).await;
-                    last_error = Some(error);
-                }
-                None => {
-                    // A definite answer (400, 404, credentials...): upstream
-                    // spent nothing on it.
-                    let outcome = match error {
-                        ForwardError::Upstream(_) => Outcome::Used(Charge::default()),
-                        _ => Outcome::NotSent,
-                    };
-                    self.scheduler.settle(&grant, outcome).await;
-                    return Err(error);
-                }
-            }
+            last_error = Some(self.failed(&grant, error, trace).await?);
+            failed_region = Some(Arc::clone(&grant.region));
         }
         trace.outcome = "attempts_exhausted";
         Err(last_error.unwrap_or(ForwardError::UpstreamUnavailable {
             region: trace.region.to_string(),
             reason: "no attempt left".into(),
         }))
+    }
+
+    /// The provider of the granted location, and its name.
+    fn provider_for<'m>(
+        &self,
+        model: &'m ModelSpec,
+        grant: &Grant,
+    ) -> Result<(&'m str, &Arc<dyn Provider>), ForwardError> {
+        let location = model
+            .regions
+            .iter()
+            .find(|r| *r.region == *grant.region)
+            .expect("grants name the model's locations");
+        Ok((&location.provider, self.provider(&location.provider)?))
+    }
+
+    /// Settles an attempt that failed with `error`: `Ok(error)` when another
+    /// attempt may succeed (the store learned from this one), `Err(error)`
+    /// when it is the call's answer.
+    async fn failed(
+        &self,
+        grant: &Grant,
+        error: ForwardError,
+        trace: &Trace,
+    ) -> Result<ForwardError, ForwardError> {
+        match attempt_failure(&error) {
+            Some(outcome) => {
+                tracing::info!(request_id = %trace.request_id, region = %grant.region, error = %error, "upstream refused; trying again");
+                self.scheduler.settle(grant, outcome).await;
+                Ok(error)
+            }
+            None => {
+                // A definite answer (400, 404, credentials...): upstream
+                // spent nothing on it.
+                let outcome = match error {
+                    ForwardError::Upstream(_) => Outcome::Used(Charge::default()),
+                    _ => Outcome::NotSent,
+                };
+                self.scheduler.settle(grant, outcome).await;
+                Err(error)
+            }
+        }
     }
 
     /// One admission, timed and counted.
