@@ -1,7 +1,7 @@
 //! The client-facing HTTP surface: thin handlers that turn a request into a
-//! [`CallRequest`](crate::forwarder::CallRequest), hand it to the
+//! [`CallRequest`], hand it to the
 //! [`Forwarder`](crate::forwarder::Forwarder), and render what comes back
-//! (an [`Answer`] or a [`ForwardError`]) as HTTP.
+//! (an [`Answer`] or a [`ForwardError`](crate::answer::ForwardError)) as HTTP.
 //!
 //! Two surfaces lead to the same call:
 //! - **Vertex-style**, for `AnthropicVertex(base_url=".../v1")`:

@@ -9,7 +9,7 @@
 //!                                      │                                           ▲ │
 //!        ◀─GET …/results (JSONL, paged from the store)─────────────────────────────┘ │
 //!                                                                                     ▼
-//!                         runner: claim ≤ concurrency items (lease) ─▶ proxy::forward
+//!                         runner: claim ≤ concurrency items (lease) ─▶ Forwarder::forward
 //!                                 (Priority::Batch: same admission, fallback,
 //!                                  settlement and logging as any request) ─▶ complete
 //! ```
@@ -30,7 +30,7 @@
 //!   read.
 //! - [`runner`]: the worker loop. It claims items with a *lease* (owner id +
 //!   expiry, renewed while the item is in flight), runs each through
-//!   [`crate::proxy::forward`] at [`crate::scheduler::Priority::Batch`], and
+//!   [`crate::forwarder::Forwarder::forward`] at [`crate::scheduler::Priority::Batch`], and
 //!   completes it only if it still holds the lease. The scheduler admits a
 //!   batch request only when no interactive request of its model is waiting,
 //!   so interactive traffic is delayed by at most the batch requests already
@@ -62,7 +62,7 @@
 //! # What this module must not do
 //!
 //! - Talk to upstream or to the quota store directly: every item goes
-//!   through `proxy::forward`, so batches can never bypass admission,
+//!   through `Forwarder::forward`, so batches can never bypass admission,
 //!   tenant policy, fallback or settlement.
 //! - Hold a batch in memory: uploads are streamed into the store and results
 //!   are streamed out of it page by page.

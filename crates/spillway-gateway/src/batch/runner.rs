@@ -4,7 +4,7 @@
 //! Whenever a slot is free it claims more from the store (each claim is a
 //! lease: this process's owner id and an expiry, renewed every third of the
 //! lease while it runs), and runs each claimed item as one
-//! [`Call`](crate::forwarder::Call) at [`Priority::Batch`] for the tenant
+//! [`Call`] at [`Priority::Batch`] for the tenant
 //! that submitted it, through the same [`Forwarder`] as interactive
 //! requests. The forwarder's answer is used as it is: a unary Message is
 //! stored as the result, and the [`ForwardError`]'s variant says whether to

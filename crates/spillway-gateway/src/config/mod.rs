@@ -201,7 +201,7 @@ pub struct BatchSettings {
     pub postgres_max_connections: u32,
     /// Batch items in flight at once (waiting for quota or upstream).
     pub concurrency: usize,
-    /// Upstream attempts per item (each with `proxy`'s own region fallback)
+    /// Upstream attempts per item (each with the forwarder's own region fallback)
     /// before it is recorded `errored`. Waiting for quota is not an attempt.
     pub max_item_attempts: u32,
     /// Backoff between attempts: base · 2^(attempt-1), at most max, jittered.
@@ -209,7 +209,7 @@ pub struct BatchSettings {
     pub retry_max_ms: u64,
     /// Days an ended batch's results are kept before it is purged.
     pub retention_days: u32,
-    /// Base of `results_url`, e.g. "https://spillway.internal"; empty: the
+    /// Base of `results_url`, e.g. `https://spillway.internal`; empty: the
     /// listen address (or the request's Host when listening on 0.0.0.0 or port 0).
     pub public_url: String,
     /// Requests in one batch (Anthropic: 100,000).

@@ -5,9 +5,8 @@
 //! The [`Forwarder`] owns what that takes — the catalog, the scheduler (and
 //! through it the quota store), the providers, the estimate learner and the
 //! observer — and knows nothing of HTTP on the client side: it returns a
-//! [`Forwarded`], the call's [`Trace`] and either an
-//! [`Answer`](crate::answer::Answer) or a
-//! [`ForwardError`](crate::answer::ForwardError). `routes` renders that for
+//! [`Forwarded`], the call's [`Trace`] and either an [`Answer`] or a
+//! [`ForwardError`]. `routes` renders that for
 //! a client; `batch` stores it as a result.
 //!
 //! One call's life:
