@@ -1,17 +1,19 @@
 //! Models that share one quota group, through the real router and the
 //! simulator, on tokio's paused clock.
 //!
-//! A model's `quota_group` names the budget it draws on (Vertex's lineage
-//! buckets). Budgets and wait queues are keyed by group, the model id stays
-//! the model's: these tests failed while a queue was keyed by model id and a
-//! demand by group (every request of a grouped model was refused as "can
-//! never fit").
+//! A model's `quota_group` names its Vertex lineage: on `global` and the
+//! multi-regions the models of one group draw on one bucket (in regions each
+//! keeps its own; `tests/lineage.rs` runs both at once). Each model asks and
+//! waits under its own key, which points at its bucket in each location:
+//! these tests failed while a queue was keyed by model id and a demand by
+//! group (every request of a grouped model was refused as "can never fit").
 
 mod support;
 
 use std::time::Duration;
 
 use serde_json::Value;
+use spillway_sim::{SimConfig, SimModel, SimRegion};
 use support::*;
 use tokio::time::Instant;
 
@@ -21,17 +23,29 @@ const HAIKU_IN_A_GROUP: &str = r#"
 quota_group = "haiku-lineage"
 "#;
 
-/// Haiku and Sonnet drawing on one budget of 3 requests a minute in
-/// us-central1.
+/// Haiku and Sonnet drawing on one budget of 3 requests a minute on
+/// `global`.
 const TWO_MODELS_ONE_GROUP: &str = r#"
 [models."claude-3-haiku@20240307"]
 quota_group = "shared"
-regions = [{ name = "us-central1", requests_per_min = 3 }]
+regions = [{ name = "global", requests_per_min = 3 }]
 
 [models."claude-3-sonnet@20240229"]
 quota_group = "shared"
-regions = [{ name = "us-central1", requests_per_min = 3 }]
+regions = [{ name = "global", requests_per_min = 3 }]
 "#;
+
+/// The simulator's defaults plus both models on `global` in group "shared".
+fn sim_with_shared_global() -> SimConfig {
+    let mut sim = SimConfig::vertex_defaults();
+    sim.regions.push(SimRegion {
+        name: "global".into(),
+        models: [HAIKU, SONNET]
+            .map(|m| SimModel::new(m, 3, 50_000).in_group("shared"))
+            .to_vec(),
+    });
+    sim
+}
 
 #[tokio::test(start_paused = true)]
 async fn a_model_with_its_own_quota_group_is_served() {
@@ -51,7 +65,7 @@ async fn a_model_with_its_own_quota_group_is_served() {
 
 #[tokio::test(start_paused = true)]
 async fn models_of_one_group_share_one_budget_and_one_queue() {
-    let h = Harness::start(TWO_MODELS_ONE_GROUP).await;
+    let h = Harness::start_with(TWO_MODELS_ONE_GROUP, sim_with_shared_global()).await;
     // Two Haiku and one Sonnet fill the group's 3 requests.
     for model in [HAIKU, HAIKU, SONNET] {
         let r = h.post_fail_fast("/v1/messages", &hello(model)).await;
@@ -62,8 +76,8 @@ async fn models_of_one_group_share_one_budget_and_one_queue() {
     let message = expect_error(refused, 429, "rate_limit_error").await;
     assert!(message.contains("no quota"), "{message}");
 
-    // Half a window later, one waiting request is queued under the group
-    // and admitted when the window frees (about 60 s after the first
+    // Half a window later, one waiting request is queued (under its model)
+    // and admitted when the shared window frees (about 60 s after the first
     // admission), not refused.
     tokio::time::sleep(Duration::from_secs(30)).await;
     let started = Instant::now();
@@ -82,10 +96,10 @@ async fn models_of_one_group_share_one_budget_and_one_queue() {
         "waited {wait:?}"
     );
 
-    // The admin view and the metrics show one budget for the group.
+    // The metrics show one budget for the group, and a queue per model.
     let sim_saw: u64 = [HAIKU, SONNET]
         .iter()
-        .map(|m| h.sim.counters("us-central1", m).succeeded)
+        .map(|m| h.sim.counters("global", m).succeeded)
         .sum();
     assert_eq!(sim_saw, 4);
     let metrics = h
@@ -99,9 +113,15 @@ async fn models_of_one_group_share_one_budget_and_one_queue() {
         .unwrap();
     assert!(
         metrics.contains(
-            "spillway_budget_limit{model=\"shared\",region=\"us-central1\",resource=\"requests\"}"
+            "spillway_budget_limit{model=\"shared\",region=\"global\",resource=\"requests\"}"
         ),
         "{metrics}"
     );
-    assert!(metrics.contains("spillway_queue_depth{model=\"shared\",priority=\"interactive\"} 0"));
+    assert!(metrics.contains(&format!(
+        "spillway_queue_depth{{model=\"{HAIKU}\",priority=\"interactive\"}} 0"
+    )));
+    assert!(
+        !metrics.contains("region=\"us-central1\""),
+        "one bucket only"
+    );
 }

@@ -2,18 +2,28 @@
 //!
 //! A request names a **model** ([`ModelId`], e.g. `claude-sonnet-4-5@20250929`):
 //! that id goes into the upstream URL, the logs, the per-model estimate
-//! corrections. The quota it spends belongs to a **quota group**
-//! ([`QuotaGroup`]): usually the model's own id, but newer models on Vertex's
-//! `global` and multi-region endpoints share one *lineage* bucket across
-//! versions (`anthropic-claude-sonnet`), so two model ids can draw on one
-//! budget. Budgets, queues and shared-store keys are keyed by group; anything
-//! about the model itself is keyed by id.
+//! corrections. The quota it spends is named by a [`QuotaGroup`], in two
+//! roles:
 //!
-//! Mixing the two once cost every model with its own `quota_group` all of its
-//! traffic (queues were keyed by id, demands named the group, the lookup
-//! missed and the request was refused as "never fits"). As two types, the
-//! compiler keeps them apart: a map says which one it is keyed by, and a
-//! conversion between them is always spelled out
+//! - a **bucket group**: with a location, the key of a budget. Newer models
+//!   on Vertex's `global` and multi-region endpoints share one *lineage*
+//!   bucket across versions (`anthropic-claude-sonnet`), so there the
+//!   bucket group is the model's configured `quota_group`; on a regional
+//!   endpoint every model has its own bucket, named by its id
+//!   (`catalog::bucket_group`).
+//! - a **requester** key: what a model's requests are asked and queued
+//!   under, the model's own ([`QuotaGroup::of_model`]); the store maps each
+//!   (requester, location) to the bucket it draws on.
+//!
+//! Budgets and shared-store keys are keyed by (bucket group, location),
+//! wait queues and grants by requester; anything about the model itself by
+//! id.
+//!
+//! Mixing the names once cost every model with its own `quota_group` all of
+//! its traffic (queues were keyed by id, demands named the group, the
+//! lookup missed and the request was refused as "never fits"). As two
+//! types, the compiler keeps them apart: a map says which one it is keyed
+//! by, and a conversion between them is always spelled out
 //! ([`QuotaGroup::of_model`]).
 //!
 //! Both are cheap to clone (an `Arc<str>`) and read as `&str`.
@@ -89,8 +99,9 @@ name_type!(
 );
 
 name_type!(
-    /// The quota bucket a model draws on: budgets, wait queues and shared
-    /// store keys are keyed by it, never by a model id.
+    /// A quota name: a bucket group (with a location, a budget's key) or a
+    /// requester key (a model's own, for queues and grants); never a model
+    /// id, though a model's own bucket and requester key spell its id.
     QuotaGroup
 );
 

@@ -51,7 +51,19 @@ impl Limits {
         }
     }
 
-    /// Whether `charge` alone could ever fit (an empty window).
+    /// Vertex's split quotas only: `requests`, `input` tokens and `output`
+    /// tokens per window, no combined limit.
+    pub fn split(requests: u32, input: u64, output: u64) -> Self {
+        Self {
+            requests,
+            tokens: None,
+            input_tokens: Some(input),
+            output_tokens: Some(output),
+        }
+    }
+
+    /// Whether `charge` alone could ever fit (an empty window): every
+    /// limit that is set, each on its own dimension.
     pub fn admits(&self, charge: Charge) -> bool {
         self.fits(Usage::default(), charge)
     }
@@ -67,7 +79,11 @@ impl Limits {
             && self.output_tokens.is_none_or(|max| output <= max)
     }
 
-    /// The token limit that binds a combined charge (for headers and rejections).
+    /// The token limit that binds a combined charge (for headers and
+    /// rejections): the combined limit, or input + output when only split
+    /// limits are set, or unbounded when a dimension has no limit at all.
+    /// A summary only: whether a charge fits is [`Limits::admits`], which
+    /// checks each dimension.
     pub fn token_capacity(&self) -> u64 {
         let split = match (self.input_tokens, self.output_tokens) {
             (Some(i), Some(o)) => Some(i.saturating_add(o)),
@@ -410,6 +426,56 @@ mod tests {
         l.cancel(a);
         assert!(l.fits(c(1), secs(1.0)));
         assert_eq!(l.usage(secs(1.0)), Usage::default());
+    }
+
+    #[test]
+    fn split_only_limits_admit_by_dimension() {
+        let limits = Limits::split(10, 1_000, 200);
+        assert_eq!(limits.token_capacity(), 1_200);
+        // Within each dimension, whatever the sum.
+        assert!(limits.admits(Charge {
+            input: 1_000,
+            output: 200
+        }));
+        // Over one dimension, though the sum fits the capacity.
+        assert!(!limits.admits(Charge {
+            input: 100,
+            output: 201
+        }));
+        assert!(!limits.admits(Charge {
+            input: 1_001,
+            output: 0
+        }));
+        let input_only = Limits {
+            output_tokens: None,
+            ..limits
+        };
+        assert_eq!(input_only.token_capacity(), u64::MAX);
+        assert!(input_only.admits(Charge {
+            input: 1_000,
+            output: 1 << 40
+        }));
+        // The ledger waits for output room alone when only output binds.
+        let mut l = Ledger::new(W, limits);
+        let big_output = Charge {
+            input: 10,
+            output: 150,
+        };
+        assert!(l.reserve(big_output, secs(0.0)).is_some());
+        assert!(l.reserve(big_output, secs(1.0)).is_none());
+        assert!(l
+            .reserve(
+                Charge {
+                    input: 900,
+                    output: 50
+                },
+                secs(1.0)
+            )
+            .is_some());
+        assert_eq!(
+            l.earliest_fit(big_output, secs(2.0)),
+            Some(secs(0.0) + W + Duration::from_nanos(1))
+        );
     }
 
     #[test]

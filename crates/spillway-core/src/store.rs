@@ -11,6 +11,18 @@
 //! Methods return boxed futures so a networked store fits the same trait;
 //! the in-memory store answers immediately. Time comes from a [`Clock`] the
 //! store owns (a networked store uses its server's clock instead).
+//!
+//! ## Requesters and buckets
+//!
+//! A request is asked under its **requester** key (a model's own,
+//! [`ReserveRequest::group`]) and a list of locations. Each (requester,
+//! location) points at a budget identified by its **bucket**, (bucket
+//! group, location) ([`BudgetConfig::bucket`]): on Vertex's `global` and
+//! multi-region endpoints the models of one lineage point at one bucket,
+//! on regional ones each model at its own (`catalog` decides). So one
+//! budget may serve several requesters, and one request's candidates may
+//! be in buckets of different groups. Grants and settlement name the
+//! requester; state, runtime limits and drains name buckets.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,8 +56,9 @@ pub enum Strategy {
 /// One admission question.
 #[derive(Debug, Clone, Copy)]
 pub struct ReserveRequest<'a> {
-    /// The quota group whose budgets are asked (not a model id: models of
-    /// one lineage share a group).
+    /// The requester asking (a model's own key, `ModelSpec::requester`):
+    /// its (requester, location) entries say which bucket each candidate
+    /// location draws on.
     pub group: &'a QuotaGroup,
     /// Eligible regions, in configured preference order.
     pub regions: &'a [Arc<str>],
@@ -67,6 +80,8 @@ pub struct BudgetView {
 /// A reservation to settle when the request ends.
 #[derive(Debug, Clone)]
 pub struct Grant {
+    /// The requester it was granted to (settling finds the bucket from it
+    /// and `region`).
     pub group: QuotaGroup,
     pub region: Arc<str>,
     pub entry: EntryId,
@@ -96,9 +111,10 @@ pub enum Outcome {
     NotSent,
 }
 
-/// The live state of one region-model budget.
+/// The live state of one budget, reported once per bucket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
+    /// The bucket group: with `region`, the budget's key.
     pub group: QuotaGroup,
     pub region: Arc<str>,
     pub configured: Limits,
@@ -128,7 +144,9 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>>;
     fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()>;
     fn states(&self) -> StoreFuture<'_, Vec<BudgetState>>;
-    /// Sets a (group, region) budget's configured limits at run time; false if unknown.
+    /// Sets the configured limits of the bucket (`group`, `region`) — a
+    /// bucket group, as [`BudgetState::group`] names it — at run time;
+    /// false if unknown.
     fn set_configured<'a>(
         &'a self,
         group: &'a QuotaGroup,
@@ -153,22 +171,41 @@ impl Budget {
     }
 }
 
-/// A model's budgets, one per region in configured order.
-type RegionBudgets = Vec<(Arc<str>, Mutex<Budget>)>;
+/// One bucket's budget, shared by every requester pointing at it.
+#[derive(Debug)]
+struct SharedBudget {
+    /// The bucket group; with `region`, the budget's key.
+    bucket: QuotaGroup,
+    region: Arc<str>,
+    budget: Mutex<Budget>,
+}
+
+/// A requester's locations in configured order, each with the index of the
+/// budget it draws on.
+type Locations = Vec<(Arc<str>, usize)>;
 
 /// The in-memory store: exact for one replica.
 pub struct MemoryStore<C: Clock> {
     clock: C,
-    /// quota group → regions in configured order. Built once; only the
+    /// Every bucket's budget once, sorted by (bucket group, location). A
+    /// budget's index here is its place in the one global lock order.
+    budgets: Vec<SharedBudget>,
+    /// requester → its locations, in configured order. Built once; only the
     /// budgets' contents change, under their own locks.
-    groups: HashMap<QuotaGroup, RegionBudgets>,
+    requesters: HashMap<QuotaGroup, Locations>,
     jitter_state: AtomicU64,
 }
 
-/// One configured budget for [`MemoryStore::new`].
+/// One (requester, location) for [`MemoryStore::new`]: which bucket it
+/// draws on, and that bucket's limits.
 #[derive(Debug, Clone)]
 pub struct BudgetConfig {
+    /// The requester (a model's key, `ModelSpec::requester`).
     pub group: QuotaGroup,
+    /// The bucket group: (`bucket`, `region`) is the budget's key. Configs
+    /// naming one bucket share one budget (the first one's limits count;
+    /// the catalog makes them agree).
+    pub bucket: QuotaGroup,
     pub region: String,
     pub limits: Limits,
 }
@@ -187,22 +224,46 @@ impl<C: Clock> MemoryStore<C> {
         adaptive: AdaptiveConfig,
         budgets: &[BudgetConfig],
     ) -> Self {
-        let mut groups: HashMap<QuotaGroup, RegionBudgets> = HashMap::new();
+        let mut keys: Vec<(&QuotaGroup, &str, Limits)> = Vec::new();
         for b in budgets {
-            let adaptive = Adaptive::new(b.limits, adaptive);
-            let budget = Budget {
-                ledger: Ledger::new(window, adaptive.limits()),
-                adaptive,
-                drained: false,
-            };
-            groups
-                .entry(b.group.clone())
-                .or_default()
-                .push((Arc::from(b.region.as_str()), Mutex::new(budget)));
+            if !keys
+                .iter()
+                .any(|(g, r, _)| **g == b.bucket && *r == b.region)
+            {
+                keys.push((&b.bucket, &b.region, b.limits));
+            }
+        }
+        keys.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let shared: Vec<SharedBudget> = keys
+            .iter()
+            .map(|&(bucket, region, limits)| {
+                let adaptive = Adaptive::new(limits, adaptive);
+                SharedBudget {
+                    bucket: bucket.clone(),
+                    region: Arc::from(region),
+                    budget: Mutex::new(Budget {
+                        ledger: Ledger::new(window, adaptive.limits()),
+                        adaptive,
+                        drained: false,
+                    }),
+                }
+            })
+            .collect();
+        let mut requesters: HashMap<QuotaGroup, Locations> = HashMap::new();
+        for b in budgets {
+            let index = keys
+                .iter()
+                .position(|(g, r, _)| **g == b.bucket && *r == b.region)
+                .expect("every bucket was collected above");
+            let locations = requesters.entry(b.group.clone()).or_default();
+            if !locations.iter().any(|(r, _)| **r == *b.region) {
+                locations.push((Arc::clone(&shared[index].region), index));
+            }
         }
         Self {
             clock,
-            groups,
+            budgets: shared,
+            requesters,
             jitter_state: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         }
     }
@@ -217,12 +278,54 @@ impl<C: Clock> MemoryStore<C> {
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn budget(&self, group: &str, region: &str) -> Option<&Mutex<Budget>> {
-        self.groups
-            .get(group)?
+    /// The budget (requester, region) draws on.
+    fn budget_of(&self, requester: &str, region: &str) -> Option<&Mutex<Budget>> {
+        let (_, index) = self
+            .requesters
+            .get(requester)?
             .iter()
-            .find(|(r, _)| &**r == region)
-            .map(|(_, b)| b)
+            .find(|(r, _)| &**r == region)?;
+        Some(&self.budgets[*index].budget)
+    }
+
+    /// The bucket group (requester, region) draws on, if configured.
+    pub fn bucket_of(&self, requester: &str, region: &str) -> Option<&QuotaGroup> {
+        let (_, index) = self
+            .requesters
+            .get(requester)?
+            .iter()
+            .find(|(r, _)| &**r == region)?;
+        Some(&self.budgets[*index].bucket)
+    }
+
+    /// The budget of the bucket (bucket group, region).
+    fn bucket(&self, bucket: &str, region: &str) -> Option<&Mutex<Budget>> {
+        self.budgets
+            .iter()
+            .find(|b| b.bucket.as_str() == bucket && &*b.region == region)
+            .map(|b| &b.budget)
+    }
+
+    /// Locks the budgets of `candidates` (a requester's locations) in the
+    /// one global order — by budget index, whatever order the requester
+    /// lists them in — so two requesters sharing budgets never deadlock;
+    /// returns the guards in the candidates' order.
+    fn lock_in_order<'s>(
+        &'s self,
+        candidates: &[&'s (Arc<str>, usize)],
+    ) -> Vec<(&'s Arc<str>, MutexGuard<'s, Budget>)> {
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by_key(|&k| candidates[k].1);
+        let mut guards: Vec<Option<MutexGuard<'s, Budget>>> =
+            candidates.iter().map(|_| None).collect();
+        for k in order {
+            guards[k] = Some(lock(&self.budgets[candidates[k].1].budget));
+        }
+        candidates
+            .iter()
+            .zip(guards)
+            .map(|((region, _), guard)| (region, guard.expect("every candidate is locked")))
+            .collect()
     }
 
     /// The synchronous heart of [`QuotaStore::reserve`].
@@ -238,16 +341,16 @@ impl<C: Clock> MemoryStore<C> {
 
     fn decide(&self, request: ReserveRequest<'_>, reserve: bool) -> Result<Option<Grant>, Denial> {
         let now = self.clock.now();
-        let Some(regions) = self.groups.get(request.group) else {
+        let Some(locations) = self.requesters.get(request.group) else {
             return Err(Denial::Never);
         };
-        // Lock every candidate, in configured order (a fixed order, so no
-        // deadlock), so choice and reservation are one step.
-        let mut candidates: Vec<(&Arc<str>, MutexGuard<'_, Budget>)> = regions
+        // Lock every candidate so choice and reservation are one step; in
+        // the global order, as budgets are shared between requesters.
+        let eligible: Vec<&(Arc<str>, usize)> = locations
             .iter()
             .filter(|(region, _)| request.regions.iter().any(|r| r == region))
-            .map(|(region, budget)| (region, lock(budget)))
             .collect();
+        let mut candidates = self.lock_in_order(&eligible);
         let mut best: Option<(usize, f64)> = None;
         for (i, (_, budget)) in candidates.iter_mut().enumerate() {
             if budget.drained || budget.adaptive.in_cooldown(now) {
@@ -312,7 +415,7 @@ impl<C: Clock> MemoryStore<C> {
 
     /// The synchronous heart of [`QuotaStore::settle`].
     pub fn settle_now(&self, grant: &Grant, outcome: Outcome) {
-        let Some(budget) = self.budget(grant.group.as_str(), &grant.region) else {
+        let Some(budget) = self.budget_of(grant.group.as_str(), &grant.region) else {
             return;
         };
         let now = self.clock.now();
@@ -345,24 +448,23 @@ impl<C: Clock> MemoryStore<C> {
 
     pub fn states_now(&self) -> Vec<BudgetState> {
         let now = self.clock.now();
-        let mut states = Vec::new();
-        for (group, regions) in &self.groups {
-            for (region, budget) in regions {
-                let mut b = lock(budget);
-                states.push(BudgetState {
-                    group: group.clone(),
-                    region: Arc::clone(region),
+        // Sorted by (bucket group, location) already: each bucket once.
+        self.budgets
+            .iter()
+            .map(|shared| {
+                let mut b = lock(&shared.budget);
+                BudgetState {
+                    group: shared.bucket.clone(),
+                    region: Arc::clone(&shared.region),
                     configured: b.adaptive.configured(),
                     effective: b.ledger.limits(),
                     usage: b.ledger.usage(now),
                     in_flight: b.ledger.in_flight(now),
                     cooldown_remaining: b.adaptive.cooldown_until().saturating_sub(now),
                     drained: b.drained,
-                });
-            }
-        }
-        states.sort_by(|a, b| (&a.group, &a.region).cmp(&(&b.group, &b.region)));
-        states
+                }
+            })
+            .collect()
     }
 }
 
@@ -398,7 +500,7 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool> {
-        let found = self.budget(group.as_str(), region).map(|b| {
+        let found = self.bucket(group.as_str(), region).map(|b| {
             let mut b = lock(b);
             b.adaptive.set_configured(limits);
             b.sync_limits();
@@ -408,13 +510,9 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
 
     fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
         let mut count = 0;
-        for regions in self.groups.values() {
-            for (r, budget) in regions {
-                if &**r == region {
-                    lock(budget).drained = drained;
-                    count += 1;
-                }
-            }
+        for shared in self.budgets.iter().filter(|b| &*b.region == region) {
+            lock(&shared.budget).drained = drained;
+            count += 1;
         }
         Box::pin(std::future::ready(count))
     }
@@ -443,6 +541,7 @@ mod tests {
     fn store(clock: TestClock) -> MemoryStore<TestClock> {
         let budgets = ["us-central1", "europe-west4"].map(|region| BudgetConfig {
             group: HAIKU.into(),
+            bucket: HAIKU.into(),
             region: region.into(),
             limits: Limits::new(60, 50_000),
         });
@@ -609,6 +708,178 @@ mod tests {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => panic!("the memory store never waits"),
         }
+    }
+
+    const S45: &str = "claude-sonnet-4-5@20250929";
+    const S46: &str = "claude-sonnet-4-6@20260101";
+    const LINEAGE: &str = "anthropic-claude-sonnet";
+
+    /// Two Sonnet versions of one lineage: `global` shared (2 requests a
+    /// window), a region each (1 request), and S46 also in S45's region.
+    fn lineage_store(clock: TestClock) -> MemoryStore<TestClock> {
+        let config = |group: &str, bucket: &str, region: &str, requests: u32| BudgetConfig {
+            group: group.into(),
+            bucket: bucket.into(),
+            region: region.into(),
+            limits: Limits::new(requests, 1_000_000),
+        };
+        MemoryStore::new(
+            clock,
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &[
+                config(S45, LINEAGE, "global", 2),
+                config(S45, S45, "us-east5", 1),
+                config(S46, LINEAGE, "global", 2),
+                config(S46, S46, "us-east5", 1),
+                config(S46, S46, "europe-west1", 1),
+            ],
+        )
+    }
+
+    fn ask_as<'a>(group: &'a QuotaGroup, regions: &'a [Arc<str>]) -> ReserveRequest<'a> {
+        ReserveRequest {
+            group,
+            regions,
+            charge: Charge {
+                input: 10,
+                output: 10,
+            },
+            strategy: Strategy::Ordered,
+        }
+    }
+
+    #[test]
+    fn requesters_of_a_lineage_share_global_and_keep_their_regions() {
+        let s = lineage_store(TestClock::default());
+        let (s45, s46) = (QuotaGroup::from(S45), QuotaGroup::from(S46));
+        let global: Vec<Arc<str>> = vec![Arc::from("global")];
+        // One budget of 2 on global, whoever asks.
+        let g = s.reserve_now(ask_as(&s45, &global)).unwrap();
+        assert_eq!(g.group, S45, "a grant names its requester");
+        assert_eq!(s.bucket_of(S46, "global").unwrap(), LINEAGE);
+        assert_eq!(s.bucket_of(S46, "us-east5").unwrap(), S46);
+        s.reserve_now(ask_as(&s46, &global)).unwrap();
+        assert!(matches!(
+            s.reserve_now(ask_as(&s45, &global)),
+            Err(Denial::Later { .. })
+        ));
+        assert!(s.reserve_now(ask_as(&s46, &global)).is_err());
+        // A refund through one requester is room for the other.
+        s.settle_now(&g, Outcome::NotSent);
+        s.reserve_now(ask_as(&s46, &global)).unwrap();
+        // us-east5: one budget each, though both name the lineage.
+        let east: Vec<Arc<str>> = vec![Arc::from("us-east5")];
+        s.reserve_now(ask_as(&s45, &east)).unwrap();
+        s.reserve_now(ask_as(&s46, &east)).unwrap();
+        assert!(s.reserve_now(ask_as(&s45, &east)).is_err());
+        // S45 is not served in europe-west1: nothing to ask there.
+        let west: Vec<Arc<str>> = vec![Arc::from("europe-west1")];
+        assert_eq!(
+            s.reserve_now(ask_as(&s45, &west)).unwrap_err(),
+            Denial::Never
+        );
+        // State: each bucket once, named by its bucket group.
+        let states: Vec<(String, String, u32)> = s
+            .states_now()
+            .iter()
+            .map(|b| (b.group.to_string(), b.region.to_string(), b.usage.requests))
+            .collect();
+        let row = |g: &str, r: &str, n: u32| (g.to_string(), r.to_string(), n);
+        assert_eq!(
+            states,
+            [
+                row(LINEAGE, "global", 2),
+                row(S45, "us-east5", 1),
+                row(S46, "europe-west1", 0),
+                row(S46, "us-east5", 1),
+            ]
+        );
+        // Limits are set per bucket: the lineage's global budget for both.
+        assert!(futures_ready(s.set_configured(
+            &QuotaGroup::from(LINEAGE),
+            "global",
+            Limits::new(3, 1_000_000)
+        )));
+        s.reserve_now(ask_as(&s45, &global)).unwrap();
+        assert!(s.reserve_now(ask_as(&s46, &global)).is_err());
+        assert!(!futures_ready(s.set_configured(
+            &QuotaGroup::from(LINEAGE),
+            "us-east5",
+            Limits::new(3, 1_000_000)
+        )));
+        assert_eq!(futures_ready(s.set_drained("us-east5", true)), 2);
+    }
+
+    #[test]
+    fn budgets_are_locked_in_one_global_order_whatever_the_requester_lists() {
+        // Two requesters share two budgets, listing them in opposite
+        // orders: locking in each one's order would deadlock.
+        let config = |group: &str, region: &str| BudgetConfig {
+            group: group.into(),
+            bucket: LINEAGE.into(),
+            region: region.into(),
+            limits: Limits::new(u32::MAX, 1 << 40),
+        };
+        let s = Arc::new(MemoryStore::new(
+            TestClock::default(),
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &[
+                config(S45, "global"),
+                config(S45, "us"),
+                config(S46, "us"),
+                config(S46, "global"),
+            ],
+        ));
+        let orders = |group: &str| {
+            let regions = &s.requesters[group];
+            regions
+                .iter()
+                .map(|(r, i)| (r.to_string(), *i))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (orders(S45), orders(S46));
+        assert_eq!((a[0].0.as_str(), b[0].0.as_str()), ("global", "us"));
+        assert_eq!(
+            (a[0].1, a[1].1),
+            (b[1].1, b[0].1),
+            "same budgets, two orders"
+        );
+        let guards_for = |group: &str| {
+            let eligible: Vec<&(Arc<str>, usize)> = s.requesters[group].iter().collect();
+            let guards = s.lock_in_order(&eligible);
+            guards
+                .iter()
+                .map(|(r, _)| r.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            guards_for(S46),
+            ["us", "global"],
+            "guards in the requester's order"
+        );
+
+        // Hold the first budget of the order (global): S46, listing us
+        // first, must wait for it without holding us meanwhile.
+        let (global, us) = (a[0].1, a[1].1);
+        assert!(global < us);
+        let held = lock(&s.budgets[global].budget);
+        let asker = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let group = QuotaGroup::from(S46);
+                let regions: Vec<Arc<str>> = vec![Arc::from("us"), Arc::from("global")];
+                s.reserve_now(ask_as(&group, &regions)).is_ok()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            s.budgets[us].budget.try_lock().is_ok(),
+            "a requester waiting for the first budget holds no later one"
+        );
+        drop(held);
+        assert!(asker.join().unwrap());
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn budgets() -> (Vec<BudgetConfig>, Vec<QuotaGroup>) {
         for region in ["us-central1", "europe-west4"] {
             budgets.push(BudgetConfig {
                 group: model.clone(),
+                bucket: model.clone(),
                 region: region.into(),
                 // Large enough never to refuse: this measures the decision.
                 limits: Limits::new(u32::MAX, u64::MAX / 4),

@@ -1,14 +1,16 @@
 //! The admin API: live quota state, and the levers operators pull without a
 //! restart.
 //!
-//! - `GET /admin/quotas`: every region-model budget — configured, effective
-//!   (headroom and learning applied), used and in flight, cooldown, drained,
-//!   and the model's queue.
+//! - `GET /admin/quotas`: every budget, once per bucket (`model` is the
+//!   bucket group: a lineage on `global`/`us`/`eu`, else a model id) —
+//!   configured, effective (headroom and learning applied), used and in
+//!   flight, cooldown, drained, and the queues of the models drawing on it.
 //! - `GET /admin/tenants`: tenants and their policy (never their keys).
 //! - `POST /admin/regions/{region}/drain` and `/undrain`: take a region out
 //!   of rotation for every model, or put it back. In-flight requests finish.
-//! - `PUT /admin/quotas/{model}/{region}`: set a budget (Google raised the
-//!   quota); learning starts over from the new value.
+//! - `PUT /admin/quotas/{name}/{region}`: set a bucket's budget (Google
+//!   raised the quota); `name` is a model (standing for its bucket in that
+//!   location) or a bucket group. Learning starts over from the new value.
 //! - SIGHUP (see [`reload`]): re-read the config files, keep the ledgers.
 //!
 //! Everything here sits behind the admin key (`admin.key_sha256`), checked
@@ -102,12 +104,18 @@ pub struct QuotaView {
 
 pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
     let scheduler = state.forwarder.scheduler();
+    let catalog = state.forwarder.catalog();
     let states = scheduler.store().states().await;
     Json(
         states
             .into_iter()
             .map(|b| {
-                let (queued_interactive, queued_batch) = scheduler.queue_depth(&b.group);
+                // A bucket's waiters are those of every model drawing on it.
+                let (queued_interactive, queued_batch) = catalog
+                    .requesters_of(&b.group, &b.region)
+                    .into_iter()
+                    .map(|requester| scheduler.queue_depth(requester))
+                    .fold((0, 0), |(i, b), (qi, qb)| (i + qi, b + qb));
                 QuotaView {
                     model: b.group.to_string(),
                     region: b.region.to_string(),
@@ -198,36 +206,46 @@ pub async fn undrain(
     set_drained(&state, region, false).await
 }
 
+/// A budget's new limits: requests, and the token limits the project has
+/// (the combined one, the split ones, or both; at least one).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetQuota {
     pub requests_per_min: u32,
-    pub tokens_per_min: u64,
+    pub tokens_per_min: Option<u64>,
     pub input_tokens_per_min: Option<u64>,
     pub output_tokens_per_min: Option<u64>,
 }
 
-/// `PUT /admin/quotas/{name}/{region}`: `name` is a quota group, or a
-/// model id standing for its group.
+/// `PUT /admin/quotas/{name}/{region}`: `name` is a model (id or alias),
+/// standing for the bucket it draws on in `region` — its lineage's on
+/// `global` and the multi-regions, its own in a region — or a bucket group.
 pub async fn set_quota(
     State(state): State<Arc<AppState>>,
     Path((name, region)): Path<(String, String)>,
     body: Result<Json<SetQuota>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(q) = body.map_err(|e| ApiError::BadRequest(format!("body: {}", e.body_text())))?;
-    if q.requests_per_min == 0 || q.tokens_per_min == 0 {
+    let tokens = [
+        q.tokens_per_min,
+        q.input_tokens_per_min,
+        q.output_tokens_per_min,
+    ];
+    if q.requests_per_min == 0 || tokens.contains(&Some(0)) {
         return Err(ApiError::BadRequest("limits must be positive".into()));
+    }
+    if tokens.iter().all(Option::is_none) {
+        return Err(ApiError::BadRequest(
+            "give tokens_per_min, or input_tokens_per_min and/or output_tokens_per_min".into(),
+        ));
     }
     let limits = Limits {
         requests: q.requests_per_min,
-        tokens: Some(q.tokens_per_min),
+        tokens: q.tokens_per_min,
         input_tokens: q.input_tokens_per_min,
         output_tokens: q.output_tokens_per_min,
     };
-    let group = match state.forwarder.catalog().resolve(&name) {
-        Some(r) => r.model.quota_group.clone(),
-        None => QuotaGroup::from(name.as_str()),
-    };
+    let group: QuotaGroup = state.forwarder.catalog().bucket_of(&name, &region);
     let store = state.forwarder.scheduler().store();
     if !store.set_configured(&group, &region, limits).await {
         return Err(ApiError::NotFound(format!(

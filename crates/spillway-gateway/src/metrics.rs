@@ -209,7 +209,8 @@ impl Metrics {
     /// Refreshes state gauges and renders the exposition text.
     pub fn render(&self, snapshot: Snapshot<'_>) -> String {
         for b in snapshot.budgets {
-            // Budgets are per quota group; the label keeps its name, `model`.
+            // Budgets are per bucket; the label `model` is its bucket group
+            // (a lineage on global/us/eu, else a model id).
             let (region, model) = (&*b.region, b.group.as_str());
             let set = |g: &GaugeVec, resource: &str, v: f64| {
                 g.with_label_values(&[region, model, resource]).set(v)

@@ -1,6 +1,7 @@
 //! The quota store the gateway runs on: the in-memory one (exact for one
 //! replica) or the shared one in Redis ([`spillway_redis::ResilientStore`]),
-//! built from the catalog's budgets, one per (quota group, location).
+//! built from the catalog: one budget per bucket, (bucket group, location),
+//! and each model's (requester, location) pointing at its bucket.
 //!
 //! Queues stay local to each replica; admission is global: every replica's
 //! scheduler asks the same Redis ledgers, one function call per decision.
@@ -43,23 +44,15 @@ pub fn adaptive_config(q: &QuotaDefaults) -> AdaptiveConfig {
     }
 }
 
-/// Opens the configured store over every (quota group, location) budget of
-/// `catalog`. A shared store starts degraded (and keeps retrying) if Redis
+/// Opens the configured store over every bucket of `catalog`, each
+/// (requester, location) pointing at its bucket. A shared store starts degraded (and keeps retrying) if Redis
 /// does not answer, so a replica starts even while Redis is down.
 pub async fn open(
     q: &QuotaDefaults,
     catalog: &Catalog,
     registry: &prometheus::Registry,
 ) -> Result<Arc<dyn QuotaStore>, String> {
-    let budgets: Vec<BudgetConfig> = catalog
-        .budgets()
-        .into_iter()
-        .map(|(group, r)| BudgetConfig {
-            group: group.clone(),
-            region: r.region.clone(),
-            limits: r.limits,
-        })
-        .collect();
+    let budgets: Vec<BudgetConfig> = catalog.budget_configs();
     let window = ledger_window(q);
     let adaptive = adaptive_config(q);
     match q.store {

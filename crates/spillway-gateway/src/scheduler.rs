@@ -1,11 +1,12 @@
 //! Waiting for quota instead of failing: the admission scheduler.
 //!
 //! Every request asks the [`QuotaStore`] for a reservation. When no region
-//! has room, the request waits — up to its deadline — in its quota group's queue
-//! and is admitted as budget frees. The queue decides *who goes next*:
+//! has room, the request waits — up to its deadline — in its requester's
+//! queue (one per model: `ModelSpec::requester`) and is admitted as budget
+//! frees. The queue decides *who goes next*:
 //!
 //! - **Interactive before batch.** A batch request is only considered when
-//!   no interactive request of the same quota group is waiting.
+//!   no interactive request of the same requester is waiting.
 //! - **Weighted fair share between tenants.** Each waiter gets a virtual
 //!   finish tag, `max(V, tenant's last tag) + cost / weight` (weighted fair
 //!   queueing, cost = reserved tokens); the smallest tag goes first. A
@@ -21,6 +22,15 @@
 //! gets a [`Rejection`] carrying an honest retry time. A waiter is a future:
 //! if the client goes away, the future is dropped and its guard takes it
 //! out of the queue and wakes the next in line.
+//!
+//! **Shared buckets.** Models of one Vertex lineage share one bucket on
+//! `global` and the multi-regions but not in regions, so two requesters'
+//! candidates overlap in some budgets only, and no one queue can stand for
+//! a bucket. Each requester waits in its own queue (fairness holds within
+//! it; between requesters sharing a bucket, whichever head asks first
+//! takes the room), and every settle wakes every queue's head: a refund
+//! in a shared bucket is room for another model's waiters. Heads that find
+//! nothing go back to sleep until their store-given retry time.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,7 +52,8 @@ pub enum Priority {
 /// What one request asks for.
 #[derive(Debug, Clone)]
 pub struct Demand {
-    /// The quota group asked (its budgets and its wait queue).
+    /// The requester asking (a model's own key): its wait queue, and what
+    /// the store maps to each location's bucket.
     pub group: QuotaGroup,
     pub regions: Vec<Arc<str>>,
     pub charge: Charge,
@@ -59,7 +70,7 @@ pub struct Demand {
 pub enum Rejection {
     /// No room before the deadline; room is expected after `retry_after`.
     NoRoom { retry_after: Duration },
-    /// Too many requests already waiting for this quota group.
+    /// Too many requests already waiting for this requester.
     QueueFull { retry_after: Duration },
     /// The charge can never fit any candidate budget.
     NeverFits,
@@ -146,14 +157,14 @@ impl Drop for Waiting<'_> {
 
 pub struct Scheduler {
     store: Arc<dyn QuotaStore>,
-    /// One wait queue per quota group: requests for two models of one
-    /// lineage wait in one line for the one budget they share.
+    /// One wait queue per requester (a model's key). Built once.
     queues: HashMap<QuotaGroup, GroupQueue>,
     max_queue: usize,
     decision_seconds: Option<prometheus::Histogram>,
 }
 
 impl Scheduler {
+    /// A scheduler with a queue for each of `groups`, the requester keys.
     pub fn new(store: Arc<dyn QuotaStore>, groups: &[QuotaGroup], max_queue: usize) -> Self {
         let queues = groups
             .iter()
@@ -202,7 +213,7 @@ impl Scheduler {
         Instant::now() + store_time.saturating_sub(self.store.now())
     }
 
-    /// Requests waiting for `group`'s budgets, by class.
+    /// Requests of requester `group` waiting, by class.
     pub fn queue_depth(&self, group: &QuotaGroup) -> (usize, usize) {
         self.queues.get(group).map_or((0, 0), |q| {
             let q = q.lock();
@@ -333,11 +344,88 @@ impl Scheduler {
         }
     }
 
-    /// Ends a reservation and lets waiters try again (a refund may make room).
+    /// Ends a reservation and lets waiters try again (a refund may make
+    /// room). Every queue, not only the grant's requester's: its bucket may
+    /// be shared with other requesters (a lineage on `global`).
     pub async fn settle(&self, grant: &Grant, outcome: Outcome) {
         self.store.settle(grant, outcome).await;
-        if let Some(queue) = self.queues.get(&grant.group) {
+        for queue in self.queues.values() {
             queue.changed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_core::adaptive::AdaptiveConfig;
+    use spillway_core::ledger::Limits;
+    use spillway_core::store::{BudgetConfig, Clock, MemoryStore};
+
+    struct TokioClock(Instant);
+    impl Clock for TokioClock {
+        fn now(&self) -> Duration {
+            Instant::now().duration_since(self.0)
+        }
+    }
+
+    const S45: &str = "claude-sonnet-4-5@20250929";
+    const S46: &str = "claude-sonnet-4-6@20260101";
+
+    fn demand(group: &str) -> Demand {
+        Demand {
+            group: group.into(),
+            regions: vec![Arc::from("global")],
+            charge: Charge {
+                input: 10,
+                output: 10,
+            },
+            strategy: Strategy::Ordered,
+            priority: Priority::Interactive,
+            tenant: Arc::from("t"),
+            weight: 1.0,
+            deadline: Instant::now() + Duration::from_secs(90),
+        }
+    }
+
+    /// A refund through one requester wakes another requester's waiter
+    /// sharing the bucket, long before the window would have freed it.
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_in_a_shared_bucket_wakes_the_other_models_waiters() {
+        let configs = [S45, S46].map(|model| BudgetConfig {
+            group: model.into(),
+            bucket: "anthropic-claude-sonnet".into(),
+            region: "global".into(),
+            limits: Limits::new(1, 1_000),
+        });
+        let store = MemoryStore::new(
+            TokioClock(Instant::now()),
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &configs,
+        );
+        let scheduler = Arc::new(Scheduler::new(
+            Arc::new(store),
+            &[S45.into(), S46.into()],
+            8,
+        ));
+        let first = scheduler.admit(&demand(S45)).await.unwrap();
+        let waiter = {
+            let scheduler = Arc::clone(&scheduler);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let grant = scheduler.admit(&demand(S46)).await;
+                (grant.is_ok(), started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(scheduler.queue_depth(&S46.into()), (1, 0));
+        scheduler.settle(&first, Outcome::NotSent).await;
+        let (admitted, waited) = waiter.await.unwrap();
+        assert!(admitted);
+        assert!(
+            waited < Duration::from_secs(2),
+            "woken by the refund, waited {waited:?}"
+        );
     }
 }

@@ -402,14 +402,17 @@ impl Leases {
         adjustment
     }
 
-    /// Closes the open leases on `region` (of `group`, or of every group):
-    /// an operator drained it or changed its limits here.
-    pub fn revoke(&self, group: Option<&QuotaGroup>, region: &str) -> Vec<Adjustment> {
+    /// Closes the open leases on `region` (of these requesters — those
+    /// drawing on one bucket there — or of every one): an operator drained
+    /// it or changed its limits here.
+    pub fn revoke(&self, groups: Option<&[QuotaGroup]>, region: &str) -> Vec<Adjustment> {
         let ids: Vec<u64> = self
             .book()
             .leases
             .iter()
-            .filter(|(_, l)| l.open && &*l.region == region && group.is_none_or(|g| l.group == *g))
+            .filter(|(_, l)| {
+                l.open && &*l.region == region && groups.is_none_or(|g| g.contains(&l.group))
+            })
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter().filter_map(|id| self.close(id)).collect()

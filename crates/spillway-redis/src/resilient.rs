@@ -112,7 +112,7 @@ impl StoreMetrics {
     }
 }
 
-/// (quota group, region).
+/// A bucket: (bucket group, region).
 type BudgetKey = (QuotaGroup, Arc<str>);
 
 struct Inner {
@@ -123,7 +123,7 @@ struct Inner {
     replicas: AtomicU32,
     /// From config; `None`: from heartbeats.
     fixed_replicas: Option<u32>,
-    /// The last local admission per budget, for resynchronisation.
+    /// The last local admission per bucket, for resynchronisation.
     last_local: Mutex<HashMap<BudgetKey, Duration>>,
     id: String,
     metrics: StoreMetrics,
@@ -287,13 +287,16 @@ impl Inner {
     }
 
     fn local_grant(&self, mut grant: Grant) -> Grant {
+        // Keyed by the bucket, as the local states that are handed over are.
+        let bucket = self
+            .local
+            .bucket_of(grant.group.as_str(), &grant.region)
+            .unwrap_or(&grant.group)
+            .clone();
         self.last_local
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                (grant.group.clone(), Arc::clone(&grant.region)),
-                grant.view.now,
-            );
+            .insert((bucket, Arc::clone(&grant.region)), grant.view.now);
         grant.entry = EntryId::from_raw(grant.entry.raw() | LOCAL);
         grant
     }

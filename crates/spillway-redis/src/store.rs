@@ -10,6 +10,16 @@
 //!
 //! An admission is answered from an open lease when one has room, without
 //! a call; otherwise `reserve` decides, and may grant a lease (`lease.rs`).
+//!
+//! **Keys.** A budget is a bucket, (bucket group, location), and its two
+//! keys are `{prefix}{bucket group}:{location}:entries` and `…:state`: every
+//! requester (model) whose location points at the bucket reads and writes
+//! those same keys, so two Sonnet versions on `global` share one ledger and
+//! keep their own in their regions. The bucket group is the key's hash tag;
+//! one request's candidates may therefore span hash tags (a lineage on
+//! `global`, the model in a region), which one Redis server (or a
+//! primary with replicas) runs as one atomic call. A Redis Cluster would
+//! refuse such a call; Spillway does not support one.
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -100,12 +110,24 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 3)
 return { redis.call('ZCARD', KEYS[1]), tonumber(t[1]) * 1000000 + tonumber(t[2]) }
 ";
 
-/// One region-model budget: its keys and configured limits.
-struct Slot {
+/// One bucket's budget: its keys and configured limits, shared by every
+/// requester whose location points at it.
+struct Bucket {
+    /// The bucket group; with `region`, the budget's key.
+    group: QuotaGroup,
     region: Arc<str>,
     /// entries (sorted set), state (packed string): see `lua/common.lua`.
     keys: [String; 2],
+    /// A drained-regions set that holds this region when it is drained
+    /// (the first requester's: a drain is written to every requester's).
+    drained_key: String,
     configured: Mutex<Limits>,
+}
+
+/// One (requester, location): the bucket it draws on.
+struct Slot {
+    region: Arc<str>,
+    bucket: Arc<Bucket>,
 }
 
 /// The shared store. Standalone, its [`QuotaStore`] impl fails closed (a
@@ -133,9 +155,12 @@ pub struct Inner {
     prefix: String,
     timeout: Duration,
     window: Duration,
-    /// model → budgets in configured order.
-    groups: HashMap<QuotaGroup, Vec<Slot>>,
-    /// model → its drained-regions set.
+    /// requester → its locations in configured order, each pointing at
+    /// its bucket.
+    requesters: HashMap<QuotaGroup, Vec<Slot>>,
+    /// Every bucket once, sorted by (bucket group, location).
+    buckets: Vec<Arc<Bucket>>,
+    /// requester → its drained-regions set.
     drained_keys: HashMap<QuotaGroup, String>,
     clock: ServerClock,
     library: Library,
@@ -203,21 +228,40 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let p = &settings.key_prefix;
-        let mut groups: HashMap<QuotaGroup, Vec<Slot>> = HashMap::new();
-        let mut drained_keys = HashMap::new();
+        let mut requesters: HashMap<QuotaGroup, Vec<Slot>> = HashMap::new();
+        let mut buckets: Vec<Arc<Bucket>> = Vec::new();
+        let mut drained_keys: HashMap<QuotaGroup, String> = HashMap::new();
         for b in &settings.budgets {
-            // `{group}` is a hash tag: one quota group's keys share a cluster
-            // slot, so a script may touch all its regions.
-            let base = format!("{p}{{{}}}:{}", b.group, b.region);
-            drained_keys
+            let drained_key = drained_keys
                 .entry(b.group.clone())
-                .or_insert_with(|| format!("{p}{{{}}}:drained", b.group));
-            groups.entry(b.group.clone()).or_default().push(Slot {
-                region: Arc::from(b.region.as_str()),
-                keys: ["entries", "state"].map(|k| format!("{base}:{k}")),
-                configured: Mutex::new(b.limits),
+                .or_insert_with(|| format!("{p}{{{}}}:drained", b.group))
+                .clone();
+            let found = buckets
+                .iter()
+                .find(|k| k.group == b.bucket && *k.region == *b.region)
+                .cloned();
+            let bucket = found.unwrap_or_else(|| {
+                // The bucket's keys: every requester pointing at it shares them.
+                let base = format!("{p}{{{}}}:{}", b.bucket, b.region);
+                let bucket = Arc::new(Bucket {
+                    group: b.bucket.clone(),
+                    region: Arc::from(b.region.as_str()),
+                    keys: ["entries", "state"].map(|k| format!("{base}:{k}")),
+                    drained_key,
+                    configured: Mutex::new(b.limits),
+                });
+                buckets.push(Arc::clone(&bucket));
+                bucket
             });
+            let slots = requesters.entry(b.group.clone()).or_default();
+            if !slots.iter().any(|s| *s.region == *b.region) {
+                slots.push(Slot {
+                    region: Arc::clone(&bucket.region),
+                    bucket,
+                });
+            }
         }
+        buckets.sort_by(|a, b| (&a.group, &a.region).cmp(&(&b.group, &b.region)));
         let window_us = settings.window.as_micros() as u64;
         let log_ttl_ms = settings.window.as_millis() as u64 + 5_000;
         let state_ttl_ms = (settings.window.as_millis() as u64 * 10)
@@ -256,7 +300,8 @@ impl RedisStore {
                 prefix: p.clone(),
                 timeout: settings.timeout,
                 window: settings.window,
-                groups,
+                requesters,
+                buckets,
                 drained_keys,
                 clock: ServerClock::default(),
                 library,
@@ -362,15 +407,25 @@ impl Inner {
         &self.prefix
     }
 
-    fn slot(&self, group: &str, region: &str) -> Option<&Slot> {
-        self.groups
-            .get(group)?
+    /// The bucket (requester, region) draws on.
+    fn slot(&self, requester: &str, region: &str) -> Option<&Bucket> {
+        self.requesters
+            .get(requester)?
             .iter()
             .find(|s| &*s.region == region)
+            .map(|s| &*s.bucket)
     }
 
-    fn configured(slot: &Slot) -> Limits {
-        *slot.configured.lock().unwrap_or_else(|p| p.into_inner())
+    /// The bucket (bucket group, region).
+    fn bucket(&self, group: &str, region: &str) -> Option<&Bucket> {
+        self.buckets
+            .iter()
+            .find(|b| b.group.as_str() == group && &*b.region == region)
+            .map(|b| &**b)
+    }
+
+    fn configured(bucket: &Bucket) -> Limits {
+        *bucket.configured.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One decision in Redis: reserve (asking for a lease of `want` more
@@ -382,12 +437,13 @@ impl Inner {
         reserve: bool,
         want: u32,
     ) -> Result<Result<Option<(Grant, u32)>, Denial>, StoreError> {
-        let Some(slots) = self.groups.get(request.group) else {
+        let Some(slots) = self.requesters.get(request.group) else {
             return Ok(Err(Denial::Never));
         };
-        let candidates: Vec<&Slot> = slots
+        let candidates: Vec<&Bucket> = slots
             .iter()
             .filter(|s| request.regions.contains(&s.region))
+            .map(|s| &*s.bucket)
             .collect();
         if candidates.is_empty() {
             return Ok(Err(Denial::Never));
@@ -525,22 +581,19 @@ impl Inner {
         Ok(())
     }
 
+    /// Every bucket's state once, named by its bucket group.
     pub async fn try_states(&self) -> Result<Vec<BudgetState>, StoreError> {
-        let all: Vec<(&QuotaGroup, &Slot)> = self
-            .groups
-            .iter()
-            .flat_map(|(m, slots)| slots.iter().map(move |s| (m, s)))
-            .collect();
+        let all = &self.buckets;
         let mut keys: Vec<&str> = Vec::with_capacity(all.len() * 3);
-        for (group, slot) in &all {
-            keys.push(&self.drained_keys[*group]);
-            keys.extend(slot.keys.iter().map(String::as_str));
+        for bucket in all {
+            keys.push(&bucket.drained_key);
+            keys.extend(bucket.keys.iter().map(String::as_str));
         }
         let mut call = self.library.call("states", &keys);
         call.arg(all.len());
-        for (_, slot) in &all {
-            call.arg(&*slot.region)
-                .arg(&limits_args(Self::configured(slot))[..]);
+        for bucket in all {
+            call.arg(&*bucket.region)
+                .arg(&limits_args(Self::configured(bucket))[..]);
         }
         let reply: Vec<i64> = self.invoke(&call).await?;
         if reply.len() != 1 + all.len() * 16 {
@@ -548,12 +601,13 @@ impl Inner {
         }
         let now = reply[0];
         self.clock.observe(now);
-        let mut states: Vec<BudgetState> = all
+        // `buckets` is sorted by (bucket group, location) already.
+        let states: Vec<BudgetState> = all
             .iter()
             .zip(reply[1..].chunks(16))
-            .map(|((group, slot), v)| BudgetState {
-                group: (*group).clone(),
-                region: Arc::clone(&slot.region),
+            .map(|(bucket, v)| BudgetState {
+                group: bucket.group.clone(),
+                region: Arc::clone(&bucket.region),
                 configured: limits_from(&v[0..4]),
                 effective: limits_from(&v[4..8]),
                 usage: usage_from(&v[8..11]),
@@ -562,21 +616,33 @@ impl Inner {
                 drained: v[15] == 1,
             })
             .collect();
-        states.sort_by(|a, b| (&a.group, &a.region).cmp(&(&b.group, &b.region)));
         Ok(states)
     }
 
+    /// Sets the limits of the bucket (`group`, `region`), `group` a bucket
+    /// group; this replica's leases on it close first, whichever requester
+    /// holds them.
     pub async fn try_set_configured(
         &self,
         group: &QuotaGroup,
         region: &str,
         limits: Limits,
     ) -> Result<bool, StoreError> {
-        let Some(slot) = self.slot(group.as_str(), region) else {
+        let Some(slot) = self.bucket(group.as_str(), region) else {
             return Ok(false);
         };
         *slot.configured.lock().unwrap_or_else(|p| p.into_inner()) = limits;
-        self.try_adjust_all(&self.leases.revoke(Some(group), region))
+        let holders: Vec<QuotaGroup> = self
+            .requesters
+            .iter()
+            .filter(|(_, slots)| {
+                slots
+                    .iter()
+                    .any(|s| &*s.region == region && std::ptr::eq(&*s.bucket, slot))
+            })
+            .map(|(requester, _)| requester.clone())
+            .collect();
+        self.try_adjust_all(&self.leases.revoke(Some(&holders), region))
             .await?;
         let keys = slot.keys.each_ref().map(String::as_str);
         let mut call = self.library.call("configure", &keys);
@@ -592,27 +658,30 @@ impl Inner {
                 .await?;
         }
         let mut pipe = redis::pipe();
-        let mut count = 0;
-        for (group, slots) in &self.groups {
+        let mut writes = 0;
+        for (requester, slots) in &self.requesters {
             if slots.iter().any(|s| &*s.region == region) {
-                let key = &self.drained_keys[group];
+                let key = &self.drained_keys[requester];
                 if drained {
                     pipe.sadd(key, region).ignore();
                 } else {
                     pipe.srem(key, region).ignore();
                 }
-                count += 1;
+                writes += 1;
             }
         }
-        if count > 0 {
+        // Counted in buckets, as the in-memory store counts.
+        let count = self.buckets.iter().filter(|b| &*b.region == region).count();
+        if writes > 0 {
             let mut conn = self.connection()?;
             self.bounded(pipe.query_async::<()>(&mut conn)).await?;
         }
         Ok(count)
     }
 
-    /// Adds usage admitted elsewhere (locally, during an outage) as one
-    /// settled entry stamped `at`, if `at` is still in the window.
+    /// Adds usage admitted elsewhere (locally, during an outage) to the
+    /// bucket (`group`, `region`) as one settled entry stamped `at`, if
+    /// `at` is still in the window.
     pub async fn try_import(
         &self,
         group: &str,
@@ -620,7 +689,7 @@ impl Inner {
         at: Duration,
         usage: Usage,
     ) -> Result<(), StoreError> {
-        let Some(slot) = self.slot(group, region) else {
+        let Some(slot) = self.bucket(group, region) else {
             return Ok(());
         };
         let keys = slot.keys.each_ref().map(String::as_str);
@@ -646,15 +715,12 @@ impl Inner {
         Ok(count)
     }
 
-    /// Every region of every quota group this store knows, with its configured limits.
+    /// Every bucket this store knows — (bucket group, location) — with
+    /// its configured limits.
     pub fn budgets(&self) -> Vec<(QuotaGroup, Arc<str>, Limits)> {
-        self.groups
+        self.buckets
             .iter()
-            .flat_map(|(g, slots)| {
-                slots
-                    .iter()
-                    .map(move |s| (g.clone(), Arc::clone(&s.region), Self::configured(s)))
-            })
+            .map(|b| (b.group.clone(), Arc::clone(&b.region), Self::configured(b)))
             .collect()
     }
 
@@ -690,7 +756,7 @@ impl RedisStore {
         &self,
         request: ReserveRequest<'_>,
     ) -> Result<Result<Grant, Denial>, StoreError> {
-        if !self.groups.contains_key(request.group) {
+        if !self.requesters.contains_key(request.group) {
             // Nothing to ask Redis, and no demand to count for it.
             return Ok(Err(Denial::Never));
         }

@@ -34,6 +34,7 @@ fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
         budgets: ["us-central1", "europe-west4"]
             .map(|region| BudgetConfig {
                 group: HAIKU.into(),
+                bucket: HAIKU.into(),
                 region: region.into(),
                 limits,
             })
@@ -760,4 +761,147 @@ async fn a_429_under_a_lease_closes_it_and_traffic_spills_at_once() {
     assert_eq!(us.usage.requests, 4, "the lease's unused room went back");
     let next = reserve(&s, ask(&r, 10, Strategy::Ordered)).await.unwrap();
     assert_eq!(&*next.region, "europe-west4");
+}
+
+const S45: &str = "claude-sonnet-4-5@20250929";
+const S46: &str = "claude-sonnet-4-6@20260101";
+const LINEAGE: &str = "anthropic-claude-sonnet";
+
+/// Two Sonnet versions: `global` one lineage bucket (`global_requests` a
+/// window), `us-east5` a bucket each (2 requests).
+fn lineage_settings(url: &str, global_requests: u32, lease: Duration) -> RedisSettings {
+    let config = |group: &str, bucket: &str, region: &str, requests: u32| BudgetConfig {
+        group: group.into(),
+        bucket: bucket.into(),
+        region: region.into(),
+        limits: Limits::new(requests, 1_000_000),
+    };
+    RedisSettings {
+        budgets: vec![
+            config(S45, LINEAGE, "global", global_requests),
+            config(S45, S45, "us-east5", 2),
+            config(S46, LINEAGE, "global", global_requests),
+            config(S46, S46, "us-east5", 2),
+        ],
+        lease,
+        ..settings(url, Duration::from_secs(60), Limits::new(1, 1))
+    }
+}
+
+fn ask_as<'a>(group: &'a QuotaGroup, regions: &'a [Arc<str>]) -> ReserveRequest<'a> {
+    ReserveRequest {
+        group,
+        regions,
+        charge: Charge {
+            input: 10,
+            output: 10,
+        },
+        strategy: Strategy::Ordered,
+    }
+}
+
+/// Two requesters on two replicas share the lineage's one ledger on
+/// `global` and keep their own in `us-east5`; state shows each bucket
+/// once, and limits set on the bucket hold for both.
+#[tokio::test]
+async fn requesters_of_a_lineage_share_one_bucket_on_global_only() {
+    let redis = RedisServer::start();
+    let s = lineage_settings(&redis.url(), 3, Duration::ZERO);
+    let a = RedisStore::connect(&s).await.unwrap();
+    let b = RedisStore::connect(&s).await.unwrap();
+    let (s45, s46) = (QuotaGroup::from(S45), QuotaGroup::from(S46));
+    let global: Vec<Arc<str>> = vec![Arc::from("global")];
+    let g = reserve(&a, ask_as(&s45, &global)).await.unwrap();
+    assert_eq!(g.group, S45);
+    reserve(&b, ask_as(&s46, &global)).await.unwrap();
+    reserve(&a, ask_as(&s46, &global)).await.unwrap();
+    assert!(matches!(
+        reserve(&b, ask_as(&s45, &global)).await,
+        Err(Denial::Later { .. })
+    ));
+    // A refund through one requester is room for the other.
+    a.try_settle(&g, Outcome::NotSent).await.unwrap();
+    reserve(&b, ask_as(&s46, &global)).await.unwrap();
+    let east: Vec<Arc<str>> = vec![Arc::from("us-east5")];
+    for _ in 0..2 {
+        reserve(&a, ask_as(&s45, &east)).await.unwrap();
+        reserve(&b, ask_as(&s46, &east)).await.unwrap();
+    }
+    assert!(reserve(&a, ask_as(&s45, &east)).await.is_err());
+    let states: Vec<(String, String, u32)> = a
+        .try_states()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| (b.group.to_string(), b.region.to_string(), b.usage.requests))
+        .collect();
+    let row = |g: &str, r: &str, n: u32| (g.to_string(), r.to_string(), n);
+    assert_eq!(
+        states,
+        [
+            row(LINEAGE, "global", 3),
+            row(S45, "us-east5", 2),
+            row(S46, "us-east5", 2),
+        ]
+    );
+    // The bucket's limits, set through one replica, hold for both models.
+    assert!(a
+        .try_set_configured(
+            &QuotaGroup::from(LINEAGE),
+            "global",
+            Limits::new(4, 1_000_000)
+        )
+        .await
+        .unwrap());
+    reserve(&b, ask_as(&s45, &global)).await.unwrap();
+    assert!(reserve(&b, ask_as(&s46, &global)).await.is_err());
+    assert!(!a
+        .try_set_configured(&QuotaGroup::from(LINEAGE), "us-east5", Limits::new(4, 4))
+        .await
+        .unwrap());
+    assert_eq!(a.try_set_drained("us-east5", true).await.unwrap(), 2);
+    assert!(reserve(&b, ask_as(&s46, &east)).await.is_err());
+    let drained: Vec<bool> = a
+        .try_states()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.drained)
+        .collect();
+    assert_eq!(drained, [false, true, true]);
+}
+
+/// Both models busy on two leasing replicas: four requesters' leases on
+/// one bucket, and the bucket still takes exactly its limit.
+#[tokio::test]
+async fn leases_of_two_requesters_on_one_bucket_never_overfill_it() {
+    let redis = RedisServer::start();
+    let s = lineage_settings(&redis.url(), 40, LEASE);
+    let replicas = [
+        RedisStore::connect(&s).await.unwrap(),
+        RedisStore::connect(&s).await.unwrap(),
+    ];
+    let global: Vec<Arc<str>> = vec![Arc::from("global")];
+    let groups = [QuotaGroup::from(S45), QuotaGroup::from(S46)];
+    let mut admitted = 0;
+    let mut leased_grants = 0;
+    // Bursts a lease length apart: demand in one length makes the next
+    // admissions lease; between bursts leases close and give back room.
+    for _ in 0..8 {
+        for round in 0..8 {
+            let store = &replicas[round % 2];
+            let group = &groups[(round / 2) % 2];
+            if let Ok(g) = reserve(store, ask_as(group, &global)).await {
+                admitted += 1;
+                leased_grants += u32::from(leased(&g));
+                assert_eq!(g.group, *group, "a lease serves its own requester");
+            }
+        }
+        tokio::time::sleep(LEASE).await;
+    }
+    tokio::time::sleep(LEASE * 2).await;
+    assert_eq!(admitted, 40, "exactly the bucket's limit, shared");
+    assert!(leased_grants > 0, "leases were used");
+    let state = replicas[0].try_states().await.unwrap();
+    assert_eq!(state[0].usage.requests, 40, "{:?}", state[0]);
 }

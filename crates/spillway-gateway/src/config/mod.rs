@@ -14,8 +14,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use spillway_core::catalog::LocationKind;
 use spillway_core::ledger::Limits;
-use spillway_core::{Catalog, ModelSpec, RegionBudget, VERTEX_PROVIDER};
+use spillway_core::{Catalog, CatalogError, ModelSpec, QuotaGroup, RegionBudget, VERTEX_PROVIDER};
 
 mod shared_quota;
 pub use shared_quota::QuotaStoreKind;
@@ -31,6 +32,9 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("{key}: {problem}")]
     Invalid { key: String, problem: String },
+    /// The models do not make a catalog; the message names the key.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -119,8 +123,12 @@ pub enum RoutingStrategy {
 #[serde(deny_unknown_fields)]
 pub struct QuotaDefaults {
     pub requests_per_min: u32,
+    /// The combined input + output limit of a location that sets none and
+    /// has no split limit (its own or these defaults'): see
+    /// [`Settings::catalog`].
     pub tokens_per_min: u64,
-    /// Vertex's split quotas, when a project has them.
+    /// Vertex's split quotas, when a project has them: the default of every
+    /// location that sets none.
     pub input_tokens_per_min: Option<u64>,
     pub output_tokens_per_min: Option<u64>,
     pub window_secs: u64,
@@ -337,9 +345,13 @@ pub struct ModelSettings {
     pub chars_per_token: Option<f64>,
     #[serde(default)]
     pub regions: Vec<RegionSettings>,
-    /// Models naming the same group share one budget per region (Vertex's
-    /// lineage quotas for newer models on global and multi-region endpoints).
+    /// The model's Vertex lineage (`anthropic-claude-sonnet`): models naming
+    /// one group share one bucket on `global` and on each multi-region
+    /// (`us`, `eu`); on regional endpoints each keeps its own.
     pub quota_group: Option<String>,
+    /// Whether cache reads count toward the input-token quota; unset: by
+    /// model family (`claude-3-*` but 3.7: yes; later models: no).
+    pub cache_reads_count: Option<bool>,
 }
 
 fn default_context_window() -> u64 {
@@ -349,6 +361,8 @@ fn default_context_window() -> u64 {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegionSettings {
+    /// A Vertex location: `global`, a multi-region (`us`, `eu`) or a region
+    /// (`us-east5`); any name for another provider's location.
     pub name: String,
     /// Which upstream provider serves this location; `vertex` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -474,6 +488,23 @@ impl Settings {
                 "requests_per_min and tokens_per_min must be positive",
             ));
         }
+        for (key, value) in [
+            (
+                "quota.input_tokens_per_min",
+                self.quota.input_tokens_per_min,
+            ),
+            (
+                "quota.output_tokens_per_min",
+                self.quota.output_tokens_per_min,
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(
+                    key,
+                    "a split quota must be positive (leave it out if your project has none)",
+                ));
+            }
+        }
         shared_quota::validate(&self.quota)?;
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model must be configured"));
@@ -495,27 +526,21 @@ impl Settings {
             if model.context_window == 0 {
                 return Err(invalid(format!("{key}.context_window"), "must be positive"));
             }
+            if model
+                .quota_group
+                .as_deref()
+                .is_some_and(|g| g.trim().is_empty())
+            {
+                return Err(invalid(
+                    format!("{key}.quota_group"),
+                    "must name a lineage (e.g. \"anthropic-claude-sonnet\") or be left out",
+                ));
+            }
             for (j, region) in model.regions.iter().enumerate() {
-                if !is_region_name(&region.name) {
-                    return Err(invalid(
-                        format!("{key}.regions[{j}].name"),
-                        format!("{:?} is not a Vertex location name", region.name),
-                    ));
-                }
-                if region.requests_per_min == Some(0)
-                    || region.tokens_per_min == Some(0)
-                    || region.input_tokens_per_min == Some(0)
-                    || region.output_tokens_per_min == Some(0)
-                {
-                    return Err(invalid(
-                        format!("{key}.regions[{j}]"),
-                        "budgets must be positive",
-                    ));
-                }
+                self.validate_location(&format!("{key}.regions[{j}]"), region)?;
             }
         }
-        self.catalog()
-            .map_err(|e| invalid("models", e.to_string()))?;
+        self.catalog()?;
         let admin = &self.admin.key_sha256;
         if !admin.is_empty() && (admin.len() != 64 || hex::decode(admin).is_err()) {
             return Err(invalid(
@@ -564,13 +589,89 @@ impl Settings {
         Ok(())
     }
 
-    /// The model catalog with every region's effective budget.
-    pub fn catalog(&self) -> Result<Catalog, spillway_core::CatalogError> {
+    /// One entry of a model's `regions`: a Vertex location (unless another
+    /// provider serves it) with a host, and positive budgets.
+    fn validate_location(&self, key: &str, region: &RegionSettings) -> Result<(), ConfigError> {
+        let vertex = region
+            .provider
+            .as_deref()
+            .is_none_or(|p| p == VERTEX_PROVIDER);
+        if !is_region_name(&region.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?} is not a location name", region.name),
+            ));
+        }
+        match LocationKind::of(&region.name) {
+            None if vertex => {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} is not a Vertex location: use \"global\", a multi-region (\"us\", \"eu\") or a region such as \"us-central1\" (or name the provider that serves it)",
+                        region.name
+                    ),
+                ));
+            }
+            Some(LocationKind::MultiRegion)
+                if vertex && !self.upstream.multi_region_urls.contains_key(&region.name) =>
+            {
+                return Err(invalid(
+                    format!("upstream.multi_region_urls.{}", region.name),
+                    format!(
+                        "the multi-region {:?} is used by a model but has no host",
+                        region.name
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        for (field, value) in [
+            ("requests_per_min", region.requests_per_min.map(u64::from)),
+            ("tokens_per_min", region.tokens_per_min),
+            ("input_tokens_per_min", region.input_tokens_per_min),
+            ("output_tokens_per_min", region.output_tokens_per_min),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(
+                    format!("{key}.{field}"),
+                    "must be positive (leave it out for the [quota] default)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A location's limits: its own values, else the `[quota]` defaults.
+    /// The combined `tokens_per_min` is the location's own if set; else
+    /// `quota.tokens_per_min` only when no split limit applies there (none
+    /// at the location, none in `[quota]`): a project with Vertex's split
+    /// quotas has no combined one, and inventing one would refuse what
+    /// Vertex accepts.
+    pub fn location_limits(&self, region: &RegionSettings) -> Limits {
+        let q = &self.quota;
+        let input_tokens = region.input_tokens_per_min.or(q.input_tokens_per_min);
+        let output_tokens = region.output_tokens_per_min.or(q.output_tokens_per_min);
+        let split = input_tokens.is_some() || output_tokens.is_some();
+        Limits {
+            requests: region.requests_per_min.unwrap_or(q.requests_per_min),
+            tokens: region
+                .tokens_per_min
+                .or((!split).then_some(q.tokens_per_min)),
+            input_tokens,
+            output_tokens,
+        }
+    }
+
+    /// The model catalog with every location's effective budget and bucket.
+    pub fn catalog(&self) -> Result<Catalog, CatalogError> {
         let models = self
             .models
             .iter()
             .map(|(id, m)| ModelSpec {
-                quota_group: m.quota_group.as_deref().unwrap_or(id).into(),
+                quota_group: QuotaGroup::from(m.quota_group.as_deref().unwrap_or(id)),
+                cache_reads_count: m
+                    .cache_reads_count
+                    .unwrap_or_else(|| spillway_core::catalog::default_cache_reads_count(id)),
                 id: id.as_str().into(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,
@@ -579,18 +680,8 @@ impl Settings {
                     .regions
                     .iter()
                     .map(|r| RegionBudget {
-                        region: r.name.clone(),
                         provider: r.provider.as_deref().unwrap_or(VERTEX_PROVIDER).into(),
-                        limits: Limits {
-                            requests: r.requests_per_min.unwrap_or(self.quota.requests_per_min),
-                            tokens: Some(r.tokens_per_min.unwrap_or(self.quota.tokens_per_min)),
-                            input_tokens: r
-                                .input_tokens_per_min
-                                .or(self.quota.input_tokens_per_min),
-                            output_tokens: r
-                                .output_tokens_per_min
-                                .or(self.quota.output_tokens_per_min),
-                        },
+                        ..RegionBudget::vertex(&r.name, self.location_limits(r))
                     })
                     .collect(),
             })
@@ -812,7 +903,122 @@ regions = [{ name = "global" }]
             "quota_group = \"anthropic-claude-opus\"\nregions = [{ name = \"global\", requests_per_min = 5 }]\n[models.\"claude-opus-4-8\"]",
         );
         let err = Settings::load_layers(&[DEMO_TOML, &mismatch], &[], env(&[])).unwrap_err();
-        assert!(err.to_string().contains("quota group"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("models.\"claude-opus-4-8\".regions: location \"global\""),
+            "{err}"
+        );
+        assert!(err.to_string().contains("claude-opus-4-7"), "{err}");
+    }
+
+    /// Two Sonnet versions of one lineage on global, us and a region each,
+    /// with Vertex's split quotas only.
+    const LINEAGE: &str = r#"
+[quota]
+input_tokens_per_min = 30000
+output_tokens_per_min = 8000
+[models."claude-sonnet-4-5@20250929"]
+quota_group = "anthropic-claude-sonnet"
+regions = [{ name = "global" }, { name = "us" }, { name = "us-east5", requests_per_min = 10 }]
+[models."claude-sonnet-4-6@20260101"]
+quota_group = "anthropic-claude-sonnet"
+regions = [{ name = "global" }, { name = "eu" }, { name = "europe-west1", requests_per_min = 20 }]
+"#;
+
+    #[test]
+    fn a_lineage_shares_buckets_on_global_and_multi_regions_and_not_in_regions() {
+        let s = Settings::load_layers(&[DEMO_TOML, LINEAGE], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let buckets: Vec<String> = catalog
+            .budgets()
+            .into_iter()
+            .filter(|(_, r)| {
+                !["us-central1", "europe-west4", "asia-southeast1"].contains(&r.region.as_str())
+            })
+            .map(|(g, r)| format!("{g} {}", r.region))
+            .collect();
+        assert_eq!(
+            buckets,
+            [
+                "anthropic-claude-sonnet global",
+                "anthropic-claude-sonnet us",
+                "claude-sonnet-4-5@20250929 us-east5",
+                "anthropic-claude-sonnet eu",
+                "claude-sonnet-4-6@20260101 europe-west1",
+            ]
+        );
+        // Limits differing in the two regions are no conflict: two buckets.
+        let s45 = catalog.resolve("claude-sonnet-4-5@20250929").unwrap().model;
+        assert_eq!(s45.regions[2].limits.requests, 10);
+    }
+
+    #[test]
+    fn split_quotas_need_no_combined_limit() {
+        let s = Settings::load_layers(&[DEMO_TOML, LINEAGE], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let s45 = catalog.resolve("claude-sonnet-4-5@20250929").unwrap().model;
+        // [quota] has split limits: no location inherits the combined default.
+        assert_eq!(s45.regions[0].limits, Limits::split(60, 30_000, 8_000));
+        let haiku = catalog.resolve("claude-3-haiku@20240307").unwrap().model;
+        assert_eq!(haiku.regions[0].limits.tokens, None);
+
+        // Split limits at one location only: only that one loses it; a
+        // location's own combined limit always counts.
+        let one = r#"
+[models."claude-sonnet-4-5@20250929"]
+regions = [
+  { name = "global", input_tokens_per_min = 30000, output_tokens_per_min = 8000 },
+  { name = "us-east5", output_tokens_per_min = 8000, tokens_per_min = 20000 },
+  { name = "europe-west1" },
+]
+"#;
+        let s = Settings::load_layers(&[DEMO_TOML, one], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let m = catalog.resolve("claude-sonnet-4-5@20250929").unwrap().model;
+        let tokens: Vec<_> = m.regions.iter().map(|r| r.limits.tokens).collect();
+        assert_eq!(tokens, [None, Some(20_000), Some(50_000)]);
+        assert_eq!(m.regions[1].limits.input_tokens, None);
+    }
+
+    #[test]
+    fn bad_locations_and_split_quotas_name_the_key() {
+        let load = |extra: &str| {
+            Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[]))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load("[quota]\ninput_tokens_per_min = 0\n");
+        assert!(err.starts_with("quota.input_tokens_per_min:"), "{err}");
+        let err = load(
+            "[models.\"claude-3-haiku@20240307\"]\nregions = [{ name = \"global\" }, { name = \"us-east5\", output_tokens_per_min = 0 }]\n",
+        );
+        assert!(
+            err.starts_with("models.\"claude-3-haiku@20240307\".regions[1].output_tokens_per_min:"),
+            "{err}"
+        );
+        for bad in ["us-central", "asia", "uscentral1", "global1"] {
+            let err = load(&format!(
+                "[models.\"claude-3-haiku@20240307\"]\nregions = [{{ name = \"{bad}\" }}]\n"
+            ));
+            assert!(
+                err.starts_with("models.\"claude-3-haiku@20240307\".regions[0].name:")
+                    && err.contains("not a Vertex location"),
+                "{bad}: {err}"
+            );
+        }
+        // A multi-region needs a host (the defaults have `us` and `eu`).
+        let mut s = Settings::load_layers(&[DEMO_TOML, LINEAGE], &[], env(&[])).unwrap();
+        s.upstream.multi_region_urls.remove("eu");
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.starts_with("upstream.multi_region_urls.eu:"), "{err}");
+        let err = load("[models.\"claude-3-haiku@20240307\"]\nquota_group = \"\"\n");
+        assert!(
+            err.starts_with("models.\"claude-3-haiku@20240307\".quota_group:"),
+            "{err}"
+        );
+        // Another provider's location may have any name.
+        let ok = "[models.\"claude-3-haiku@20240307\"]\nregions = [{ name = \"elsewhere\", provider = \"canned\" }]\n";
+        assert!(Settings::load_layers(&[DEMO_TOML, ok], &[], env(&[])).is_ok());
     }
 
     #[test]

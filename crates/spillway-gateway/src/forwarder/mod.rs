@@ -192,7 +192,7 @@ impl Forwarder {
             .unwrap_or(self.policy.max_wait)
             .min(self.policy.max_wait_cap);
         let demand = Demand {
-            group: call.model.quota_group.clone(),
+            group: call.model.requester(),
             regions,
             charge: plan.charge,
             strategy: self.policy.strategy,
