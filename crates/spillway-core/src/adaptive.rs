@@ -53,26 +53,42 @@ impl Default for AdaptiveConfig {
     }
 }
 
-/// Which quota a 429 says was exhausted.
+/// Which quota a 429 says was exhausted: the dimension it names, and only
+/// that one is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exhausted {
     Requests,
+    /// Tokens, without saying which kind: every token limit is lowered.
     Tokens,
+    /// Both requests and tokens (kept for stores that learned it before).
     Unknown,
+    InputTokens,
+    OutputTokens,
 }
 
 impl Exhausted {
-    /// Reads Vertex's 429 message, e.g. "Quota exceeded for
-    /// aiplatform.googleapis.com/online_prediction_input_tokens_per_minute_per_base_model".
-    pub fn from_message(message: &str) -> Self {
-        if message.contains("tokens_per_minute") || message.contains("tokens per minute") {
-            Exhausted::Tokens
+    /// Reads Vertex's quota 429 message, e.g. "Quota exceeded for
+    /// aiplatform.googleapis.com/online_prediction_input_tokens_per_minute_per_base_model"
+    /// (or its `global_` / `{location}_multi_region_` forms). `None` when it
+    /// names no quota metric: Google's own capacity ran short ("Resource
+    /// exhausted. Please try again later."), which says nothing about this
+    /// project's budget and must not lower it.
+    pub fn from_message(message: &str) -> Option<Self> {
+        if !message.contains("online_prediction_") && !message.contains("Quota exceeded") {
+            return None;
+        }
+        if message.contains("input_tokens_per_minute") {
+            Some(Exhausted::InputTokens)
+        } else if message.contains("output_tokens_per_minute") {
+            Some(Exhausted::OutputTokens)
+        } else if message.contains("tokens_per_minute") || message.contains("tokens per minute") {
+            Some(Exhausted::Tokens)
         } else if message.contains("requests_per_base_model")
             || message.contains("requests per minute")
         {
-            Exhausted::Requests
+            Some(Exhausted::Requests)
         } else {
-            Exhausted::Unknown
+            None
         }
     }
 }
@@ -179,7 +195,17 @@ impl Adaptive {
         let failed_probe = self.probing;
         self.probing = false;
         let lower_requests = matches!(which, Exhausted::Requests | Exhausted::Unknown);
-        let lower_tokens = matches!(which, Exhausted::Tokens | Exhausted::Unknown);
+        // A named input or output metric lowers that split limit; a budget
+        // configured with a combined limit only learns it there instead.
+        let split_named = match which {
+            Exhausted::InputTokens => self.learned.input_tokens.is_some(),
+            Exhausted::OutputTokens => self.learned.output_tokens.is_some(),
+            _ => false,
+        };
+        let all_tokens = matches!(which, Exhausted::Tokens | Exhausted::Unknown)
+            || (matches!(which, Exhausted::InputTokens | Exhausted::OutputTokens) && !split_named);
+        let lower_input = all_tokens || which == Exhausted::InputTokens;
+        let lower_output = all_tokens || which == Exhausted::OutputTokens;
         // Never below half the current limit in one step: one odd 429 must
         // not collapse a budget.
         if lower_requests {
@@ -188,12 +214,15 @@ impl Adaptive {
                 .requests
                 .clamp(floor, self.learned.requests.max(floor));
         }
-        if lower_tokens {
-            let used = observed.tokens();
-            let lower =
-                |limit: Option<u64>, used: u64| limit.map(|l| used.clamp((l / 2).max(1), l.max(1)));
-            self.learned.tokens = lower(self.learned.tokens, used);
+        let lower =
+            |limit: Option<u64>, used: u64| limit.map(|l| used.clamp((l / 2).max(1), l.max(1)));
+        if all_tokens {
+            self.learned.tokens = lower(self.learned.tokens, observed.tokens());
+        }
+        if lower_input {
             self.learned.input_tokens = lower(self.learned.input_tokens, observed.input);
+        }
+        if lower_output {
             self.learned.output_tokens = lower(self.learned.output_tokens, observed.output);
         }
         if failed_probe {
@@ -264,15 +293,42 @@ mod tests {
     }
 
     #[test]
+    fn a_named_split_metric_lowers_only_that_limit() {
+        let split = Limits {
+            requests: 60,
+            tokens: None,
+            input_tokens: Some(10_000),
+            output_tokens: Some(2_000),
+        };
+        let mut a = Adaptive::new(split, AdaptiveConfig::default());
+        let observed = Usage {
+            requests: 10,
+            input: 6_000,
+            output: 1_000,
+        };
+        a.on_rate_limited(secs(0), observed, Exhausted::InputTokens, 0.5);
+        assert_eq!(a.limits().input_tokens, Some(6_000));
+        assert_eq!(a.limits().output_tokens, Some(2_000));
+        assert_eq!(a.limits().requests, 60);
+        // A combined-only budget learns a named input metric on its one limit.
+        let mut b = Adaptive::new(Limits::new(60, 50_000), AdaptiveConfig::default());
+        b.on_rate_limited(secs(0), usage(10, 30_000), Exhausted::InputTokens, 0.5);
+        assert_eq!(b.limits().tokens, Some(30_000));
+        assert_eq!(b.limits().requests, 60);
+    }
+
+    #[test]
     fn reads_the_exhausted_metric_from_vertex_messages() {
         let m = "Quota exceeded for aiplatform.googleapis.com/online_prediction_requests_per_base_model with base model: anthropic-claude-3-haiku.";
-        assert_eq!(Exhausted::from_message(m), Exhausted::Requests);
+        assert_eq!(Exhausted::from_message(m), Some(Exhausted::Requests));
         let m = "Quota exceeded for aiplatform.googleapis.com/online_prediction_input_tokens_per_minute_per_base_model";
-        assert_eq!(Exhausted::from_message(m), Exhausted::Tokens);
+        assert_eq!(Exhausted::from_message(m), Some(Exhausted::InputTokens));
         assert_eq!(
-            Exhausted::from_message("Resource exhausted"),
-            Exhausted::Unknown
+            Exhausted::from_message("Resource exhausted. Please try again later."),
+            None
         );
+        let m = "Quota exceeded for aiplatform.googleapis.com/global_online_prediction_output_tokens_per_minute_per_base_model with base model: anthropic-claude-sonnet.";
+        assert_eq!(Exhausted::from_message(m), Some(Exhausted::OutputTokens));
     }
 
     #[test]

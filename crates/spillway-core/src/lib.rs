@@ -26,7 +26,10 @@ pub mod keys;
 pub mod ledger;
 pub mod store;
 
-pub use catalog::{Catalog, CatalogError, ModelSpec, RegionBudget, Resolution, VERTEX_PROVIDER};
+pub use catalog::{
+    default_cache_reads_count, Catalog, CatalogError, ModelSpec, RegionBudget, Resolution,
+    VERTEX_PROVIDER,
+};
 pub use estimate::{
     base64_image_dimensions, estimate_input, image_dimensions, image_tokens, ImageRule,
     InputEstimate,

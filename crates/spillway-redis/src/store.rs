@@ -208,6 +208,8 @@ fn exhausted_code(which: Exhausted) -> u8 {
         Exhausted::Requests => 0,
         Exhausted::Tokens => 1,
         Exhausted::Unknown => 2,
+        Exhausted::InputTokens => 3,
+        Exhausted::OutputTokens => 4,
     }
 }
 

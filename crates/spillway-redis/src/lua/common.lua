@@ -103,15 +103,18 @@ local function on_rate_limited(a, now, obs, which, jitter)
     local floor = math.max(math.floor(l[1] / 2), 1)
     l[1] = clamp(obs[1], floor, math.max(l[1], floor))
   end
-  if which == 1 or which == 2 then
-    local function lower(limit, used)
-      if limit < 0 then return limit end
-      return clamp(used, math.max(math.floor(limit / 2), 1), math.max(limit, 1))
-    end
-    l[2] = lower(l[2], obs[2] + obs[3])
-    l[3] = lower(l[3], obs[2])
-    l[4] = lower(l[4], obs[3])
+  -- which: 0 requests, 1 every token limit, 2 both, 3 input, 4 output.
+  local function lower(limit, used)
+    if limit < 0 then return limit end
+    return clamp(used, math.max(math.floor(limit / 2), 1), math.max(limit, 1))
   end
+  -- A named split metric on a budget without that split limit: the
+  -- combined limit is what binds, learn it there.
+  local all_tokens = which == 1 or which == 2
+    or (which == 3 and l[3] < 0) or (which == 4 and l[4] < 0)
+  if all_tokens then l[2] = lower(l[2], obs[2] + obs[3]) end
+  if all_tokens or which == 3 then l[3] = lower(l[3], obs[2]) end
+  if all_tokens or which == 4 then l[4] = lower(l[4], obs[3]) end
   if failed then a.pm = math.min(a.pm * 2, 8) end
   reset_steps(a)
   a.lc = now
