@@ -59,6 +59,44 @@ async fn service_account_tokens_are_fetched_cached_and_used_upstream() {
     assert_eq!(ready.status(), 200);
 }
 
+/// Vertex rejects the token in hand (the key was rotated, the token
+/// revoked): the gateway gets a fresh one and retries, and no client sees it.
+#[tokio::test]
+async fn a_revoked_token_is_replaced_and_no_client_sees_a_401() {
+    let h = Harness::start_custom(spillway_sim::SimConfig::vertex_defaults(), |sim_url| {
+        let path = key_file(&format!("{sim_url}/token"));
+        format!(
+            "[upstream]\nauth = \"gcp\"\nkey_file = {:?}\n",
+            path.to_str().unwrap()
+        )
+    })
+    .await;
+    assert_eq!(
+        h.post_json("/v1/messages", &hello(HAIKU)).await.status(),
+        200
+    );
+    h.sim.rotate_token();
+    for _ in 0..3 {
+        let response = h.post_json("/v1/messages", &hello(HAIKU)).await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    }
+    assert_eq!(
+        h.sim.tokens_issued(),
+        2,
+        "one fresh token after the rotation"
+    );
+    let metrics = h.metrics().await;
+    let rejected: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("spillway_upstream_setup_errors_total")
+                && l.contains("credentials_rejected")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(rejected, 1.0, "the one rejection is counted");
+}
+
 #[tokio::test]
 async fn unusable_credentials_fail_readiness_and_requests_without_leaking() {
     // A token endpoint nobody listens on.

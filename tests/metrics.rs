@@ -6,15 +6,6 @@ mod support;
 use spillway_sim::{Fault, FaultKind};
 use support::*;
 
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 #[tokio::test(start_paused = true)]
 async fn metrics_follow_quota_routing_and_refusals() {
     let h = Harness::start("[quota]\nstrategy = \"ordered\"\n").await;
@@ -48,15 +39,15 @@ async fn metrics_follow_quota_routing_and_refusals() {
     let text = response.text().await.unwrap();
     // The shared store's series exist with the in-memory store too: one
     // replica, never degraded, no leases (dashboards read the same).
-    assert_eq!(value(&text, "spillway_quota_store_degraded"), 0.0);
-    assert_eq!(value(&text, "spillway_quota_store_replicas"), 1.0);
+    assert_eq!(series_value(&text, "spillway_quota_store_degraded"), 0.0);
+    assert_eq!(series_value(&text, "spillway_quota_store_replicas"), 1.0);
     assert_eq!(
-        value(&text, "spillway_quota_store_lease_admissions_total"),
+        series_value(&text, "spillway_quota_store_lease_admissions_total"),
         0.0
     );
     let m = HAIKU;
     assert_eq!(
-        value(
+        series_value(
             &text,
             &format!(
                 "spillway_requests_total{{model=\"{m}\",outcome=\"ok\",tenant=\"anonymous\"}}"
@@ -65,44 +56,44 @@ async fn metrics_follow_quota_routing_and_refusals() {
         62.0
     );
     assert_eq!(
-        value(
+        series_value(
             &text,
             "spillway_requests_total{model=\"-\",outcome=\"invalid\",tenant=\"-\"}"
         ),
         1.0
     );
-    assert_eq!(value(&text, &format!("spillway_spillovers_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 3.0);
+    assert_eq!(series_value(&text, &format!("spillway_spillovers_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 3.0);
     assert_eq!(
-        value(
+        series_value(
             &text,
             &format!("spillway_upstream_429_total{{model=\"{m}\",region=\"europe-west4\"}}")
         ),
         1.0
     );
-    assert_eq!(value(&text, &format!("spillway_budget_limit{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
-    assert_eq!(value(&text, &format!("spillway_budget_used{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
+    assert_eq!(series_value(&text, &format!("spillway_budget_limit{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
+    assert_eq!(series_value(&text, &format!("spillway_budget_used{{model=\"{m}\",region=\"us-central1\",resource=\"requests\"}}")), 60.0);
     assert!(
-        value(
+        series_value(
             &text,
             &format!("spillway_cooldown_seconds{{model=\"{m}\",region=\"europe-west4\"}}")
         ) > 0.0
     );
-    assert!(value(&text, &format!("spillway_budget_effective{{model=\"{m}\",region=\"europe-west4\",resource=\"requests\"}}")) < 60.0);
-    assert!(value(&text, "spillway_admission_decision_seconds_count") >= 63.0);
-    assert!(value(&text, &format!("spillway_tokens_total{{kind=\"actual_output\",model=\"{m}\",region=\"us-central1\"}}")) > 0.0);
+    assert!(series_value(&text, &format!("spillway_budget_effective{{model=\"{m}\",region=\"europe-west4\",resource=\"requests\"}}")) < 60.0);
+    assert!(series_value(&text, "spillway_admission_decision_seconds_count") >= 63.0);
+    assert!(series_value(&text, &format!("spillway_tokens_total{{kind=\"actual_output\",model=\"{m}\",region=\"us-central1\"}}")) > 0.0);
     assert!(text.contains("spillway_build_info{version="));
     // Series exist at zero before their first event, so rate() sees it.
     assert_eq!(
-        value(
+        series_value(
             &text,
             &format!("spillway_upstream_429_total{{model=\"{m}\",region=\"us-central1\"}}")
         ),
         0.0
     );
-    assert_eq!(value(&text, &format!("spillway_fallbacks_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 0.0);
-    assert!(value(&text, &format!("spillway_tenant_tokens_total{{kind=\"output\",model=\"{m}\",tenant=\"anonymous\"}}")) > 0.0);
+    assert_eq!(series_value(&text, &format!("spillway_fallbacks_total{{from=\"us-central1\",model=\"{m}\",to=\"europe-west4\"}}")), 0.0);
+    assert!(series_value(&text, &format!("spillway_tenant_tokens_total{{kind=\"output\",model=\"{m}\",tenant=\"anonymous\"}}")) > 0.0);
     assert_eq!(
-        value(
+        series_value(
             &text,
             &format!("spillway_queue_wait_seconds_count{{model=\"{m}\",priority=\"interactive\"}}")
         ),
@@ -124,15 +115,7 @@ async fn a_stream_is_counted_once_with_its_outcome() {
         assert_eq!(response.status(), 200);
         assert!(response.text().await.unwrap().contains("message_stop"));
     }
-    let text = h
-        .http
-        .get(format!("{}/metrics", h.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     let counted: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("spillway_requests_total{"))

@@ -193,7 +193,10 @@ async fn count_tokens_on_both_surfaces() {
 
 #[tokio::test]
 async fn upstream_errors_become_anthropic_errors() {
-    // Sonnet configured in a region the simulator does not offer it in.
+    // Sonnet configured in a region the simulator does not offer it in:
+    // Vertex's 404 is about the gateway's setup, so the client gets a 502
+    // `api_error` (never a `not_found_error` about its own request), read
+    // from the Google object of rawPredict and the array of streamRawPredict.
     let h = Harness::start(
         r#"[models."claude-3-sonnet@20240229"]
 regions = [{ name = "europe-west4" }]
@@ -202,18 +205,37 @@ regions = [{ name = "europe-west4" }]
     .await;
     let message = expect_error(
         h.post_json("/v1/messages", &hello(SONNET)).await,
-        404,
-        "not_found_error",
+        502,
+        "api_error",
     )
     .await;
-    assert!(message.contains("not found"), "{message}");
+    assert!(message.contains("not enabled"), "{message}");
     let mut streaming = hello(SONNET);
     streaming["stream"] = json!(true);
-    // The array-wrapped Google error of streamRawPredict is normalized too.
     expect_error(
         h.post_json("/v1/messages", &streaming).await,
-        404,
-        "not_found_error",
+        502,
+        "api_error",
+    )
+    .await;
+    // A Google error about the request itself keeps its meaning.
+    for region in ["us-central1", "europe-west4"] {
+        h.sim
+            .inject(Fault::region(region, FaultKind::Status(400)).times(2));
+    }
+    let message = expect_error(
+        h.post_json("/v1/messages", &hello(HAIKU)).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(!message.is_empty());
+    let mut streaming = hello(HAIKU);
+    streaming["stream"] = json!(true);
+    expect_error(
+        h.post_json("/v1/messages", &streaming).await,
+        400,
+        "invalid_request_error",
     )
     .await;
 }

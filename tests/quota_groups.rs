@@ -102,15 +102,7 @@ async fn models_of_one_group_share_one_budget_and_one_queue() {
         .map(|m| h.sim.counters("global", m).succeeded)
         .sum();
     assert_eq!(sim_saw, 4);
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(
             "spillway_budget_limit{model=\"shared\",region=\"global\",resource=\"requests\"}"

@@ -92,6 +92,18 @@ impl Harness {
             .expect("gateway answers")
     }
 
+    /// `GET /metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("gateway answers")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.url))
@@ -108,6 +120,18 @@ impl Drop for Harness {
             let _ = stop.send(());
         }
     }
+}
+
+/// The value of the series named exactly `series` (name and labels, labels
+/// in Prometheus's order), or panics naming it.
+pub fn series_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 pub fn hello(model: &str) -> Value {

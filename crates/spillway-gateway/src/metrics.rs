@@ -41,6 +41,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_rate_limited: IntCounterVec,
+    pub upstream_capacity_limited: IntCounterVec,
+    pub upstream_setup_errors: IntCounterVec,
     pub spillovers: IntCounterVec,
     pub fallbacks: IntCounterVec,
     pub tokens: IntCounterVec,
@@ -162,6 +164,8 @@ impl Metrics {
             requests: counter(&r, "spillway_requests_total", "Client requests by how they ended.", &["tenant", "model", "outcome"]),
             upstream_requests: counter(&r, "spillway_upstream_requests_total", "Requests sent to Vertex AI, by answer (status code, or transport).", &["region", "model", "status"]),
             upstream_rate_limited: counter(&r, "spillway_upstream_429_total", "Upstream 429s: the real quota was lower than the ledger believed.", &["region", "model"]),
+            upstream_capacity_limited: counter(&r, "spillway_upstream_capacity_429_total", "Upstream 429s that name no quota metric: Google's shared capacity ran short (not this project's quota). Also counted in spillway_upstream_429_total.", &["region", "model"]),
+            upstream_setup_errors: counter(&r, "spillway_upstream_setup_errors_total", "Upstream answers about the gateway's own setup: problem=model_not_enabled (enable the model in Model Garden for that region) or credentials_rejected (check the service account).", &["region", "model", "problem"]),
             spillovers: counter(&r, "spillway_spillovers_total", "Requests admitted to a region other than the model's primary.", &["model", "from", "to"]),
             fallbacks: counter(&r, "spillway_fallbacks_total", "Retries after an upstream failure, from the failed region to the next.", &["model", "from", "to"]),
             tokens: counter(&r, "spillway_tokens_total", "Tokens by kind: estimated_input, reserved_input, reserved_output, actual_input, actual_output.", &["model", "region", "kind"]),
@@ -195,6 +199,12 @@ impl Metrics {
             for (i, region) in regions.iter().enumerate() {
                 self.upstream_rate_limited
                     .with_label_values(&[region, model]);
+                self.upstream_capacity_limited
+                    .with_label_values(&[region, model]);
+                for problem in ["model_not_enabled", "credentials_rejected"] {
+                    self.upstream_setup_errors
+                        .with_label_values(&[region, model, problem]);
+                }
                 if i > 0 {
                     self.spillovers
                         .with_label_values(&[model, regions[0], region]);

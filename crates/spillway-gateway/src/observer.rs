@@ -219,6 +219,23 @@ impl Observer {
         }
     }
 
+    /// A 429 that named no quota metric: Google's capacity, not the budget.
+    pub fn capacity_limited(&self, region: &str, model: &str) {
+        self.metrics
+            .upstream_capacity_limited
+            .with_label_values(&[region, model])
+            .inc();
+    }
+
+    /// An upstream answer about the gateway's own setup (`model_not_enabled`,
+    /// `credentials_rejected`).
+    pub fn setup_error(&self, region: &str, model: &str, problem: &str) {
+        self.metrics
+            .upstream_setup_errors
+            .with_label_values(&[region, model, problem])
+            .inc();
+    }
+
     /// How far a learned correction was off for one request.
     pub fn estimate_ratio(&self, model: &str, ratio: f64) {
         self.metrics

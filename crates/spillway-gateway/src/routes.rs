@@ -120,10 +120,12 @@ impl Caller {
         op: Operation,
         body: Map<String, Value>,
         summary: &RequestSummary,
+        stream_endpoint: bool,
     ) -> Result<CallRequest, ApiError> {
         Ok(CallRequest {
             op,
             stream: summary.stream,
+            stream_endpoint,
             max_tokens: summary.max_tokens.unwrap_or(0),
             body,
             beta: self.headers.get("anthropic-beta").cloned(),
@@ -221,7 +223,8 @@ async fn anthropic_surface(
     let body = read_json(&caller.headers, body, state.settings.server.max_body_bytes).await?;
     let summary = validate(&body, op, true)?;
     let name = summary.model.clone().unwrap_or_default();
-    let request = caller.request(op, body, &summary)?;
+    let stream = summary.stream;
+    let request = caller.request(op, body, &summary, stream)?;
     forward(&state, &name, request).await
 }
 
@@ -287,23 +290,20 @@ pub async fn vertex_predict(
         }
         let summary = validate(&body, Operation::CountTokens, true)?;
         let name = summary.model.clone().unwrap_or_default();
-        let request = caller.request(Operation::CountTokens, body, &summary)?;
+        let request = caller.request(Operation::CountTokens, body, &summary, false)?;
         return forward(&state, &name, request).await;
     }
     // An unknown model is the first thing to say, before the body's rules.
     state.forwarder.resolve(model_name)?;
     let mut summary = validate(&body, Operation::Messages, false)?;
-    if summary.stream && !path_stream {
-        return Err(ApiError::BadRequest(
-            "stream: true must be sent to :streamRawPredict, not :rawPredict".into(),
-        ));
-    }
     if path_stream && !summary.stream {
         // The endpoint is the client's explicit choice; keep the body consistent.
         body.insert("stream".into(), Value::Bool(true));
         summary.stream = true;
     }
-    let request = caller.request(Operation::Messages, body, &summary)?;
+    // `"stream": true` sent to `:rawPredict` goes to `:rawPredict` as sent:
+    // whatever Vertex answers (events or JSON) is relayed and accounted.
+    let request = caller.request(Operation::Messages, body, &summary, path_stream)?;
     forward(&state, model_name, request).await
 }
 

@@ -125,6 +125,7 @@ fn validate_item(
     let request = CallRequest {
         op: Operation::Messages,
         stream: false,
+        stream_endpoint: false,
         max_tokens: summary.max_tokens.unwrap_or(0),
         body: raw.params,
         beta: None,

@@ -521,6 +521,7 @@ impl BatchService {
         let request = CallRequest {
             op: Operation::Messages,
             stream: false,
+            stream_endpoint: false,
             max_tokens: summary.max_tokens.unwrap_or(0),
             body: params,
             beta: None,

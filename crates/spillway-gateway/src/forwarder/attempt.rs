@@ -72,12 +72,23 @@ impl Bodies {
     }
 }
 
-/// What an attempt's failure means for retrying and for the budget.
+/// Vertex's answer when the project cannot use a model in a region.
+fn is_model_not_enabled(error: &ForwardError) -> bool {
+    matches!(error, ForwardError::Upstream(e)
+        if e.status == 404
+            && (e.message.contains("Publisher Model")
+                || e.google_status.as_deref() == Some("NOT_FOUND")))
+}
+
+/// What an attempt's failure means for retrying and for the budget. A 429
+/// teaches the budget only the quota metric it names; one that names none
+/// (Google's shared capacity ran short) cools the location down like a 529
+/// and leaves the learned limits alone.
 fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
     match error {
-        ForwardError::Upstream(e) if e.status == 429 => {
-            Some(Outcome::RateLimited(Exhausted::from_message(&e.message)))
-        }
+        ForwardError::Upstream(e) if e.status == 429 => Some(
+            Exhausted::from_message(&e.message).map_or(Outcome::Unavailable, Outcome::RateLimited),
+        ),
         ForwardError::Upstream(e) if e.status == 529 || e.status == 503 => {
             Some(Outcome::Unavailable)
         }
@@ -86,6 +97,12 @@ fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
         }
         _ => None,
     }
+}
+
+/// A 429 that names no quota metric.
+fn outcome_is_capacity(error: &ForwardError) -> bool {
+    matches!(error, ForwardError::Upstream(e)
+        if e.status == 429 && Exhausted::from_message(&e.message).is_none())
 }
 
 /// The refusal when the scheduler gives no grant: an upstream error with
@@ -121,7 +138,7 @@ impl Forwarder {
     pub(super) async fn attempts(
         self: &Arc<Self>,
         call: Call<'_>,
-        demand: Demand,
+        mut demand: Demand,
         plan: Plan,
         trace: &mut Trace,
     ) -> Result<Answer, ForwardError> {
@@ -130,11 +147,11 @@ impl Forwarder {
             alias_warning,
             request,
         } = call;
-        let (op, stream, beta) = (request.op, request.stream, request.beta);
+        let (op, endpoint, beta) = (request.op, request.stream_endpoint, request.beta);
         let mut bodies = Bodies::new(model, request.body);
         let mut last_error = None;
         let mut failed_region: Option<Arc<str>> = None;
-        while trace.attempts < self.policy.max_attempts {
+        while trace.attempts < self.policy.max_attempts && !demand.regions.is_empty() {
             let grant = self
                 .admit(&demand, model, plan, failed_region.take(), trace)
                 .await
@@ -151,17 +168,18 @@ impl Forwarder {
             };
             let body = bodies.for_provider(name, provider.as_ref(), op, model);
             let sent = self
-                .send(provider, trace, op, stream, body, beta.clone())
+                .send_checked(provider, trace, op, endpoint, body, beta.clone())
                 .await;
             let error = match sent {
                 Ok(response) if response.status().is_success() => {
-                    let settle = Settle::new(Arc::clone(self), model.id.clone(), grant, plan);
+                    self.setup.served(&model.id, &grant.region);
+                    let settle = Settle::new(Arc::clone(self), model, grant, plan);
                     let served = Served {
                         region: Arc::clone(&trace.region),
                         budget: Some(settle.grant().view),
                         alias_warning,
                     };
-                    return if stream {
+                    return if endpoint || relay::is_event_stream(&response) {
                         Ok(relay::stream(self, response, trace, settle, served))
                     } else {
                         relay::unary(response, trace, Some(settle), served).await
@@ -174,14 +192,84 @@ impl Forwarder {
                 }
                 Err(error) => error,
             };
-            last_error = Some(self.failed(&grant, error, trace).await?);
             failed_region = Some(Arc::clone(&grant.region));
+            if is_model_not_enabled(&error) {
+                // The budget is fine; the model is not there: refund, and
+                // route this call and the next ones elsewhere.
+                self.scheduler.settle(&grant, Outcome::NotSent).await;
+                last_error = Some(self.not_enabled(model, &grant.region, trace));
+                demand.regions.retain(|r| *r != grant.region);
+                continue;
+            }
+            last_error = Some(self.failed(&grant, error, trace).await?);
         }
         trace.outcome = "attempts_exhausted";
         Err(last_error.unwrap_or(ForwardError::UpstreamUnavailable {
             region: trace.region.to_string(),
             reason: "no attempt left".into(),
         }))
+    }
+
+    /// Records that `region` does not serve `model` to this project: out of
+    /// routing for a while, a metric, and a log line saying what to fix.
+    fn not_enabled(&self, model: &ModelSpec, region: &Arc<str>, trace: &Trace) -> ForwardError {
+        let out_for = self.setup.model_not_enabled(&model.id, region);
+        self.observer
+            .setup_error(region, model.id.as_str(), "model_not_enabled");
+        tracing::error!(
+            request_id = %trace.request_id,
+            model = %model.id,
+            %region,
+            out_for_s = out_for.as_secs(),
+            "Vertex says this project cannot use the model in this region: enable it in Vertex AI Model Garden for that region (or remove the region from the model's config); routing around it meanwhile"
+        );
+        ForwardError::UpstreamUnavailable {
+            region: region.to_string(),
+            reason: format!(
+                "{} is not enabled for the gateway's project there (Vertex AI Model Garden)",
+                model.id
+            ),
+        }
+    }
+
+    /// One attempt; if the provider rejects the gateway's own credentials
+    /// (401/403), they are refreshed and the attempt is made once more. A
+    /// second rejection is the gateway's problem, never the client's: it
+    /// becomes [`ForwardError::Credentials`] (a 5xx), with a metric and a log
+    /// line saying what to check.
+    async fn send_checked(
+        &self,
+        provider: &Arc<dyn Provider>,
+        trace: &mut Trace,
+        op: Operation,
+        endpoint: bool,
+        body: Bytes,
+        beta: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, ForwardError> {
+        let mut refreshed = false;
+        loop {
+            let response = self
+                .send(provider, trace, op, endpoint, body.clone(), beta.clone())
+                .await?;
+            let status = response.status().as_u16();
+            if !matches!(status, 401 | 403) {
+                return Ok(response);
+            }
+            self.observer
+                .setup_error(&trace.region, trace.model.as_str(), "credentials_rejected");
+            tracing::error!(
+                request_id = %trace.request_id,
+                region = %trace.region,
+                status,
+                refreshed,
+                "Vertex rejected the gateway's Google credential: check that the service account has roles/aiplatform.user on the project and that its key or token is current"
+            );
+            if refreshed {
+                return Err(ForwardError::Credentials);
+            }
+            provider.refresh_credentials().await?;
+            refreshed = true;
+        }
     }
 
     /// The provider of the granted location, and its name.
@@ -207,6 +295,10 @@ impl Forwarder {
         error: ForwardError,
         trace: &Trace,
     ) -> Result<ForwardError, ForwardError> {
+        if outcome_is_capacity(&error) {
+            self.observer
+                .capacity_limited(&grant.region, trace.model.as_str());
+        }
         match attempt_failure(&error) {
             Some(outcome) => {
                 tracing::info!(request_id = %trace.request_id, region = %grant.region, error = %error, "upstream refused; trying again");

@@ -28,7 +28,12 @@ use crate::tenants::{CapExceeded, Tenant};
 pub struct CallRequest {
     pub op: Operation,
     pub body: Map<String, Value>,
+    /// The body asks for server-sent events.
     pub stream: bool,
+    /// Call the provider's streaming endpoint (`:streamRawPredict`). Usually
+    /// `stream`; a Vertex-surface client may send `"stream": true` to
+    /// `:rawPredict`, and is forwarded as it asked.
+    pub stream_endpoint: bool,
     pub max_tokens: u64,
     /// The client's `anthropic-beta`, forwarded as is.
     pub beta: Option<HeaderValue>,
@@ -103,7 +108,7 @@ impl Forwarder {
     /// The checks made before asking for quota (locations allowed, context
     /// window, can ever fit), for work validated now and sent later.
     pub fn precheck(&self, call: &Call<'_>) -> Result<Plan, ForwardError> {
-        let regions = eligible_regions(call)?;
+        let regions = self.eligible_regions(call)?;
         self.plan(call, &regions)
     }
 
@@ -192,7 +197,10 @@ impl Forwarder {
             tokens = tokens.zip(limits.tokens).map(|(a, b)| a + b);
         }
         let per_request = window.as_secs_f64() / requests.max(1) as f64;
-        let charge = match eligible_regions(call).and_then(|r| self.plan(call, &r)) {
+        let charge = match self
+            .eligible_regions(call)
+            .and_then(|r| self.plan(call, &r))
+        {
             Ok(plan) => plan.charge.total(),
             Err(_) => call.request.max_tokens,
         };
@@ -206,9 +214,29 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// The locations this call may use: [`allowed_regions`], less those
+    /// that told this project they do not serve the model (until their
+    /// re-probe) — unless that leaves none, and then all of them.
+    pub(super) fn eligible_regions(&self, call: &Call<'_>) -> Result<Vec<Arc<str>>, ForwardError> {
+        let mut regions = allowed_regions(call)?;
+        if regions.iter().any(|r| self.setup.is_out(&call.model.id, r)) {
+            let serving: Vec<Arc<str>> = regions
+                .iter()
+                .filter(|r| !self.setup.is_out(&call.model.id, r))
+                .cloned()
+                .collect();
+            if !serving.is_empty() {
+                regions = serving;
+            }
+        }
+        Ok(regions)
+    }
+}
+
 /// The locations this call may use: the model's, narrowed by tenant policy
 /// and the request's `x-spillway-regions`, in configured order.
-pub(super) fn eligible_regions(call: &Call<'_>) -> Result<Vec<Arc<str>>, ForwardError> {
+fn allowed_regions(call: &Call<'_>) -> Result<Vec<Arc<str>>, ForwardError> {
     let model = call.model;
     let (tenant, hint) = (&call.request.tenant, &call.request.region_hint);
     if model.regions.is_empty() {

@@ -29,6 +29,7 @@
 pub mod attempt;
 pub mod call;
 pub mod relay;
+pub mod setup;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +106,7 @@ pub struct Forwarder {
     estimates: EstimateLearner,
     observer: Observer,
     policy: ForwardPolicy,
+    setup: setup::SetupHealth,
 }
 
 impl Forwarder {
@@ -126,6 +128,7 @@ impl Forwarder {
             catalog,
             scheduler,
             providers,
+            setup: setup::SetupHealth::default(),
         }
     }
 
@@ -181,7 +184,7 @@ impl Forwarder {
         call: Call<'_>,
         trace: &mut Trace,
     ) -> Result<Answer, ForwardError> {
-        let regions = call::eligible_regions(&call)?;
+        let regions = self.eligible_regions(&call)?;
         let plan = self.plan(&call, &regions)?;
         trace.estimated = plan.charge;
         self.check_caps(&call, &plan)?;
@@ -209,7 +212,7 @@ impl Forwarder {
         call: Call<'_>,
         trace: &mut Trace,
     ) -> Result<Answer, ForwardError> {
-        let regions = call::eligible_regions(&call)?;
+        let regions = self.eligible_regions(&call)?;
         let location = call
             .model
             .regions

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue};
 use spillway_core::ledger::Charge;
 use spillway_core::store::{Grant, Outcome};
-use spillway_core::ModelId;
+use spillway_core::{ModelId, ModelSpec};
 use spillway_vertex::{normalize_upstream_error, usage_from_message_body, Usage};
 
 use super::call::Plan;
@@ -26,18 +26,39 @@ use crate::upstream::vertex::classify_send_error;
 pub(super) struct Settle {
     forwarder: Arc<Forwarder>,
     model: ModelId,
+    /// Whether this model's cache reads count toward its input quota.
+    cache_reads_count: bool,
     grant: Grant,
     raw_input: u64,
 }
 
 impl Settle {
-    pub(super) fn new(forwarder: Arc<Forwarder>, model: ModelId, grant: Grant, plan: Plan) -> Self {
+    pub(super) fn new(
+        forwarder: Arc<Forwarder>,
+        model: &ModelSpec,
+        grant: Grant,
+        plan: Plan,
+    ) -> Self {
         Self {
             forwarder,
-            model,
+            model: model.id.clone(),
+            cache_reads_count: model.cache_reads_count,
             grant,
             raw_input: plan.raw_input,
         }
+    }
+
+    /// The input tokens the quota counts: new input and cache writes, and
+    /// cache reads only for models whose quota counts them.
+    fn counted_input(&self, u: &Usage) -> u64 {
+        let reads = if self.cache_reads_count {
+            u.cache_read_input_tokens
+        } else {
+            0
+        };
+        u.input_tokens
+            .saturating_add(u.cache_creation_input_tokens)
+            .saturating_add(reads)
     }
 
     pub(super) fn grant(&self) -> &Grant {
@@ -47,12 +68,12 @@ impl Settle {
     fn charge_for(&self, usage: Option<Usage>, complete: bool) -> Charge {
         match usage {
             Some(u) if complete => Charge {
-                input: u.total_input(),
+                input: self.counted_input(&u),
                 output: u.output_tokens,
             },
             // A broken stream: what was observed, and at least the input estimate.
             Some(u) => Charge {
-                input: u.total_input().max(self.grant.charge.input),
+                input: self.counted_input(&u).max(self.grant.charge.input),
                 output: u.output_tokens,
             },
             None if complete => self.grant.charge,
@@ -79,6 +100,16 @@ impl Settle {
             .settle(&self.grant, Outcome::Used(charge))
             .await;
     }
+}
+
+/// Whether an answer is a stream of server-sent events (Vertex answers
+/// `"stream": true` with one even on `:rawPredict`).
+pub(super) fn is_event_stream(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
 pub(super) async fn unary(

@@ -64,6 +64,11 @@ pub trait Provider: Send + Sync + 'static {
     fn send<'a>(&'a self, request: ProviderRequest<'a>) -> ProviderFuture<'a, reqwest::Response>;
     /// Whether the provider can serve now (credentials obtainable).
     fn ready(&self) -> ProviderFuture<'_, ()>;
+    /// The provider rejected the gateway's own credentials (401/403): get
+    /// fresh ones (a rotated key, a revoked token) before the one retry.
+    fn refresh_credentials(&self) -> ProviderFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The configured providers, by the name the catalog uses.

@@ -13,7 +13,7 @@
 //!   `anthropic-beta`, which Vertex understands.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,11 +79,27 @@ impl TokenSource {
     }
 }
 
+/// What credentials are made from. Opaque in `Debug`: it may hold a token.
+#[derive(Clone)]
+struct CredentialSettings {
+    auth: UpstreamAuth,
+    token: String,
+    key_file: String,
+}
+
+impl std::fmt::Debug for CredentialSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialSettings(<redacted>)")
+    }
+}
+
 /// The Vertex client: one connection pool for every location.
 #[derive(Debug, Clone)]
 pub struct Vertex {
     client: reqwest::Client,
-    tokens: TokenSource,
+    /// Replaced when Vertex rejects a token ([`Provider::refresh_credentials`]).
+    tokens: Arc<RwLock<TokenSource>>,
+    credentials: CredentialSettings,
     project: String,
     regional_url: String,
     global_url: String,
@@ -91,8 +107,11 @@ pub struct Vertex {
 }
 
 impl Vertex {
-    pub async fn from_settings(settings: &UpstreamSettings) -> Result<Self, UpstreamInitError> {
-        let tokens = match settings.auth {
+    /// Where tokens come from, as configured. Called again when Vertex
+    /// rejects the token in hand: a fresh provider has no cached token, so
+    /// a rotated key or a revoked token is replaced by a new one.
+    async fn token_source(settings: &CredentialSettings) -> Result<TokenSource, UpstreamInitError> {
+        let source = match settings.auth {
             UpstreamAuth::None => TokenSource::None,
             UpstreamAuth::Static => {
                 let mut value = HeaderValue::try_from(format!("Bearer {}", settings.token))
@@ -107,10 +126,10 @@ impl Vertex {
             UpstreamAuth::Gcp => {
                 let provider: Arc<dyn gcp_auth::TokenProvider> = if settings.key_file.is_empty() {
                     gcp_auth::provider().await.map_err(|e| {
-                        UpstreamInitError::Credentials(format!(
-                            "{e}; set upstream.key_file or GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
-                        ))
-                    })?
+                            UpstreamInitError::Credentials(format!(
+                                "{e}; set upstream.key_file or GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+                            ))
+                        })?
                 } else {
                     Arc::new(
                         gcp_auth::CustomServiceAccount::from_file(&settings.key_file).map_err(
@@ -126,6 +145,16 @@ impl Vertex {
                 TokenSource::Gcp(provider)
             }
         };
+        Ok(source)
+    }
+
+    pub async fn from_settings(settings: &UpstreamSettings) -> Result<Self, UpstreamInitError> {
+        let credentials = CredentialSettings {
+            auth: settings.auth,
+            token: settings.token.clone(),
+            key_file: settings.key_file.clone(),
+        };
+        let tokens = Self::token_source(&credentials).await?;
         let project = if !settings.project.is_empty() {
             settings.project.clone()
         } else if let Some(p) = std::env::var("GOOGLE_CLOUD_PROJECT")
@@ -154,7 +183,8 @@ impl Vertex {
             .map_err(|e| UpstreamInitError::Client(e.to_string()))?;
         Ok(Self {
             client,
-            tokens,
+            tokens: Arc::new(RwLock::new(tokens)),
+            credentials,
             project,
             regional_url: settings.regional_url.trim_end_matches('/').to_string(),
             global_url: settings.global_url.trim_end_matches('/').to_string(),
@@ -190,6 +220,13 @@ impl Vertex {
         )
     }
 
+    fn current_tokens(&self) -> TokenSource {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Sends one request; the caller interprets status and body.
     async fn send_one(&self, r: ProviderRequest<'_>) -> Result<reqwest::Response, ForwardError> {
         let (region, stream, beta) = (r.location, r.stream, r.beta);
@@ -204,7 +241,7 @@ impl Vertex {
         if let Some(beta) = beta {
             request = request.header("anthropic-beta", beta);
         }
-        if let Some(authorization) = self.tokens.authorization().await? {
+        if let Some(authorization) = self.current_tokens().authorization().await? {
             request = request.header(http::header::AUTHORIZATION, authorization);
         }
         request
@@ -225,13 +262,33 @@ impl Provider for Vertex {
         Box::pin(self.send_one(request))
     }
 
+    /// Google credentials: a fresh token source (service-account key,
+    /// application-default credentials or metadata server) whose first
+    /// token is new. A static token cannot be refreshed.
+    fn refresh_credentials(&self) -> ProviderFuture<'_, ()> {
+        Box::pin(async move {
+            if self.credentials.auth != UpstreamAuth::Gcp {
+                return Ok(());
+            }
+            let fresh = Self::token_source(&self.credentials).await.map_err(|e| {
+                tracing::error!(error = %e, "could not renew the Google credentials");
+                ForwardError::Credentials
+            })?;
+            *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            Ok(())
+        })
+    }
+
     /// Readiness: can we produce credentials right now?
     fn ready(&self) -> ProviderFuture<'_, ()> {
         Box::pin(async move {
-            tokio::time::timeout(Duration::from_secs(5), self.tokens.authorization())
-                .await
-                .map_err(|_| ForwardError::Credentials)?
-                .map(|_| ())
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                self.current_tokens().authorization(),
+            )
+            .await
+            .map_err(|_| ForwardError::Credentials)?
+            .map(|_| ())
         })
     }
 }
@@ -263,7 +320,12 @@ mod tests {
     fn upstream() -> Vertex {
         Vertex {
             client: reqwest::Client::new(),
-            tokens: TokenSource::None,
+            tokens: Arc::new(RwLock::new(TokenSource::None)),
+            credentials: CredentialSettings {
+                auth: UpstreamAuth::None,
+                token: String::new(),
+                key_file: String::new(),
+            },
             project: "my-proj".into(),
             regional_url: "https://{region}-aiplatform.googleapis.com".into(),
             global_url: "https://aiplatform.googleapis.com".into(),
