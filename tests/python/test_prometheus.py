@@ -417,6 +417,13 @@ def drive_load(stack: Stack) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = list(pool.map(lambda k: _post(stack, k, _message())[0], bad))
     assert set(statuses) == {401}, statuses
+    # Last, as it breaks the upstream for good: Vertex revokes the gateway's
+    # static token. The client gets a 5xx, never a 401 of its own, and the
+    # setup-error alert fires.
+    stack.sim("POST", "/_sim/rotate-token", {})
+    status, body = _post(stack, keys[0], _message())
+    assert status == 500, f"a rejected upstream credential: {status} {body[:500]!r}"
+    assert b"api_error" in body, body[:500]
 
 
 # ----------------------------------------------------------------- the test
@@ -499,6 +506,10 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         for r in g["rules"]:
             if r.get("health") != "ok":
                 failures.append(f"rule {r.get('name')}: health {r.get('health')}: {r.get('lastError')}")
+
+    # The rotated upstream token made the setup-error alert fire.
+    _wait_until(prom, 'ALERTS{alertname="SpillwayUpstreamSetupError",problem="credentials_rejected"}',
+                "the setup-error alert")
 
     # The auth-failure spike made its alert pending (it fires after its `for:`).
     status, alerts = prom.api("/api/v1/alerts")
