@@ -239,3 +239,65 @@ async fn two_versions_of_a_lineage_share_global_keep_their_regions_and_fill_ever
     assert!(in_horizon <= allowed, "never more than the buckets allow");
     assert_eq!(served + refused_by_spillway, total);
 }
+
+/// The multi-regions are locations of their own: `us` and `eu` reached
+/// through `upstream.multi_region_urls` (here the simulator), each with one
+/// lineage bucket of its own, beside `global`'s.
+#[tokio::test(start_paused = true)]
+async fn multi_regions_have_their_hosts_and_a_lineage_bucket_each() {
+    let sonnet = |id: &str| SimModel::split(id, 2, ITPM, 100_000).in_group(LINEAGE);
+    let mut sim = SimConfig::vertex_defaults();
+    for location in ["us", "eu"] {
+        sim.regions.push(SimRegion {
+            name: location.into(),
+            models: vec![sonnet(S45), sonnet(S46)],
+        });
+    }
+    let h = Harness::start_custom(sim, |url| {
+        format!(
+            r#"
+[upstream.multi_region_urls]
+us = "{url}"
+eu = "{url}"
+[quota]
+requests_per_min = 2
+input_tokens_per_min = {ITPM}
+output_tokens_per_min = 100000
+[models."{S45}"]
+quota_group = "{LINEAGE}"
+regions = [{{ name = "us" }}, {{ name = "eu" }}]
+[models."{S46}"]
+quota_group = "{LINEAGE}"
+regions = [{{ name = "us" }}, {{ name = "eu" }}]
+"#
+        )
+    })
+    .await;
+    // Two buckets of 2 requests, shared by both versions: 4 in all.
+    let mut regions = Vec::new();
+    for (i, model) in [S45, S46, S46, S45].into_iter().enumerate() {
+        let r = h.post_fail_fast("/v1/messages", &request(model, i)).await;
+        assert_eq!(r.status(), 200, "{model}: {:?}", r.text().await);
+        regions.push(
+            r.headers()["x-spillway-region"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    regions.sort();
+    assert_eq!(regions, ["eu", "eu", "us", "us"]);
+    let fifth = h.post_fail_fast("/v1/messages", &request(S46, 5)).await;
+    expect_error(fifth, 429, "rate_limit_error").await;
+    for location in ["us", "eu"] {
+        let served: u64 = [S45, S46]
+            .iter()
+            .map(|m| {
+                let c = h.sim.counters(location, m);
+                assert_eq!(c.rate_limited, 0, "{m} in {location}");
+                c.succeeded
+            })
+            .sum();
+        assert_eq!(served, 2, "{location}");
+    }
+}
