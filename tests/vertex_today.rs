@@ -337,3 +337,45 @@ async fn the_shipped_claude_4_example_serves_traffic() {
         }
     }
 }
+
+/// Split limits shaped differently per location: a request that fits one
+/// location's input limit (and not the other's) is served there, not
+/// refused as "can never fit".
+#[tokio::test(start_paused = true)]
+async fn a_request_fitting_one_locations_split_limits_is_not_refused() {
+    const CURRENT: &str = "claude-haiku-4-5@20251001";
+    let sim = sim_with(&[
+        (
+            "us-east5",
+            vec![SimModel::split(CURRENT, 60, 10_000, 1_000)],
+        ),
+        (
+            "europe-west1",
+            vec![SimModel::split(CURRENT, 60, 1_000, 10_000)],
+        ),
+    ]);
+    let overlay = "
+[models.\"claude-haiku-4-5@20251001\"]
+regions = [
+  { name = \"us-east5\", input_tokens_per_min = 10000, output_tokens_per_min = 1000 },
+  { name = \"europe-west1\", input_tokens_per_min = 1000, output_tokens_per_min = 10000 },
+]
+";
+    let h = Harness::start_custom(sim, |_| overlay.to_string()).await;
+    // About 3,000 input tokens and 500 output: only us-east5 can take it.
+    let body = json!({"model": CURRENT, "max_tokens": 500,
+                      "messages": [{"role": "user", "content": "word ".repeat(2_000)}]});
+    let r = h.post_json("/v1/messages", &body).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(r.headers()["x-spillway-region"], "us-east5");
+    // One that fits neither is refused with the numbers.
+    let body = json!({"model": CURRENT, "max_tokens": 5_000,
+                      "messages": [{"role": "user", "content": "word ".repeat(2_000)}]});
+    let message = expect_error(
+        h.post_json("/v1/messages", &body).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("can never fit"), "{message}");
+}

@@ -136,19 +136,25 @@ impl Forwarder {
                 model.id
             )));
         }
-        let largest = model
+        // Can any eligible location ever take it? Each is checked on every
+        // limit it has: split limits shaped differently per location mean
+        // no single "largest" location decides.
+        let ceilings: Vec<_> = model
             .regions
             .iter()
             .filter(|r| regions.iter().any(|e| **e == *r.region))
             .map(|r| self.policy.ceiling(&r.limits))
-            .max_by_key(|l| l.token_capacity())
-            .expect("regions is non-empty");
-        if !largest.admits(charge) {
+            .collect();
+        if !ceilings.iter().any(|l| l.admits(charge)) {
+            let largest = ceilings
+                .iter()
+                .map(|l| l.token_capacity())
+                .max()
+                .unwrap_or(0);
             return Err(ForwardError::Invalid(format!(
-                "request can never fit the quota: an estimated {} input tokens plus max_tokens {} exceeds the largest per-minute token budget of any eligible region ({} tokens); lower max_tokens or split the prompt",
+                "request can never fit the quota: an estimated {} input tokens plus max_tokens {} exceeds the per-minute token budget of every eligible region (the largest is {largest} tokens); lower max_tokens or split the prompt",
                 charge.input,
                 charge.output,
-                largest.token_capacity()
             )));
         }
         Ok(Plan {
@@ -180,9 +186,12 @@ impl Forwarder {
     /// take quota at its refill rate: the larger of one request's and this
     /// item's tokens' share of the allowed locations' combined budget.
     pub fn pacing(&self, call: &Call<'_>) -> Pacing {
-        let window = self.policy.window;
+        let window = self.policy.window.as_secs_f64();
         let mut key = call.model.id.to_string();
-        let (mut requests, mut tokens) = (0u64, Some(0u64));
+        // Per minute, over the allowed locations: requests, and each token
+        // limit (combined, input, output) where every location has one.
+        let mut requests = 0u64;
+        let (mut tokens, mut input, mut output) = (Some(0u64), Some(0u64), Some(0u64));
         let tenant = &call.request.tenant;
         for region in call
             .model
@@ -195,21 +204,36 @@ impl Forwarder {
             let limits = self.policy.ceiling(&region.limits);
             requests += u64::from(limits.requests);
             tokens = tokens.zip(limits.tokens).map(|(a, b)| a + b);
+            input = input.zip(limits.input_tokens).map(|(a, b)| a + b);
+            output = output.zip(limits.output_tokens).map(|(a, b)| a + b);
         }
-        let per_request = window.as_secs_f64() / requests.max(1) as f64;
         let charge = match self
             .eligible_regions(call)
             .and_then(|r| self.plan(call, &r))
         {
-            Ok(plan) => plan.charge.total(),
-            Err(_) => call.request.max_tokens,
+            Ok(plan) => plan.charge,
+            Err(_) => Charge {
+                input: 0,
+                output: call.request.max_tokens,
+            },
         };
-        let per_tokens = tokens
-            .filter(|t| *t > 0)
-            .map_or(0.0, |t| window.as_secs_f64() * charge as f64 / t as f64);
+        // The item's share of each budget, as a time: the largest binds.
+        let share = |limit: Option<u64>, used: u64| {
+            limit
+                .filter(|l| *l > 0)
+                .map_or(0.0, |l| window * used as f64 / l as f64)
+        };
+        let spacing = [
+            window / requests.max(1) as f64,
+            share(tokens, charge.total()),
+            share(input, charge.input),
+            share(output, charge.output),
+        ]
+        .into_iter()
+        .fold(0.0, f64::max);
         Pacing {
             key,
-            spacing: Duration::from_secs_f64(per_request.max(per_tokens)),
+            spacing: Duration::from_secs_f64(spacing),
         }
     }
 }
