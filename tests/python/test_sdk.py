@@ -167,10 +167,14 @@ def test_count_tokens(client: Client) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_upstream_404_is_not_found(stack, client: Client, stream: bool) -> None:
-    with upstream_calls(stack, 1), pytest.raises(anthropic.NotFoundError) as caught:
+def test_a_model_not_enabled_upstream_is_the_gateways_error(stack, client: Client, stream: bool) -> None:
+    # Vertex's 404 "Publisher Model ... not found or your project does not
+    # have access" is about the gateway's setup: the SDK sees a 502
+    # api_error (InternalServerError), never a NotFoundError about its request.
+    with pytest.raises(anthropic.InternalServerError) as caught:
         create(client, model=SONNET, stream=stream)
-    assert_api_error(caught.value, 404, "not_found_error")
+    assert_api_error(caught.value, 502, "api_error")
+    assert "not enabled" in caught.value.message
     last = stack.sim("GET", "/_sim/requests")[-1]
     assert (last["region"], last["model"], last["status"]) == ("europe-west4", SONNET, 404)
 
