@@ -293,6 +293,10 @@ async fn the_shipped_claude_4_example_serves_traffic() {
         "/config/examples/claude-4.toml"
     ))
     .expect("the example ships");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/claude-4.toml");
+    if let Err(e) = spillway_gateway::config::check_file(std::path::Path::new(path)) {
+        panic!("spillway check-config refuses the example: {e}");
+    }
     let sonnet =
         |id: &str| SimModel::split(id, 200, 400_000, 40_000).in_group("anthropic-claude-sonnet");
     let regional = |id: &str| SimModel::split(id, 60, 100_000, 10_000);
