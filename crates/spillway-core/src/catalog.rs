@@ -316,13 +316,6 @@ impl Catalog {
         self.requesters.iter().collect()
     }
 
-    /// The scheduler's queue keys: [`Catalog::requesters`]. (Queues were
-    /// once per quota group; a lineage now shares buckets on some locations
-    /// only, so each model waits in its own line and a settle wakes all.)
-    pub fn quota_groups(&self) -> Vec<&QuotaGroup> {
-        self.requesters()
-    }
-
     /// The requesters whose (requester, `location`) draws on the bucket
     /// (`bucket`, `location`): whose queues a change there concerns.
     pub fn requesters_of(&self, bucket: &QuotaGroup, location: &str) -> Vec<&QuotaGroup> {

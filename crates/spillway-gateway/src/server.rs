@@ -48,7 +48,7 @@ async fn metrics_handler(
     let queues = state
         .forwarder
         .catalog()
-        .quota_groups()
+        .requesters()
         .into_iter()
         .map(|group| {
             let (interactive, batch) = scheduler.queue_depth(group);

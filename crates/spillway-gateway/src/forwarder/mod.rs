@@ -117,7 +117,7 @@ impl Forwarder {
         providers: Providers,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let groups: Vec<_> = catalog.quota_groups().into_iter().cloned().collect();
+        let groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
         let scheduler = Scheduler::new(store, &groups, settings.scheduler.max_queue)
             .with_decision_histogram(metrics.admission_seconds.clone());
         let models: Vec<ModelId> = catalog.models().iter().map(|m| m.id.clone()).collect();
