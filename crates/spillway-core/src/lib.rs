@@ -10,9 +10,12 @@
 //!   two types (budgets and queues are keyed by group, learning by model).
 //! - [`catalog`]: the configured models, their aliases and the regions that
 //!   serve each one; resolves whatever name a client sent to one model.
-//! - [`estimate`]: input-token estimates of request bodies (text by the
-//!   3.5-characters rule, images from their headers), to reserve quota
-//!   before a request is sent.
+//! - [`estimate`]: the measure of a request body in features (overheads,
+//!   letters and words, digits, punctuation, CJK, base64, JSON, images), in
+//!   one pass, and the floor no tokenizer undercuts; [`image`]: what an
+//!   image costs, from its header.
+//! - [`learn`]: turning features into a reservation: per-feature rates and
+//!   a margin learned from settled usage, and the expected output.
 //! - [`adaptive`]: what upstream 429s teach: cooldowns, learned limits, probing back up.
 //! - [`store`]: the [`QuotaStore`](store::QuotaStore) interface (atomic choose-and-reserve across
 //!   regions) and the in-memory store.
@@ -22,7 +25,9 @@
 pub mod adaptive;
 pub mod catalog;
 pub mod estimate;
+pub mod image;
 pub mod keys;
+pub mod learn;
 pub mod ledger;
 pub mod store;
 
@@ -30,8 +35,6 @@ pub use catalog::{
     default_cache_reads_count, Catalog, CatalogError, ModelSpec, RegionBudget, Resolution,
     VERTEX_PROVIDER,
 };
-pub use estimate::{
-    base64_image_dimensions, estimate_input, image_dimensions, image_tokens, ImageRule,
-    InputEstimate,
-};
+pub use estimate::{estimate_input, ContentClass, Feature, Features, InputEstimate, Rates};
+pub use image::{base64_image_dimensions, image_dimensions, image_tokens, ImageRule};
 pub use keys::{ModelId, QuotaGroup};
