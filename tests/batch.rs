@@ -234,7 +234,9 @@ async fn an_invalid_batch_is_rejected_whole_naming_the_index_and_reason() {
             {
                 let mut v = items(2);
                 v[1]["params"]["max_tokens"] = json!(4096);
-                v[1]["params"]["messages"][0]["content"] = json!("x".repeat(800_000));
+                // Only a floor no tokenizer undercuts refuses for good: 3.3 MB
+                // of dense text is at least 206,250 tokens, over the 200k window.
+                v[1]["params"]["messages"][0]["content"] = json!("x".repeat(3_300_000));
                 v
             },
             "requests[1].params: prompt is too long",

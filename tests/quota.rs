@@ -136,17 +136,19 @@ async fn large_prompts_spill_over_on_tokens_and_wait_honestly() {
 #[tokio::test(start_paused = true)]
 async fn requests_that_can_never_fit_are_refused_with_the_numbers() {
     let h = Harness::start("").await;
+    // Refusals for good rest on the floor (dense bytes / 16), never on a
+    // learned or padded estimate, nor on max_tokens against the quota.
     let huge = json!({"model": HAIKU, "max_tokens": 4096,
-        "messages": [{"role": "user", "content": "x".repeat(800_000)}]});
+        "messages": [{"role": "user", "content": "x".repeat(3_300_000)}]});
     let r = post(&h, &huge, &[]).await;
     assert_eq!(r.headers()["x-should-retry"], "false");
     let m = expect_error(r, 400, "invalid_request_error").await;
     assert!(m.contains("context window") && m.contains("200000"), "{m}");
 
     let big = json!({"model": HAIKU, "max_tokens": 4096,
-        "messages": [{"role": "user", "content": "x".repeat(175_000)}]});
+        "messages": [{"role": "user", "content": "x".repeat(820_000)}]});
     let m = expect_error(post(&h, &big, &[]).await, 400, "invalid_request_error").await;
-    assert!(m.contains("50000") && m.contains("4096"), "{m}");
+    assert!(m.contains("50000") && m.contains("51250"), "{m}");
     assert_eq!(h.sim.total_requests(), 0);
 }
 

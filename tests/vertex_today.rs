@@ -372,9 +372,16 @@ regions = [
     let r = h.post_json("/v1/messages", &body).await;
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     assert_eq!(r.headers()["x-spillway-region"], "us-east5");
-    // One that fits neither is refused with the numbers.
+    // max_tokens over every output limit never refuses: Vertex charges what
+    // is generated, and so does admission.
     let body = json!({"model": CURRENT, "max_tokens": 5_000,
                       "messages": [{"role": "user", "content": "word ".repeat(2_000)}]});
+    let r = h.post_json("/v1/messages", &body).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // A prompt of at least 10,625 tokens by its bytes (more than either
+    // input limit) is refused with the numbers.
+    let body = json!({"model": CURRENT, "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "w".repeat(170_000)}]});
     let message = expect_error(
         h.post_json("/v1/messages", &body).await,
         400,

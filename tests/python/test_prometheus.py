@@ -406,8 +406,10 @@ def drive_load(stack: Stack) -> None:
         assert all(f.result()[0] == 200 for f in slow), [f.result() for f in slow]
     stack.sim("DELETE", "/_sim/faults")
     # A request that can never fit the token budget: invalid (400), never sent.
-    status, body = _post(stack, keys[0], {**_message(), "max_tokens": 4000})
-    assert status == 400, f"max_tokens over the budget: {status} {body[:500]!r}"
+    # (40,000 dense bytes are at least 2,500 tokens, over the 2,000 budget;
+    # max_tokens alone never refuses.)
+    status, body = _post(stack, keys[0], _message(text="x" * 40_000))
+    assert status == 400, f"a prompt over the budget: {status} {body[:500]!r}"
     # A small batch, where the gateway runs batches: batch-priority waits,
     # batch progress.
     _run_batch(stack, keys[1])

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! spillway-bench open-streams --url http://127.0.0.1:PORT/v1/messages --pid PID [-n 1000] [--rounds 3]
+//! spillway-bench mixed-workload [--windows 6] [--overload 3] [--seed 1] [--json]
 //! ```
 //!
 //! `open-streams` opens N concurrent streaming Messages requests, each on its
@@ -11,6 +12,12 @@
 //! closes every stream. The upstream must keep the streams open long enough
 //! (the script sets a simulator Delay fault and asks for many tokens).
 //! Traffic goes only to the URL given; use a loopback address.
+//!
+//! `mixed-workload` runs the simulator and the gateway in this process on
+//! tokio's paused clock and drives an interleaved mix of content (English,
+//! CJK, code, JSON tool use, chat turns, long documents) from three tenants
+//! at a multiple of the Haiku pool; it reports how well each kind of
+//! content is charged, upstream 429s and goodput (see `mixed`).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +25,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
+
+mod mixed;
 
 #[derive(Parser)]
 #[command(name = "spillway-bench", about = "Spillway benchmark helpers")]
@@ -55,6 +64,23 @@ enum Command {
         /// memory freed by one round may not go back to the OS).
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+    },
+    /// In-process gateway + simulator on the paused clock, under a mixed
+    /// workload from three tenants; reports charges, 429s and goodput.
+    MixedWorkload {
+        /// Quota windows (60 s of virtual time each) to drive.
+        #[arg(long, default_value_t = 6)]
+        windows: u32,
+        /// Offered load, in actual tokens per minute, as a multiple of both
+        /// Haiku regions' token pool.
+        #[arg(long, default_value_t = 3.0)]
+        overload: f64,
+        /// Seed of the content and arrival times.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -199,9 +225,6 @@ async fn open_streams(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
         Command::OpenStreams {
             url,
@@ -212,6 +235,9 @@ fn main() -> anyhow::Result<()> {
             hold_secs,
             rounds,
         } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             report("idle", pid)?;
             for round in 1..=rounds {
                 runtime.block_on(open_streams(
@@ -223,6 +249,23 @@ fn main() -> anyhow::Result<()> {
                     Duration::from_secs(hold_secs),
                     round,
                 ))?;
+            }
+            Ok(())
+        }
+        Command::MixedWorkload {
+            windows,
+            overload,
+            seed,
+            json,
+        } => {
+            let report = mixed::run(mixed::Options {
+                windows,
+                overload,
+                seed,
+            })?;
+            println!("{report}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
             }
             Ok(())
         }

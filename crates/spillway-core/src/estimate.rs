@@ -281,9 +281,29 @@ pub struct InputEstimate {
     pub dense_bytes: u64,
     /// Number of image blocks seen (including inside tool results).
     pub images: u32,
+    /// The prompt-cache breakpoints (`cache_control`), in Anthropic's prefix
+    /// order (tools, system, messages); the first `breakpoint_count` are set.
+    pub breakpoints: [Breakpoint; MAX_BREAKPOINTS],
+    pub breakpoint_count: u8,
+}
+
+/// Anthropic allows four cache breakpoints a request.
+pub const MAX_BREAKPOINTS: usize = 4;
+
+/// The prompt up to and including one `cache_control` block: its measure,
+/// and a fingerprint of its content (equal prefixes, equal fingerprints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Breakpoint {
+    pub features: Features,
+    pub fingerprint: u64,
 }
 
 impl InputEstimate {
+    /// The breakpoints that are set.
+    pub fn breakpoints(&self) -> &[Breakpoint] {
+        &self.breakpoints[..usize::from(self.breakpoint_count)]
+    }
+
     /// Input tokens the request costs at least, whatever the tokenizer:
     /// the basis of every "can never fit" refusal. Images count nothing here
     /// (their rule is Claude's, but the floor trusts only bytes).
@@ -341,8 +361,22 @@ pub fn estimate_input(body: &Map<String, Value>, image: ImageRule) -> InputEstim
     let mut acc = Acc {
         rule: image,
         est: InputEstimate::default(),
+        fingerprint: Fingerprint::default(),
+        breakpoints_left: count_breakpoints(body),
     };
     acc.est.features.add(Feature::Request, 1);
+
+    // Anthropic's prefix order, so a breakpoint's measure is its prefix's.
+    if let Some(Value::Array(tools)) = body.get("tools") {
+        for tool in tools {
+            acc.text_field(tool, "name");
+            acc.text_field(tool, "description");
+            if let Some(schema) = tool.get("input_schema") {
+                acc.serialized(schema);
+            }
+            acc.maybe_breakpoint(tool);
+        }
+    }
 
     match body.get("system") {
         Some(Value::String(text)) => acc.text(text, false),
@@ -351,6 +385,7 @@ pub fn estimate_input(body: &Map<String, Value>, image: ImageRule) -> InputEstim
                 if block_type(block) == Some("text") {
                     acc.text_field(block, "text");
                 }
+                acc.maybe_breakpoint(block);
             }
         }
         _ => {}
@@ -359,38 +394,93 @@ pub fn estimate_input(body: &Map<String, Value>, image: ImageRule) -> InputEstim
     if let Some(Value::Array(messages)) = body.get("messages") {
         for message in messages {
             acc.est.features.add(Feature::Message, 1);
+            acc.fingerprint.mix(b"\x1emessage");
             match message.get("content") {
                 Some(Value::String(text)) => acc.text(text, false),
                 Some(Value::Array(blocks)) => {
                     for block in blocks {
                         acc.block(block, true);
+                        acc.maybe_breakpoint(block);
                     }
                 }
                 _ => {}
             }
         }
     }
-
-    if let Some(Value::Array(tools)) = body.get("tools") {
-        for tool in tools {
-            acc.text_field(tool, "name");
-            acc.text_field(tool, "description");
-            if let Some(schema) = tool.get("input_schema") {
-                acc.serialized(schema);
-            }
-        }
-    }
     acc.est
+}
+
+/// How many blocks carry `cache_control` (at most [`MAX_BREAKPOINTS`]):
+/// a walk over blocks, not characters, so bodies without any pay nothing
+/// for fingerprints.
+fn count_breakpoints(body: &Map<String, Value>) -> usize {
+    let marked = |v: &Value| v.get("cache_control").is_some();
+    let in_array = |v: Option<&Value>| match v {
+        Some(Value::Array(items)) => items.iter().filter(|i| marked(i)).count(),
+        _ => 0,
+    };
+    let mut n = in_array(body.get("tools")) + in_array(body.get("system"));
+    if let Some(Value::Array(messages)) = body.get("messages") {
+        n += messages
+            .iter()
+            .map(|m| in_array(m.get("content")))
+            .sum::<usize>();
+    }
+    n.min(MAX_BREAKPOINTS)
+}
+
+/// A fast, non-cryptographic fingerprint of the text a prefix holds: it
+/// only has to tell one prompt prefix from another, and a collision only
+/// misjudges a cache hit (which settlement corrects).
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl Fingerprint {
+    fn mix(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut h = self.0 ^ (bytes.len() as u64).wrapping_mul(K);
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            h = (h ^ word).wrapping_mul(K).rotate_left(29);
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.0 = (h ^ u64::from_le_bytes(tail))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
 }
 
 /// Running totals while walking a body.
 struct Acc {
     rule: ImageRule,
     est: InputEstimate,
+    fingerprint: Fingerprint,
+    /// Breakpoints not yet reached: fingerprints are taken only while some
+    /// are ahead.
+    breakpoints_left: usize,
 }
 
 impl Acc {
+    /// Records a breakpoint after `block` if it carries `cache_control`.
+    fn maybe_breakpoint(&mut self, block: &Value) {
+        if self.breakpoints_left == 0 || block.get("cache_control").is_none() {
+            return;
+        }
+        let i = usize::from(self.est.breakpoint_count);
+        self.est.breakpoints[i] = Breakpoint {
+            features: self.est.features,
+            fingerprint: self.fingerprint.0,
+        };
+        self.est.breakpoint_count += 1;
+        self.breakpoints_left -= 1;
+    }
+
     fn text(&mut self, text: &str, json: bool) {
+        if self.breakpoints_left > 0 {
+            self.fingerprint.mix(text.as_bytes());
+        }
         let mut scan = TextScan::new(json);
         for c in text.chars() {
             scan.push(c);
@@ -418,10 +508,14 @@ impl Acc {
             scan: TextScan::new(true),
             pending: [0; 4],
             pending_len: 0,
+            fingerprint: (self.breakpoints_left > 0).then(Fingerprint::default),
         };
         // Writing to the scanner cannot fail, and serializing a `Value`
         // cannot either (its map keys are strings).
         let _ = serde_json::to_writer(&mut writer, value);
+        if let Some(f) = writer.fingerprint {
+            self.fingerprint.mix(&f.0.to_le_bytes());
+        }
         writer.scan.finish(&mut self.est);
     }
 
@@ -437,6 +531,9 @@ impl Acc {
             }
             _ => None,
         };
+        if let (Some(data), true) = (data, self.breakpoints_left > 0) {
+            self.fingerprint.mix(data.as_bytes());
+        }
         let tokens = match data.and_then(base64_image_dimensions) {
             Some((w, h)) => image_tokens(w, h, self.rule),
             None => self.rule.unknown_image_tokens,
@@ -569,7 +666,8 @@ impl TextScan {
                 self.run.len += 1;
                 return;
             }
-            let structural = self.json && matches!(b, b'{' | b'}' | b'[' | b']' | b'"' | b':' | b',');
+            let structural =
+                self.json && matches!(b, b'{' | b'}' | b'[' | b']' | b'"' | b':' | b',');
             let feature = if structural {
                 Feature::JsonPunct
             } else {
@@ -632,10 +730,14 @@ struct ScanWriter {
     scan: TextScan,
     pending: [u8; 4],
     pending_len: usize,
+    fingerprint: Option<Fingerprint>,
 }
 
 impl std::io::Write for ScanWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = &mut self.fingerprint {
+            f.mix(buf);
+        }
         let mut rest = buf;
         // Finish a character begun by the previous write.
         while self.pending_len > 0 && !rest.is_empty() {
@@ -771,13 +873,16 @@ mod tests {
     #[test]
     fn base64_runs_are_not_words() {
         let blob = STANDARD.encode((0u8..=255).collect::<Vec<u8>>());
-        let e = estimate(json!({"messages": [{"role": "user", "content": format!("see {blob} ok")}]}));
+        let e =
+            estimate(json!({"messages": [{"role": "user", "content": format!("see {blob} ok")}]}));
         assert_eq!(f(&e, Feature::Base64), blob.len() as u64);
         assert_eq!(f(&e, Feature::Word), 2);
         assert_eq!(f(&e, Feature::Letter), 5);
         assert_eq!(f(&e, Feature::Digit), 0);
         // A long word without digits, or a short code, stays text.
-        let e = estimate(json!({"messages": [{"role": "user", "content": "abc123 well-known-state-of-the-art-thing-here"}]}));
+        let e = estimate(
+            json!({"messages": [{"role": "user", "content": "abc123 well-known-state-of-the-art-thing-here"}]}),
+        );
         assert_eq!(f(&e, Feature::Base64), 0);
         assert_eq!(f(&e, Feature::Digit), 3);
     }
@@ -805,13 +910,19 @@ mod tests {
 
     fn prose(words: usize) -> String {
         const WORDS: [&str; 12] = [
-            "the", "quota", "gateway", "routes", "every", "request", "to", "a", "region",
-            "with", "spare", "capacity",
+            "the", "quota", "gateway", "routes", "every", "request", "to", "a", "region", "with",
+            "spare", "capacity",
         ];
         let mut out = String::new();
         for i in 0..words {
             out.push_str(WORDS[(i * 7 + i / 3) % WORDS.len()]);
-            out.push_str(if i % 11 == 10 { ". " } else if i % 5 == 4 { ", " } else { " " });
+            out.push_str(if i % 11 == 10 {
+                ". "
+            } else if i % 5 == 4 {
+                ", "
+            } else {
+                " "
+            });
         }
         out
     }
@@ -836,8 +947,14 @@ mod tests {
             estimate(json!({"messages": [{"role": "user", "content": content}]})).class(&rates)
         };
         assert_eq!(class("Hi!"), ContentClass::Tiny);
-        assert_eq!(class(&"東京は日本の首都です。".repeat(20)), ContentClass::Cjk);
-        assert_eq!(class(&"Привет, как дела? ".repeat(20)), ContentClass::OtherScript);
+        assert_eq!(
+            class(&"東京は日本の首都です。".repeat(20)),
+            ContentClass::Cjk
+        );
+        assert_eq!(
+            class(&"Привет, как дела? ".repeat(20)),
+            ContentClass::OtherScript
+        );
         assert_eq!(
             class(&"fn main() { let x = vec![1, 2, 3]; println!(\"{:?}\", x); }\n".repeat(20)),
             ContentClass::Code
@@ -857,7 +974,8 @@ mod tests {
         let e = estimate(json!({"messages": [{"role": "user", "content": "x".repeat(170_000)}]}));
         assert_eq!(e.floor(), 170_000u64.div_ceil(MAX_BYTES_PER_TOKEN));
         // Whitespace never raises the floor.
-        let e = estimate(json!({"messages": [{"role": "user", "content": " \n\t".repeat(10_000)}]}));
+        let e =
+            estimate(json!({"messages": [{"role": "user", "content": " \n\t".repeat(10_000)}]}));
         assert_eq!(e.floor(), 0);
     }
 
@@ -885,6 +1003,39 @@ mod tests {
     }
 
     #[test]
+    fn breakpoints_measure_and_fingerprint_their_prefixes() {
+        let tools = json!([{"name": "read", "description": "Read a file", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}]);
+        let turn = |system: &str, last: &str| {
+            estimate(json!({
+                "tools": tools,
+                "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "first question"}]},
+                    {"role": "user", "content": [{"type": "text", "text": last, "cache_control": {"type": "ephemeral"}}]},
+                ],
+            }))
+        };
+        let a = turn("You are a coding agent.", "second question");
+        assert_eq!(a.breakpoints().len(), 3);
+        let [tools_bp, system_bp, last_bp] = [a.breakpoints[0], a.breakpoints[1], a.breakpoints[2]];
+        // Each breakpoint measures its prefix: tools, then + system, then all.
+        assert_eq!(tools_bp.features.get(Feature::Message), 0);
+        assert!(system_bp.features.get(Feature::Letter) > tools_bp.features.get(Feature::Letter));
+        assert_eq!(last_bp.features, a.features);
+        // The same prefix fingerprints the same; a changed turn only changes
+        // the breakpoints after it.
+        let b = turn("You are a coding agent.", "another question");
+        assert_eq!(b.breakpoints[0], tools_bp);
+        assert_eq!(b.breakpoints[1], system_bp);
+        assert_ne!(b.breakpoints[2].fingerprint, last_bp.fingerprint);
+        let c = turn("You are a careful coding agent.", "second question");
+        assert_ne!(c.breakpoints[1].fingerprint, system_bp.fingerprint);
+        // No cache_control: no breakpoints, no fingerprinting.
+        let d = estimate(json!({"messages": [{"role": "user", "content": "hi"}]}));
+        assert_eq!(d.breakpoint_count, 0);
+    }
+
+    #[test]
     fn split_characters_in_serialized_json_are_counted_once() {
         use std::io::Write as _;
         let text = "é東😀a";
@@ -892,6 +1043,7 @@ mod tests {
             scan: TextScan::new(false),
             pending: [0; 4],
             pending_len: 0,
+            fingerprint: None,
         };
         for b in text.as_bytes() {
             w.write_all(std::slice::from_ref(b)).unwrap();
@@ -900,7 +1052,11 @@ mod tests {
         w.scan.finish(&mut e);
         assert_eq!(e.text_chars, 4);
         assert_eq!(
-            (f(&e, Feature::OtherScript), f(&e, Feature::Cjk), f(&e, Feature::Letter)),
+            (
+                f(&e, Feature::OtherScript),
+                f(&e, Feature::Cjk),
+                f(&e, Feature::Letter)
+            ),
             (2, 1, 1)
         );
     }

@@ -289,7 +289,6 @@ fn jpeg<S: ByteSource>(src: &mut S) -> Option<(u32, u32)> {
     }
 }
 
-
 /// Tiny real image headers, byte by byte, for tests here and in
 /// [`crate::estimate`].
 #[cfg(test)]

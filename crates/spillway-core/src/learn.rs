@@ -27,8 +27,8 @@
 //! - **Output** ([`OutputModel`]): what a request will generate, not what
 //!   it may. The `q`-quantile of the last [`OUTPUT_SAMPLES`] outputs for the
 //!   same (tenant, `max_tokens` class), capped by `max_tokens`; with no
-//!   history of its own, the model's history for that class; with none at
-//!   all, `max_tokens`.
+//!   history of its own, the model's history for that class, then the
+//!   longest the model expects in any class; with none at all, `max_tokens`.
 //!
 //! Actual usage always replaces the reservation at settlement: what is
 //! learned here changes only what is *held* while a request runs.
@@ -196,7 +196,11 @@ impl InputModel {
         let part = |f: Feature| self.rates.get(f) * features.get(f) as f64 / point;
         let overhead = part(Feature::Request) + part(Feature::Message);
         let learns_overhead = overhead >= 0.5;
-        let group = if learns_overhead { overhead } else { 1.0 - overhead };
+        let group = if learns_overhead {
+            overhead
+        } else {
+            1.0 - overhead
+        };
         if group <= 0.0 {
             return;
         }
@@ -254,14 +258,17 @@ impl OutputHistory {
 }
 
 /// What a request is expected to generate: its own history first, then its
-/// model's, else all it may.
+/// model's for its class, then the longest its model expects in any class,
+/// else all it may.
 pub fn expected_output(
     own: Option<&OutputHistory>,
-    model: Option<&OutputHistory>,
+    model: Option<&OutputModel>,
+    class: usize,
     max_tokens: u64,
 ) -> u64 {
     own.and_then(OutputHistory::expected)
-        .or_else(|| model.and_then(OutputHistory::expected))
+        .or_else(|| model.and_then(|m| m.get(class)?.expected()))
+        .or_else(|| model.and_then(|m| m.iter().filter_map(OutputHistory::expected).max()))
         .map_or(max_tokens, |e| e.min(max_tokens))
 }
 
@@ -302,7 +309,12 @@ mod tests {
     }
 
     fn prose(words: usize) -> String {
-        ["alpha ", "beta, ", "gamma ", "delta. "].iter().cycle().take(words).copied().collect()
+        ["alpha ", "beta, ", "gamma ", "delta. "]
+            .iter()
+            .cycle()
+            .take(words)
+            .copied()
+            .collect()
     }
 
     #[test]
@@ -340,7 +352,10 @@ mod tests {
         let cjk = measure(&"東京は日本の首都です".repeat(300));
         let expected = cjk.features.get(Feature::Cjk) as f64 * 3.5;
         let r = m.reserve(&cjk);
-        assert!(r.reserved as f64 >= expected && (r.reserved as f64) < expected * 1.25, "{r:?}");
+        assert!(
+            r.reserved as f64 >= expected && (r.reserved as f64) < expected * 1.25,
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -375,11 +390,16 @@ mod tests {
         let before = m.rates().get(Feature::Letter);
         m.observe(&e, 1_000_000);
         let after = m.rates().get(Feature::Letter);
-        assert!(after <= before * 2f64.powf(ETA) + 1e-12, "{before} → {after}");
+        assert!(
+            after <= before * 2f64.powf(ETA) + 1e-12,
+            "{before} → {after}"
+        );
         for _ in 0..1_000 {
             m.observe(&e, 1_000_000_000);
         }
-        assert!(m.rates().get(Feature::Letter) <= Rates::prior(3.5).get(Feature::Letter) * RATE_BOUND);
+        assert!(
+            m.rates().get(Feature::Letter) <= Rates::prior(3.5).get(Feature::Letter) * RATE_BOUND
+        );
         assert!(m.margin(ContentClass::Prose) <= MAX_MARGIN);
     }
 
@@ -397,16 +417,20 @@ mod tests {
     fn output_is_expected_from_history_capped_by_max_tokens() {
         let q = Quantile::default();
         let mut own = OutputHistory::default();
-        let mut model = OutputHistory::default();
-        assert_eq!(expected_output(None, None, 32_000), 32_000);
-        assert_eq!(expected_output(Some(&own), Some(&model), 32_000), 32_000);
-        model.observe(400, q);
-        assert_eq!(expected_output(Some(&own), Some(&model), 32_000), 400);
+        let mut model = OutputModel::default();
+        assert_eq!(expected_output(None, None, 4, 32_000), 32_000);
+        assert_eq!(expected_output(Some(&own), Some(&model), 4, 32_000), 32_000);
+        // Another class's history is better than nothing...
+        model[1].observe(90, q);
+        assert_eq!(expected_output(Some(&own), Some(&model), 4, 32_000), 90);
+        // ...and the class's own is better still.
+        model[4].observe(400, q);
+        assert_eq!(expected_output(Some(&own), Some(&model), 4, 32_000), 400);
         for n in [140, 150, 160, 150, 155] {
             own.observe(n, q);
         }
-        assert_eq!(expected_output(Some(&own), Some(&model), 32_000), 160);
-        assert_eq!(expected_output(Some(&own), None, 100), 100);
+        assert_eq!(expected_output(Some(&own), Some(&model), 4, 32_000), 160);
+        assert_eq!(expected_output(Some(&own), None, 4, 100), 100);
         // Old lengths are forgotten after OUTPUT_SAMPLES newer ones.
         own.observe(9_000, q);
         assert_eq!(own.expected(), Some(9_000));

@@ -1,121 +1,367 @@
-//! Learning how wrong the input estimate is, per model.
+//! What each model has learned about its requests' sizes, kept per model
+//! (input rates and margins) and per model and tenant (output lengths).
 //!
-//! The chars/3.5 rule is a rule of thumb: real tokenizers disagree by tens
-//! of percent depending on language and content. Each response tells us
-//! the true input count, so Spillway keeps, per model, an exponentially
-//! weighted mean and variance of `actual / estimate` and reserves
-//! `estimate × (mean + 2σ)`: close to the truth on average, above it for
-//! most requests (an under-reservation is the one way a window can go over
-//! budget). The factor is bounded to [0.5, 2.0] so a few odd requests
-//! cannot make estimates absurd.
+//! The learning itself is pure and lives in [`spillway_core::learn`]; this
+//! module only owns the state, behind one short lock per model, and chooses
+//! the policies config asks for: `quota.learn_estimates` (off: the priors
+//! and the default margin, never corrected) and `quota.output_reserve`
+//! (`learned`, or `max_tokens` as Vertex's documentation reads).
+//!
+//! Reading happens on the request path (a few multiplications under an
+//! uncontended lock); writing happens when an answer settles.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use spillway_core::ModelId;
+use tokio::time::Instant;
 
-const WEIGHT: f64 = 0.1;
-const MIN_FACTOR: f64 = 0.5;
-const MAX_FACTOR: f64 = 2.0;
+use serde::{Deserialize, Serialize};
+use spillway_core::estimate::InputEstimate;
+use spillway_core::learn::{
+    expected_output, max_tokens_class, InputModel, InputReserve, OutputModel, Quantile,
+};
+use spillway_core::{ModelId, ModelSpec, Rates};
 
-#[derive(Debug, Clone, Copy)]
-struct Correction {
-    mean: f64,
-    variance: f64,
-    samples: u64,
+/// How the output side of a request is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputReserve {
+    /// What this tenant's (else this model's) recent answers of the same
+    /// `max_tokens` class generated, at the margin quantile, capped by
+    /// `max_tokens`.
+    #[default]
+    Learned,
+    /// Always `max_tokens`: a window can never go over its output limit,
+    /// at the price of holding quota nobody uses.
+    MaxTokens,
 }
 
-impl Default for Correction {
-    fn default() -> Self {
-        Self {
-            mean: 1.0,
-            variance: 0.0,
-            samples: 0,
-        }
-    }
+/// How long a prompt prefix is trusted to stay cached after it was last
+/// seen read or written: Anthropic's 5-minute cache, less a margin.
+pub const CACHE_TRUST: Duration = Duration::from_secs(270);
+
+#[derive(Debug)]
+struct Learned {
+    input: InputModel,
+    /// Prompt prefixes answers showed cached: (fingerprint, location) →
+    /// their tokens and when.
+    cached: HashMap<(u64, Arc<str>), (u64, Instant)>,
+    /// The model's outputs by `max_tokens` class, for tenants with no
+    /// history of their own.
+    output: OutputModel,
+    by_tenant: HashMap<Arc<str>, OutputModel>,
 }
 
-/// Per-model estimate corrections.
+/// Per-model estimate learning.
 #[derive(Debug)]
 pub struct EstimateLearner {
-    enabled: bool,
-    models: HashMap<ModelId, Mutex<Correction>>,
+    learn: bool,
+    output_reserve: OutputReserve,
+    quantile: Quantile,
+    models: HashMap<ModelId, Mutex<Learned>>,
 }
 
 impl EstimateLearner {
-    pub fn new(models: &[ModelId], enabled: bool) -> Self {
+    pub fn new<'a>(
+        models: impl IntoIterator<Item = &'a ModelSpec>,
+        learn: bool,
+        output_reserve: OutputReserve,
+        quantile: Quantile,
+    ) -> Self {
+        let models = models
+            .into_iter()
+            .map(|m| {
+                let learned = Learned {
+                    input: InputModel::new(Rates::prior(m.chars_per_token), quantile),
+                    cached: HashMap::new(),
+                    output: OutputModel::default(),
+                    by_tenant: HashMap::new(),
+                };
+                (m.id.clone(), Mutex::new(learned))
+            })
+            .collect();
         Self {
-            enabled,
-            models: models
-                .iter()
-                .map(|m| (m.clone(), Mutex::default()))
-                .collect(),
+            learn,
+            output_reserve,
+            quantile,
+            models,
         }
     }
 
-    /// The multiplier for a model's raw input estimate.
-    pub fn factor(&self, model: &ModelId) -> f64 {
-        if !self.enabled {
-            return 1.0;
+    fn lock(&self, model: &ModelId) -> Option<MutexGuard<'_, Learned>> {
+        self.models
+            .get(model)
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// What to reserve for a body's input.
+    pub fn input(&self, model: &ModelSpec, estimate: &InputEstimate) -> InputReserve {
+        match self.lock(&model.id) {
+            Some(learned) => learned.input.reserve(estimate),
+            None => InputModel::new(Rates::prior(model.chars_per_token), self.quantile)
+                .reserve(estimate),
         }
-        let Some(c) = self.models.get(model) else {
-            return 1.0;
+    }
+
+    /// Tokens of this body's prompt that every one of `locations` will read
+    /// from its cache: the longest breakpoint prefix that answers showed
+    /// cached in each of them within [`CACHE_TRUST`]. Only a prefix cached
+    /// wherever the request may go counts, so routing cannot turn the
+    /// prediction into an under-reservation.
+    pub fn cached_input(
+        &self,
+        model: &ModelId,
+        estimate: &InputEstimate,
+        locations: &[Arc<str>],
+    ) -> u64 {
+        if estimate.breakpoint_count == 0 || locations.is_empty() {
+            return 0;
+        }
+        let Some(learned) = self.lock(model) else {
+            return 0;
         };
-        let c = *c.lock().unwrap_or_else(|p| p.into_inner());
-        if c.samples == 0 {
-            return 1.0;
-        }
-        (c.mean + 2.0 * c.variance.sqrt()).clamp(MIN_FACTOR, MAX_FACTOR)
+        let now = Instant::now();
+        estimate
+            .breakpoints()
+            .iter()
+            .rev()
+            .find_map(|bp| {
+                locations
+                    .iter()
+                    .map(|loc| {
+                        learned
+                            .cached
+                            .get(&(bp.fingerprint, Arc::clone(loc)))
+                            .filter(|(_, at)| now.duration_since(*at) <= CACHE_TRUST)
+                            .map(|(tokens, _)| *tokens)
+                    })
+                    .try_fold(u64::MAX, |least, t| t.map(|t| least.min(t)))
+            })
+            .unwrap_or(0)
     }
 
-    /// Records one request's raw estimate against its actual input tokens.
-    /// Returns the ratio, for metrics.
-    pub fn observe(&self, model: &ModelId, estimated: u64, actual: u64) -> Option<f64> {
-        if estimated == 0 {
-            return None;
+    /// What to reserve for a request's output.
+    pub fn output(&self, model: &ModelId, tenant: &str, max_tokens: u64) -> u64 {
+        if self.output_reserve == OutputReserve::MaxTokens {
+            return max_tokens;
         }
-        let ratio = actual as f64 / estimated as f64;
-        if let Some(c) = self.models.get(model) {
-            let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-            if c.samples == 0 {
-                c.mean = ratio;
-            } else {
-                let delta = ratio - c.mean;
-                c.mean += WEIGHT * delta;
-                c.variance = (1.0 - WEIGHT) * (c.variance + WEIGHT * delta * delta);
-            }
-            c.samples += 1;
-        }
-        Some(ratio)
+        let Some(learned) = self.lock(model) else {
+            return max_tokens;
+        };
+        let class = max_tokens_class(max_tokens);
+        let own = learned.by_tenant.get(tenant).map(|h| &h[class]);
+        expected_output(own, Some(&learned.output), class, max_tokens)
     }
+
+    /// Learns from one settled answer.
+    pub fn observe(&self, model: &ModelId, tenant: &Arc<str>, observed: Observed<'_>) {
+        let Some(mut learned) = self.lock(model) else {
+            return;
+        };
+        if self.learn {
+            learned.input.observe(observed.estimate, observed.input);
+        }
+        if observed.cached > 0 && observed.estimate.breakpoint_count > 0 {
+            let now = Instant::now();
+            learned
+                .cached
+                .retain(|_, (_, at)| now.duration_since(*at) <= CACHE_TRUST);
+            let breakpoints = observed.estimate.breakpoints();
+            let rates = *learned.input.rates();
+            for (i, bp) in breakpoints.iter().enumerate() {
+                // The last breakpoint is what was cached; earlier ones are
+                // prefixes of it, their size estimated and never above it.
+                let tokens = if i + 1 == breakpoints.len() {
+                    observed.cached
+                } else {
+                    (rates.tokens(&bp.features) as u64).min(observed.cached)
+                };
+                let key = (bp.fingerprint, Arc::clone(observed.location));
+                learned.cached.insert(key, (tokens, now));
+            }
+        }
+        let class = max_tokens_class(observed.max_tokens);
+        learned.output[class].observe(observed.output, self.quantile);
+        let q = self.quantile;
+        learned.by_tenant.entry(Arc::clone(tenant)).or_default()[class].observe(observed.output, q);
+    }
+}
+
+/// One settled answer, as learning needs it.
+pub struct Observed<'a> {
+    pub estimate: &'a InputEstimate,
+    pub max_tokens: u64,
+    /// Every input token of the prompt (new, cache writes and reads): what
+    /// the body's measure describes.
+    pub input: u64,
+    pub output: u64,
+    /// Cache reads plus writes: the prompt prefix now cached in `location`.
+    pub cached: u64,
+    pub location: &'a Arc<str>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+    use spillway_core::estimate::estimate_input;
+    use spillway_core::ImageRule;
 
-    #[test]
-    fn converges_above_a_steady_ratio_and_stays_bounded() {
-        let m = ModelId::from("m");
-        let l = EstimateLearner::new(std::slice::from_ref(&m), true);
-        assert_eq!(l.factor(&m), 1.0);
-        for i in 0..200 {
-            // Actual is 1.2× to 1.4× the estimate.
-            l.observe(&m, 1000, 1200 + (i % 3) * 100);
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            id: "claude-3-haiku@20240307".into(),
+            aliases: Vec::new(),
+            context_window: 200_000,
+            chars_per_token: 3.5,
+            regions: Vec::new(),
+            quota_group: "claude-3-haiku@20240307".into(),
+            cache_reads_count: true,
         }
-        let f = l.factor(&m);
-        assert!(f > 1.3 && f < 1.6, "{f}");
-        for _ in 0..200 {
-            l.observe(&m, 1000, 100_000);
-        }
-        assert_eq!(l.factor(&m), MAX_FACTOR);
+    }
+
+    fn measure(text: &str) -> InputEstimate {
+        let Value::Object(body) = json!({"messages": [{"role": "user", "content": text}]}) else {
+            unreachable!()
+        };
+        estimate_input(&body, ImageRule::default())
     }
 
     #[test]
-    fn disabled_means_no_correction() {
-        let m = ModelId::from("m");
-        let l = EstimateLearner::new(std::slice::from_ref(&m), false);
-        l.observe(&m, 100, 300);
-        assert_eq!(l.factor(&m), 1.0);
+    fn outputs_are_learned_per_tenant_then_per_model() {
+        let m = spec();
+        let l = EstimateLearner::new([&m], true, OutputReserve::Learned, Quantile::default());
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let loc: Arc<str> = Arc::from("us-east5");
+        assert_eq!(l.output(&m.id, "a", 32_000), 32_000);
+        let e = measure("hello there");
+        for _ in 0..5 {
+            l.observe(
+                &m.id,
+                &a,
+                Observed {
+                    estimate: &e,
+                    max_tokens: 32_000,
+                    input: 9,
+                    output: 150,
+                    cached: 0,
+                    location: &loc,
+                },
+            );
+        }
+        assert_eq!(l.output(&m.id, "a", 32_000), 150);
+        // Tenant b has no history: the model's.
+        assert_eq!(l.output(&m.id, "b", 32_000), 150);
+        l.observe(
+            &m.id,
+            &b,
+            Observed {
+                estimate: &e,
+                max_tokens: 32_000,
+                input: 9,
+                output: 20_000,
+                cached: 0,
+                location: &loc,
+            },
+        );
+        assert_eq!(l.output(&m.id, "b", 32_000), 20_000);
+        assert_eq!(
+            l.output(&m.id, "a", 32_000),
+            150,
+            "b's answers do not raise a's reserve"
+        );
+        // Another max_tokens class has its own history, capped by max_tokens.
+        assert_eq!(l.output(&m.id, "a", 100), 100);
+        let fixed = EstimateLearner::new([&m], true, OutputReserve::MaxTokens, Quantile::default());
+        fixed.observe(
+            &m.id,
+            &a,
+            Observed {
+                estimate: &e,
+                max_tokens: 32_000,
+                input: 9,
+                output: 150,
+                cached: 0,
+                location: &loc,
+            },
+        );
+        assert_eq!(fixed.output(&m.id, "a", 32_000), 32_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefix_counts_as_cached_only_where_every_location_has_it() {
+        let m = spec();
+        let l = EstimateLearner::new([&m], true, OutputReserve::Learned, Quantile::default());
+        let Value::Object(body) = json!({
+            "system": [{"type": "text", "text": "You are an agent. ".repeat(500), "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "go"}],
+        }) else {
+            unreachable!()
+        };
+        let e = estimate_input(&body, ImageRule::default());
+        let (us, eu): (Arc<str>, Arc<str>) = (Arc::from("us-east5"), Arc::from("europe-west1"));
+        let both = [Arc::clone(&us), Arc::clone(&eu)];
+        let a: Arc<str> = Arc::from("a");
+        assert_eq!(l.cached_input(&m.id, &e, &both), 0);
+        l.observe(
+            &m.id,
+            &a,
+            Observed {
+                estimate: &e,
+                max_tokens: 10,
+                input: 3_000,
+                output: 1,
+                cached: 2_900,
+                location: &us,
+            },
+        );
+        assert_eq!(l.cached_input(&m.id, &e, std::slice::from_ref(&us)), 2_900);
+        assert_eq!(
+            l.cached_input(&m.id, &e, &both),
+            0,
+            "europe-west1 has not cached it"
+        );
+        l.observe(
+            &m.id,
+            &a,
+            Observed {
+                estimate: &e,
+                max_tokens: 10,
+                input: 3_000,
+                output: 1,
+                cached: 2_900,
+                location: &eu,
+            },
+        );
+        assert_eq!(l.cached_input(&m.id, &e, &both), 2_900);
+        tokio::time::advance(CACHE_TRUST + Duration::from_secs(1)).await;
+        assert_eq!(
+            l.cached_input(&m.id, &e, &both),
+            0,
+            "trusted no longer than the cache lives"
+        );
+    }
+
+    #[test]
+    fn disabled_learning_keeps_the_priors() {
+        let m = spec();
+        let l = EstimateLearner::new([&m], false, OutputReserve::Learned, Quantile::default());
+        let e = measure(&"word ".repeat(1000));
+        let before = l.input(&m, &e);
+        let a: Arc<str> = Arc::from("a");
+        let loc: Arc<str> = Arc::from("us-east5");
+        l.observe(
+            &m.id,
+            &a,
+            Observed {
+                estimate: &e,
+                max_tokens: 10,
+                input: 100_000,
+                output: 1,
+                cached: 0,
+                location: &loc,
+            },
+        );
+        assert_eq!(l.input(&m, &e), before);
     }
 }

@@ -170,7 +170,7 @@ impl Metrics {
             fallbacks: counter(&r, "spillway_fallbacks_total", "Retries after an upstream failure, from the failed region to the next.", &["model", "from", "to"]),
             tokens: counter(&r, "spillway_tokens_total", "Tokens by kind: estimated_input, reserved_input, reserved_output, actual_input, actual_output.", &["model", "region", "kind"]),
             tenant_tokens: counter(&r, "spillway_tenant_tokens_total", "Actual tokens by tenant (input or output), for shares of the pool.", &["tenant", "model", "kind"]),
-            estimate_ratio: histogram(&r, "spillway_estimate_ratio", "Actual input tokens divided by the raw estimate.", RATIO_BUCKETS, &["model"]),
+            estimate_ratio: histogram(&r, "spillway_estimate_ratio", "Input tokens reserved divided by the actual input, by model and content class (below 1: under-reserved).", RATIO_BUCKETS, &["model", "class"]),
             admission_seconds,
             queue_wait_seconds: histogram(&r, "spillway_queue_wait_seconds", "Time from arrival to admission, by model and priority.", LATENCY_BUCKETS, &["model", "priority"]),
             upstream_latency_seconds: histogram(&r, "spillway_upstream_latency_seconds", "Time from sending to Vertex to its response headers.", LATENCY_BUCKETS, &["region", "model"]),

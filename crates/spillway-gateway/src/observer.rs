@@ -51,7 +51,12 @@ pub struct Trace {
     pub region: Arc<str>,
     pub started: Instant,
     pub attempts: u32,
+    /// What admission reserves (input with its margin, expected output).
     pub estimated: Charge,
+    /// The input estimate before the margin.
+    pub point_input: u64,
+    /// What kind of content dominates the body (`ContentClass::name`).
+    pub content_class: &'static str,
     pub queue_wait: Duration,
     /// Time to response headers of the last upstream attempt.
     pub upstream_latency: Duration,
@@ -70,10 +75,21 @@ impl Trace {
             started: Instant::now(),
             attempts: 0,
             estimated: Charge::default(),
+            point_input: 0,
+            content_class: "-",
             queue_wait: Duration::ZERO,
             upstream_latency: Duration::ZERO,
             outcome: "error",
         }
+    }
+}
+
+impl Trace {
+    /// Notes what a call will reserve.
+    pub fn note_plan(&mut self, charge: Charge, point_input: u64, class: &'static str) {
+        self.estimated = charge;
+        self.point_input = point_input;
+        self.content_class = class;
     }
 }
 
@@ -136,7 +152,9 @@ impl Observer {
             attempts = trace.attempts,
             status,
             outcome = trace.outcome,
-            estimated_input_tokens = trace.estimated.input,
+            content_class = trace.content_class,
+            estimated_input_tokens = trace.point_input,
+            reserved_input_tokens = trace.estimated.input,
             reserved_output_tokens = trace.estimated.output,
             input_tokens = usage.total_input(),
             output_tokens = usage.output_tokens,
@@ -195,7 +213,7 @@ impl Observer {
         }
         let tokens =
             |kind: &str, n: u64| m.tokens.with_label_values(&[model, region, kind]).inc_by(n);
-        tokens("estimated_input", admission.raw_input);
+        tokens("estimated_input", admission.point_input);
         tokens("reserved_input", admission.reserved.input);
         tokens("reserved_output", admission.reserved.output);
     }
@@ -236,11 +254,12 @@ impl Observer {
             .inc();
     }
 
-    /// How far a learned correction was off for one request.
-    pub fn estimate_ratio(&self, model: &str, ratio: f64) {
+    /// How far one request's input reservation was from its actual input
+    /// (reserved / actual: below 1 is an under-reservation).
+    pub fn estimate_ratio(&self, model: &str, class: &str, ratio: f64) {
         self.metrics
             .estimate_ratio
-            .with_label_values(&[model])
+            .with_label_values(&[model, class])
             .observe(ratio);
     }
 
@@ -267,7 +286,8 @@ pub struct Admission<'a> {
     pub failed_region: Option<&'a str>,
     pub wait: Duration,
     pub priority: Priority,
-    pub raw_input: u64,
+    /// The input estimate before its margin.
+    pub point_input: u64,
     pub reserved: Charge,
 }
 

@@ -20,7 +20,9 @@
 //!   window, Vertex's 429 bodies naming the right metric and base model
 //!   ([`errors`]), and a log of every admission so a test can check every
 //!   window of a run ([`SimHandle::bucket_reports`], [`quota::peak_usage`]);
-//! * prompt caching as a test dictates it (`SIM_CACHE_READ=`,
+//! * prompt caching: a real prefix cache per location and model, keyed by
+//!   the prompt up to each `cache_control` breakpoint, with a 5-minute TTL
+//!   ([`cache`]), or as a test dictates it (`SIM_CACHE_READ=`,
 //!   `SIM_CACHE_WRITE=`), with a per-model rule for whether cache reads
 //!   count against the input quota ([`message`], [`config`]);
 //! * a deterministic tokenizer that deliberately differs from `chars / 3.5`
@@ -81,6 +83,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod counters;

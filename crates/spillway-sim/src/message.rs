@@ -15,8 +15,9 @@
 //!
 //! ## Prompt caching
 //!
-//! The simulator has no cache; a test says what the cache did. In the last
-//! user message (same places as above):
+//! The simulator caches prompt prefixes at their `cache_control`
+//! breakpoints as Vertex does ([`crate::cache`]). A test may instead say
+//! what the cache did, in the last user message (same places as above):
 //!
 //! * `SIM_CACHE_READ=<r>` makes `r` of the prompt's input tokens cache
 //!   reads, reported in `usage.cache_read_input_tokens`;

@@ -242,7 +242,18 @@ async fn model_route(
         Ok(m) => m,
         Err(e) => return fail(&mut recording, stream, e, keep(json)),
     };
-    let input = message::plan_input(&json, count_tokens(&json));
+    let total = count_tokens(&json);
+    let dictated = ["SIM_CACHE_READ=", "SIM_CACHE_WRITE="]
+        .iter()
+        .any(|k| message::directive(&json, k).is_some());
+    let cached = (!dictated).then(|| {
+        let prefixes = crate::tokenizer::cache_prefixes(&json);
+        st.cache.lookup(&location, model, &prefixes, total)
+    });
+    let input = match &cached {
+        Some(lookup) => lookup.usage,
+        None => message::plan_input(&json, total),
+    };
     let counted_input = input.counted(slot.cache_reads_count);
     let default_out = st.default_output_tokens.load(Ordering::Relaxed);
     let out = message::plan_output(&json, max_tokens, default_out);
@@ -279,6 +290,9 @@ async fn model_route(
     if let Err(metric) = admitted {
         let e = SimError::quota_exceeded_in(metric, &location, &slot.bucket.id.base_model());
         return fail(&mut recording, stream, e, json);
+    }
+    if let Some(lookup) = &cached {
+        st.cache.admitted(&location, model, lookup);
     }
 
     // 6. answer

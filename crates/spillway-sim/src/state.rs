@@ -102,6 +102,7 @@ pub(crate) struct State {
     refused: Refusals,
     pub(crate) faults: FaultTable,
     pub(crate) recorder: Recorder,
+    pub(crate) cache: crate::cache::PromptCache,
     pub(crate) oauth: OAuthState,
     pub(crate) total_requests: AtomicU64,
     /// Wakes requests hanging on a `Hang` fault (on clear/reset/shutdown).
@@ -135,6 +136,7 @@ impl State {
             refused: Refusals::default(),
             faults: FaultTable::default(),
             recorder: Recorder::default(),
+            cache: crate::cache::PromptCache::default(),
             oauth: OAuthState::default(),
             total_requests: AtomicU64::new(0),
             hang_release: tokio::sync::Notify::new(),

@@ -82,6 +82,73 @@ pub fn count_tokens(body: &Value) -> u64 {
     total
 }
 
+/// The prompt-cache breakpoints of a body: for each element carrying
+/// `cache_control` (a tool, a system block, a message's content block), in
+/// Anthropic's prefix order (tools, system, messages), a fingerprint of the
+/// prefix up to and including it and its tokens by [`count_tokens`]'s rule.
+pub fn cache_prefixes(body: &Value) -> Vec<(u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut tokens = REQUEST_OVERHEAD;
+    let mut out = Vec::new();
+    let mut mark = |v: &Value, hasher: &std::collections::hash_map::DefaultHasher, tokens: u64| {
+        if v.get("cache_control").is_some() {
+            out.push((hasher.finish(), tokens));
+        }
+    };
+    if let Some(Value::Array(tools)) = body.get("tools") {
+        for t in tools {
+            t.get("name").map(Value::to_string).hash(&mut hasher);
+            t.get("description").map(Value::to_string).hash(&mut hasher);
+            t.get("input_schema")
+                .map(Value::to_string)
+                .hash(&mut hasher);
+            let text = |k: &str| t.get(k).and_then(Value::as_str).map_or(0, count_text);
+            tokens +=
+                text("name") + text("description") + t.get("input_schema").map_or(0, count_json);
+            mark(t, &hasher, tokens);
+        }
+    }
+    match body.get("system") {
+        Some(Value::String(s)) => {
+            s.hash(&mut hasher);
+            tokens += count_text(s);
+        }
+        Some(Value::Array(blocks)) => {
+            for b in blocks {
+                b.get("text").map(Value::to_string).hash(&mut hasher);
+                tokens = tokens.saturating_add(count_block(b));
+                mark(b, &hasher, tokens);
+            }
+        }
+        _ => {}
+    }
+    if let Some(Value::Array(messages)) = body.get("messages") {
+        for m in messages {
+            tokens = tokens.saturating_add(MESSAGE_OVERHEAD);
+            "message".hash(&mut hasher);
+            match m.get("content") {
+                Some(Value::Array(blocks)) => {
+                    for b in blocks {
+                        let mut b_plain = b.clone();
+                        if let Some(o) = b_plain.as_object_mut() {
+                            o.remove("cache_control");
+                        }
+                        b_plain.to_string().hash(&mut hasher);
+                        tokens = tokens.saturating_add(count_block(b));
+                        mark(b, &hasher, tokens);
+                    }
+                }
+                content => {
+                    content.map(Value::to_string).hash(&mut hasher);
+                    tokens = tokens.saturating_add(count_content(content));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Counts a plain text with the run/char rule.
 pub fn count_text(text: &str) -> u64 {
     let mut tokens: u64 = 0;

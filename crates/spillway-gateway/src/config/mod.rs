@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::estimates::OutputReserve;
 use serde::{Deserialize, Serialize};
 use spillway_core::catalog::LocationKind;
 use spillway_core::ledger::Limits;
@@ -141,8 +142,15 @@ pub struct QuotaDefaults {
     pub cooldown_max_ms: u64,
     /// Characters per token when a model sets none.
     pub chars_per_token: f64,
-    /// Learn a per-model correction of the input estimate from actual usage.
+    /// Learn each model's input rates and margins from actual usage.
     pub learn_estimates: bool,
+    /// The quantile of recent estimate errors (and of recent output
+    /// lengths) that is reserved: 0.95 holds enough for 19 requests in 20.
+    #[serde(default = "default_estimate_margin")]
+    pub estimate_margin: f64,
+    /// `learned` (expected output) or `max_tokens`.
+    #[serde(default)]
+    pub output_reserve: OutputReserve,
     /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
     #[serde(default)]
     pub store: QuotaStoreKind,
@@ -161,6 +169,10 @@ pub struct QuotaDefaults {
     /// N for the local 1/N share while Redis is down; 0 = live replicas.
     #[serde(default)]
     pub replicas: u32,
+}
+
+fn default_estimate_margin() -> f64 {
+    0.95
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -504,6 +516,15 @@ impl Settings {
                     "a split quota must be positive (leave it out if your project has none)",
                 ));
             }
+        }
+        if spillway_core::learn::Quantile::new(self.quota.estimate_margin).is_none() {
+            return Err(invalid(
+                "quota.estimate_margin",
+                format!(
+                    "{} is not a quantile between 0.5 and 1 (0.95 reserves enough for 19 requests in 20)",
+                    self.quota.estimate_margin
+                ),
+            ));
         }
         shared_quota::validate(&self.quota)?;
         if self.models.is_empty() {

@@ -173,7 +173,7 @@ impl Forwarder {
             let error = match sent {
                 Ok(response) if response.status().is_success() => {
                     self.setup.served(&model.id, &grant.region);
-                    let settle = Settle::new(Arc::clone(self), model, grant, plan);
+                    let settle = Settle::new(Arc::clone(self), model, grant, plan, &trace.tenant);
                     let served = Served {
                         region: Arc::clone(&trace.region),
                         budget: Some(settle.grant().view),
@@ -340,7 +340,7 @@ impl Forwarder {
             failed_region: failed_region.as_deref(),
             wait,
             priority: demand.priority,
-            raw_input: plan.raw_input,
+            point_input: plan.input.point,
             reserved: grant.charge,
         });
         Ok(grant)

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use serde_json::{Map, Value};
-use spillway_core::estimate::{estimate_input, ImageRule};
-use spillway_core::ledger::Charge;
+use spillway_core::estimate::{estimate_input, ImageRule, InputEstimate};
+use spillway_core::learn::InputReserve;
+use spillway_core::ledger::{Charge, Limits};
 use spillway_core::{ModelSpec, Resolution};
 use spillway_vertex::{anthropic_to_vertex_id, is_valid_model_id, Operation};
 
@@ -54,12 +55,16 @@ pub struct Call<'a> {
     pub request: CallRequest,
 }
 
-/// What to reserve for a call.
+/// What to reserve for a call, and what learning needs when it settles.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
-    /// The input estimate before the learned correction.
-    pub raw_input: u64,
-    /// Input (corrected) and output (`max_tokens`) to reserve.
+    /// The body's measure.
+    pub estimate: InputEstimate,
+    /// The learned input estimate, its margin and content class.
+    pub input: InputReserve,
+    pub max_tokens: u64,
+    /// What admission holds: the padded input and the expected output, cut
+    /// to what an empty location can take when they exceed it.
     pub charge: Charge,
 }
 
@@ -112,53 +117,70 @@ impl Forwarder {
         self.plan(call, &regions)
     }
 
-    /// The input estimate (corrected by what past responses of this model
-    /// taught) and output to reserve; refuses what can never fit.
+    /// What to reserve: the learned input estimate with its margin, and
+    /// the expected output. Refuses for good only on the body's floor, a
+    /// lower bound no tokenizer undercuts — never on a learned or padded
+    /// guess, and never counting `max_tokens` against the quota (Vertex
+    /// cannot know the output in advance either). A charge that exceeds
+    /// every eligible location while its floor fits is cut to what the
+    /// roomiest empty location takes: it waits for an empty window and is
+    /// sent, and its answer teaches the estimate.
     pub(super) fn plan(&self, call: &Call<'_>, regions: &[Arc<str>]) -> Result<Plan, ForwardError> {
         let model = call.model;
         let max_tokens = call.request.max_tokens;
-        let estimate = estimate_input(
-            &call.request.body,
-            model.chars_per_token,
-            ImageRule::default(),
-        );
-        let factor = self.estimates.factor(&model.id);
-        let charge = Charge {
-            input: (estimate.tokens as f64 * factor).ceil() as u64,
-            output: max_tokens,
-        };
-        if estimate.tokens.saturating_add(max_tokens) > model.context_window {
+        let estimate = estimate_input(&call.request.body, ImageRule::default());
+        let floor = estimate.floor();
+        if floor.saturating_add(max_tokens) > model.context_window {
             return Err(ForwardError::Invalid(format!(
-                "prompt is too long: an estimated {} input tokens plus max_tokens {max_tokens} is {}, over the {}-token context window of {}",
-                estimate.tokens,
-                estimate.tokens + max_tokens,
-                model.context_window,
-                model.id
+                "prompt is too long: at least {floor} input tokens plus max_tokens {max_tokens} exceed the {}-token context window of {}",
+                model.context_window, model.id
             )));
         }
-        // Can any eligible location ever take it? Each is checked on every
-        // limit it has: split limits shaped differently per location mean
-        // no single "largest" location decides.
-        let ceilings: Vec<_> = model
+        let ceilings: Vec<Limits> = model
             .regions
             .iter()
             .filter(|r| regions.iter().any(|e| **e == *r.region))
             .map(|r| self.policy.ceiling(&r.limits))
             .collect();
-        if !ceilings.iter().any(|l| l.admits(charge)) {
-            let largest = ceilings
-                .iter()
-                .map(|l| l.token_capacity())
-                .max()
-                .unwrap_or(0);
+        let least = Charge {
+            input: floor,
+            output: 0,
+        };
+        if !ceilings.iter().any(|l| l.admits(least)) {
+            let largest = ceilings.iter().map(input_room).max().unwrap_or(0);
             return Err(ForwardError::Invalid(format!(
-                "request can never fit the quota: an estimated {} input tokens plus max_tokens {} exceeds the per-minute token budget of every eligible region (the largest is {largest} tokens); lower max_tokens or split the prompt",
-                charge.input,
-                charge.output,
+                "request can never fit the quota: it has at least {floor} input tokens, more than the per-minute input budget of every eligible region (the largest is {largest} tokens); split the prompt"
             )));
         }
+        let mut input = self.estimates.input(model, &estimate);
+        if !model.cache_reads_count {
+            // Cache reads cost this model's quota nothing: hold what the
+            // prompt adds to a prefix cached wherever the call may go.
+            let cached = self.estimates.cached_input(&model.id, &estimate, regions);
+            let margin = input.reserved as f64 / input.point.max(1) as f64;
+            let counted = input.point.saturating_sub(cached);
+            input.reserved = (counted as f64 * margin).ceil() as u64;
+        }
+        let wanted = Charge {
+            input: input.reserved,
+            output: self
+                .estimates
+                .output(&model.id, &call.request.tenant.name, max_tokens),
+        };
+        let charge = if ceilings.iter().any(|l| l.admits(wanted)) {
+            wanted
+        } else {
+            ceilings
+                .iter()
+                .filter(|l| l.admits(least))
+                .map(|l| cut_to(l, wanted))
+                .max_by_key(|c| (c.input, c.output))
+                .unwrap_or(least)
+        };
         Ok(Plan {
-            raw_input: estimate.tokens,
+            estimate,
+            input,
+            max_tokens,
             charge,
         })
     }
@@ -212,10 +234,7 @@ impl Forwarder {
             .and_then(|r| self.plan(call, &r))
         {
             Ok(plan) => plan.charge,
-            Err(_) => Charge {
-                input: 0,
-                output: call.request.max_tokens,
-            },
+            Err(_) => Charge::default(),
         };
         // The item's share of each budget, as a time: the largest binds.
         let share = |limit: Option<u64>, used: u64| {
@@ -256,6 +275,25 @@ impl Forwarder {
         }
         Ok(regions)
     }
+}
+
+/// The most input an empty window of `limits` takes.
+fn input_room(limits: &Limits) -> u64 {
+    limits
+        .input_tokens
+        .unwrap_or(u64::MAX)
+        .min(limits.tokens.unwrap_or(u64::MAX))
+}
+
+/// `charge` cut until an empty window of `limits` admits it: input first
+/// (it is what Vertex checks on arrival), then output in what is left.
+fn cut_to(limits: &Limits, charge: Charge) -> Charge {
+    let input = charge.input.min(input_room(limits));
+    let output = charge
+        .output
+        .min(limits.output_tokens.unwrap_or(u64::MAX))
+        .min(limits.tokens.map_or(u64::MAX, |t| t.saturating_sub(input)));
+    Charge { input, output }
 }
 
 /// The locations this call may use: the model's, narrowed by tenant policy

@@ -35,9 +35,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_core::adaptive::AdaptiveConfig;
+use spillway_core::learn::Quantile;
 use spillway_core::ledger::Limits;
 use spillway_core::store::{QuotaStore, Strategy};
-use spillway_core::{Catalog, ModelId};
+use spillway_core::Catalog;
 use spillway_vertex::Operation;
 
 use crate::answer::{Answer, ForwardError};
@@ -120,9 +121,14 @@ impl Forwarder {
         let groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
         let scheduler = Scheduler::new(store, &groups, settings.scheduler.max_queue)
             .with_decision_histogram(metrics.admission_seconds.clone());
-        let models: Vec<ModelId> = catalog.models().iter().map(|m| m.id.clone()).collect();
+        let quota = &settings.quota;
         Self {
-            estimates: EstimateLearner::new(&models, settings.quota.learn_estimates),
+            estimates: EstimateLearner::new(
+                catalog.models(),
+                quota.learn_estimates,
+                quota.output_reserve,
+                Quantile::new(quota.estimate_margin).unwrap_or_default(),
+            ),
             policy: ForwardPolicy::from_settings(settings),
             observer: Observer::new(metrics),
             catalog,
@@ -186,7 +192,7 @@ impl Forwarder {
     ) -> Result<Answer, ForwardError> {
         let regions = self.eligible_regions(&call)?;
         let plan = self.plan(&call, &regions)?;
-        trace.estimated = plan.charge;
+        trace.note_plan(plan.charge, plan.input.point, plan.input.class.name());
         self.check_caps(&call, &plan)?;
         let r = &call.request;
         let max_wait = r

@@ -18,6 +18,7 @@ use spillway_vertex::{normalize_upstream_error, usage_from_message_body, Usage};
 use super::call::Plan;
 use super::Forwarder;
 use crate::answer::{Answer, ForwardError, Served, StreamEnd};
+use crate::estimates::Observed;
 use crate::observer::Trace;
 use crate::passthrough::{SsePassthrough, StreamOutcome};
 use crate::upstream::vertex::classify_send_error;
@@ -29,7 +30,8 @@ pub(super) struct Settle {
     /// Whether this model's cache reads count toward its input quota.
     cache_reads_count: bool,
     grant: Grant,
-    raw_input: u64,
+    plan: Plan,
+    tenant: Arc<str>,
 }
 
 impl Settle {
@@ -38,13 +40,15 @@ impl Settle {
         model: &ModelSpec,
         grant: Grant,
         plan: Plan,
+        tenant: &Arc<str>,
     ) -> Self {
         Self {
             forwarder,
             model: model.id.clone(),
             cache_reads_count: model.cache_reads_count,
             grant,
-            raw_input: plan.raw_input,
+            plan,
+            tenant: Arc::clone(tenant),
         }
     }
 
@@ -86,13 +90,27 @@ impl Settle {
 
     async fn run(self, usage: Option<Usage>, complete: bool) {
         if let Some(u) = usage.filter(|_| complete) {
-            let f = &self.forwarder;
-            if let Some(ratio) = f
-                .estimates
-                .observe(&self.model, self.raw_input, u.total_input())
-            {
-                f.observer.estimate_ratio(self.model.as_str(), ratio);
+            let (f, plan) = (&self.forwarder, &self.plan);
+            let (actual, counted) = (u.total_input(), self.counted_input(&u));
+            if counted > 0 {
+                let ratio = plan.charge.input as f64 / counted as f64;
+                f.observer
+                    .estimate_ratio(self.model.as_str(), plan.input.class.name(), ratio);
             }
+            f.estimates.observe(
+                &self.model,
+                &self.tenant,
+                Observed {
+                    estimate: &plan.estimate,
+                    max_tokens: plan.max_tokens,
+                    input: actual,
+                    output: u.output_tokens,
+                    cached: u
+                        .cache_read_input_tokens
+                        .saturating_add(u.cache_creation_input_tokens),
+                    location: &self.grant.region,
+                },
+            );
         }
         let charge = self.charge_for(usage, complete);
         self.forwarder
