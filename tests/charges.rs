@@ -21,6 +21,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{json, Value};
 use spillway_sim::tokenizer::{count_text, count_tokens};
+use spillway_sim::{SimConfig, SimModel, SimRegion};
 use support::*;
 use tokio::time::{sleep, sleep_until, Instant};
 use tracing::field::{Field, Visit};
@@ -792,4 +793,84 @@ async fn claude_code_shaped_requests_fit_the_default_quota() {
     assert!(failed.is_empty(), "not served: requests {failed:?}");
     assert_no_upstream_429(&h);
     assert_no_window_over_budget(&h);
+}
+
+/// Claude Code on a current model, as it really runs: every session sends
+/// the same ~37,000-token system prompt and tools behind `cache_control`,
+/// and Vertex does not count cache reads against the quota. Spillway holds
+/// only what a request adds to a prefix cached wherever it may go, so a
+/// steady stream of sessions (each adding a ~3,000-token file) fills the
+/// input budget instead of one request a window.
+#[tokio::test(start_paused = true)]
+async fn claude_code_sessions_with_a_cached_prompt_use_the_input_budget() {
+    const CURRENT: &str = "claude-haiku-4-5@20251001";
+    let (log, _guard) = RequestLog::capture();
+    let regions = ["us-east5", "europe-west1"];
+    let sim = SimConfig {
+        regions: regions
+            .iter()
+            .map(|name| SimRegion {
+                name: name.to_string(),
+                models: vec![SimModel::new(CURRENT, 60, TOKENS_PER_MIN)],
+            })
+            .collect(),
+        ..SimConfig::vertex_defaults()
+    };
+    let overlay = format!(
+        "[scheduler]\nmax_wait_cap_ms = 120000\n[models.\"{CURRENT}\"]\nregions = [{{ name = \"us-east5\" }}, {{ name = \"europe-west1\" }}]\n"
+    );
+    let h = Harness::start_with(&tenant_overlay(&overlay), sim).await;
+    let session = |i: u64| {
+        let mut body = claude_code_request(1, i % 2 == 1);
+        body["model"] = json!(CURRENT);
+        body["system"][0]["cache_control"] = json!({"type": "ephemeral"});
+        let file = english_prose_tokens(3_000, 1_000 + i);
+        body["messages"] = json!([{"role": "user", "content": [
+            {"type": "text", "text": format!("Here is src/lib.rs:\n{file}")},
+            {"type": "text", "text": "Fix the failing test. SIM_OUTPUT_TOKENS=150", "cache_control": {"type": "ephemeral"}},
+        ]}]);
+        body
+    };
+    let start = Instant::now();
+    // 32 sessions a minute for five windows: a little more than the input
+    // budget of both regions takes, far less than their request budget.
+    let sends = (0..160u64).map(|i| {
+        let (h, body) = (&h, session(i));
+        async move {
+            sleep_until(start + Duration::from_millis(1_875 * i)).await;
+            send(h, &body, 120_000).await
+        }
+    });
+    let outcomes = join_all(sends).await;
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.status != 200 || !completed(o))
+        .map(|o| o.show(&log))
+        .take(3)
+        .collect();
+    assert!(failed.is_empty(), "not served: {failed:?}");
+    assert_no_upstream_429(&h);
+    assert_no_window_over_budget(&h);
+    // Windows 2 to 5 (the first writes the cache in each region).
+    for region in regions {
+        let bucket = h.sim.bucket_of(region, CURRENT).unwrap();
+        let mut per_window = [0u64; 5];
+        for a in h.sim.admissions(&bucket) {
+            let w = ((a.at - start).as_secs() / WINDOW.as_secs()) as usize;
+            if let Some(slot) = per_window.get_mut(w) {
+                *slot += a.input_tokens;
+            }
+        }
+        let shares: Vec<f64> = per_window
+            .iter()
+            .map(|t| *t as f64 / TOKENS_PER_MIN as f64)
+            .collect();
+        println!("{region}: counted input per window: {shares:.2?}");
+        for (w, share) in shares.iter().enumerate().skip(1) {
+            assert!(
+                *share >= 0.9,
+                "{region} window {w}: {share:.2} of the input budget"
+            );
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use spillway_core::estimate::InputEstimate;
+use spillway_core::estimate::{Features, InputEstimate};
 use spillway_core::learn::{
     expected_output, max_tokens_class, InputModel, InputReserve, OutputModel, Quantile,
 };
@@ -41,12 +41,16 @@ pub enum OutputReserve {
 /// seen read or written: Anthropic's 5-minute cache, less a margin.
 pub const CACHE_TRUST: Duration = Duration::from_secs(270);
 
+/// Anthropic caches no prefix shorter than 1,024 tokens (2,048 on Haiku
+/// models): a shorter breakpoint is never predicted to be read.
+const MIN_CACHED_PREFIX: u64 = 2048;
+
 #[derive(Debug)]
 struct Learned {
     input: InputModel,
     /// Prompt prefixes answers showed cached: (fingerprint, location) →
-    /// their tokens and when.
-    cached: HashMap<(u64, Arc<str>), (u64, Instant)>,
+    /// when.
+    cached: HashMap<(u64, Arc<str>), Instant>,
     /// The model's outputs by `max_tokens` class, for tenants with no
     /// history of their own.
     output: OutputModel,
@@ -104,41 +108,36 @@ impl EstimateLearner {
         }
     }
 
-    /// Tokens of this body's prompt that every one of `locations` will read
-    /// from its cache: the longest breakpoint prefix that answers showed
-    /// cached in each of them within [`CACHE_TRUST`]. Only a prefix cached
-    /// wherever the request may go counts, so routing cannot turn the
-    /// prediction into an under-reservation.
-    pub fn cached_input(
+    /// The measure of the longest prompt prefix (up to a `cache_control`
+    /// breakpoint) that answers showed cached in *every* one of
+    /// `locations` within [`CACHE_TRUST`]: what this request will read from
+    /// the cache wherever routing sends it. Only a prefix cached wherever
+    /// the request may go counts, so a spill to a cold location cannot turn
+    /// the prediction into an under-reservation.
+    pub fn cached_prefix(
         &self,
         model: &ModelId,
         estimate: &InputEstimate,
         locations: &[Arc<str>],
-    ) -> u64 {
+    ) -> Option<Features> {
         if estimate.breakpoint_count == 0 || locations.is_empty() {
-            return 0;
+            return None;
         }
-        let Some(learned) = self.lock(model) else {
-            return 0;
-        };
+        let learned = self.lock(model)?;
         let now = Instant::now();
         estimate
             .breakpoints()
             .iter()
             .rev()
-            .find_map(|bp| {
-                locations
-                    .iter()
-                    .map(|loc| {
-                        learned
-                            .cached
-                            .get(&(bp.fingerprint, Arc::clone(loc)))
-                            .filter(|(_, at)| now.duration_since(*at) <= CACHE_TRUST)
-                            .map(|(tokens, _)| *tokens)
-                    })
-                    .try_fold(u64::MAX, |least, t| t.map(|t| least.min(t)))
+            .find(|bp| {
+                locations.iter().all(|loc| {
+                    learned
+                        .cached
+                        .get(&(bp.fingerprint, Arc::clone(loc)))
+                        .is_some_and(|at| now.duration_since(*at) <= CACHE_TRUST)
+                })
             })
-            .unwrap_or(0)
+            .map(|bp| bp.features)
     }
 
     /// What to reserve for a request's output.
@@ -166,19 +165,15 @@ impl EstimateLearner {
             let now = Instant::now();
             learned
                 .cached
-                .retain(|_, (_, at)| now.duration_since(*at) <= CACHE_TRUST);
-            let breakpoints = observed.estimate.breakpoints();
+                .retain(|_, at| now.duration_since(*at) <= CACHE_TRUST);
             let rates = *learned.input.rates();
-            for (i, bp) in breakpoints.iter().enumerate() {
-                // The last breakpoint is what was cached; earlier ones are
-                // prefixes of it, their size estimated and never above it.
-                let tokens = if i + 1 == breakpoints.len() {
-                    observed.cached
-                } else {
-                    (rates.tokens(&bp.features) as u64).min(observed.cached)
-                };
-                let key = (bp.fingerprint, Arc::clone(observed.location));
-                learned.cached.insert(key, (tokens, now));
+            for bp in observed.estimate.breakpoints() {
+                // Prefixes under the smallest cacheable length are not
+                // cached; leaving one out only over-reserves.
+                if rates.tokens(&bp.features) >= MIN_CACHED_PREFIX as f64 {
+                    let key = (bp.fingerprint, Arc::clone(observed.location));
+                    learned.cached.insert(key, now);
+                }
             }
         }
         let class = max_tokens_class(observed.max_tokens);
@@ -293,32 +288,36 @@ mod tests {
         let m = spec();
         let l = EstimateLearner::new([&m], true, OutputReserve::Learned, Quantile::default());
         let Value::Object(body) = json!({
-            "system": [{"type": "text", "text": "You are an agent. ".repeat(500), "cache_control": {"type": "ephemeral"}}],
+            "system": [{"type": "text", "text": "You are an agent. ".repeat(1_000), "cache_control": {"type": "ephemeral"}}],
             "messages": [{"role": "user", "content": "go"}],
         }) else {
             unreachable!()
         };
         let e = estimate_input(&body, ImageRule::default());
+        let system = e.breakpoints()[0].features;
         let (us, eu): (Arc<str>, Arc<str>) = (Arc::from("us-east5"), Arc::from("europe-west1"));
         let both = [Arc::clone(&us), Arc::clone(&eu)];
         let a: Arc<str> = Arc::from("a");
-        assert_eq!(l.cached_input(&m.id, &e, &both), 0);
+        assert_eq!(l.cached_prefix(&m.id, &e, &both), None);
         l.observe(
             &m.id,
             &a,
             Observed {
                 estimate: &e,
                 max_tokens: 10,
-                input: 3_000,
+                input: 5_000,
                 output: 1,
-                cached: 2_900,
+                cached: 4_900,
                 location: &us,
             },
         );
-        assert_eq!(l.cached_input(&m.id, &e, std::slice::from_ref(&us)), 2_900);
         assert_eq!(
-            l.cached_input(&m.id, &e, &both),
-            0,
+            l.cached_prefix(&m.id, &e, std::slice::from_ref(&us)),
+            Some(system)
+        );
+        assert_eq!(
+            l.cached_prefix(&m.id, &e, &both),
+            None,
             "europe-west1 has not cached it"
         );
         l.observe(
@@ -327,17 +326,17 @@ mod tests {
             Observed {
                 estimate: &e,
                 max_tokens: 10,
-                input: 3_000,
+                input: 5_000,
                 output: 1,
-                cached: 2_900,
+                cached: 4_900,
                 location: &eu,
             },
         );
-        assert_eq!(l.cached_input(&m.id, &e, &both), 2_900);
+        assert_eq!(l.cached_prefix(&m.id, &e, &both), Some(system));
         tokio::time::advance(CACHE_TRUST + Duration::from_secs(1)).await;
         assert_eq!(
-            l.cached_input(&m.id, &e, &both),
-            0,
+            l.cached_prefix(&m.id, &e, &both),
+            None,
             "trusted no longer than the cache lives"
         );
     }

@@ -153,13 +153,18 @@ impl Forwarder {
             )));
         }
         let mut input = self.estimates.input(model, &estimate);
-        if !model.cache_reads_count {
+        if let Some(prefix) = (!model.cache_reads_count)
+            .then(|| self.estimates.cached_prefix(&model.id, &estimate, regions))
+            .flatten()
+        {
             // Cache reads cost this model's quota nothing: hold what the
-            // prompt adds to a prefix cached wherever the call may go.
-            let cached = self.estimates.cached_input(&model.id, &estimate, regions);
-            let margin = input.reserved as f64 / input.point.max(1) as f64;
-            let counted = input.point.saturating_sub(cached);
-            input.reserved = (counted as f64 * margin).ceil() as u64;
+            // prompt adds to a prefix cached wherever the call may go,
+            // estimated on its own (with its own class's margin).
+            let mut rest = estimate;
+            for (total, cached) in rest.features.0.iter_mut().zip(prefix.0) {
+                *total = total.saturating_sub(cached);
+            }
+            input.reserved = self.estimates.input(model, &rest).reserved;
         }
         let wanted = Charge {
             input: input.reserved,
