@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::{json, Value};
+use spillway_bench::content::{self, Rng, SHORT_WORDS};
 use spillway_sim::tokenizer::{count_text, count_tokens};
 use spillway_sim::{SimConfig, SimModel, SimRegion};
 use support::*;
@@ -43,156 +44,10 @@ fn tenant_overlay(extra: &str) -> String {
 // ---------------------------------------------------------------------------
 // Deterministic content.
 
-/// SplitMix64: a small seeded generator, so every run sends the same text.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Function words, and short, medium and long content words: English prose
-/// picks them 30%, 40%, 25% and 5% of the time (about 3.9 characters a
-/// token for the simulator, so chars/3.5 guesses ~12% high).
-const FUNCTION_WORDS: &[&str] = &[
-    "the", "of", "and", "to", "a", "in", "is", "it", "for", "on", "as", "by", "at", "or", "an",
-    "be", "we", "not", "but",
-];
-const SHORT_WORDS: &[&str] = &[
-    "that", "with", "have", "this", "from", "they", "were", "been", "more", "when", "will", "time",
-    "work", "year", "some", "only", "over", "also", "most", "made", "many", "must", "back", "much",
-    "well", "each", "just", "into", "than", "what", "your", "said", "them", "then", "like", "long",
-    "make", "know", "take", "come", "good", "give", "city", "road", "land", "hand", "part", "life",
-    "case", "week", "fact", "area", "team", "idea", "body", "book", "word", "home", "line", "name",
-    "form", "side", "kind", "head", "food", "door", "face", "plan", "rule", "past", "view", "role",
-    "data", "rate", "once", "both", "very", "same", "next", "main", "free", "open", "real", "full",
-    "hard", "easy", "help", "move", "show", "turn", "keep", "need", "feel", "seem", "find", "tell",
-    "call", "last", "high", "late", "near",
-];
-const MEDIUM_WORDS: &[&str] = &[
-    "between",
-    "because",
-    "through",
-    "another",
-    "without",
-    "children",
-    "language",
-    "building",
-    "question",
-    "problems",
-    "research",
-    "evidence",
-    "together",
-    "possible",
-    "students",
-    "business",
-    "economic",
-    "national",
-    "response",
-    "approach",
-    "material",
-    "everyone",
-    "increase",
-    "included",
-    "probably",
-    "personal",
-    "security",
-    "customer",
-    "although",
-    "decision",
-    "analysis",
-    "strategy",
-    "practice",
-    "hospital",
-    "mountain",
-    "thousand",
-    "interest",
-    "position",
-    "standard",
-    "evening",
-    "medicine",
-    "continue",
-    "therefore",
-    "directly",
-    "recently",
-    "families",
-    "majority",
-    "attended",
-    "training",
-    "software",
-    "computer",
-    "reported",
-    "shortage",
-    "planning",
-];
-const LONG_WORDS: &[&str] = &[
-    "information",
-    "development",
-    "relationship",
-    "environment",
-    "significant",
-    "particularly",
-    "organization",
-    "understanding",
-    "neighborhood",
-    "construction",
-    "intelligence",
-    "contribution",
-    "professional",
-    "requirements",
-];
-
-fn english_word(rng: &mut Rng) -> &'static str {
-    let list = match rng.below(100) {
-        0..30 => FUNCTION_WORDS,
-        30..70 => SHORT_WORDS,
-        70..95 => MEDIUM_WORDS,
-        _ => LONG_WORDS,
-    };
-    list[rng.below(list.len() as u64) as usize]
-}
-
-/// English prose of at least `chars` characters: sentences of 6 to 22
-/// words, some commas, paragraphs of 3 to 7 sentences.
+/// English prose of at least `chars` characters (about 3.9 characters a
+/// token by the simulator's count), the same text for the same seed.
 fn english_prose(chars: usize, seed: u64) -> String {
-    let mut rng = Rng(seed);
-    let mut out = String::with_capacity(chars + 200);
-    let mut sentences_left = 3 + rng.below(5);
-    while out.len() < chars {
-        let words = 6 + rng.below(17);
-        for i in 0..words {
-            let w = english_word(&mut rng);
-            if i == 0 {
-                let mut c = w.chars();
-                let first = c.next().unwrap().to_ascii_uppercase();
-                out.push(first);
-                out.push_str(c.as_str());
-            } else {
-                out.push(' ');
-                out.push_str(w);
-            }
-            if i + 1 < words && i > 1 && rng.below(9) == 0 {
-                out.push(',');
-            }
-        }
-        out.push(if rng.below(12) == 0 { '?' } else { '.' });
-        sentences_left -= 1;
-        if sentences_left == 0 {
-            out.push_str("\n\n");
-            sentences_left = 3 + rng.below(5);
-        } else {
-            out.push(' ');
-        }
-    }
-    out.trim_end().to_string()
+    content::english_prose(&mut Rng::new(seed), chars)
 }
 
 /// English prose costing at least `tokens` by the simulator's count.
@@ -209,67 +64,9 @@ fn english_prose_tokens(tokens: u64, seed: u64) -> String {
     }
 }
 
-const CJK_PHRASES: &[&str] = &[
-    "今日は",
-    "天気が",
-    "とても",
-    "良いので",
-    "公園を",
-    "散歩しました",
-    "会議の",
-    "資料を",
-    "準備して",
-    "ください",
-    "新しい",
-    "技術の",
-    "開発は",
-    "重要です",
-    "私たちは",
-    "東京で",
-    "働いています",
-    "問題を",
-    "解決する",
-    "ために",
-    "データを",
-    "分析した",
-    "結果",
-    "情報",
-    "システムの",
-    "設計について",
-    "説明します",
-    "我们今天",
-    "讨论了",
-    "这个项目的",
-    "进展",
-    "非常重要",
-    "文化と",
-    "歴史を",
-    "学ぶ",
-    "ことは",
-    "大切です",
-];
-
-/// Japanese and Chinese prose of `chars` characters (each one a token for
-/// the simulator; chars/3.5 guesses 0.29 a character).
+/// CJK prose of at least `chars` characters.
 fn cjk_prose(chars: usize, seed: u64) -> String {
-    let mut rng = Rng(seed);
-    let mut out = String::new();
-    let mut n = 0;
-    while n < chars {
-        let words = 3 + rng.below(6);
-        for i in 0..words {
-            let p = CJK_PHRASES[rng.below(CJK_PHRASES.len() as u64) as usize];
-            out.push_str(p);
-            n += p.chars().count();
-            if i + 1 < words && rng.below(3) == 0 {
-                out.push('、');
-                n += 1;
-            }
-        }
-        out.push('。');
-        n += 1;
-    }
-    out
+    content::cjk_prose(&mut Rng::new(seed), chars)
 }
 
 // ---------------------------------------------------------------------------
@@ -630,7 +427,7 @@ async fn a_large_document_after_tiny_and_cjk_prompts_is_served() {
 /// with long descriptions and JSON schemas, one user turn, `max_tokens`
 /// 32,000 (of which it uses a few hundred).
 fn claude_code_request(seed: u64, stream: bool) -> Value {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let names = [
         "Task",
         "Bash",
@@ -872,5 +669,59 @@ async fn claude_code_sessions_with_a_cached_prompt_use_the_input_budget() {
                 "{region} window {w}: {share:.2} of the input budget"
             );
         }
+    }
+}
+
+/// `quota.count_tokens_above`: a big request whose padded estimate needs an
+/// empty window, while its real size fits the room left, is counted
+/// exactly by `count-tokens` and admitted at once; without the option, or
+/// when the count fails, it waits for an empty window as before.
+#[tokio::test(start_paused = true)]
+async fn an_exact_count_admits_a_big_request_the_estimate_would_hold_back() {
+    for (option, count_fails, expected) in [
+        ("", false, 429),
+        ("count_tokens_above = 20000\n", false, 200),
+        ("count_tokens_above = 20000\n", true, 429),
+    ] {
+        let (log, _guard) = RequestLog::capture();
+        let h = Harness::start(&tenant_overlay(&format!("[quota]\n{option}"))).await;
+        // A little traffic in both regions, so neither window is empty (CJK:
+        // nothing about English is learned before the big request).
+        for i in 0..2 {
+            let r = send(&h, &user(&cjk_prose(2_000, 40 + i), 64), 0).await;
+            assert_eq!(r.status, 200, "{}", r.show(&log));
+        }
+        // ~44,000 real tokens: fits the ~48,000 left of a region, but the
+        // untrained estimate with its margin is over 50,000.
+        let big = user(&english_prose_tokens(44_000, 7), 256);
+        let (input, _) = actual(&big);
+        assert!((43_000..46_000).contains(&input), "precondition: {input}");
+        if count_fails {
+            // The count fails: the estimate decides, as without the option.
+            h.sim.inject(
+                spillway_sim::Fault::region("us-central1", spillway_sim::FaultKind::Status(503))
+                    .for_model("count-tokens")
+                    .times(1),
+            );
+        }
+        let r = send(&h, &big, 0).await;
+        println!("{option:?} count fails={count_fails}: {}", r.show(&log));
+        assert_eq!(
+            r.status,
+            expected,
+            "{option:?} count fails={count_fails}: {}",
+            r.show(&log)
+        );
+        let counted: u64 = REGIONS
+            .iter()
+            .map(|region| h.sim.counters(region, HAIKU).count_tokens_requests)
+            .sum();
+        let asked = !option.is_empty();
+        assert_eq!(
+            counted > 0 || count_fails,
+            asked,
+            "count-tokens asked: {counted}"
+        );
+        assert_no_upstream_429(&h);
     }
 }

@@ -78,6 +78,9 @@ enum Command {
         /// Seed of the content and arrival times.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Set `quota.count_tokens_above` (exact counts for big requests).
+        #[arg(long)]
+        count_tokens_above: Option<u64>,
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -256,12 +259,14 @@ fn main() -> anyhow::Result<()> {
             windows,
             overload,
             seed,
+            count_tokens_above,
             json,
         } => {
             let report = mixed::run(mixed::Options {
                 windows,
                 overload,
                 seed,
+                count_tokens_above,
             })?;
             println!("{report}");
             if json {

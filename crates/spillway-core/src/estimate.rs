@@ -482,9 +482,7 @@ impl Acc {
             self.fingerprint.mix(text.as_bytes());
         }
         let mut scan = TextScan::new(json);
-        for c in text.chars() {
-            scan.push(c);
-        }
+        scan.scan(text);
         scan.finish(&mut self.est);
     }
 
@@ -637,6 +635,42 @@ impl TextScan {
         }
     }
 
+    /// Scans `text`, a word at a time where it can: a run of ASCII letters
+    /// is counted with one loop, everything else a character at a time.
+    fn scan(&mut self, text: &str) {
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            if b.is_ascii_alphabetic() {
+                let start = i;
+                while bytes.get(i).is_some_and(u8::is_ascii_alphabetic) {
+                    i += 1;
+                }
+                let n = (i - start) as u64;
+                self.chars += n;
+                self.dense_bytes += n;
+                self.counts.0[Feature::Letter as usize] += n;
+                self.run.letters += n;
+                self.run.len = self.run.len.saturating_add(n as u32);
+                if !self.in_word {
+                    self.in_word = true;
+                    self.counts.0[Feature::Word as usize] += 1;
+                    self.run.words += 1;
+                }
+            } else if b.is_ascii() {
+                self.push(char::from(b));
+                i += 1;
+            } else if let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) {
+                // `i` is always on a character boundary: it only moves by
+                // whole ASCII bytes or whole characters.
+                self.push(c);
+                i += c.len_utf8();
+            } else {
+                break;
+            }
+        }
+    }
+
     fn push(&mut self, c: char) {
         self.chars += 1;
         if c.is_ascii() {
@@ -656,14 +690,14 @@ impl TextScan {
                     self.counts.0[Feature::Word as usize] += 1;
                     self.run.words += 1;
                 }
-                self.run.len += 1;
+                self.run.len = self.run.len.saturating_add(1);
                 return;
             }
             self.in_word = false;
             if b.is_ascii_digit() {
                 self.counts.0[Feature::Digit as usize] += 1;
                 self.run.digits += 1;
-                self.run.len += 1;
+                self.run.len = self.run.len.saturating_add(1);
                 return;
             }
             let structural =
@@ -676,7 +710,7 @@ impl TextScan {
             self.counts.0[feature as usize] += 1;
             if matches!(b, b'+' | b'/' | b'=' | b'_' | b'-') {
                 self.run.punct += 1;
-                self.run.len += 1;
+                self.run.len = self.run.len.saturating_add(1);
             } else {
                 self.end_run();
             }
@@ -745,7 +779,7 @@ impl std::io::Write for ScanWriter {
             self.pending_len += 1;
             rest = &rest[1..];
             if let Ok(s) = std::str::from_utf8(&self.pending[..self.pending_len]) {
-                s.chars().for_each(|c| self.scan.push(c));
+                self.scan.scan(s);
                 self.pending_len = 0;
             } else if self.pending_len == 4 {
                 self.pending_len = 0; // never valid: drop it
@@ -762,7 +796,7 @@ impl std::io::Write for ScanWriter {
                 std::str::from_utf8(head).unwrap_or_default()
             }
         };
-        valid.chars().for_each(|c| self.scan.push(c));
+        self.scan.scan(valid);
         Ok(buf.len())
     }
 

@@ -263,6 +263,15 @@ impl Observer {
             .observe(ratio);
     }
 
+    /// One exact `count-tokens` call before admission (`ok`, `error`,
+    /// `timeout`).
+    pub fn counted_tokens(&self, model: &str, outcome: &str) {
+        self.metrics
+            .count_tokens
+            .with_label_values(&[model, outcome])
+            .inc();
+    }
+
     pub fn stream_opened(&self) {
         self.metrics.open_streams.inc();
     }

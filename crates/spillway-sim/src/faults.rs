@@ -230,14 +230,34 @@ impl FaultTable {
     /// Takes (uses up one count of) the oldest fault of `group` matching
     /// `region`/`model`, if any.
     pub(crate) fn take(&self, region: &str, model: &str, group: FaultGroup) -> Option<FaultKind> {
+        self.take_matching(region, group, |m| m.is_none_or(|m| m == model))
+    }
+
+    /// Takes a fault aimed at `model` by name only (never a region-wide
+    /// one): how count-tokens calls, which name the pseudo-model
+    /// `count-tokens`, get faults without consuming the ones meant for
+    /// Messages calls.
+    pub(crate) fn take_named(
+        &self,
+        region: &str,
+        model: &str,
+        group: FaultGroup,
+    ) -> Option<FaultKind> {
+        self.take_matching(region, group, |m| m == Some(model))
+    }
+
+    fn take_matching(
+        &self,
+        region: &str,
+        group: FaultGroup,
+        model_matches: impl Fn(Option<&str>) -> bool,
+    ) -> Option<FaultKind> {
         if self.len.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut faults = lock(&self.faults);
         let idx = faults.iter().position(|f| {
-            f.region == region
-                && f.model.as_deref().is_none_or(|m| m == model)
-                && f.kind.group() == group
+            f.region == region && model_matches(f.model.as_deref()) && f.kind.group() == group
         })?;
         let kind = faults[idx].kind;
         if let Some(n) = faults[idx].remaining.as_mut() {

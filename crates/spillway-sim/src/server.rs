@@ -510,6 +510,17 @@ fn count_tokens_route(
     if !authorized(st, headers) {
         return fail(&mut recording, SimError::unauthenticated(), None);
     }
+    // Only a fault aimed at the `count-tokens` model itself applies here.
+    if let Some(FaultKind::Status(code)) =
+        st.faults
+            .take_named(location, "count-tokens", FaultGroup::PreQuota)
+    {
+        return fail(
+            &mut recording,
+            SimError::for_status_in(code, location, "count-tokens"),
+            None,
+        );
+    }
     let json = match serde_json::from_slice::<Value>(body) {
         Ok(v) if v.is_object() => v,
         Ok(_) => {

@@ -18,7 +18,6 @@
 //!   clients were refused (400 "can never fit", 429).
 
 mod capture;
-mod content;
 mod report;
 mod workload;
 
@@ -37,6 +36,7 @@ pub use report::Report;
 
 use capture::RequestLines;
 use content::HAIKU;
+use spillway_bench::content;
 use workload::{Planned, TENANTS};
 
 const UPSTREAM_TOKEN: &str = "demo-upstream-token";
@@ -49,6 +49,8 @@ pub struct Options {
     pub windows: u32,
     pub overload: f64,
     pub seed: u64,
+    /// `quota.count_tokens_above`, to measure exact counts' cost and gain.
+    pub count_tokens_above: Option<u64>,
 }
 
 /// What one client request got back.
@@ -89,11 +91,14 @@ struct Running {
 }
 
 /// The simulator and the gateway, as `tests/support`'s `Harness` starts them.
-async fn start() -> anyhow::Result<Running> {
+async fn start(options: Options) -> anyhow::Result<Running> {
     let mut sim_config = SimConfig::vertex_defaults();
     sim_config.bearer_token = Some(UPSTREAM_TOKEN.into());
     let sim = Simulator::start(sim_config, "127.0.0.1:0".parse()?).await?;
     let mut overlay = String::from("[server]\nauth = \"api_key\"\n");
+    if let Some(n) = options.count_tokens_above {
+        overlay.push_str(&format!("[quota]\ncount_tokens_above = {n}\n"));
+    }
     for t in &TENANTS {
         overlay.push_str(&format!(
             "[tenants.{}]\nkey_sha256 = \"{}\"\nweight = 1\n",
@@ -185,7 +190,7 @@ async fn send(client: &reqwest::Client, url: &str, p: &Planned) -> Outcome {
 }
 
 async fn drive(options: Options, lines: RequestLines) -> anyhow::Result<Report> {
-    let running = start().await?;
+    let running = start(options).await?;
     let sim = &running.sim;
     let window = sim.window();
     let limits = sim

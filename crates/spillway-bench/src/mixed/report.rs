@@ -80,6 +80,8 @@ pub struct RegionRow {
     pub region: &'static str,
     pub upstream_requests: u64,
     pub upstream_429s: u64,
+    /// `count-tokens` calls the gateway made before admission.
+    pub count_tokens_calls: u64,
     /// The most tokens (input + output) any window held at the simulator.
     pub peak_window_tokens: u64,
     pub peak_window_requests: u64,
@@ -223,6 +225,7 @@ pub fn build(i: Inputs<'_>) -> Report {
                 region,
                 upstream_requests: counters.requests,
                 upstream_429s: counters.rate_limited,
+                count_tokens_calls: counters.count_tokens_requests,
                 peak_window_tokens: report.map_or(0, |r| r.peak.tokens),
                 peak_window_requests: report.map_or(0, |r| r.peak.requests),
                 within_limits: report.is_none_or(|r| r.within_limits()),
@@ -345,17 +348,18 @@ impl fmt::Display for Report {
         let _ = writeln!(s, "\n### Upstream (simulator)\n");
         let _ = writeln!(
             s,
-            "| region | requests | 429s | peak tokens in a {}-token window | peak requests | within limits |",
+            "| region | requests | 429s | count-tokens calls | peak tokens in a {}-token window | peak requests | within limits |",
             self.tokens_per_min
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
         for r in &self.upstream {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.region,
                 r.upstream_requests,
                 r.upstream_429s,
+                r.count_tokens_calls,
                 r.peak_window_tokens,
                 r.peak_window_requests,
                 if r.within_limits { "yes" } else { "NO" }

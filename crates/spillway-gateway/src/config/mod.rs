@@ -151,6 +151,15 @@ pub struct QuotaDefaults {
     /// `learned` (expected output) or `max_tokens`.
     #[serde(default)]
     pub output_reserve: OutputReserve,
+    /// Ask Vertex's `count-tokens` for the exact input of requests
+    /// estimated at this many tokens or more, where the count can change
+    /// the admission decision; absent: never.
+    #[serde(default)]
+    pub count_tokens_above: Option<u64>,
+    /// The longest a `count-tokens` call may take before the estimate is
+    /// used instead.
+    #[serde(default = "default_count_tokens_timeout_ms")]
+    pub count_tokens_timeout_ms: u64,
     /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
     #[serde(default)]
     pub store: QuotaStoreKind,
@@ -173,6 +182,10 @@ pub struct QuotaDefaults {
 
 fn default_estimate_margin() -> f64 {
     0.95
+}
+
+fn default_count_tokens_timeout_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -525,6 +538,9 @@ impl Settings {
                     self.quota.estimate_margin
                 ),
             ));
+        }
+        if self.quota.count_tokens_timeout_ms == 0 {
+            return Err(invalid("quota.count_tokens_timeout_ms", "must be positive"));
         }
         shared_quota::validate(&self.quota)?;
         if self.models.is_empty() {

@@ -136,12 +136,7 @@ impl Forwarder {
                 model.context_window, model.id
             )));
         }
-        let ceilings: Vec<Limits> = model
-            .regions
-            .iter()
-            .filter(|r| regions.iter().any(|e| **e == *r.region))
-            .map(|r| self.policy.ceiling(&r.limits))
-            .collect();
+        let ceilings = self.ceilings(call, regions);
         let least = Charge {
             input: floor,
             output: 0,
@@ -172,22 +167,22 @@ impl Forwarder {
                 .estimates
                 .output(&model.id, &call.request.tenant.name, max_tokens),
         };
-        let charge = if ceilings.iter().any(|l| l.admits(wanted)) {
-            wanted
-        } else {
-            ceilings
-                .iter()
-                .filter(|l| l.admits(least))
-                .map(|l| cut_to(l, wanted))
-                .max_by_key(|c| (c.input, c.output))
-                .unwrap_or(least)
-        };
         Ok(Plan {
             estimate,
             input,
             max_tokens,
-            charge,
+            charge: fitted(&ceilings, least, wanted),
         })
+    }
+
+    /// The most each eligible location allows, headroom applied.
+    pub(super) fn ceilings(&self, call: &Call<'_>, regions: &[Arc<str>]) -> Vec<Limits> {
+        call.model
+            .regions
+            .iter()
+            .filter(|r| regions.iter().any(|e| **e == *r.region))
+            .map(|r| self.policy.ceiling(&r.limits))
+            .collect()
     }
 
     /// The tenant's own caps, on the planned charge.
@@ -288,6 +283,20 @@ fn input_room(limits: &Limits) -> u64 {
         .input_tokens
         .unwrap_or(u64::MAX)
         .min(limits.tokens.unwrap_or(u64::MAX))
+}
+
+/// `wanted` if some location can ever take it, else `wanted` cut to what
+/// the roomiest empty location (among those that take `least`) allows.
+pub(super) fn fitted(ceilings: &[Limits], least: Charge, wanted: Charge) -> Charge {
+    if ceilings.iter().any(|l| l.admits(wanted)) {
+        return wanted;
+    }
+    ceilings
+        .iter()
+        .filter(|l| l.admits(least))
+        .map(|l| cut_to(l, wanted))
+        .max_by_key(|c| (c.input, c.output))
+        .unwrap_or(least)
 }
 
 /// `charge` cut until an empty window of `limits` admits it: input first

@@ -28,6 +28,7 @@
 
 pub mod attempt;
 pub mod call;
+mod exact;
 pub mod relay;
 pub mod setup;
 
@@ -69,6 +70,10 @@ pub struct ForwardPolicy {
     pub window: Duration,
     pub headroom: f64,
     pub drop_vertex_events: bool,
+    /// Count big requests exactly with `count-tokens` (`exact`), from this
+    /// many estimated input tokens.
+    pub count_tokens_above: Option<u64>,
+    pub count_tokens_timeout: Duration,
 }
 
 impl ForwardPolicy {
@@ -85,6 +90,8 @@ impl ForwardPolicy {
             window: crate::quota_store::ledger_window(q),
             headroom: q.headroom,
             drop_vertex_events: settings.upstream.drop_vertex_events,
+            count_tokens_above: q.count_tokens_above,
+            count_tokens_timeout: Duration::from_millis(q.count_tokens_timeout_ms),
         }
     }
 
@@ -191,7 +198,8 @@ impl Forwarder {
         trace: &mut Trace,
     ) -> Result<Answer, ForwardError> {
         let regions = self.eligible_regions(&call)?;
-        let plan = self.plan(&call, &regions)?;
+        let mut plan = self.plan(&call, &regions)?;
+        self.count_exactly(&call, &regions, &mut plan).await?;
         trace.note_plan(plan.charge, plan.input.point, plan.input.class.name());
         self.check_caps(&call, &plan)?;
         let r = &call.request;

@@ -56,7 +56,7 @@ const FUNCTION_WORDS: &[&str] = &[
     "the", "of", "and", "to", "a", "in", "is", "it", "for", "on", "as", "by", "at", "or", "an",
     "be", "we", "not", "but",
 ];
-const SHORT_WORDS: &[&str] = &[
+pub const SHORT_WORDS: &[&str] = &[
     "that", "with", "have", "this", "from", "they", "were", "been", "more", "when", "will", "time",
     "work", "year", "some", "only", "over", "also", "most", "made", "many", "must", "back", "much",
     "well", "each", "just", "into", "than", "what", "your", "said", "them", "then", "like", "long",
