@@ -222,6 +222,18 @@ mod tests {
         estimate_input(&body, ImageRule::default())
     }
 
+    /// An answer of `output` tokens (uncached) for `e`, from us-east5.
+    fn answer<'a>(e: &'a InputEstimate, loc: &'a Arc<str>, output: u64) -> Observed<'a> {
+        Observed {
+            estimate: e,
+            max_tokens: 32_000,
+            input: 9,
+            output,
+            cached: 0,
+            location: loc,
+        }
+    }
+
     #[test]
     fn outputs_are_learned_per_tenant_then_per_model() {
         let m = spec();
@@ -231,34 +243,12 @@ mod tests {
         assert_eq!(l.output(&m.id, "a", 32_000), 32_000);
         let e = measure("hello there");
         for _ in 0..5 {
-            l.observe(
-                &m.id,
-                &a,
-                Observed {
-                    estimate: &e,
-                    max_tokens: 32_000,
-                    input: 9,
-                    output: 150,
-                    cached: 0,
-                    location: &loc,
-                },
-            );
+            l.observe(&m.id, &a, answer(&e, &loc, 150));
         }
         assert_eq!(l.output(&m.id, "a", 32_000), 150);
         // Tenant b has no history: the model's.
         assert_eq!(l.output(&m.id, "b", 32_000), 150);
-        l.observe(
-            &m.id,
-            &b,
-            Observed {
-                estimate: &e,
-                max_tokens: 32_000,
-                input: 9,
-                output: 20_000,
-                cached: 0,
-                location: &loc,
-            },
-        );
+        l.observe(&m.id, &b, answer(&e, &loc, 20_000));
         assert_eq!(l.output(&m.id, "b", 32_000), 20_000);
         assert_eq!(
             l.output(&m.id, "a", 32_000),
@@ -268,18 +258,7 @@ mod tests {
         // Another max_tokens class has its own history, capped by max_tokens.
         assert_eq!(l.output(&m.id, "a", 100), 100);
         let fixed = EstimateLearner::new([&m], true, OutputReserve::MaxTokens, Quantile::default());
-        fixed.observe(
-            &m.id,
-            &a,
-            Observed {
-                estimate: &e,
-                max_tokens: 32_000,
-                input: 9,
-                output: 150,
-                cached: 0,
-                location: &loc,
-            },
-        );
+        fixed.observe(&m.id, &a, answer(&e, &loc, 150));
         assert_eq!(fixed.output(&m.id, "a", 32_000), 32_000);
     }
 
