@@ -216,6 +216,9 @@ token = {q(UPSTREAM_TOKEN)}
 [quota]
 tokens_per_min = 2000
 window_secs = 2
+# Reserve max_tokens as output, so two requests in flight fill a region
+# (the default reserves what answers are expected to generate).
+output_reserve = "max_tokens"
 {tenants}"""
 
 
