@@ -19,6 +19,8 @@
 //! - [`adaptive`]: what upstream 429s teach: cooldowns, learned limits, probing back up.
 //! - [`store`]: the [`QuotaStore`](store::QuotaStore) interface (atomic choose-and-reserve across
 //!   regions) and the in-memory store.
+//! - [`shares`]: weighted max-min shares of a model's pool between tenants,
+//!   held over the window while demand exceeds it.
 //! - [`ledger`]: one (region, model) budget as a reservation log that is
 //!   never over quota in any window and can be settled to actual usage.
 
@@ -29,6 +31,7 @@ pub mod image;
 pub mod keys;
 pub mod learn;
 pub mod ledger;
+pub mod shares;
 pub mod store;
 
 pub use catalog::{

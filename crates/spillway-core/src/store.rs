@@ -155,6 +155,11 @@ pub trait QuotaStore: Send + Sync + 'static {
     ) -> StoreFuture<'a, bool>;
     /// Takes a region out of (or back into) rotation for every model.
     fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize>;
+    /// How many replicas share these budgets (the pool a replica's tenant
+    /// shares divide is 1/N of it); 1 for a store of one's own.
+    fn replicas(&self) -> u32 {
+        1
+    }
 }
 
 /// One region-model budget in memory.

@@ -17,6 +17,16 @@
 //!   head is not overtaken by small ones behind it, it waits until its
 //!   charge fits.
 //!
+//! - **Shares over the window** (`with_sharing`). The queue alone decides
+//!   little: most admissions find room at once, and a sliding window frees
+//!   room in the pattern it was filled. So each requester also keeps a
+//!   [`PoolShares`]: while interactive demand exceeds the pool, a tenant
+//!   holds at most its weighted max-min share of the window (across every
+//!   location of the model), and batch work holds at most what interactive
+//!   demand leaves ([`InteractiveReserve`]). A waiter over its share lets
+//!   the waiters behind it go first (work-conserving) and is looked at
+//!   again when its oldest admissions leave the window.
+//!
 //! A request that cannot be admitted before its deadline — the store says
 //! the earliest room comes later, or the deadline passes while waiting —
 //! gets a [`Rejection`] carrying an honest retry time. A waiter is a future:
@@ -37,6 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use spillway_core::ledger::Charge;
+use spillway_core::shares::{InteractiveReserve, PoolShares, ShareDecision, TenantShare};
 use spillway_core::store::{Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy};
 use spillway_core::QuotaGroup;
 use tokio::sync::Notify;
@@ -61,6 +72,9 @@ pub struct Demand {
     pub priority: Priority,
     pub tenant: Arc<str>,
     pub weight: f64,
+    /// The request's part of its model's pool: the larger of its share of
+    /// the requests and of the tokens of every location serving the model.
+    pub share_cost: f64,
     /// Latest time to be admitted (tokio clock).
     pub deadline: Instant,
 }
@@ -79,9 +93,19 @@ pub enum Rejection {
 /// Queue position: class, virtual finish tag (as ordered bits), arrival.
 type Ticket = (Priority, u64, u64);
 
+/// Who a waiting ticket belongs to, for share decisions on its behalf.
+#[derive(Clone)]
+struct Owner {
+    tenant: Arc<str>,
+    priority: Priority,
+    cost: f64,
+}
+
 #[derive(Default)]
 struct WaitQueue {
     waiting: BTreeSet<Ticket>,
+    owners: HashMap<u64, Owner>,
+    shares: PoolShares,
     /// Each tenant's last finish tag.
     tenant_tags: HashMap<Arc<str>, f64>,
     /// Virtual time: the start tag of the last admitted waiter.
@@ -99,7 +123,20 @@ impl WaitQueue {
         self.next_seq += 1;
         let ticket = (demand.priority, finish.to_bits(), self.next_seq);
         self.waiting.insert(ticket);
+        self.owners.insert(
+            self.next_seq,
+            Owner {
+                tenant: Arc::clone(&demand.tenant),
+                priority: demand.priority,
+                cost: demand.share_cost,
+            },
+        );
         ticket
+    }
+
+    fn remove(&mut self, ticket: &Ticket) {
+        self.waiting.remove(ticket);
+        self.owners.remove(&ticket.2);
     }
 
     fn head(&self) -> Option<&Ticket> {
@@ -112,7 +149,7 @@ impl WaitQueue {
     }
 
     fn admitted(&mut self, ticket: &Ticket, charge_cost: f64, weight: f64) {
-        self.waiting.remove(ticket);
+        self.remove(ticket);
         let finish = f64::from_bits(ticket.1);
         self.virtual_time = self
             .virtual_time
@@ -145,7 +182,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
             let mut q = self.queue.lock();
-            q.waiting.remove(&ticket);
+            q.remove(&ticket);
             if q.waiting.is_empty() {
                 q.tenant_tags.clear();
             }
@@ -161,6 +198,9 @@ pub struct Scheduler {
     queues: HashMap<QuotaGroup, GroupQueue>,
     max_queue: usize,
     decision_seconds: Option<prometheus::Histogram>,
+    sharing: Option<InteractiveReserve>,
+    /// The origin of the times [`PoolShares`] is given.
+    epoch: Instant,
 }
 
 impl Scheduler {
@@ -183,7 +223,78 @@ impl Scheduler {
             queues,
             max_queue,
             decision_seconds: None,
+            sharing: None,
+            epoch: Instant::now(),
         }
+    }
+
+    /// Holds tenants to their weighted shares of each model's pool over
+    /// `window`, and batch work to what interactive demand leaves.
+    pub fn with_sharing(mut self, window: Duration, reserve: InteractiveReserve) -> Self {
+        for queue in self.queues.values() {
+            queue.lock().shares = PoolShares::new(window);
+        }
+        self.sharing = Some(reserve);
+        self
+    }
+
+    fn now(&self) -> Duration {
+        Instant::now().duration_since(self.epoch)
+    }
+
+    /// The part of the pool this replica shares out: all of it, or 1/N
+    /// while replicas divide it.
+    fn capacity(&self) -> f64 {
+        1.0 / f64::from(self.store.replicas().max(1))
+    }
+
+    /// Whether shares let `owner` be admitted now.
+    fn share_decision(&self, q: &mut WaitQueue, owner: &Owner) -> ShareDecision {
+        let Some(reserve) = self.sharing else {
+            return ShareDecision::Admit;
+        };
+        let (now, capacity) = (self.now(), self.capacity());
+        match owner.priority {
+            Priority::Interactive => q.shares.decide(&owner.tenant, owner.cost, now, capacity),
+            Priority::Batch => q.shares.decide_batch(owner.cost, now, capacity, reserve),
+        }
+    }
+
+    fn note_admitted(&self, q: &mut WaitQueue, demand: &Demand) {
+        if self.sharing.is_none() {
+            return;
+        }
+        let now = self.now();
+        match demand.priority {
+            Priority::Interactive => {
+                q.shares
+                    .admitted(&demand.tenant, demand.weight, demand.share_cost, now)
+            }
+            Priority::Batch => q.shares.admitted_batch(demand.share_cost, now),
+        }
+    }
+
+    /// Each model's pool as tenants and batch hold it, for operators:
+    /// (requester, tenants, batch held, interactive demand).
+    pub fn shares(&self) -> Vec<(QuotaGroup, Vec<TenantShare>, f64, f64)> {
+        if self.sharing.is_none() {
+            return Vec::new();
+        }
+        let (now, capacity) = (self.now(), self.capacity());
+        let mut out: Vec<_> = self
+            .queues
+            .iter()
+            .map(|(group, queue)| {
+                let mut q = queue.lock();
+                let tenants = q.shares.report(now, capacity);
+                let batch = q.shares.batch_held(now);
+                let demand = q.shares.interactive_demand(now);
+                (group.clone(), tenants, batch, demand)
+            })
+            .filter(|(_, tenants, batch, _)| !tenants.is_empty() || *batch > 0.0)
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Observes the time of each admission decision in `histogram`.
@@ -241,11 +352,28 @@ impl Scheduler {
             charge: demand.charge,
             strategy: demand.strategy,
         };
-        // Fast path: nobody ahead of us.
-        let must_queue = queue.lock().has_waiters_at_or_above(demand.priority);
-        if !must_queue {
+        let owner = Owner {
+            tenant: Arc::clone(&demand.tenant),
+            priority: demand.priority,
+            cost: demand.share_cost,
+        };
+        // Fast path: nobody ahead of us, and within our share.
+        let fast = {
+            let mut q = queue.lock();
+            if self.sharing.is_some() && demand.priority == Priority::Interactive {
+                let now = self.now();
+                q.shares
+                    .asked(&demand.tenant, demand.weight, demand.share_cost, now);
+            }
+            !q.has_waiters_at_or_above(demand.priority)
+                && self.share_decision(&mut q, &owner) == ShareDecision::Admit
+        };
+        if fast {
             match self.reserve(request).await {
-                Ok(grant) => return Ok(grant),
+                Ok(grant) => {
+                    self.note_admitted(&mut queue.lock(), demand);
+                    return Ok(grant);
+                }
                 Err(Denial::Never) => return Err(Rejection::NeverFits),
                 Err(Denial::Later { retry_at }) => {
                     if self.to_instant(retry_at) > demand.deadline {
@@ -290,12 +418,19 @@ impl Scheduler {
             let changed = queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let is_head = queue.lock().head() == Some(&ticket);
-            let wake_at = if is_head {
+            let (is_head, held_back) = self.turn(queue, &ticket);
+            let wake_at = if let Some(after) = held_back {
+                // Over our share: others go first; look again when our
+                // oldest admissions leave the window.
+                (Instant::now() + after).min(demand.deadline)
+            } else if is_head {
                 match self.reserve(request).await {
                     Ok(grant) => {
                         let cost = demand.charge.total() as f64 + 1.0;
-                        queue.lock().admitted(&ticket, cost, demand.weight);
+                        let mut q = queue.lock();
+                        q.admitted(&ticket, cost, demand.weight);
+                        self.note_admitted(&mut q, demand);
+                        drop(q);
                         waiting.ticket = None;
                         queue.changed.notify_waiters();
                         return Ok(grant);
@@ -323,13 +458,37 @@ impl Scheduler {
                 _ = &mut changed => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
-            let is_head = queue.lock().head() == Some(&ticket);
-            if Instant::now() >= demand.deadline && !is_head {
-                return Err(Rejection::NoRoom {
-                    retry_after: self.estimate_wait(request).await,
-                });
+            let (is_head, held_back) = self.turn(queue, &ticket);
+            if Instant::now() >= demand.deadline && (!is_head || held_back.is_some()) {
+                let retry_after = match held_back {
+                    Some(after) => after.max(Duration::from_millis(1)),
+                    None => self.estimate_wait(request).await,
+                };
+                return Err(Rejection::NoRoom { retry_after });
             }
         }
+    }
+
+    /// Whether `ticket` is next: the first waiter, in queue order, that its
+    /// share lets go (so a tenant over its share never blocks the others);
+    /// and, if `ticket` itself is over its share, when to look again.
+    fn turn(&self, queue: &GroupQueue, ticket: &Ticket) -> (bool, Option<Duration>) {
+        let mut q = queue.lock();
+        if self.sharing.is_none() {
+            return (q.head() == Some(ticket), None);
+        }
+        let order: Vec<Ticket> = q.waiting.iter().copied().collect();
+        for t in order {
+            let Some(owner) = q.owners.get(&t.2).cloned() else {
+                continue;
+            };
+            match self.share_decision(&mut q, &owner) {
+                ShareDecision::Admit => return (t == *ticket, None),
+                ShareDecision::HeldBack(after) if t == *ticket => return (false, Some(after)),
+                ShareDecision::HeldBack(_) => {}
+            }
+        }
+        (false, None)
     }
 
     /// When room is expected for `request`, ignoring anyone queued ahead.
@@ -384,6 +543,7 @@ mod tests {
             priority: Priority::Interactive,
             tenant: Arc::from("t"),
             weight: 1.0,
+            share_cost: 0.01,
             deadline: Instant::now() + Duration::from_secs(90),
         }
     }

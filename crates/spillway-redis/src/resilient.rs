@@ -424,6 +424,10 @@ impl QuotaStore for ResilientStore {
             count
         })
     }
+
+    fn replicas(&self) -> u32 {
+        ResilientStore::replicas(self)
+    }
 }
 
 #[cfg(test)]

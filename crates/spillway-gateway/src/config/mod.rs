@@ -188,6 +188,14 @@ fn default_count_tokens_timeout_ms() -> u64 {
     1000
 }
 
+fn default_reserve_min() -> f64 {
+    0.05
+}
+
+fn default_reserve_max() -> f64 {
+    0.9
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
@@ -245,6 +253,13 @@ pub struct BatchSettings {
     /// Base of `results_url`, e.g. `https://spillway.internal`; empty: the
     /// listen address (or the request's Host when listening on 0.0.0.0 or port 0).
     pub public_url: String,
+    /// The least and the most of each model's pool batch work leaves to
+    /// interactive traffic (fractions); between them, what interactive
+    /// demand asks for, with a small margin.
+    #[serde(default = "default_reserve_min")]
+    pub interactive_reserve_min: f64,
+    #[serde(default = "default_reserve_max")]
+    pub interactive_reserve_max: f64,
     /// Requests in one batch (Anthropic: 100,000).
     pub max_requests: usize,
     /// Bytes in one batch upload (Anthropic: 256 MB).
@@ -269,6 +284,8 @@ impl Default for BatchSettings {
             retry_max_ms: 60_000,
             retention_days: 29,
             public_url: String::new(),
+            interactive_reserve_min: default_reserve_min(),
+            interactive_reserve_max: default_reserve_max(),
             max_requests: 100_000,
             max_body_bytes: 256_000_000,
             lease_secs: 30,
@@ -537,6 +554,16 @@ impl Settings {
                     "{} is not a quantile between 0.5 and 1 (0.95 reserves enough for 19 requests in 20)",
                     self.quota.estimate_margin
                 ),
+            ));
+        }
+        let (lo, hi) = (
+            self.batch.interactive_reserve_min,
+            self.batch.interactive_reserve_max,
+        );
+        if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) || lo > hi {
+            return Err(invalid(
+                "batch.interactive_reserve_min",
+                format!("interactive_reserve_min ({lo}) and interactive_reserve_max ({hi}) must be fractions of the pool, min at most max"),
             ));
         }
         if self.quota.count_tokens_timeout_ms == 0 {

@@ -204,16 +204,17 @@ impl Forwarder {
             })
     }
 
-    /// How far apart batch items like this one must be admitted so they
-    /// take quota at its refill rate: the larger of one request's and this
-    /// item's tokens' share of the allowed locations' combined budget.
-    pub fn pacing(&self, call: &Call<'_>) -> Pacing {
-        let window = self.policy.window.as_secs_f64();
+    /// The model's pool over the locations `call`'s tenant may use: per
+    /// minute, requests and each token limit (combined, input, output)
+    /// where every location has one.
+    fn pool(&self, call: &Call<'_>) -> (String, PoolLimits) {
         let mut key = call.model.id.to_string();
-        // Per minute, over the allowed locations: requests, and each token
-        // limit (combined, input, output) where every location has one.
-        let mut requests = 0u64;
-        let (mut tokens, mut input, mut output) = (Some(0u64), Some(0u64), Some(0u64));
+        let mut pool = PoolLimits {
+            requests: 0,
+            tokens: Some(0),
+            input: Some(0),
+            output: Some(0),
+        };
         let tenant = &call.request.tenant;
         for region in call
             .model
@@ -224,11 +225,30 @@ impl Forwarder {
             key.push(' ');
             key.push_str(&region.region);
             let limits = self.policy.ceiling(&region.limits);
-            requests += u64::from(limits.requests);
-            tokens = tokens.zip(limits.tokens).map(|(a, b)| a + b);
-            input = input.zip(limits.input_tokens).map(|(a, b)| a + b);
-            output = output.zip(limits.output_tokens).map(|(a, b)| a + b);
+            pool.requests += u64::from(limits.requests);
+            pool.tokens = pool.tokens.zip(limits.tokens).map(|(a, b)| a + b);
+            pool.input = pool.input.zip(limits.input_tokens).map(|(a, b)| a + b);
+            pool.output = pool.output.zip(limits.output_tokens).map(|(a, b)| a + b);
         }
+        (key, pool)
+    }
+
+    /// A charge's part of its model's pool: the largest of its parts of
+    /// each limit (what weighted shares are measured in).
+    pub(super) fn share_cost(&self, call: &Call<'_>, charge: Charge) -> f64 {
+        self.pool(call)
+            .1
+            .parts(charge)
+            .into_iter()
+            .fold(0.0, f64::max)
+    }
+
+    /// How far apart batch items like this one must be admitted so they
+    /// take quota at its refill rate: the larger of one request's and this
+    /// item's tokens' share of the allowed locations' combined budget.
+    pub fn pacing(&self, call: &Call<'_>) -> Pacing {
+        let window = self.policy.window.as_secs_f64();
+        let (key, pool) = self.pool(call);
         let charge = match self
             .eligible_regions(call)
             .and_then(|r| self.plan(call, &r))
@@ -237,23 +257,36 @@ impl Forwarder {
             Err(_) => Charge::default(),
         };
         // The item's share of each budget, as a time: the largest binds.
-        let share = |limit: Option<u64>, used: u64| {
-            limit
-                .filter(|l| *l > 0)
-                .map_or(0.0, |l| window * used as f64 / l as f64)
-        };
-        let spacing = [
-            window / requests.max(1) as f64,
-            share(tokens, charge.total()),
-            share(input, charge.input),
-            share(output, charge.output),
-        ]
-        .into_iter()
-        .fold(0.0, f64::max);
+        let spacing = pool.parts(charge).into_iter().fold(0.0, f64::max) * window;
         Pacing {
             key,
             spacing: Duration::from_secs_f64(spacing),
         }
+    }
+}
+
+/// A model's per-minute pool over some locations.
+struct PoolLimits {
+    requests: u64,
+    tokens: Option<u64>,
+    input: Option<u64>,
+    output: Option<u64>,
+}
+
+impl PoolLimits {
+    /// `charge`'s part of each limit (one request of the requests).
+    fn parts(&self, charge: Charge) -> [f64; 4] {
+        let part = |limit: Option<u64>, used: u64| {
+            limit
+                .filter(|l| *l > 0)
+                .map_or(0.0, |l| used as f64 / l as f64)
+        };
+        [
+            1.0 / self.requests.max(1) as f64,
+            part(self.tokens, charge.total()),
+            part(self.input, charge.input),
+            part(self.output, charge.output),
+        ]
     }
 }
 

@@ -38,6 +38,7 @@ use std::time::Duration;
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::learn::Quantile;
 use spillway_core::ledger::Limits;
+use spillway_core::shares::InteractiveReserve;
 use spillway_core::store::{QuotaStore, Strategy};
 use spillway_core::Catalog;
 use spillway_vertex::Operation;
@@ -126,8 +127,13 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> Self {
         let groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
+        let reserve = InteractiveReserve {
+            min: settings.batch.interactive_reserve_min,
+            max: settings.batch.interactive_reserve_max,
+        };
         let scheduler = Scheduler::new(store, &groups, settings.scheduler.max_queue)
-            .with_decision_histogram(metrics.admission_seconds.clone());
+            .with_decision_histogram(metrics.admission_seconds.clone())
+            .with_sharing(crate::quota_store::ledger_window(&settings.quota), reserve);
         let quota = &settings.quota;
         Self {
             estimates: EstimateLearner::new(
@@ -216,6 +222,7 @@ impl Forwarder {
             priority: r.priority,
             tenant: Arc::clone(&r.tenant.name),
             weight: r.tenant.policy.weight,
+            share_cost: self.share_cost(&call, plan.charge),
             deadline: tokio::time::Instant::now() + max_wait,
         };
         self.attempts(call, demand, plan, trace).await

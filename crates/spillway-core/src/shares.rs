@@ -1,0 +1,457 @@
+//! Weighted max-min shares of one model's pool, held over the window.
+//!
+//! A sliding-window budget is filled by whatever was admitted in the last
+//! window, and most admissions find room at once: a wait queue ordered by
+//! weight decides only who goes next *among waiters*, which is rarely
+//! anyone. So weights must bound what each tenant holds **in the window**:
+//!
+//! - Each tenant's **demand** is what it asked for in the window (every
+//!   arrival, served or not), or its recent rate projected over the window
+//!   if that is more — so contention is seen seconds after it starts, not a
+//!   window later.
+//! - When demands add up to more than the pool, the pool is **contended**
+//!   and each tenant's **share** is its weighted max-min share: tenants that
+//!   want less than their weighted part get what they want, and the rest is
+//!   divided among the others in proportion to their weights
+//!   (work-conserving: a share nobody wants flows to whoever wants it, and a
+//!   tenant alone gets the whole pool).
+//! - A tenant may be admitted only while what it holds in the window plus
+//!   the request fits its share. Uncontended, nobody is held back.
+//!
+//! Everything is measured in **pool fractions**: a request costs the larger
+//! of its share of the pool's requests and of its tokens (the binding
+//! dimension), summed over every location of the model, so spreading over
+//! locations buys a tenant nothing. Time is a [`Duration`] since an
+//! arbitrary epoch, passed in: nothing here reads a clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The recent-rate horizon: demand is at least the arrivals of the last
+/// `window / RATE_SLICES`, scaled to the window.
+const RATE_SLICES: u32 = 12;
+
+/// The soonest a held-back request is looked at again.
+const MIN_RECHECK: Duration = Duration::from_millis(1);
+
+/// What was spent (or asked for) in the last window: (time, cost), oldest
+/// first, with their sum.
+#[derive(Debug, Default)]
+struct Window {
+    entries: VecDeque<(Duration, f64)>,
+    sum: f64,
+}
+
+impl Window {
+    fn push(&mut self, at: Duration, cost: f64) {
+        self.entries.push_back((at, cost));
+        self.sum += cost;
+    }
+
+    fn expire(&mut self, cutoff: Duration) {
+        while self.entries.front().is_some_and(|(at, _)| *at <= cutoff) {
+            if let Some((_, c)) = self.entries.pop_front() {
+                self.sum -= c;
+            }
+        }
+        if self.entries.is_empty() {
+            self.sum = 0.0; // no float drift survives an empty window
+        }
+    }
+
+    fn since(&self, since: Duration) -> f64 {
+        self.entries
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at >= since)
+            .map(|(_, c)| c)
+            .sum()
+    }
+
+    /// Whether `cost` more fits `cap`; if not, how long until enough of
+    /// what is held leaves the window (or a slice, if it never will alone).
+    fn decide(&self, cost: f64, cap: f64, now: Duration, window: Duration) -> ShareDecision {
+        // A cap smaller than one request still admits one at a time.
+        if self.sum + cost <= cap + 1e-9 || self.entries.is_empty() {
+            return ShareDecision::Admit;
+        }
+        let mut left = self.sum;
+        for (at, c) in &self.entries {
+            left -= c;
+            if left + cost <= cap + 1e-9 {
+                // Never zero: a waiter woken for nothing must let time pass.
+                let after = (*at + window).saturating_sub(now);
+                return ShareDecision::HeldBack(after.max(MIN_RECHECK));
+            }
+        }
+        ShareDecision::HeldBack(window / RATE_SLICES)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    weight: f64,
+    /// Admissions still in the window.
+    held: Window,
+    /// Arrivals still in the window.
+    asked: Window,
+}
+
+impl Tenant {
+    /// What it asks for over a window: its window's arrivals, or its recent
+    /// rate projected, whichever is more.
+    fn demand(&self, now: Duration, window: Duration) -> f64 {
+        let recent = self.asked.since(now.saturating_sub(window / RATE_SLICES));
+        self.asked.sum.max(recent * f64::from(RATE_SLICES))
+    }
+}
+
+/// How much of the pool batch work leaves to interactive traffic: the
+/// interactive demand (as [`PoolShares`] projects it) times
+/// [`RESERVE_MARGIN`], within `[min, max]` of the pool.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InteractiveReserve {
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Headroom above the interactive demand that batch leaves: bursts above
+/// the recent rate find room without waiting for the window to slide.
+pub const RESERVE_MARGIN: f64 = 1.05;
+
+impl Default for InteractiveReserve {
+    fn default() -> Self {
+        Self {
+            min: 0.05,
+            max: 0.9,
+        }
+    }
+}
+
+/// Whether a tenant may be admitted now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ShareDecision {
+    Admit,
+    /// Over its share; what it holds shrinks enough at the earliest after
+    /// this long (or the shares may move sooner).
+    HeldBack(Duration),
+}
+
+/// One tenant's place in the pool, for metrics and `spillway status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantShare {
+    pub tenant: Arc<str>,
+    /// Pool fraction held in the window.
+    pub held: f64,
+    /// Pool fraction asked for over the window.
+    pub demand: f64,
+    /// Its weighted max-min share while contended, else 1.
+    pub share: f64,
+}
+
+/// One model's pool, shared between its interactive tenants and batch work.
+#[derive(Debug, Default)]
+pub struct PoolShares {
+    window: Duration,
+    tenants: HashMap<Arc<str>, Tenant>,
+    /// Batch admissions still in the window (batch is one class: it takes
+    /// what interactive traffic leaves, whoever submitted it).
+    batch: Window,
+}
+
+impl PoolShares {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            tenants: HashMap::new(),
+            batch: Window::default(),
+        }
+    }
+
+    fn tenant(&mut self, name: &Arc<str>, weight: f64) -> &mut Tenant {
+        let t = self.tenants.entry(Arc::clone(name)).or_default();
+        t.weight = weight.max(1e-6);
+        t
+    }
+
+    fn expire(&mut self, now: Duration) {
+        let cutoff = now.saturating_sub(self.window);
+        self.tenants.retain(|_, t| {
+            t.held.expire(cutoff);
+            t.asked.expire(cutoff);
+            !(t.held.entries.is_empty() && t.asked.entries.is_empty())
+        });
+        self.batch.expire(cutoff);
+    }
+
+    /// A request of `cost` arrived for `tenant`.
+    pub fn asked(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) {
+        self.tenant(tenant, weight).asked.push(now, cost);
+    }
+
+    /// A request of `cost` was admitted for `tenant`.
+    pub fn admitted(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) {
+        self.tenant(tenant, weight).held.push(now, cost);
+    }
+
+    /// A batch request of `cost` was admitted.
+    pub fn admitted_batch(&mut self, cost: f64, now: Duration) {
+        self.batch.push(now, cost);
+    }
+
+    /// What interactive tenants ask for over a window, in pool fractions.
+    pub fn interactive_demand(&self, now: Duration) -> f64 {
+        self.tenants
+            .values()
+            .map(|t| t.demand(now, self.window))
+            .sum()
+    }
+
+    /// The part of a pool of `capacity` batch may hold now: all but the
+    /// interactive reserve.
+    pub fn batch_cap(&mut self, now: Duration, capacity: f64, reserve: InteractiveReserve) -> f64 {
+        self.expire(now);
+        let kept = (self.interactive_demand(now) * RESERVE_MARGIN).clamp(reserve.min, reserve.max);
+        (1.0 - kept).max(0.0) * capacity
+    }
+
+    /// Whether a batch request of `cost` may be admitted now.
+    pub fn decide_batch(
+        &mut self,
+        cost: f64,
+        now: Duration,
+        capacity: f64,
+        reserve: InteractiveReserve,
+    ) -> ShareDecision {
+        let cap = self.batch_cap(now, capacity, reserve);
+        match self.batch.decide(cost, cap, now, self.window) {
+            // Interactive demand may also fall sooner than batch entries
+            // leave: look again within a slice.
+            ShareDecision::HeldBack(after) => {
+                ShareDecision::HeldBack(after.min(self.window / RATE_SLICES))
+            }
+            admit => admit,
+        }
+    }
+
+    /// Pool fraction batch holds in the window.
+    pub fn batch_held(&mut self, now: Duration) -> f64 {
+        self.expire(now);
+        self.batch.sum.max(0.0)
+    }
+
+    /// Each tenant's share of a pool of `capacity` (1 = the whole pool),
+    /// or `None` while demand fits it.
+    fn shares(&self, now: Duration, capacity: f64) -> Option<HashMap<&Arc<str>, f64>> {
+        let demands: Vec<(&Arc<str>, f64, f64)> = self
+            .tenants
+            .iter()
+            .map(|(name, t)| (name, t.demand(now, self.window), t.weight))
+            .collect();
+        if demands.iter().map(|d| d.1).sum::<f64>() <= capacity {
+            return None;
+        }
+        Some(max_min(demands, capacity))
+    }
+
+    /// Whether `tenant` may take `cost` more of a pool of `capacity` now.
+    pub fn decide(
+        &mut self,
+        tenant: &Arc<str>,
+        cost: f64,
+        now: Duration,
+        capacity: f64,
+    ) -> ShareDecision {
+        self.expire(now);
+        let Some(shares) = self.shares(now, capacity) else {
+            return ShareDecision::Admit;
+        };
+        let share = shares.get(tenant).copied().unwrap_or(capacity);
+        match self.tenants.get(tenant) {
+            Some(t) => t.held.decide(cost, share, now, self.window),
+            None => ShareDecision::Admit,
+        }
+    }
+
+    /// Every tenant's place, for operators.
+    pub fn report(&mut self, now: Duration, capacity: f64) -> Vec<TenantShare> {
+        self.expire(now);
+        let shares = self.shares(now, capacity);
+        let mut out: Vec<TenantShare> = self
+            .tenants
+            .iter()
+            .map(|(name, t)| TenantShare {
+                tenant: Arc::clone(name),
+                held: t.held.sum.max(0.0),
+                demand: t.demand(now, self.window),
+                share: shares
+                    .as_ref()
+                    .and_then(|s| s.get(name).copied())
+                    .unwrap_or(capacity),
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
+    }
+}
+
+/// Weighted max-min fair shares of `capacity` among (name, demand, weight).
+fn max_min(mut demands: Vec<(&Arc<str>, f64, f64)>, capacity: f64) -> HashMap<&Arc<str>, f64> {
+    demands.sort_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)));
+    let mut left = capacity;
+    let mut weights: f64 = demands.iter().map(|d| d.2).sum();
+    let mut out = HashMap::new();
+    for (name, demand, weight) in demands {
+        let fair = if weights > 0.0 {
+            left * weight / weights
+        } else {
+            0.0
+        };
+        let share = demand.min(fair);
+        out.insert(name, if demand <= fair { fair } else { share });
+        left -= share;
+        weights -= weight;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const W: Duration = Duration::from_secs(60);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn name(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    /// Offers `rate` requests/s of cost `c` per tenant for `secs`, admitting
+    /// whatever the shares allow and the pool (capacity 1) has room for;
+    /// returns what each was served.
+    fn run(tenants: &[(&str, f64, f64)], secs: u64, c: f64) -> Vec<f64> {
+        let mut p = PoolShares::new(W);
+        let names: Vec<Arc<str>> = tenants.iter().map(|t| name(t.0)).collect();
+        let mut served = vec![0.0; tenants.len()];
+        let mut pool: VecDeque<(Duration, f64)> = VecDeque::new();
+        let step = 50; // ms
+        let mut debt = vec![0.0; tenants.len()];
+        for tick in 0..(secs * 1000 / step) {
+            let now = ms(tick * step);
+            while pool.front().is_some_and(|(at, _)| *at + W < now) {
+                pool.pop_front();
+            }
+            for (i, (_, weight, rate)) in tenants.iter().enumerate() {
+                debt[i] += rate * step as f64 / 1000.0;
+                while debt[i] >= 1.0 {
+                    debt[i] -= 1.0;
+                    p.asked(&names[i], *weight, c, now);
+                    let used: f64 = pool.iter().map(|x| x.1).sum();
+                    if used + c <= 1.0 + 1e-9
+                        && p.decide(&names[i], c, now, 1.0) == ShareDecision::Admit
+                    {
+                        p.admitted(&names[i], *weight, c, now);
+                        pool.push_back((now, c));
+                        served[i] += c;
+                    }
+                }
+            }
+        }
+        served
+    }
+
+    #[test]
+    fn weights_hold_over_the_window_from_the_first_one() {
+        // Pool: 120 requests a window; each tenant offers 6/s (3× the pool).
+        let c = 1.0 / 120.0;
+        let s = run(&[("a", 3.0, 6.0), ("b", 1.0, 6.0)], 180, c);
+        let ratio = s[0] / s[1];
+        assert!((2.7..=3.3).contains(&ratio), "{s:?} → {ratio}");
+        let s = run(&[("a", 1.0, 6.0), ("b", 1.0, 6.0)], 180, c);
+        let ratio = s[0] / s[1];
+        assert!((0.9..=1.1).contains(&ratio), "{s:?} → {ratio}");
+    }
+
+    #[test]
+    fn a_lone_tenant_gets_the_whole_pool_and_idle_shares_flow() {
+        let c = 1.0 / 120.0;
+        let s = run(&[("a", 1.0, 6.0)], 180, c);
+        assert!(s[0] >= 0.99 * 3.0, "{s:?}");
+        // b wants a little (0.5/s = a quarter of the pool): it gets nearly
+        // all of it (this model has no wait queue: an arrival at the instant
+        // the pool is full is lost), and a gets the rest although its weight
+        // is the same.
+        let s = run(&[("a", 1.0, 6.0), ("b", 1.0, 0.5)], 180, c);
+        assert!(s[1] >= 0.9 * 0.5 * 180.0 * c, "{s:?}");
+        assert!(s[0] + s[1] >= 0.97 * 3.0, "{s:?}");
+    }
+
+    #[test]
+    fn batch_leaves_what_interactive_asks_for_and_takes_the_rest_back() {
+        let mut p = PoolShares::new(W);
+        let r = InteractiveReserve::default();
+        let c = 1.0 / 120.0;
+        // Alone, batch may fill all but the floor.
+        assert!((p.batch_cap(ms(0), 1.0, r) - 0.95).abs() < 1e-9);
+        // Interactive at 1/s (half the pool): from its first seconds, batch
+        // is capped at the other half, less the margin.
+        let user = name("u");
+        for i in 0..5 {
+            p.asked(&user, 1.0, c, ms(1_000 * i));
+        }
+        let cap = p.batch_cap(ms(4_500), 1.0, r);
+        assert!((cap - (1.0 - 0.5 * RESERVE_MARGIN)).abs() < 0.03, "{cap}");
+        // A batch holding more than that is held back, not refused.
+        for i in 5..10 {
+            p.asked(&user, 1.0, c, ms(1_000 * i));
+        }
+        for i in 0..100 {
+            p.admitted_batch(c, ms(100 * i));
+        }
+        assert!(matches!(
+            p.decide_batch(c, ms(10_000), 1.0, r),
+            ShareDecision::HeldBack(_)
+        ));
+        // Quiet for a window: batch may take the whole pool (less the floor).
+        let cap = p.batch_cap(ms(75_000), 1.0, r);
+        assert!((cap - 0.95).abs() < 1e-9, "{cap}");
+        assert_eq!(p.decide_batch(c, ms(75_000), 1.0, r), ShareDecision::Admit);
+    }
+
+    #[test]
+    fn max_min_is_weighted_and_work_conserving() {
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        let s = max_min(vec![(&a, 10.0, 3.0), (&b, 10.0, 1.0)], 1.0);
+        assert!((s[&a] - 0.75).abs() < 1e-9 && (s[&b] - 0.25).abs() < 1e-9);
+        // c wants only 0.1: it gets (at least) that; a and b split the rest 3:1.
+        let s = max_min(vec![(&a, 10.0, 3.0), (&b, 10.0, 1.0), (&c, 0.1, 1.0)], 1.0);
+        assert!(s[&c] >= 0.1);
+        assert!(
+            (s[&a] - 0.675).abs() < 1e-9 && (s[&b] - 0.225).abs() < 1e-9,
+            "{s:?}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn shares_never_exceed_the_pool_for_those_who_want_more(
+            demands in prop::collection::vec((0.0f64..5.0, 0.1f64..10.0), 1..8),
+        ) {
+            let names: Vec<Arc<str>> = (0..demands.len()).map(|i| name(&i.to_string())).collect();
+            let input = names.iter().zip(&demands).map(|(n, (d, w))| (n, *d, *w)).collect();
+            let s = max_min(input, 1.0);
+            // Those who get less than they want together get at most the pool.
+            let given: f64 = names.iter().zip(&demands)
+                .map(|(n, (d, _))| s[n].min(*d)).sum();
+            prop_assert!(given <= 1.0 + 1e-9);
+            // Work-conserving: if demand exceeds the pool, it is all given.
+            let total: f64 = demands.iter().map(|d| d.0).sum();
+            if total > 1.0 { prop_assert!(given >= 1.0 - 1e-9, "{given}"); }
+        }
+    }
+}
