@@ -33,6 +33,62 @@ struct Quota {
     queued_batch: usize,
 }
 
+#[derive(Debug, Deserialize)]
+struct TenantShare {
+    tenant: String,
+    held: f64,
+    demand: f64,
+    share: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Pool {
+    model: String,
+    interactive_demand: f64,
+    interactive_held: f64,
+    batch_held: f64,
+    tenants: Vec<TenantShare>,
+}
+
+/// Who is using each model's pool (from `/admin/shares`).
+fn render_shares(pools: &[Pool]) -> String {
+    if pools.is_empty() {
+        return String::new();
+    }
+    let pct = |f: f64| format!("{:>4.0}%", f * 100.0);
+    let mut out = format!(
+        "\n{:<28} {:<20} {:>6} {:>7} {:>6}\n",
+        "POOL", "WHO", "HELD", "ASKED", "SHARE"
+    );
+    for p in pools {
+        out.push_str(&format!(
+            "{:<28} {:<20} {} {:>7} {:>6}\n",
+            p.model,
+            "interactive",
+            pct(p.interactive_held),
+            pct(p.interactive_demand),
+            ""
+        ));
+        for t in &p.tenants {
+            out.push_str(&format!(
+                "{:<28} {:<20} {} {:>7} {:>6}\n",
+                "",
+                format!("  {}", t.tenant),
+                pct(t.held),
+                pct(t.demand),
+                pct(t.share)
+            ));
+        }
+        out.push_str(&format!(
+            "{:<28} {:<20} {}\n",
+            "",
+            "batch",
+            pct(p.batch_held)
+        ));
+    }
+    out
+}
+
 fn percent(used: u64, limit: u64) -> String {
     if limit == 0 {
         return "-".into();
@@ -102,7 +158,18 @@ pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> an
             .json()
             .await
             .context("unexpected admin API answer")?;
-        let table = render(&quotas);
+        let shares_endpoint = format!("{}/admin/shares", url.trim_end_matches('/'));
+        // An older gateway has no /admin/shares: show the quotas alone.
+        let pools: Vec<Pool> = match client
+            .get(&shares_endpoint)
+            .header("x-api-key", &admin_key)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let table = render(&quotas) + &render_shares(&pools);
         if once {
             print!("{table}");
             return Ok(());

@@ -201,3 +201,72 @@ async fn a_lone_tenant_gets_the_whole_pool() {
     assert!(served[0] as f64 >= 0.99 * (3 * POOL) as f64, "{served:?}");
     assert_pool_kept(&h);
 }
+
+const ADMIN_KEY: &str = "sk-spw-share-admin";
+
+#[tokio::test(start_paused = true)]
+async fn operators_see_who_is_using_the_pool() {
+    let overlay = format!(
+        "{}[admin]\nkey_sha256 = \"{}\"\n",
+        two_tenants(3.0, 1.0),
+        spillway_gateway::auth::hash_key(ADMIN_KEY)
+    );
+    let h = Harness::start(&overlay).await;
+    // Both want three times the pool for 20 s.
+    let start = Instant::now();
+    let h = &h;
+    let sends = [KEY_A, KEY_B].into_iter().flat_map(|key| {
+        (0..120u64).map(move |i| async move {
+            sleep_until(start + Duration::from_millis(i * 1000 / 6)).await;
+            h.http
+                .post(format!("{}/v1/messages", h.url))
+                .header("x-api-key", key)
+                .header("x-spillway-max-wait-ms", "0")
+                .json(&message("hi"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    });
+    join_all(sends).await;
+    let r = h
+        .http
+        .get(format!("{}/admin/shares", h.url))
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pools: Value = r.json().await.unwrap();
+    println!("{pools:#}");
+    let pool = &pools[0];
+    assert_eq!(pool["model"], HAIKU);
+    let tenant = |name: &str| {
+        pool["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {pool}"))
+    };
+    let (a, b) = (tenant("a"), tenant("b"));
+    assert!((a["share"].as_f64().unwrap() - 0.75).abs() < 1e-6, "{a}");
+    assert!((b["share"].as_f64().unwrap() - 0.25).abs() < 1e-6, "{b}");
+    let (held_a, held_b) = (a["held"].as_f64().unwrap(), b["held"].as_f64().unwrap());
+    assert!(held_a <= 0.75 + 1e-6 && held_b <= 0.25 + 1e-6, "{a} {b}");
+    assert!(held_a + held_b > 0.95, "the pool is in use: {a} {b}");
+    assert_eq!(pool["batch_held"], 0.0);
+    let metrics = h.metrics().await;
+    let share = series_value(
+        &metrics,
+        &format!("spillway_pool_share{{kind=\"share\",model=\"{HAIKU}\",tenant=\"b\"}}"),
+    );
+    assert!((share - 0.25).abs() < 1e-6, "{share}");
+    let held = series_value(
+        &metrics,
+        &format!("spillway_pool_held{{model=\"{HAIKU}\",priority=\"interactive\"}}"),
+    );
+    assert!(held > 0.95, "{held}");
+}

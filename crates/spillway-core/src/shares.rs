@@ -32,41 +32,61 @@ use std::time::Duration;
 /// `window / RATE_SLICES`, scaled to the window.
 const RATE_SLICES: u32 = 12;
 
-/// The soonest a held-back request is looked at again.
-const MIN_RECHECK: Duration = Duration::from_millis(1);
+/// The soonest a held-back request is looked at again: the shares'
+/// refresh (no sooner can anything it depends on have moved).
+const MIN_RECHECK: Duration = REFRESH;
 
 /// What was spent (or asked for) in the last window: (time, cost), oldest
-/// first, with their sum.
+/// first, with their sum, and the sum of the latest slice (kept by a second
+/// cursor, so neither sum is ever recounted).
 #[derive(Debug, Default)]
 struct Window {
     entries: VecDeque<(Duration, f64)>,
     sum: f64,
+    /// Index of the first entry of the current slice, and the slice's sum.
+    slice_from: usize,
+    slice_sum: f64,
 }
 
 impl Window {
     fn push(&mut self, at: Duration, cost: f64) {
         self.entries.push_back((at, cost));
         self.sum += cost;
+        self.slice_sum += cost;
     }
 
     fn expire(&mut self, cutoff: Duration) {
         while self.entries.front().is_some_and(|(at, _)| *at <= cutoff) {
             if let Some((_, c)) = self.entries.pop_front() {
                 self.sum -= c;
+                if self.slice_from > 0 {
+                    self.slice_from -= 1;
+                } else {
+                    self.slice_sum -= c;
+                }
             }
         }
         if self.entries.is_empty() {
-            self.sum = 0.0; // no float drift survives an empty window
+            // No float drift survives an empty window.
+            self.sum = 0.0;
+            self.slice_sum = 0.0;
+            self.slice_from = 0;
         }
     }
 
-    fn since(&self, since: Duration) -> f64 {
-        self.entries
-            .iter()
-            .rev()
-            .take_while(|(at, _)| *at >= since)
-            .map(|(_, c)| c)
-            .sum()
+    /// The sum of entries at or after `since` (which only moves forward).
+    fn since(&mut self, since: Duration) -> f64 {
+        while let Some((at, c)) = self.entries.get(self.slice_from) {
+            if *at >= since {
+                break;
+            }
+            self.slice_sum -= c;
+            self.slice_from += 1;
+        }
+        if self.slice_from >= self.entries.len() {
+            self.slice_sum = 0.0;
+        }
+        self.slice_sum.max(0.0)
     }
 
     /// Whether `cost` more fits `cap`; if not, how long until enough of
@@ -101,7 +121,7 @@ struct Tenant {
 impl Tenant {
     /// What it asks for over a window: its window's arrivals, or its recent
     /// rate projected, whichever is more.
-    fn demand(&self, now: Duration, window: Duration) -> f64 {
+    fn demand(&mut self, now: Duration, window: Duration) -> f64 {
         let recent = self.asked.since(now.saturating_sub(window / RATE_SLICES));
         self.asked.sum.max(recent * f64::from(RATE_SLICES))
     }
@@ -158,6 +178,26 @@ pub struct PoolShares {
     /// Batch admissions still in the window (batch is one class: it takes
     /// what interactive traffic leaves, whoever submitted it).
     batch: Window,
+    /// The shares as last computed: every decision within [`REFRESH`] of
+    /// it uses them, so a decision costs one tenant's lookup, not a pass
+    /// over every tenant.
+    cached: Cached,
+}
+
+/// How long computed shares serve decisions: demand and shares move over
+/// seconds, admissions every few microseconds.
+const REFRESH: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default)]
+struct Cached {
+    at: Option<Duration>,
+    capacity: f64,
+    reserve_min: f64,
+    /// `None` while uncontended or a tenant is alone.
+    shares: Option<HashMap<Arc<str>, f64>>,
+    /// What interactive tenants hold, kept current between refreshes.
+    in_use: f64,
+    batch_cap: f64,
 }
 
 impl PoolShares {
@@ -166,6 +206,7 @@ impl PoolShares {
             window,
             tenants: HashMap::new(),
             batch: Window::default(),
+            cached: Cached::default(),
         }
     }
 
@@ -176,7 +217,10 @@ impl PoolShares {
     }
 
     fn expire(&mut self, now: Duration) {
-        let cutoff = now.saturating_sub(self.window);
+        // Nothing is a window old before a window has passed.
+        let Some(cutoff) = now.checked_sub(self.window) else {
+            return;
+        };
         self.tenants.retain(|_, t| {
             t.held.expire(cutoff);
             t.asked.expire(cutoff);
@@ -193,6 +237,7 @@ impl PoolShares {
     /// A request of `cost` was admitted for `tenant`.
     pub fn admitted(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) {
         self.tenant(tenant, weight).held.push(now, cost);
+        self.cached.in_use += cost;
     }
 
     /// A batch request of `cost` was admitted.
@@ -201,10 +246,11 @@ impl PoolShares {
     }
 
     /// What interactive tenants ask for over a window, in pool fractions.
-    pub fn interactive_demand(&self, now: Duration) -> f64 {
+    pub fn interactive_demand(&mut self, now: Duration) -> f64 {
+        let window = self.window;
         self.tenants
-            .values()
-            .map(|t| t.demand(now, self.window))
+            .values_mut()
+            .map(|t| t.demand(now, window))
             .sum()
     }
 
@@ -224,15 +270,7 @@ impl PoolShares {
         capacity: f64,
         reserve: InteractiveReserve,
     ) -> ShareDecision {
-        let cap = self.batch_cap(now, capacity, reserve);
-        match self.batch.decide(cost, cap, now, self.window) {
-            // Interactive demand may also fall sooner than batch entries
-            // leave: look again within a slice.
-            ShareDecision::HeldBack(after) => {
-                ShareDecision::HeldBack(after.min(self.window / RATE_SLICES))
-            }
-            admit => admit,
-        }
+        self.decider(now, capacity, reserve).decide_batch(cost)
     }
 
     /// Pool fraction batch holds in the window.
@@ -243,11 +281,12 @@ impl PoolShares {
 
     /// Each tenant's share of a pool of `capacity` (1 = the whole pool),
     /// or `None` while demand fits it.
-    fn shares(&self, now: Duration, capacity: f64) -> Option<HashMap<&Arc<str>, f64>> {
+    fn shares(&mut self, now: Duration, capacity: f64) -> Option<HashMap<&Arc<str>, f64>> {
+        let window = self.window;
         let demands: Vec<(&Arc<str>, f64, f64)> = self
             .tenants
-            .iter()
-            .map(|(name, t)| (name, t.demand(now, self.window), t.weight))
+            .iter_mut()
+            .map(|(name, t)| (name, t.demand(now, window), t.weight))
             .collect();
         if demands.iter().map(|d| d.1).sum::<f64>() <= capacity {
             return None;
@@ -263,28 +302,61 @@ impl PoolShares {
         now: Duration,
         capacity: f64,
     ) -> ShareDecision {
-        self.expire(now);
-        let Some(shares) = self.shares(now, capacity) else {
-            return ShareDecision::Admit;
-        };
-        let share = shares.get(tenant).copied().unwrap_or(capacity);
-        match self.tenants.get(tenant) {
-            Some(t) => t.held.decide(cost, share, now, self.window),
-            None => ShareDecision::Admit,
+        self.decider(now, capacity, InteractiveReserve::default())
+            .decide(tenant, cost)
+    }
+
+    /// The shares as of `now`, computed once for several decisions (a wait
+    /// queue asks for each waiter ahead of its own).
+    pub fn decider(
+        &mut self,
+        now: Duration,
+        capacity: f64,
+        reserve: InteractiveReserve,
+    ) -> Decider<'_> {
+        let fresh = self
+            .cached
+            .at
+            .is_some_and(|at| now.saturating_sub(at) < REFRESH)
+            && self.cached.capacity == capacity
+            && self.cached.reserve_min == reserve.min;
+        if !fresh {
+            let batch_cap = self.batch_cap(now, capacity, reserve);
+            let shares = if self.tenants.len() < 2 {
+                None
+            } else {
+                self.shares(now, capacity).map(|s| {
+                    s.into_iter()
+                        .map(|(name, share)| (Arc::clone(name), share))
+                        .collect()
+                })
+            };
+            self.cached = Cached {
+                at: Some(now),
+                capacity,
+                reserve_min: reserve.min,
+                shares,
+                in_use: self.tenants.values().map(|t| t.held.sum).sum(),
+                batch_cap,
+            };
         }
+        Decider { pool: self, now }
     }
 
     /// Every tenant's place, for operators.
     pub fn report(&mut self, now: Duration, capacity: f64) -> Vec<TenantShare> {
         self.expire(now);
-        let shares = self.shares(now, capacity);
+        let shares: Option<HashMap<Arc<str>, f64>> = self
+            .shares(now, capacity)
+            .map(|s| s.into_iter().map(|(n, v)| (Arc::clone(n), v)).collect());
+        let window = self.window;
         let mut out: Vec<TenantShare> = self
             .tenants
-            .iter()
+            .iter_mut()
             .map(|(name, t)| TenantShare {
                 tenant: Arc::clone(name),
                 held: t.held.sum.max(0.0),
-                demand: t.demand(now, self.window),
+                demand: t.demand(now, window),
                 share: shares
                     .as_ref()
                     .and_then(|s| s.get(name).copied())
@@ -293,6 +365,44 @@ impl PoolShares {
             .collect();
         out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         out
+    }
+}
+
+/// Share decisions against one computation of the shares.
+pub struct Decider<'a> {
+    pool: &'a PoolShares,
+    now: Duration,
+}
+
+impl Decider<'_> {
+    /// Whether a batch request of `cost` may be admitted: batch holds at
+    /// most what the interactive reserve leaves.
+    pub fn decide_batch(&self, cost: f64) -> ShareDecision {
+        let (window, cap) = (self.pool.window, self.pool.cached.batch_cap);
+        match self.pool.batch.decide(cost, cap, self.now, window) {
+            // Interactive demand may also fall sooner than batch entries
+            // leave: look again within a slice.
+            ShareDecision::HeldBack(after) => {
+                ShareDecision::HeldBack(after.min(window / RATE_SLICES))
+            }
+            admit => admit,
+        }
+    }
+
+    /// A tenant alone is never held back (the budget alone bounds it), and
+    /// shares are of the pool in use when that is more than `capacity` (a
+    /// budget raised at run time is shared, not left idle).
+    pub fn decide(&self, tenant: &Arc<str>, cost: f64) -> ShareDecision {
+        let cached = &self.pool.cached;
+        let Some(shares) = &cached.shares else {
+            return ShareDecision::Admit;
+        };
+        let pool = cached.capacity.max(cached.in_use + cost);
+        let share = shares.get(tenant).copied().unwrap_or(cached.capacity) * pool / cached.capacity;
+        match self.pool.tenants.get(tenant) {
+            Some(t) => t.held.decide(cost, share, self.now, self.pool.window),
+            None => ShareDecision::Admit,
+        }
     }
 }
 

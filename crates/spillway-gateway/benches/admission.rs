@@ -12,6 +12,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::ledger::{Charge, Limits};
+use spillway_core::shares::InteractiveReserve;
 use spillway_core::store::{
     BudgetConfig, Clock, MemoryStore, Outcome, QuotaStore, ReserveRequest, Strategy,
 };
@@ -93,7 +94,12 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let (memory, models) = store();
     let store: Arc<dyn QuotaStore> = memory;
-    let scheduler = rt.block_on(async { Scheduler::new(store, &models, 1024) });
+    let scheduler = rt.block_on(async { Scheduler::new(Arc::clone(&store), &models, 1024) });
+    // The gateway's scheduler holds tenants to their shares of each pool.
+    let sharing = rt.block_on(async {
+        Scheduler::new(store, &models, 1024)
+            .with_sharing(Duration::from_secs(60), InteractiveReserve::default())
+    });
     let tenants: Vec<Arc<str>> = (0..TENANTS)
         .map(|t| Arc::from(format!("tenant-{t}").as_str()))
         .collect();
@@ -106,14 +112,23 @@ fn bench(c: &mut Criterion) {
             priority: Priority::Interactive,
             tenant: tenants[t].clone(),
             weight: 1.0 + (t % 3) as f64,
+            share_cost: 1e-6,
             deadline: rt.block_on(async { tokio::time::Instant::now() })
                 + Duration::from_secs(3600),
         })
         .collect();
-    let mut n = 0usize;
-    c.bench_function(
-        "scheduler: admit + settle (100 budgets, 1000 tenants)",
-        |b| {
+    for (name, scheduler) in [
+        (
+            "scheduler: admit + settle (100 budgets, 1000 tenants)",
+            &scheduler,
+        ),
+        (
+            "scheduler with shares: admit + settle (100 budgets, 1000 tenants)",
+            &sharing,
+        ),
+    ] {
+        let mut n = 0usize;
+        c.bench_function(name, |b| {
             b.iter(|| {
                 n = n.wrapping_add(1);
                 let demand = &demands[n % TENANTS];
@@ -130,8 +145,8 @@ fn bench(c: &mut Criterion) {
                         .await;
                 })
             })
-        },
-    );
+        });
+    }
 }
 
 criterion_group!(benches, bench);

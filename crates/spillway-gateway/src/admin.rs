@@ -6,6 +6,9 @@
 //!   configured, effective (headroom and learning applied), used and in
 //!   flight, cooldown, drained, and the queues of the models drawing on it.
 //! - `GET /admin/tenants`: tenants and their policy (never their keys).
+//! - `GET /admin/shares`: who is using each model's pool — per tenant the
+//!   pool fraction held in the window, asked for, and its weighted share
+//!   (1 while uncontended); what batch holds and interactive asks for.
 //! - `POST /admin/regions/{region}/drain` and `/undrain`: take a region out
 //!   of rotation for every model, or put it back. In-flight requests finish.
 //! - `PUT /admin/quotas/{name}/{region}`: set a bucket's budget (Google
@@ -157,6 +160,52 @@ pub async fn tenants(State(state): State<Arc<AppState>>) -> Json<Vec<TenantView>
         })
         .collect();
     views.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(views)
+}
+
+/// One model's pool as its users hold it (pool fractions of this replica's
+/// part of the pool).
+#[derive(Debug, Serialize)]
+pub struct ShareView {
+    pub model: String,
+    pub interactive_demand: f64,
+    pub interactive_held: f64,
+    pub batch_held: f64,
+    pub tenants: Vec<TenantShareView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantShareView {
+    pub tenant: String,
+    pub held: f64,
+    pub demand: f64,
+    pub share: f64,
+}
+
+pub async fn shares(State(state): State<Arc<AppState>>) -> Json<Vec<ShareView>> {
+    let views = state
+        .forwarder
+        .scheduler()
+        .shares()
+        .into_iter()
+        .map(
+            |(model, tenants, batch_held, interactive_demand)| ShareView {
+                model: model.to_string(),
+                interactive_demand,
+                interactive_held: tenants.iter().map(|t| t.held).sum(),
+                batch_held,
+                tenants: tenants
+                    .into_iter()
+                    .map(|t| TenantShareView {
+                        tenant: t.tenant.to_string(),
+                        held: t.held,
+                        demand: t.demand,
+                        share: t.share,
+                    })
+                    .collect(),
+            },
+        )
+        .collect();
     Json(views)
 }
 

@@ -20,7 +20,9 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use spillway_core::shares::TenantShare;
 use spillway_core::store::BudgetState;
+use spillway_core::QuotaGroup;
 
 /// Seconds buckets for waits and latencies: 1 ms to ~2 min.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -63,6 +65,8 @@ pub struct Metrics {
     cooldown_seconds: GaugeVec,
     drained: IntGaugeVec,
     queue_depth: IntGaugeVec,
+    pool_share: GaugeVec,
+    pool_held: GaugeVec,
     batch_requests: IntGaugeVec,
     batches: IntGaugeVec,
     batch_items_completed: IntCounterVec,
@@ -128,6 +132,8 @@ pub struct Snapshot<'a> {
     pub queues: Vec<(&'a str, usize, usize)>,
     /// When batches are enabled.
     pub batches: Option<BatchSnapshot>,
+    /// Each requester's pool: tenants, batch held, interactive demand.
+    pub shares: &'a [(QuotaGroup, Vec<TenantShare>, f64, f64)],
 }
 
 impl Metrics {
@@ -186,6 +192,8 @@ impl Metrics {
             cooldown_seconds: gauge(&r, "spillway_cooldown_seconds", "Seconds until a region-model takes requests again after upstream refusals (0: not cooling down).", &["region", "model"]),
             drained: int_gauge(&r, "spillway_region_drained", "1 while an operator has drained the region.", &["region", "model"]),
             queue_depth: int_gauge(&r, "spillway_queue_depth", "Requests waiting for quota.", &["model", "priority"]),
+            pool_share: gauge(&r, "spillway_pool_share", "Each tenant's place in a model's pool, as fractions of it (this replica's part): kind=held (admitted in the window), demand (asked for over the window), share (its weighted max-min share while contended, else 1).", &["model", "tenant", "kind"]),
+            pool_held: gauge(&r, "spillway_pool_held", "Fraction of a model's pool held in the window, by priority (interactive, batch).", &["model", "priority"]),
             batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
             batches: int_gauge(&r, "spillway_batches", "Batches by processing status (in_progress, canceling, ended).", &["status"]),
             batch_items_completed: counter(&r, "spillway_batch_items_completed_total", "Batch items finished by this replica, by result.", &["result"]),
@@ -273,6 +281,25 @@ impl Metrics {
             self.queue_depth
                 .with_label_values(&[model, "batch"])
                 .set(*batch as i64);
+        }
+        // Tenants come and go: only those in a window now have series.
+        self.pool_share.reset();
+        for (model, tenants, batch_held, _) in snapshot.shares {
+            let model = model.as_str();
+            for t in tenants {
+                for (kind, v) in [("held", t.held), ("demand", t.demand), ("share", t.share)] {
+                    self.pool_share
+                        .with_label_values(&[model, &t.tenant, kind])
+                        .set(v);
+                }
+            }
+            let interactive: f64 = tenants.iter().map(|t| t.held).sum();
+            self.pool_held
+                .with_label_values(&[model, "interactive"])
+                .set(interactive);
+            self.pool_held
+                .with_label_values(&[model, "batch"])
+                .set(*batch_held);
         }
         if let Some(b) = &snapshot.batches {
             self.batch_requests
@@ -368,11 +395,24 @@ mod tests {
             budgets: &budgets,
             queues: vec![("m", 2, 5)],
             batches: None,
+            shares: &[(
+                "m".into(),
+                vec![TenantShare {
+                    tenant: "t".into(),
+                    held: 0.5,
+                    demand: 2.0,
+                    share: 0.75,
+                }],
+                0.25,
+                2.0,
+            )],
         });
         for needle in [
             "spillway_requests_total{model=\"m\",outcome=\"ok\",tenant=\"t\"} 1",
             "spillway_upstream_requests_total{model=\"m\",region=\"us-central1\",status=\"429\"} 1",
             "spillway_budget_effective{model=\"m\",region=\"us-central1\",resource=\"requests\"} 40",
+            "spillway_pool_share{kind=\"share\",model=\"m\",tenant=\"t\"} 0.75",
+            "spillway_pool_held{model=\"m\",priority=\"batch\"} 0.25",
             "spillway_budget_used{model=\"m\",region=\"us-central1\",resource=\"tokens\"} 15",
             "spillway_cooldown_seconds{model=\"m\",region=\"us-central1\"} 1.5",
             "spillway_queue_depth{model=\"m\",priority=\"batch\"} 5",

@@ -253,10 +253,10 @@ impl Scheduler {
         let Some(reserve) = self.sharing else {
             return ShareDecision::Admit;
         };
-        let (now, capacity) = (self.now(), self.capacity());
+        let decider = q.shares.decider(self.now(), self.capacity(), reserve);
         match owner.priority {
-            Priority::Interactive => q.shares.decide(&owner.tenant, owner.cost, now, capacity),
-            Priority::Batch => q.shares.decide_batch(owner.cost, now, capacity, reserve),
+            Priority::Interactive => decider.decide(&owner.tenant, owner.cost),
+            Priority::Batch => decider.decide_batch(owner.cost),
         }
     }
 
@@ -474,17 +474,29 @@ impl Scheduler {
     /// and, if `ticket` itself is over its share, when to look again.
     fn turn(&self, queue: &GroupQueue, ticket: &Ticket) -> (bool, Option<Duration>) {
         let mut q = queue.lock();
-        if self.sharing.is_none() {
+        let Some(reserve) = self.sharing else {
             return (q.head() == Some(ticket), None);
-        }
-        let order: Vec<Ticket> = q.waiting.iter().copied().collect();
-        for t in order {
-            let Some(owner) = q.owners.get(&t.2).cloned() else {
+        };
+        let (now, capacity) = (self.now(), self.capacity());
+        let WaitQueue {
+            waiting,
+            owners,
+            shares,
+            ..
+        } = &mut *q;
+        let decider = shares.decider(now, capacity, reserve);
+        // Only the waiters up to ours matter: the first that may go is next.
+        for t in waiting.iter() {
+            let Some(owner) = owners.get(&t.2) else {
                 continue;
             };
-            match self.share_decision(&mut q, &owner) {
-                ShareDecision::Admit => return (t == *ticket, None),
-                ShareDecision::HeldBack(after) if t == *ticket => return (false, Some(after)),
+            let decision = match owner.priority {
+                Priority::Interactive => decider.decide(&owner.tenant, owner.cost),
+                Priority::Batch => decider.decide_batch(owner.cost),
+            };
+            match decision {
+                ShareDecision::Admit => return (t == ticket, None),
+                ShareDecision::HeldBack(after) if t == ticket => return (false, Some(after)),
                 ShareDecision::HeldBack(_) => {}
             }
         }

@@ -69,10 +69,12 @@ async fn metrics_handler(
         },
         None => None,
     };
+    let shares = scheduler.shares();
     let text = state.metrics.render(Snapshot {
         budgets: &budgets,
         queues,
         batches,
+        shares: &shares,
     });
     (
         [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
@@ -198,6 +200,7 @@ impl Gateway {
                 axum::routing::put(crate::admin::set_quota),
             )
             .route("/admin/tenants", get(crate::admin::tenants))
+            .route("/admin/shares", get(crate::admin::shares))
             .route("/admin/regions/{region}/drain", post(crate::admin::drain))
             .route(
                 "/admin/regions/{region}/undrain",
