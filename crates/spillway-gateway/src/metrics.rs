@@ -67,6 +67,10 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     pool_share: GaugeVec,
     pool_held: GaugeVec,
+    /// (model, tenant) pairs with `pool_share` series: a tenant that left
+    /// the window reads 0 rather than its last value. Tenants come from
+    /// config, so this stays small.
+    pool_seen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     batch_requests: IntGaugeVec,
     batches: IntGaugeVec,
     batch_items_completed: IntCounterVec,
@@ -193,6 +197,7 @@ impl Metrics {
             drained: int_gauge(&r, "spillway_region_drained", "1 while an operator has drained the region.", &["region", "model"]),
             queue_depth: int_gauge(&r, "spillway_queue_depth", "Requests waiting for quota.", &["model", "priority"]),
             pool_share: gauge(&r, "spillway_pool_share", "Each tenant's place in a model's pool, as fractions of it (this replica's part): kind=held (admitted in the window), demand (asked for over the window), share (its weighted max-min share while contended, else 1).", &["model", "tenant", "kind"]),
+            pool_seen: Default::default(),
             pool_held: gauge(&r, "spillway_pool_held", "Fraction of a model's pool held in the window, by priority (interactive, batch).", &["model", "priority"]),
             batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
             batches: int_gauge(&r, "spillway_batches", "Batches by processing status (in_progress, canceling, ended).", &["status"]),
@@ -282,11 +287,12 @@ impl Metrics {
                 .with_label_values(&[model, "batch"])
                 .set(*batch as i64);
         }
-        // Tenants come and go: only those in a window now have series.
-        self.pool_share.reset();
+        let mut seen = self.pool_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now_seen = std::collections::HashSet::new();
         for (model, tenants, batch_held, _) in snapshot.shares {
             let model = model.as_str();
             for t in tenants {
+                now_seen.insert((model.to_string(), t.tenant.to_string()));
                 for (kind, v) in [("held", t.held), ("demand", t.demand), ("share", t.share)] {
                     self.pool_share
                         .with_label_values(&[model, &t.tenant, kind])
@@ -301,6 +307,17 @@ impl Metrics {
                 .with_label_values(&[model, "batch"])
                 .set(*batch_held);
         }
+        // Tenants no longer in any window hold nothing (and, uncontended,
+        // may have the whole pool).
+        for (model, tenant) in seen.difference(&now_seen) {
+            for (kind, v) in [("held", 0.0), ("demand", 0.0), ("share", 1.0)] {
+                self.pool_share
+                    .with_label_values(&[model, tenant, kind])
+                    .set(v);
+            }
+        }
+        seen.extend(now_seen);
+        drop(seen);
         if let Some(b) = &snapshot.batches {
             self.batch_requests
                 .with_label_values(&["processing"])

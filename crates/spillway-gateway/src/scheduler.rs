@@ -291,7 +291,6 @@ impl Scheduler {
                 let demand = q.shares.interactive_demand(now);
                 (group.clone(), tenants, batch, demand)
             })
-            .filter(|(_, tenants, batch, _)| !tenants.is_empty() || *batch > 0.0)
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
