@@ -179,3 +179,43 @@ pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> an
         tokio::time::sleep(Duration::from_secs(every.max(1))).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_show_who_holds_each_pool() {
+        let pools: Vec<Pool> = serde_json::from_value(serde_json::json!([{
+            "model": "claude-3-haiku@20240307",
+            "interactive_demand": 6.0, "interactive_held": 0.96, "batch_held": 0.02,
+            "tenants": [
+                {"tenant": "a", "held": 0.72, "demand": 3.0, "share": 0.75},
+                {"tenant": "b", "held": 0.24, "demand": 3.0, "share": 0.25},
+            ],
+        }]))
+        .unwrap();
+        let table = render_shares(&pools);
+        let lines: Vec<&str> = table.lines().filter(|l| !l.is_empty()).collect();
+        assert!(lines[0].starts_with("POOL"), "{table}");
+        assert!(
+            lines[1].contains("claude-3-haiku@20240307")
+                && lines[1].contains("interactive")
+                && lines[1].contains("96%"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("  a") && lines[2].contains("72%") && lines[2].contains("75%"),
+            "{table}"
+        );
+        assert!(
+            lines[3].contains("  b") && lines[3].contains("24%") && lines[3].contains("25%"),
+            "{table}"
+        );
+        assert!(
+            lines[4].contains("batch") && lines[4].contains("2%"),
+            "{table}"
+        );
+        assert_eq!(render_shares(&[]), "");
+    }
+}

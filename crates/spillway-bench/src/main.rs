@@ -3,6 +3,7 @@
 //! ```text
 //! spillway-bench open-streams --url http://127.0.0.1:PORT/v1/messages --pid PID [-n 1000] [--rounds 3]
 //! spillway-bench mixed-workload [--windows 6] [--overload 3] [--seed 1] [--json]
+//! spillway-bench shares-replicas [--replicas 3] [--per-window 12] [--weight 3]
 //! ```
 //!
 //! `open-streams` opens N concurrent streaming Messages requests, each on its
@@ -27,6 +28,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 mod mixed;
+mod shares_replicas;
 
 #[derive(Parser)]
 #[command(name = "spillway-bench", about = "Spillway benchmark helpers")]
@@ -84,6 +86,17 @@ enum Command {
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Weighted shares with several replicas on one Redis (real time).
+    SharesReplicas {
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// Requests per region per 2-s window.
+        #[arg(long, default_value_t = 12)]
+        per_window: u32,
+        /// Tenant a's weight (tenant b's is 1).
+        #[arg(long, default_value_t = 3.0)]
+        weight: f64,
     },
 }
 
@@ -272,6 +285,19 @@ fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
+            Ok(())
+        }
+        Command::SharesReplicas {
+            replicas,
+            per_window,
+            weight,
+        } => {
+            let line = shares_replicas::run(shares_replicas::Options {
+                replicas,
+                per_window,
+                weights: (weight, 1.0),
+            })?;
+            println!("{line}");
             Ok(())
         }
     }
