@@ -10,7 +10,6 @@
 //! what each tenant was served within the three windows, their ratio, and
 //! the simulator's 429s and window check. Traffic goes to 127.0.0.1 only.
 
-use std::collections::HashMap;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,8 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::future::join_all;
 use serde_json::json;
-use spillway_gateway::config::{Settings, DEMO_TOML};
-use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, SimModel, SimRegion, Simulator};
 
 const HAIKU: &str = "claude-3-haiku@20240307";
@@ -92,7 +89,7 @@ async fn drive(o: Options) -> anyhow::Result<String> {
     )
     .await?;
     let mut urls = Vec::new();
-    let mut stops = Vec::new();
+    let mut gateways = Vec::new();
     for _ in 0..o.replicas {
         let overlay = format!(
             "[server]\nauth = \"api_key\"\n[tenants.a]\nkey_sha256 = \"{}\"\nweight = {}\n[tenants.b]\nkey_sha256 = \"{}\"\nweight = {}\n\
@@ -106,23 +103,9 @@ async fn drive(o: Options) -> anyhow::Result<String> {
             o.replicas,
             pw = o.per_window,
         );
-        let env: HashMap<String, String> = [
-            ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim.base_url()),
-            ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim.base_url()),
-            ("SPILLWAY__SERVER__LISTEN", "127.0.0.1:0".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let settings = Settings::load_layers(&[DEMO_TOML, &overlay], &[], Some(env))?;
-        let gateway = Gateway::new(settings).await?;
-        let listener = gateway.bind().await?;
-        urls.push(format!("http://{}/v1/messages", listener.local_addr()?));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(gateway.serve(listener, async {
-            let _ = stopped.await;
-        }));
-        stops.push(stop);
+        let gateway = spillway_bench::gateway::start(&sim.base_url(), &overlay).await?;
+        urls.push(format!("{}/v1/messages", gateway.url));
+        gateways.push(gateway);
     }
     let http = reqwest::Client::new();
     let urls = Arc::new(urls);
@@ -162,7 +145,7 @@ async fn drive(o: Options) -> anyhow::Result<String> {
         .map(|r| sim.counters(r, HAIKU).rate_limited)
         .sum();
     let within = sim.bucket_reports(WINDOW).iter().all(|r| r.within_limits());
-    drop(stops);
+    drop(gateways);
     let pool = 2 * o.per_window * windows;
     Ok(format!(
         "replicas {}, weights {:?}, pool {pool} requests over {windows} windows of {:?}: served a {} b {} (ratio {:.2}, {:.0}% of the pool); upstream 429s {upstream_429}; windows within limits: {within}",

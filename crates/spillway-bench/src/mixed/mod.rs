@@ -21,13 +21,10 @@ mod capture;
 mod report;
 mod workload;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use spillway_gateway::config::{Settings, DEMO_TOML};
-use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, SimHandle, Simulator};
 use tokio::time::Instant;
 use tracing_subscriber::layer::SubscriberExt;
@@ -86,8 +83,7 @@ pub fn run(options: Options) -> anyhow::Result<Report> {
 
 struct Running {
     sim: SimHandle,
-    url: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    gateway: spillway_bench::gateway::RunningGateway,
 }
 
 /// The simulator and the gateway, as `tests/support`'s `Harness` starts them.
@@ -106,27 +102,8 @@ async fn start(options: Options) -> anyhow::Result<Running> {
             spillway_gateway::auth::hash_key(t.key)
         ));
     }
-    let env: HashMap<String, String> = [
-        ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim.base_url()),
-        ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim.base_url()),
-        ("SPILLWAY__SERVER__LISTEN", "127.0.0.1:0".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let settings = Settings::load_layers(&[DEMO_TOML, &overlay], &[], Some(env))?;
-    let gateway = Gateway::new(settings).await?;
-    let listener = gateway.bind().await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(gateway.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Ok(Running {
-        sim,
-        url,
-        _stop: stop,
-    })
+    let gateway = spillway_bench::gateway::start(&sim.base_url(), &overlay).await?;
+    Ok(Running { sim, gateway })
 }
 
 async fn send(client: &reqwest::Client, url: &str, p: &Planned) -> Outcome {
@@ -202,7 +179,7 @@ async fn drive(options: Options, lines: RequestLines) -> anyhow::Result<Report> 
     let planned = workload::plan(options.seed, options.windows, window, offered_per_window);
 
     let client = reqwest::Client::builder().no_proxy().build()?;
-    let url = format!("{}/v1/messages", running.url);
+    let url = format!("{}/v1/messages", running.gateway.url);
     let start = Instant::now();
     let outcomes: Vec<Outcome> = futures::future::join_all(planned.iter().map(|p| {
         let (client, url) = (&client, &url);
