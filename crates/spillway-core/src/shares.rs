@@ -5,10 +5,13 @@
 //! weight decides only who goes next *among waiters*, which is rarely
 //! anyone. So weights must bound what each tenant holds **in the window**:
 //!
-//! - Each tenant's **demand** is what it asked for in the window (every
-//!   arrival, served or not), or its recent rate projected over the window
-//!   if that is more — so contention is seen seconds after it starts, not a
-//!   window later.
+//! - Each tenant's **demand** is what it asked for in the window that it
+//!   could use — admissions, and requests refused only because it was over
+//!   its share (not those refused for want of room: a tenant whose requests
+//!   cannot fit must not keep a share nobody can use) — or its recent rate
+//!   projected over the window if that is more, so contention is seen
+//!   seconds after it starts, not a window later: a tenant active for
+//!   less than a window stands for its rate so far, over the window.
 //! - When demands add up to more than the pool, the pool is **contended**
 //!   and each tenant's **share** is its weighted max-min share: tenants that
 //!   want less than their weighted part get what they want, and the rest is
@@ -42,22 +45,44 @@ const MIN_RECHECK: Duration = REFRESH;
 #[derive(Debug, Default)]
 struct Window {
     entries: VecDeque<(Duration, f64)>,
+    /// The sequence number of `entries[0]`: entries are named by it so a
+    /// settled request can correct its cost.
+    first_seq: u64,
     sum: f64,
-    /// Index of the first entry of the current slice, and the slice's sum.
+    /// Index of the first entry of the latest slice, and that slice's sum.
     slice_from: usize,
     slice_sum: f64,
 }
 
 impl Window {
-    fn push(&mut self, at: Duration, cost: f64) {
+    fn push(&mut self, at: Duration, cost: f64) -> u64 {
         self.entries.push_back((at, cost));
         self.sum += cost;
         self.slice_sum += cost;
+        self.first_seq + self.entries.len() as u64 - 1
+    }
+
+    /// Replaces entry `seq`'s cost, if it is still in the window.
+    fn correct(&mut self, seq: u64, cost: f64) {
+        let Some(i) = seq.checked_sub(self.first_seq) else {
+            return;
+        };
+        let i = i as usize;
+        let in_slice = i >= self.slice_from;
+        if let Some(entry) = self.entries.get_mut(i) {
+            let delta = cost - entry.1;
+            entry.1 = cost;
+            self.sum += delta;
+            if in_slice {
+                self.slice_sum += delta;
+            }
+        }
     }
 
     fn expire(&mut self, cutoff: Duration) {
         while self.entries.front().is_some_and(|(at, _)| *at <= cutoff) {
             if let Some((_, c)) = self.entries.pop_front() {
+                self.first_seq += 1;
                 self.sum -= c;
                 if self.slice_from > 0 {
                     self.slice_from -= 1;
@@ -72,21 +97,7 @@ impl Window {
             self.slice_sum = 0.0;
             self.slice_from = 0;
         }
-    }
-
-    /// The sum of entries at or after `since` (which only moves forward).
-    fn since(&mut self, since: Duration) -> f64 {
-        while let Some((at, c)) = self.entries.get(self.slice_from) {
-            if *at >= since {
-                break;
-            }
-            self.slice_sum -= c;
-            self.slice_from += 1;
-        }
-        if self.slice_from >= self.entries.len() {
-            self.slice_sum = 0.0;
-        }
-        self.slice_sum.max(0.0)
+        self.sum = self.sum.max(0.0);
     }
 
     /// Whether `cost` more fits `cap`; if not, how long until enough of
@@ -96,16 +107,26 @@ impl Window {
         if self.sum + cost <= cap + 1e-9 || self.entries.is_empty() {
             return ShareDecision::Admit;
         }
+        let under = self.sum < cap;
         let mut left = self.sum;
         for (at, c) in &self.entries {
             left -= c;
             if left + cost <= cap + 1e-9 {
                 // Never zero: a waiter woken for nothing must let time pass.
-                let after = (*at + window).saturating_sub(now);
-                return ShareDecision::HeldBack(after.max(MIN_RECHECK));
+                let after = (*at + window).saturating_sub(now).max(MIN_RECHECK);
+                return if under {
+                    ShareDecision::Oversized(after)
+                } else {
+                    ShareDecision::HeldBack(after)
+                };
             }
         }
-        ShareDecision::HeldBack(window / RATE_SLICES)
+        let after = window / RATE_SLICES;
+        if under {
+            ShareDecision::Oversized(after)
+        } else {
+            ShareDecision::HeldBack(after)
+        }
     }
 }
 
@@ -116,14 +137,24 @@ struct Tenant {
     held: Window,
     /// Arrivals still in the window.
     asked: Window,
+    /// When this tenant became active (its first entry since it last had
+    /// none): until a window has passed, its rate so far stands for it.
+    since: Option<Duration>,
 }
 
 impl Tenant {
     /// What it asks for over a window: its window's arrivals, or its recent
     /// rate projected, whichever is more.
     fn demand(&mut self, now: Duration, window: Duration) -> f64 {
-        let recent = self.asked.since(now.saturating_sub(window / RATE_SLICES));
-        self.asked.sum.max(recent * f64::from(RATE_SLICES))
+        // A tenant active for less than a window: its rate so far, over the
+        // window (at least a slice of history, so one early request is not
+        // taken for a flood). After that, what the window holds.
+        let active = self.since.map_or(window, |s| now.saturating_sub(s));
+        if active >= window {
+            return self.asked.sum;
+        }
+        let seen = active.max(window / RATE_SLICES);
+        self.asked.sum * window.as_secs_f64() / seen.as_secs_f64()
     }
 }
 
@@ -153,6 +184,10 @@ impl Default for InteractiveReserve {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ShareDecision {
     Admit,
+    /// Under its share, but this request is larger than what the share has
+    /// left: it waits for its tenant's own admissions to leave (after this
+    /// long), and its share meanwhile is room others may borrow.
+    Oversized(Duration),
     /// Over its share; what it holds shrinks enough at the earliest after
     /// this long (or the shares may move sooner).
     HeldBack(Duration),
@@ -210,9 +245,10 @@ impl PoolShares {
         }
     }
 
-    fn tenant(&mut self, name: &Arc<str>, weight: f64) -> &mut Tenant {
+    fn tenant(&mut self, name: &Arc<str>, weight: f64, now: Duration) -> &mut Tenant {
         let t = self.tenants.entry(Arc::clone(name)).or_default();
         t.weight = weight.max(1e-6);
+        t.since.get_or_insert(now);
         t
     }
 
@@ -231,18 +267,32 @@ impl PoolShares {
 
     /// A request of `cost` arrived for `tenant`.
     pub fn asked(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) {
-        self.tenant(tenant, weight).asked.push(now, cost);
+        self.tenant(tenant, weight, now).asked.push(now, cost);
     }
 
     /// A request of `cost` was admitted for `tenant`.
-    pub fn admitted(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) {
-        self.tenant(tenant, weight).held.push(now, cost);
+    /// Returns the admission's number, for [`PoolShares::settled`].
+    pub fn admitted(&mut self, tenant: &Arc<str>, weight: f64, cost: f64, now: Duration) -> u64 {
         self.cached.in_use += cost;
+        self.tenant(tenant, weight, now).held.push(now, cost)
     }
 
-    /// A batch request of `cost` was admitted.
-    pub fn admitted_batch(&mut self, cost: f64, now: Duration) {
-        self.batch.push(now, cost);
+    /// A batch request of `cost` was admitted; returns its number.
+    pub fn admitted_batch(&mut self, cost: f64, now: Duration) -> u64 {
+        self.batch.push(now, cost)
+    }
+
+    /// Admission `seq` of `tenant` (`None`: batch) turned out to cost
+    /// `cost`: what it holds is what it used, as the ledger settles.
+    pub fn settled(&mut self, tenant: Option<&Arc<str>>, seq: u64, cost: f64) {
+        match tenant {
+            Some(name) => {
+                if let Some(t) = self.tenants.get_mut(name) {
+                    t.held.correct(seq, cost);
+                }
+            }
+            None => self.batch.correct(seq, cost),
+        }
     }
 
     /// What interactive tenants ask for over a window, in pool fractions.
@@ -322,7 +372,15 @@ impl PoolShares {
             && self.cached.reserve_min == reserve.min;
         if !fresh {
             let batch_cap = self.batch_cap(now, capacity, reserve);
-            let shares = if self.tenants.len() < 2 {
+            // Equal weights ask for nothing the wait queue's fair order does
+            // not already give symmetric demand, and holding lumpy requests
+            // to equal shares idles the pool (a tenant whose next request is
+            // larger than its share's room leaves that room unused): shares
+            // are held only between tenants of different weights.
+            let mut weights = self.tenants.values().map(|t| t.weight);
+            let first = weights.next().unwrap_or(1.0);
+            let weighted = weights.any(|w| (w - first).abs() > 1e-9);
+            let shares = if self.tenants.len() < 2 || !weighted {
                 None
             } else {
                 self.shares(now, capacity).map(|s| {
@@ -384,6 +442,9 @@ impl Decider<'_> {
             // leave: look again within a slice.
             ShareDecision::HeldBack(after) => {
                 ShareDecision::HeldBack(after.min(window / RATE_SLICES))
+            }
+            ShareDecision::Oversized(after) => {
+                ShareDecision::Oversized(after.min(window / RATE_SLICES))
             }
             admit => admit,
         }
@@ -492,11 +553,11 @@ mod tests {
         let c = 1.0 / 120.0;
         let s = run(&[("a", 1.0, 6.0)], 180, c);
         assert!(s[0] >= 0.99 * 3.0, "{s:?}");
-        // b wants a little (0.5/s = a quarter of the pool): it gets nearly
-        // all of it (this model has no wait queue: an arrival at the instant
-        // the pool is full is lost), and a gets the rest although its weight
-        // is the same.
-        let s = run(&[("a", 1.0, 6.0), ("b", 1.0, 0.5)], 180, c);
+        // b wants a little (0.5/s = a quarter of the pool, under its
+        // weighted third): it gets nearly all of it (this model has no wait
+        // queue: an arrival at the instant the pool is full is lost), and a
+        // gets the rest, more than its weighted two thirds.
+        let s = run(&[("a", 2.0, 6.0), ("b", 1.0, 0.5)], 180, c);
         assert!(s[1] >= 0.9 * 0.5 * 180.0 * c, "{s:?}");
         assert!(s[0] + s[1] >= 0.97 * 3.0, "{s:?}");
     }

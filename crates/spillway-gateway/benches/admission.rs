@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
             tenant: tenants[t].clone(),
             weight: 1.0 + (t % 3) as f64,
             share_cost: 1e-6,
+            share_floor: 1e-7,
             deadline: rt.block_on(async { tokio::time::Instant::now() })
                 + Duration::from_secs(3600),
         })

@@ -22,8 +22,9 @@
 //!   room in the pattern it was filled. So each requester also keeps a
 //!   [`PoolShares`]: while interactive demand exceeds the pool, a tenant
 //!   holds at most its weighted max-min share of the window (across every
-//!   location of the model), and batch work holds at most what interactive
-//!   demand leaves ([`InteractiveReserve`]). A waiter over its share lets
+//!   location of the model; between tenants of different weights), and
+//!   batch work holds at most what interactive demand leaves
+//!   ([`InteractiveReserve`]). A waiter over its share lets
 //!   the waiters behind it go first (work-conserving) and is looked at
 //!   again when its oldest admissions leave the window.
 //!
@@ -75,6 +76,9 @@ pub struct Demand {
     /// The request's part of its model's pool: the larger of its share of
     /// the requests and of the tokens of every location serving the model.
     pub share_cost: f64,
+    /// One request's part of the pool's requests: the least it holds once
+    /// sent, whatever tokens it used.
+    pub share_floor: f64,
     /// Latest time to be admitted (tokio clock).
     pub deadline: Instant,
 }
@@ -93,6 +97,28 @@ pub enum Rejection {
 /// Queue position: class, virtual finish tag (as ordered bits), arrival.
 type Ticket = (Priority, u64, u64);
 
+/// What a waiter may do now ([`Scheduler::turn`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Turn {
+    /// Try to reserve: as the first waiter under its share, or (not
+    /// `under_share`) because nobody under their share can use the room.
+    Head { under_share: bool },
+    /// Over its share while others wait: look again after this long.
+    HeldBack(Duration),
+    /// Someone else goes first.
+    Wait,
+}
+
+/// An admission's place in its pool's shares, until it settles.
+struct Admitted {
+    /// `None` for batch.
+    tenant: Option<Arc<str>>,
+    seq: u64,
+    cost: f64,
+    floor: f64,
+    charge: Charge,
+}
+
 /// Who a waiting ticket belongs to, for share decisions on its behalf.
 #[derive(Clone)]
 struct Owner {
@@ -106,6 +132,12 @@ struct WaitQueue {
     waiting: BTreeSet<Ticket>,
     owners: HashMap<u64, Owner>,
     shares: PoolShares,
+    /// Admissions not yet settled, by (location, store entry).
+    admissions: HashMap<(Arc<str>, u64), Vec<Admitted>>,
+    /// The first waiter under its share last found no room for its
+    /// charge (of this priority and pool cost): a smaller waiter over its
+    /// share may backfill what room there is.
+    head_blocked: Option<(Ticket, Priority, f64)>,
     /// Each tenant's last finish tag.
     tenant_tags: HashMap<Arc<str>, f64>,
     /// Virtual time: the start tag of the last admitted waiter.
@@ -137,6 +169,9 @@ impl WaitQueue {
     fn remove(&mut self, ticket: &Ticket) {
         self.waiting.remove(ticket);
         self.owners.remove(&ticket.2);
+        if self.head_blocked.is_some_and(|(t, ..)| t == *ticket) {
+            self.head_blocked = None;
+        }
     }
 
     fn head(&self) -> Option<&Ticket> {
@@ -260,17 +295,75 @@ impl Scheduler {
         }
     }
 
-    fn note_admitted(&self, q: &mut WaitQueue, demand: &Demand) {
+    fn note_admitted(&self, q: &mut WaitQueue, demand: &Demand, grant: &Grant) {
         if self.sharing.is_none() {
             return;
         }
         let now = self.now();
-        match demand.priority {
+        let (seq, tenant) = match demand.priority {
             Priority::Interactive => {
-                q.shares
-                    .admitted(&demand.tenant, demand.weight, demand.share_cost, now)
+                let (tenant, weight, cost) = (&demand.tenant, demand.weight, demand.share_cost);
+                q.shares.asked(tenant, weight, cost, now);
+                let seq = q.shares.admitted(tenant, weight, cost, now);
+                (seq, Some(Arc::clone(tenant)))
             }
-            Priority::Batch => q.shares.admitted_batch(demand.share_cost, now),
+            Priority::Batch => (q.shares.admitted_batch(demand.share_cost, now), None),
+        };
+        q.admissions
+            .entry((Arc::clone(&grant.region), grant.entry.raw()))
+            .or_default()
+            .push(Admitted {
+                tenant,
+                seq,
+                cost: demand.share_cost,
+                floor: demand.share_floor,
+                charge: grant.charge,
+            });
+    }
+
+    /// What a settled request holds of its pool: its share cost scaled to
+    /// the tokens it used, never below one request's part (nothing, if it
+    /// was never sent).
+    fn settle_share(&self, grant: &Grant, outcome: Outcome) {
+        if self.sharing.is_none() {
+            return;
+        }
+        let Some(queue) = self.queues.get(&grant.group) else {
+            return;
+        };
+        let mut q = queue.lock();
+        let key = (Arc::clone(&grant.region), grant.entry.raw());
+        let Some(list) = q.admissions.get_mut(&key) else {
+            return;
+        };
+        // A lease names several grants by one entry: take one of this charge.
+        let i = list
+            .iter()
+            .position(|a| a.charge == grant.charge)
+            .unwrap_or(0);
+        let a = list.swap_remove(i);
+        if list.is_empty() {
+            q.admissions.remove(&key);
+        }
+        let reserved = a.charge.total().max(1) as f64;
+        let cost = match outcome {
+            Outcome::Used(used) => (a.cost * used.total() as f64 / reserved).max(a.floor),
+            Outcome::NotSent => 0.0,
+            Outcome::RateLimited(_) | Outcome::Unavailable => a.floor,
+        };
+        q.shares.settled(a.tenant.as_ref(), a.seq, cost);
+    }
+
+    /// A request refused because its tenant was over its share: demand it
+    /// could have used. (Refusals for room are not counted: a tenant whose
+    /// requests cannot fit must not keep a share nobody can use.)
+    fn note_held_back(&self, queue: &GroupQueue, demand: &Demand) {
+        if self.sharing.is_some() && demand.priority == Priority::Interactive {
+            let now = self.now();
+            queue
+                .lock()
+                .shares
+                .asked(&demand.tenant, demand.weight, demand.share_cost, now);
         }
     }
 
@@ -359,18 +452,13 @@ impl Scheduler {
         // Fast path: nobody ahead of us, and within our share.
         let fast = {
             let mut q = queue.lock();
-            if self.sharing.is_some() && demand.priority == Priority::Interactive {
-                let now = self.now();
-                q.shares
-                    .asked(&demand.tenant, demand.weight, demand.share_cost, now);
-            }
             !q.has_waiters_at_or_above(demand.priority)
                 && self.share_decision(&mut q, &owner) == ShareDecision::Admit
         };
         if fast {
             match self.reserve(request).await {
                 Ok(grant) => {
-                    self.note_admitted(&mut queue.lock(), demand);
+                    self.note_admitted(&mut queue.lock(), demand, &grant);
                     return Ok(grant);
                 }
                 Err(Denial::Never) => return Err(Rejection::NeverFits),
@@ -417,18 +505,18 @@ impl Scheduler {
             let changed = queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (is_head, held_back) = self.turn(queue, &ticket);
-            let wake_at = if let Some(after) = held_back {
+            let turn = self.turn(queue, &ticket);
+            let wake_at = if let Turn::HeldBack(after) = turn {
                 // Over our share: others go first; look again when our
                 // oldest admissions leave the window.
                 (Instant::now() + after).min(demand.deadline)
-            } else if is_head {
+            } else if let Turn::Head { under_share } = turn {
                 match self.reserve(request).await {
                     Ok(grant) => {
                         let cost = demand.charge.total() as f64 + 1.0;
                         let mut q = queue.lock();
                         q.admitted(&ticket, cost, demand.weight);
-                        self.note_admitted(&mut q, demand);
+                        self.note_admitted(&mut q, demand, &grant);
                         drop(q);
                         waiting.ticket = None;
                         queue.changed.notify_waiters();
@@ -436,6 +524,10 @@ impl Scheduler {
                     }
                     Err(Denial::Never) => return Err(Rejection::NeverFits),
                     Err(Denial::Later { retry_at }) => {
+                        if under_share {
+                            queue.lock().head_blocked =
+                                Some((ticket, demand.priority, demand.share_cost));
+                        }
                         let at = self.to_instant(retry_at);
                         if at > demand.deadline {
                             return Err(Rejection::NoRoom {
@@ -457,34 +549,49 @@ impl Scheduler {
                 _ = &mut changed => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
-            let (is_head, held_back) = self.turn(queue, &ticket);
-            if Instant::now() >= demand.deadline && (!is_head || held_back.is_some()) {
-                let retry_after = match held_back {
-                    Some(after) => after.max(Duration::from_millis(1)),
-                    None => self.estimate_wait(request).await,
+            let turn = self.turn(queue, &ticket);
+            if Instant::now() >= demand.deadline && !matches!(turn, Turn::Head { .. }) {
+                let retry_after = match turn {
+                    Turn::HeldBack(after) => {
+                        self.note_held_back(queue, demand);
+                        after.max(Duration::from_millis(1))
+                    }
+                    _ => self.estimate_wait(request).await,
                 };
                 return Err(Rejection::NoRoom { retry_after });
             }
         }
     }
 
-    /// Whether `ticket` is next: the first waiter, in queue order, that its
-    /// share lets go (so a tenant over its share never blocks the others);
-    /// and, if `ticket` itself is over its share, when to look again.
-    fn turn(&self, queue: &GroupQueue, ticket: &Ticket) -> (bool, Option<Duration>) {
+    /// Whether `ticket` may try now:
+    /// - the first waiter, in queue order, under its share goes next (so a
+    ///   tenant over its share never blocks the others);
+    /// - while that one finds no room (a large request waiting for a whole
+    ///   window), the first smaller waiter over its share may take what
+    ///   room there is, so the pool does not idle behind it;
+    /// - a waiter over its share otherwise waits for its own share, even
+    ///   with nobody queued ahead: the tenants whose demand set the shares
+    ///   are arriving, and the room is theirs.
+    fn turn(&self, queue: &GroupQueue, ticket: &Ticket) -> Turn {
         let mut q = queue.lock();
         let Some(reserve) = self.sharing else {
-            return (q.head() == Some(ticket), None);
+            return if q.head() == Some(ticket) {
+                Turn::Head { under_share: true }
+            } else {
+                Turn::Wait
+            };
         };
         let (now, capacity) = (self.now(), self.capacity());
         let WaitQueue {
             waiting,
             owners,
             shares,
+            head_blocked,
             ..
         } = &mut *q;
         let decider = shares.decider(now, capacity, reserve);
-        // Only the waiters up to ours matter: the first that may go is next.
+        let (mut first_under, mut first_over, mut mine) = (None, None, None);
+        let mut any_oversized = false;
         for t in waiting.iter() {
             let Some(owner) = owners.get(&t.2) else {
                 continue;
@@ -493,13 +600,54 @@ impl Scheduler {
                 Priority::Interactive => decider.decide(&owner.tenant, owner.cost),
                 Priority::Batch => decider.decide_batch(owner.cost),
             };
+            if t == ticket {
+                mine = Some(decision);
+            }
             match decision {
-                ShareDecision::Admit => return (t == ticket, None),
-                ShareDecision::HeldBack(after) if t == ticket => return (false, Some(after)),
-                ShareDecision::HeldBack(_) => {}
+                ShareDecision::Admit => {
+                    first_under.get_or_insert(*t);
+                }
+                ShareDecision::HeldBack(_) => {
+                    first_over.get_or_insert(*t);
+                }
+                ShareDecision::Oversized(_) => any_oversized = true,
+            }
+            if first_under.is_some() && first_over.is_some() && mine.is_some() {
+                break;
             }
         }
-        (false, None)
+        let first = waiting.first().copied();
+        // Backfill takes only room the blocked head cannot use: a smaller
+        // request, and never batch ahead of interactive.
+        let backfills = head_blocked.is_some_and(|(_, priority, cost)| {
+            first_over == Some(*ticket)
+                && owners.get(&ticket.2).is_some_and(|me| {
+                    me.cost < cost
+                        && !(me.priority == Priority::Batch && priority == Priority::Interactive)
+                })
+        });
+        match (first_under, mine) {
+            (Some(u), _) if u == *ticket => Turn::Head { under_share: true },
+            (Some(_), _) if backfills => Turn::Head { under_share: false },
+            (Some(_), Some(ShareDecision::HeldBack(after) | ShareDecision::Oversized(after))) => {
+                Turn::HeldBack(after)
+            }
+            (Some(_), _) => Turn::Wait,
+            // Nobody waiting can go by its share, but a tenant under its
+            // share waits on a request too large for it: its share is idle,
+            // and the first waiter over its share may borrow it.
+            (None, _) if any_oversized && first_over == Some(*ticket) => {
+                Turn::Head { under_share: false }
+            }
+            // Everyone waiting is over their share: the room is kept for
+            // the tenants whose demand made the shares (they are arriving,
+            // not queued); each looks again when its own share allows.
+            (None, Some(ShareDecision::HeldBack(after) | ShareDecision::Oversized(after))) => {
+                Turn::HeldBack(after)
+            }
+            (None, _) if first == Some(*ticket) => Turn::Head { under_share: false },
+            (None, _) => Turn::Wait,
+        }
     }
 
     /// When room is expected for `request`, ignoring anyone queued ahead.
@@ -519,6 +667,7 @@ impl Scheduler {
     /// be shared with other requesters (a lineage on `global`).
     pub async fn settle(&self, grant: &Grant, outcome: Outcome) {
         self.store.settle(grant, outcome).await;
+        self.settle_share(grant, outcome);
         for queue in self.queues.values() {
             queue.changed.notify_waiters();
         }
@@ -555,6 +704,7 @@ mod tests {
             tenant: Arc::from("t"),
             weight: 1.0,
             share_cost: 0.01,
+            share_floor: 0.01,
             deadline: Instant::now() + Duration::from_secs(90),
         }
     }

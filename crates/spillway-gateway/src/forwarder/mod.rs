@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::learn::Quantile;
-use spillway_core::ledger::Limits;
+use spillway_core::ledger::{Charge, Limits};
 use spillway_core::shares::InteractiveReserve;
 use spillway_core::store::{QuotaStore, Strategy};
 use spillway_core::Catalog;
@@ -223,6 +223,7 @@ impl Forwarder {
             tenant: Arc::clone(&r.tenant.name),
             weight: r.tenant.policy.weight,
             share_cost: self.share_cost(&call, plan.charge),
+            share_floor: self.share_cost(&call, Charge::default()),
             deadline: tokio::time::Instant::now() + max_wait,
         };
         self.attempts(call, demand, plan, trace).await
