@@ -262,6 +262,15 @@ mod tests {
         assert_eq!(fixed.output(&m.id, "a", 32_000), 32_000);
     }
 
+    /// A 5,000-token prompt answered from `loc` with 4,900 of it cached.
+    fn cached_answer<'a>(e: &'a InputEstimate, loc: &'a Arc<str>) -> Observed<'a> {
+        Observed {
+            input: 5_000,
+            cached: 4_900,
+            ..answer(e, loc, 1)
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_prefix_counts_as_cached_only_where_every_location_has_it() {
         let m = spec();
@@ -278,18 +287,7 @@ mod tests {
         let both = [Arc::clone(&us), Arc::clone(&eu)];
         let a: Arc<str> = Arc::from("a");
         assert_eq!(l.cached_prefix(&m.id, &e, &both), None);
-        l.observe(
-            &m.id,
-            &a,
-            Observed {
-                estimate: &e,
-                max_tokens: 10,
-                input: 5_000,
-                output: 1,
-                cached: 4_900,
-                location: &us,
-            },
-        );
+        l.observe(&m.id, &a, cached_answer(&e, &us));
         assert_eq!(
             l.cached_prefix(&m.id, &e, std::slice::from_ref(&us)),
             Some(system)
@@ -299,18 +297,7 @@ mod tests {
             None,
             "europe-west1 has not cached it"
         );
-        l.observe(
-            &m.id,
-            &a,
-            Observed {
-                estimate: &e,
-                max_tokens: 10,
-                input: 5_000,
-                output: 1,
-                cached: 4_900,
-                location: &eu,
-            },
-        );
+        l.observe(&m.id, &a, cached_answer(&e, &eu));
         assert_eq!(l.cached_prefix(&m.id, &e, &both), Some(system));
         tokio::time::advance(CACHE_TRUST + Duration::from_secs(1)).await;
         assert_eq!(

@@ -207,40 +207,44 @@ impl Forwarder {
     /// The model's pool over the locations `call`'s tenant may use: per
     /// minute, requests and each token limit (combined, input, output)
     /// where every location has one.
-    fn pool(&self, call: &Call<'_>) -> (String, PoolLimits) {
-        let mut key = call.model.id.to_string();
+    fn pool(&self, call: &Call<'_>) -> PoolLimits {
         let mut pool = PoolLimits {
             requests: 0,
             tokens: Some(0),
             input: Some(0),
             output: Some(0),
         };
-        let tenant = &call.request.tenant;
-        for region in call
-            .model
-            .regions
-            .iter()
-            .filter(|r| tenant.policy.allows_region(&r.region))
-        {
-            key.push(' ');
-            key.push_str(&region.region);
+        for region in self.tenant_regions(call) {
             let limits = self.policy.ceiling(&region.limits);
             pool.requests += u64::from(limits.requests);
             pool.tokens = pool.tokens.zip(limits.tokens).map(|(a, b)| a + b);
             pool.input = pool.input.zip(limits.input_tokens).map(|(a, b)| a + b);
             pool.output = pool.output.zip(limits.output_tokens).map(|(a, b)| a + b);
         }
-        (key, pool)
+        pool
     }
 
-    /// A charge's part of its model's pool: the largest of its parts of
-    /// each limit (what weighted shares are measured in).
-    pub(super) fn share_cost(&self, call: &Call<'_>, charge: Charge) -> f64 {
-        self.pool(call)
-            .1
-            .parts(charge)
-            .into_iter()
-            .fold(0.0, f64::max)
+    fn tenant_regions<'c>(
+        &self,
+        call: &'c Call<'_>,
+    ) -> impl Iterator<Item = &'c spillway_core::RegionBudget> + 'c {
+        let tenant = &call.request.tenant;
+        call.model
+            .regions
+            .iter()
+            .filter(move |r| tenant.policy.allows_region(&r.region))
+    }
+
+    /// A charge's part of its model's pool, the largest of its parts of
+    /// each limit (what weighted shares are measured in), and one
+    /// request's part (the least a sent request holds).
+    pub(super) fn share_costs(&self, call: &Call<'_>, charge: Charge) -> (f64, f64) {
+        let pool = self.pool(call);
+        let largest = |parts: [f64; 4]| parts.into_iter().fold(0.0, f64::max);
+        (
+            largest(pool.parts(charge)),
+            largest(pool.parts(Charge::default())),
+        )
     }
 
     /// How far apart batch items like this one must be admitted so they
@@ -248,7 +252,12 @@ impl Forwarder {
     /// item's tokens' share of the allowed locations' combined budget.
     pub fn pacing(&self, call: &Call<'_>) -> Pacing {
         let window = self.policy.window.as_secs_f64();
-        let (key, pool) = self.pool(call);
+        let mut key = call.model.id.to_string();
+        for region in self.tenant_regions(call) {
+            key.push(' ');
+            key.push_str(&region.region);
+        }
+        let pool = self.pool(call);
         let charge = match self
             .eligible_regions(call)
             .and_then(|r| self.plan(call, &r))

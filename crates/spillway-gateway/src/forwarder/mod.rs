@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::learn::Quantile;
-use spillway_core::ledger::{Charge, Limits};
+use spillway_core::ledger::Limits;
 use spillway_core::shares::InteractiveReserve;
 use spillway_core::store::{QuotaStore, Strategy};
 use spillway_core::Catalog;
@@ -214,6 +214,7 @@ impl Forwarder {
             .or(r.tenant.policy.max_wait)
             .unwrap_or(self.policy.max_wait)
             .min(self.policy.max_wait_cap);
+        let (share_cost, share_floor) = self.share_costs(&call, plan.charge);
         let demand = Demand {
             group: call.model.requester(),
             regions,
@@ -222,8 +223,8 @@ impl Forwarder {
             priority: r.priority,
             tenant: Arc::clone(&r.tenant.name),
             weight: r.tenant.policy.weight,
-            share_cost: self.share_cost(&call, plan.charge),
-            share_floor: self.share_cost(&call, Charge::default()),
+            share_cost,
+            share_floor,
             deadline: tokio::time::Instant::now() + max_wait,
         };
         self.attempts(call, demand, plan, trace).await
