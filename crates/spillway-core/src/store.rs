@@ -107,6 +107,10 @@ pub enum Outcome {
     RateLimited(Exhausted),
     /// Upstream was overloaded or unreachable after the request was sent.
     Unavailable,
+    /// Upstream served part of it (a stream) and then failed: overloaded
+    /// mid-way, reset, or stopped sending. It is charged what it used, and
+    /// the location cools down as for [`Outcome::Unavailable`].
+    Broken(Charge),
     /// The request was never sent (client gone, or failed before sending).
     NotSent,
 }
@@ -447,8 +451,24 @@ impl<C: Clock> MemoryStore<C> {
                 budget.ledger.settle(grant.entry, Charge::default());
                 budget.adaptive.on_unavailable(now, jitter);
             }
+            Outcome::Broken(used) => {
+                budget.ledger.settle(grant.entry, used);
+                budget.adaptive.on_unavailable(now, jitter);
+            }
             Outcome::NotSent => budget.ledger.cancel(grant.entry),
         }
+    }
+
+    /// Adds usage admitted elsewhere to the bucket (`bucket`, `region`)
+    /// as one settled entry stamped `at` ([`Ledger::import`]): how a
+    /// fallback store starts from what the shared one had counted. False
+    /// if the bucket is unknown.
+    pub fn import_now(&self, bucket: &str, region: &str, at: Duration, usage: Usage) -> bool {
+        let Some(budget) = self.bucket(bucket, region) else {
+            return false;
+        };
+        lock(budget).ledger.import(at, usage);
+        true
     }
 
     pub fn states_now(&self) -> Vec<BudgetState> {

@@ -108,10 +108,11 @@ pub struct QuotaView {
 pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
     let scheduler = state.forwarder.scheduler();
     let catalog = state.forwarder.catalog();
-    let states = scheduler.store().states().await;
+    let states = crate::server::read_budgets(&state).await;
     Json(
         states
-            .into_iter()
+            .iter()
+            .flat_map(|s| s.value.iter())
             .map(|b| {
                 // A bucket's waiters are those of every model drawing on it.
                 let (queued_interactive, queued_batch) = catalog

@@ -33,6 +33,20 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("method not allowed: use POST")]
     MethodNotAllowed,
+    #[error("request target is longer than the {limit}-byte limit")]
+    UriTooLong { limit: usize },
+    #[error("request headers too large: {0}")]
+    HeadersTooLarge(String),
+    /// The client was too slow sending its request (Spillway's limit).
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// Spillway cannot take this request now (connection limit, shutdown);
+    /// another replica, or this one a little later, can.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// The upstream answered with an error; already normalized.
     #[error("{}", .0.message)]
     Upstream(UpstreamError),
@@ -72,6 +86,13 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
             MethodNotAllowed => (ErrorKind::InvalidRequest, StatusCode::METHOD_NOT_ALLOWED),
+            UriTooLong { .. } => (ErrorKind::InvalidRequest, StatusCode::URI_TOO_LONG),
+            HeadersTooLarge(_) => (
+                ErrorKind::InvalidRequest,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ),
+            RequestTimeout(_) => (ErrorKind::Timeout, StatusCode::REQUEST_TIMEOUT),
+            Overloaded { .. } => (ErrorKind::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
             Upstream(e) => (
                 e.kind,
                 StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -142,7 +163,9 @@ impl IntoResponse for ApiError {
         if !self.retryable() {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        if let ApiError::RateLimited { retry_after, .. } = &self {
+        if let ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } =
+            &self
+        {
             crate::ratelimit::add_retry_after(headers, *retry_after);
         }
         response

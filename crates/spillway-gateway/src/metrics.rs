@@ -57,6 +57,9 @@ pub struct Metrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub open_streams: IntGauge,
     pub auth_failures: IntCounter,
+    pub open_connections: IntGauge,
+    pub connections_refused: IntCounterVec,
+    state_age: GaugeVec,
     // State, refreshed at scrape time.
     budget_limit: GaugeVec,
     budget_effective: GaugeVec,
@@ -189,6 +192,13 @@ impl Metrics {
             time_to_first_token_seconds: histogram(&r, "spillway_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.", LATENCY_BUCKETS, &["region", "model"]),
             open_streams,
             auth_failures,
+            open_connections: {
+                let g = IntGauge::new("spillway_open_connections", "Client connections open now (server.max_connections bounds them).").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            state_age: gauge(&r, "spillway_state_age_seconds", "Age of the store-backed state in this scrape (budgets from the quota store, batch counts from the batch store): it grows while a store does not answer, and the last values are served.", &["source"]),
+            connections_refused: counter(&r, "spillway_connections_refused_total", "Client connections ended by Spillway before a request could be served, by reason: connection_limit (503), header_timeout (408, or closed when idle), malformed (400/414/431 from the HTTP parser).", &["reason"]),
             budget_limit: gauge(&r, "spillway_budget_limit", "Configured quota per window (requests or tokens).", &["region", "model", "resource"]),
             budget_effective: gauge(&r, "spillway_budget_effective", "Quota admission uses now: headroom and learning from upstream 429s applied.", &["region", "model", "resource"]),
             budget_used: gauge(&r, "spillway_budget_used", "Spent in the current window, reservations included.", &["region", "model", "resource"]),
@@ -232,6 +242,11 @@ impl Metrics {
     }
 
     /// Refreshes state gauges and renders the exposition text.
+    /// How old the state read from `source` is (see `snapshots`).
+    pub fn state_age(&self, source: &str, secs: f64) {
+        self.state_age.with_label_values(&[source]).set(secs);
+    }
+
     pub fn render(&self, snapshot: Snapshot<'_>) -> String {
         for b in snapshot.budgets {
             // Budgets are per bucket; the label `model` is its bucket group

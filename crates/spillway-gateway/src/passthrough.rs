@@ -14,8 +14,18 @@
 //! - the upstream sent its own `event: error`: forwarded as is;
 //! - the client went away: the body is dropped and the hook runs from
 //!   `Drop`, so a reservation can always be released.
+//!
+//! A fifth, from Spillway itself: the shutdown grace ran out
+//! ([`SsePassthrough::cut_at`]); the client gets an `overloaded_error`
+//! event and can retry against another replica.
+//!
+//! An ending that is the upstream's fault — its connection reset, it
+//! stopped sending, it ended early, or it sent `event: error` with an
+//! overloaded or internal error — is marked [`StreamOutcome::upstream_fault`]
+//! so the location cools down as it would for a failure before any byte.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -39,12 +49,15 @@ pub struct StreamOutcome {
     pub failure: Option<String>,
     /// The client disconnected before the end.
     pub client_gone: bool,
+    /// The upstream broke the stream (see the module docs).
+    pub upstream_fault: bool,
     /// When the first bytes went to the client.
     pub first_event_at: Option<std::time::Instant>,
 }
 
 type UpstreamBytes = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 type FinishHook = Box<dyn FnOnce(StreamOutcome) + Send>;
+type Stop = Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>;
 
 pub struct SsePassthrough {
     upstream: UpstreamBytes,
@@ -54,6 +67,7 @@ pub struct SsePassthrough {
     finished: bool,
     first_event_at: Option<std::time::Instant>,
     on_finish: Option<FinishHook>,
+    stop: Option<Stop>,
 }
 
 impl SsePassthrough {
@@ -70,10 +84,18 @@ impl SsePassthrough {
             finished: false,
             first_event_at: None,
             on_finish: Some(Box::new(on_finish)),
+            stop: None,
         }
     }
 
-    fn report(&mut self, failure: Option<String>, client_gone: bool) {
+    /// Ends the stream with an `overloaded_error` event once `stop` resolves
+    /// (the shutdown grace is over).
+    pub fn cut_at(mut self, stop: tokio_util::sync::WaitForCancellationFutureOwned) -> Self {
+        self.stop = Some(Box::pin(stop));
+        self
+    }
+
+    fn report(&mut self, failure: Option<String>, client_gone: bool, upstream_fault: bool) {
         if let Some(hook) = self.on_finish.take() {
             hook(StreamOutcome {
                 usage: self.usage.usage(),
@@ -81,6 +103,7 @@ impl SsePassthrough {
                 completed: self.usage.completed(),
                 failure,
                 client_gone,
+                upstream_fault,
                 first_event_at: self.first_event_at,
             });
         }
@@ -91,10 +114,11 @@ impl SsePassthrough {
         &mut self,
         kind: ErrorKind,
         message: String,
+        upstream_fault: bool,
     ) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.finished = true;
         let event = sse_error_event(kind, &message);
-        self.report(Some(message), false);
+        self.report(Some(message), false, upstream_fault);
         Poll::Ready(Some(Ok(event)))
     }
 }
@@ -108,12 +132,23 @@ impl Stream for SsePassthrough {
             if this.finished {
                 return Poll::Ready(None);
             }
+            if let Some(stop) = &mut this.stop {
+                if stop.as_mut().poll(cx).is_ready() {
+                    return this.fail(
+                        ErrorKind::Overloaded,
+                        "Spillway is shutting down and cut this stream after its grace period; retry".to_string(),
+                        false,
+                    );
+                }
+            }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     let events = match this.splitter.push(&chunk) {
                         Ok(events) => events,
-                        Err(e) => return this.fail(ErrorKind::Api, format!("upstream sent {e}")),
+                        Err(e) => {
+                            return this.fail(ErrorKind::Api, format!("upstream sent {e}"), true)
+                        }
                     };
                     let mut out: Option<Bytes> = None;
                     let mut joined: Option<BytesMut> = None;
@@ -152,19 +187,22 @@ impl Stream for SsePassthrough {
                         (ErrorKind::Api, "upstream connection lost mid-stream")
                     };
                     tracing::warn!(error = %e.without_url(), "{what}");
-                    return this.fail(kind, what.to_string());
+                    return this.fail(kind, what.to_string(), true);
                 }
                 Poll::Ready(None) => {
                     let truncated = this.splitter.finish().is_some();
                     if this.usage.completed() || (this.usage.error().is_some() && !truncated) {
                         this.finished = true;
-                        let failure = this.usage.error().map(|(t, m)| format!("{t}: {m}"));
-                        this.report(failure, false);
+                        let error = this.usage.error();
+                        let fault = error.as_ref().is_some_and(|(t, _)| is_upstream_fault(t));
+                        let failure = error.map(|(t, m)| format!("{t}: {m}"));
+                        this.report(failure, false, fault && !this.usage.completed());
                         return Poll::Ready(None);
                     }
                     return this.fail(
                         ErrorKind::Api,
                         "upstream stream ended before message_stop".to_string(),
+                        true,
                     );
                 }
             }
@@ -172,10 +210,16 @@ impl Stream for SsePassthrough {
     }
 }
 
+/// Error types in an upstream `event: error` that say the location, not
+/// the request, is in trouble.
+fn is_upstream_fault(error_type: &str) -> bool {
+    matches!(error_type, "overloaded_error" | "api_error" | "timeout_error")
+}
+
 impl Drop for SsePassthrough {
     fn drop(&mut self) {
         if self.on_finish.is_some() {
-            self.report(Some("client disconnected".into()), true);
+            self.report(Some("client disconnected".into()), true, false);
         }
     }
 }

@@ -64,8 +64,24 @@ async fn read_json(
     }
     let bytes = axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::TooLarge { limit })?;
+        .map_err(|e| body_error(&e, limit))?;
     Ok(parse_body(&bytes)?)
+}
+
+/// Why a body could not be read: too slow (408), too large (413), or
+/// the connection broke (400; the client will not see it anyway).
+fn body_error(error: &axum::Error, limit: usize) -> ApiError {
+    if let Some(timed_out) = crate::client_limits::BodyTimedOut::find(error) {
+        return ApiError::RequestTimeout(timed_out.to_string());
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return ApiError::TooLarge { limit };
+        }
+        cause = e.source();
+    }
+    ApiError::BadRequest(format!("reading the request body: {error}"))
 }
 
 /// `x-spillway-regions: a,b`: narrow the regions (data residency).
@@ -312,6 +328,9 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.forwarder.lifecycle().is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     match state.forwarder.providers().ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),

@@ -347,7 +347,9 @@ impl Scheduler {
         }
         let reserved = a.charge.total().max(1) as f64;
         let cost = match outcome {
-            Outcome::Used(used) => (a.cost * used.total() as f64 / reserved).max(a.floor),
+            Outcome::Used(used) | Outcome::Broken(used) => {
+                (a.cost * used.total() as f64 / reserved).max(a.floor)
+            }
             Outcome::NotSent => 0.0,
             Outcome::RateLimited(_) | Outcome::Unavailable => a.floor,
         };

@@ -1,13 +1,16 @@
 //! Assembling the gateway: state, router and layers, and serving it.
 //!
 //! The layering, outermost first: the observer (request id, one record per
-//! request) → (for API routes) client auth → handler. Health endpoints sit
-//! outside auth so probes need no key. Each surface's handlers get the state
+//! request) → client limits (head size, body pacing) → the shutdown cut →
+//! (for API routes) client auth → handler. Health endpoints sit outside
+//! auth so probes need no key. Connections themselves (how many, header
+//! timeouts, shutdown) are `connections`' business. Each surface's handlers get the state
 //! they need (`AppState`, or the batch API's own `BatchApi`), so no module
 //! below this one needs to know how the gateway is put together.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -39,12 +42,41 @@ pub enum StartError {
     },
 }
 
-/// `GET /metrics`: Prometheus exposition, state gauges refreshed now.
+/// `GET /metrics`: Prometheus exposition. Store-backed state comes from
+/// the last snapshot when a store is slow (`snapshots`); everything else
+/// is read now.
 async fn metrics_handler(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> impl axum::response::IntoResponse {
     let scheduler = state.forwarder.scheduler();
-    let budgets = scheduler.store().states().await;
+    let budgets = read_budgets(&state).await;
+    let batches = match &state.batches {
+        Some(service) => {
+            let service = Arc::clone(service);
+            let read = state
+                .snapshots
+                .batches
+                .read(
+                    move || async move {
+                        service
+                            .snapshot()
+                            .await
+                            .inspect_err(|e| tracing::warn!(error = %e, "metrics: cannot read batch state"))
+                            .ok()
+                    },
+                    crate::snapshots::READ_WAIT,
+                )
+                .await;
+            state
+                .metrics
+                .state_age(
+                    "batch_store",
+                    crate::snapshots::age_secs(&read, state.started),
+                );
+            read
+        }
+        None => None,
+    };
     let queues = state
         .forwarder
         .catalog()
@@ -55,31 +87,44 @@ async fn metrics_handler(
             (group.as_str(), interactive, batch)
         })
         .collect();
-    let batches = match &state.batches {
-        Some(service) => match service.snapshot().await {
-            Ok(b) => Some(crate::metrics::BatchSnapshot {
-                batches: b.batches,
-                processing: b.open_items,
-                completed: b.completed,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: cannot read batch state");
-                None
-            }
-        },
-        None => None,
-    };
+    let batch_counts = batches.as_ref().map(|b| crate::metrics::BatchSnapshot {
+        batches: b.value.batches.clone(),
+        processing: b.value.open_items,
+        completed: b.value.completed.clone(),
+    });
     let shares = scheduler.shares();
+    let no_budgets = Vec::new();
     let text = state.metrics.render(Snapshot {
-        budgets: &budgets,
+        budgets: budgets.as_ref().map_or(&no_budgets, |b| &b.value),
         queues,
-        batches,
+        batches: batch_counts,
         shares: &shares,
     });
     (
         [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         text,
     )
+}
+
+/// Every budget's state, fresh or (while the quota store is slow) the last
+/// read; its age goes to `spillway_state_age_seconds{source="quota_store"}`.
+pub(crate) async fn read_budgets(
+    state: &AppState,
+) -> Option<Arc<crate::snapshots::Stamped<Vec<spillway_core::store::BudgetState>>>> {
+    let store = Arc::clone(state.forwarder.scheduler().store());
+    let read = state
+        .snapshots
+        .budgets
+        .read(
+            move || async move { Some(store.states().await) },
+            crate::snapshots::READ_WAIT,
+        )
+        .await;
+    state.metrics.state_age(
+        "quota_store",
+        crate::snapshots::age_secs(&read, state.started),
+    );
+    read
 }
 
 /// A gateway ready to serve.
@@ -165,6 +210,8 @@ impl Gateway {
             admin_key_digest,
             metrics,
             batches,
+            snapshots: Default::default(),
+            started: tokio::time::Instant::now(),
         };
         Ok(Self {
             state: Arc::new(state),
@@ -222,6 +269,14 @@ impl Gateway {
             // Anthropic-shaped 413, so axum's 2 MB default must not interfere.
             .layer(DefaultBodyLimit::disable())
             .layer(middleware::from_fn_with_state(
+                self.state.forwarder.lifecycle().clone(),
+                crate::lifecycle::cut_at_stop,
+            ))
+            .layer(middleware::from_fn_with_state(
+                crate::client_limits::ClientLimits::from_settings(&self.state.settings.server),
+                crate::client_limits::limit_clients,
+            ))
+            .layer(middleware::from_fn_with_state(
                 self.state.forwarder.observer().clone(),
                 observe_requests,
             ))
@@ -241,39 +296,63 @@ impl Gateway {
             .map_err(|source| StartError::Bind { addr, source })
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then drains.
+    /// Serves on `listener` until `shutdown` resolves, then shuts down in
+    /// the phases of [`Lifecycle`](crate::lifecycle::Lifecycle): not ready
+    /// at once, no new connection after `server.shutdown_delay_ms`, what is
+    /// still running cut at `server.shutdown_grace_ms`. Returns within the
+    /// grace and one second, every reservation settled or refunded.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        // Small SSE events must not wait for the client's delayed ACK
-        // (Nagle): that cost ~40 ms per stream in BENCHMARKS.md.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
+        let state = &self.state;
+        let life = state.forwarder.lifecycle().clone();
+        let server = &state.settings.server;
+        let phases = tokio::spawn({
+            let life = life.clone();
+            let delay = Duration::from_millis(server.shutdown_delay_ms);
+            let grace = Duration::from_millis(server.shutdown_grace_ms);
+            async move { life.run(shutdown, delay, grace).await }
         });
-        // Batch items run beside the server and stop with it.
-        let (stop_batches, batches_stopped) = tokio::sync::oneshot::channel::<()>();
-        let runner = self.state.batches.clone().map(|batches| {
-            let forwarder = Arc::clone(&self.state.forwarder);
-            let keys = Arc::clone(&self.state.keys);
-            tokio::spawn(batches.run(forwarder, keys, async {
-                let _ = batches_stopped.await;
-            }))
+        // Batch items run beside the server; the runner stops claiming and
+        // gives its leases back when connections close.
+        let runner = state.batches.clone().map(|batches| {
+            let forwarder = Arc::clone(&state.forwarder);
+            let keys = Arc::clone(&state.keys);
+            let life = life.clone();
+            tokio::spawn(batches.run(forwarder, keys, async move { life.closing().await }))
         });
-        // `into_make_service`: each connection gets a clone of the built
-        // router (one Arc). Serving the `Router` itself would rebuild its
-        // route table for every connection (~8 KiB each, BENCHMARKS.md).
-        let served = axum::serve(listener, self.router().into_make_service())
-            .with_graceful_shutdown(shutdown)
-            .await;
-        let _ = stop_batches.send(());
+        let cut = crate::connections::serve(
+            listener,
+            self.router(),
+            server,
+            life.clone(),
+            Arc::clone(&state.metrics),
+        )
+        .await;
         if let Some(runner) = runner {
-            let _ = runner.await;
+            life.close();
+            if tokio::time::timeout(RUNNER_STOP, runner).await.is_err() {
+                tracing::warn!("shutdown: the batch runner did not stop in time; its leases expire on their own");
+            }
         }
-        served
+        let unsettled = state.forwarder.settled(SETTLE_AT_EXIT).await;
+        phases.abort();
+        if cut > 0 || unsettled > 0 {
+            tracing::warn!(
+                connections_cut = cut,
+                settlements_unfinished = unsettled,
+                "shutdown: done, with work cut"
+            );
+        } else {
+            tracing::info!("shutdown: done");
+        }
+        Ok(())
     }
 }
+
+/// What is left of the second after the grace, once cut answers are out
+/// (`connections::FLUSH_AFTER_STOP`): for the batch runner, then settlements.
+const RUNNER_STOP: Duration = Duration::from_millis(250);
+const SETTLE_AT_EXIT: Duration = Duration::from_millis(150);

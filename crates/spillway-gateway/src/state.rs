@@ -19,4 +19,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Batch jobs (store and runner); `None` when `batch.enabled = false`.
     pub batches: Option<Arc<BatchService>>,
+    /// Store-backed state for operators, readable while a store is down.
+    pub snapshots: crate::snapshots::Snapshots,
+    pub started: tokio::time::Instant,
 }

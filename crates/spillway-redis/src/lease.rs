@@ -366,6 +366,7 @@ impl Leases {
             }
             Outcome::Unavailable => (Amount::default().minus(unsent), Learn::Unavailable),
             Outcome::NotSent => (Amount::default().minus(estimate), Learn::Nothing),
+            Outcome::Broken(used) => (Amount::of(1, used).minus(estimate), Learn::Unavailable),
         };
         lease.used = lease.used.plus(change);
         lease.in_flight = lease.in_flight.saturating_sub(1);

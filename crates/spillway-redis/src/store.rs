@@ -36,6 +36,7 @@ use spillway_core::store::{
 };
 use spillway_core::QuotaGroup;
 
+use crate::failover::{OwnGrants, Part, Picture};
 use crate::lease::{Adjustment, Learn, LeaseCounters, Leases, LEASED};
 use crate::{RedisSettings, ServerClock, StoreError};
 
@@ -43,13 +44,14 @@ const COMMON: &str = include_str!("lua/common.lua");
 
 /// The functions of the library, each a file of `lua/` run with the
 /// caller's `KEYS` and `ARGV`.
-const FUNCTIONS: [(&str, &str); 6] = [
+const FUNCTIONS: [(&str, &str); 7] = [
     ("reserve", include_str!("lua/reserve.lua")),
     ("settle", include_str!("lua/settle.lua")),
     ("adjust", include_str!("lua/adjust.lua")),
     ("states", include_str!("lua/states.lua")),
     ("configure", include_str!("lua/configure.lua")),
     ("import", include_str!("lua/import.lua")),
+    ("window", include_str!("lua/window.lua")),
 ];
 
 /// The quota functions as one library, built for one deployment's settings.
@@ -166,6 +168,8 @@ pub struct Inner {
     library: Library,
     heartbeat: Script,
     leases: Leases,
+    /// The entries Redis created for this replica lately (`failover.rs`).
+    own: OwnGrants,
 }
 
 fn none_or(v: Option<u64>) -> i64 {
@@ -309,6 +313,7 @@ impl RedisStore {
                 library,
                 heartbeat: Script::new(HEARTBEAT),
                 leases: Leases::new(settings.lease, counters),
+                own: OwnGrants::default(),
             }),
         })
     }
@@ -565,6 +570,7 @@ impl Inner {
             Outcome::RateLimited(which) => (1, Charge::default(), exhausted_code(which)),
             Outcome::Unavailable => (2, Charge::default(), 0),
             Outcome::NotSent => (3, Charge::default(), 0),
+            Outcome::Broken(c) => (4, c, 0),
         };
         let keys = slot.keys.each_ref().map(String::as_str);
         let mut call = self.library.call("settle", &keys);
@@ -770,6 +776,7 @@ impl RedisStore {
         let decided = self.decide(request, true, want).await?;
         Ok(decided.map(|g| {
             let (grant, requests) = g.expect("a reserving script answers with a grant or a denial");
+            self.record_own(&grant, requests);
             if requests <= 1 {
                 return grant;
             }
@@ -778,6 +785,71 @@ impl RedisStore {
             self.close_at(grant.entry.raw() & !LEASED, until);
             grant
         }))
+    }
+
+    /// Remembers an entry Redis just created for this replica (a lease's
+    /// whole room), for the local share should Redis fail now.
+    fn record_own(&self, grant: &Grant, requests: u32) {
+        let Some(bucket) = self.slot(grant.group.as_str(), &grant.region) else {
+            return;
+        };
+        let r = u64::from(requests);
+        let usage = Usage {
+            requests,
+            input: grant.charge.input.saturating_mul(r),
+            output: grant.charge.output.saturating_mul(r),
+        };
+        let at = us(self.stamp_of(grant));
+        self.own.record(
+            (bucket.group.clone(), Arc::clone(&bucket.region)),
+            Part { at, usage },
+            grant.view.now,
+        );
+    }
+
+    /// This replica's recent grants (`failover.rs`).
+    pub fn own_grants(&self) -> &OwnGrants {
+        &self.own
+    }
+
+    /// Every bucket's window as Redis holds it now, in `slices` parts
+    /// (`lua/window.lua`).
+    pub async fn try_picture(&self, slices: u32) -> Result<Picture, StoreError> {
+        let all = &self.buckets;
+        let mut keys: Vec<&str> = Vec::with_capacity(all.len() * 2);
+        for bucket in all {
+            keys.extend(bucket.keys.iter().map(String::as_str));
+        }
+        let mut call = self.library.call("window", &keys);
+        call.arg(all.len()).arg(slices);
+        let reply: Vec<i64> = self.invoke(&call).await?;
+        let Some((&now, mut rest)) = reply.split_first() else {
+            return Err(protocol("window", &reply));
+        };
+        self.clock.observe(now);
+        let mut budgets = Vec::with_capacity(all.len());
+        for bucket in all {
+            let Some((&count, tail)) = rest.split_first() else {
+                return Err(protocol("window", &reply));
+            };
+            let len = usize::try_from(count).unwrap_or(usize::MAX).saturating_mul(4);
+            if tail.len() < len {
+                return Err(protocol("window", &reply));
+            }
+            let parts = tail[..len]
+                .chunks(4)
+                .map(|v| Part {
+                    at: us(v[0]),
+                    usage: usage_from(&v[1..]),
+                })
+                .collect();
+            budgets.push(((bucket.group.clone(), Arc::clone(&bucket.region)), parts));
+            rest = &tail[len..];
+        }
+        Ok(Picture {
+            taken: us(now),
+            budgets,
+        })
     }
 
     /// Leases this replica still tracks: open, or closed with requests in

@@ -185,7 +185,7 @@ fn parse_jsonl<R: Read>(
         line.clear();
         let n = reader
             .read_until(b'\n', &mut line)
-            .map_err(|e| BatchError::Body(format!("reading the upload: {e}")))?;
+            .map_err(|e| BatchError::reading(&e))?;
         if n == 0 {
             return Ok(index);
         }
@@ -225,6 +225,9 @@ fn parse_json<R: Read>(
     }
     match parsed {
         Ok(()) => Ok(count),
+        Err(e) if e.io_error_kind() == Some(std::io::ErrorKind::TimedOut) => {
+            Err(BatchError::TimedOut(e.to_string()))
+        }
         Err(e) if e.is_io() => Err(BatchError::Body(format!("reading the upload: {e}"))),
         Err(e) => Err(BatchError::Invalid(format!("invalid batch body: {e}"))),
     }

@@ -101,6 +101,29 @@ pub enum BatchError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("reading the request body: {0}")]
     Body(String),
+    /// The client was too slow sending its upload.
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+impl BatchError {
+    /// A failure reading the upload: the client's own slowness (408), or a
+    /// broken body (400).
+    pub fn reading(error: &std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::TimedOut => BatchError::TimedOut(error.to_string()),
+            _ => BatchError::Body(format!("reading the upload: {error}")),
+        }
+    }
+}
+
+/// Whether a store error means the store cannot be reached (so a retry
+/// later can succeed), not that the request or the data is wrong.
+fn store_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)
+    )
 }
 
 impl From<BatchError> for crate::error::ApiError {
@@ -114,6 +137,14 @@ impl From<BatchError> for crate::error::ApiError {
             },
             BatchError::UnsupportedMediaType(ct) => ApiError::UnsupportedMediaType(ct),
             BatchError::Body(m) => ApiError::BadRequest(m),
+            BatchError::TimedOut(m) => ApiError::RequestTimeout(m),
+            BatchError::Store(e) if store_unreachable(&e) => {
+                tracing::warn!(error = %e, "batch store unreachable");
+                ApiError::Overloaded {
+                    message: "the batch store is unreachable; retry later (interactive requests are not affected)".into(),
+                    retry_after: std::time::Duration::from_secs(5),
+                }
+            }
             e @ (BatchError::Store(_) | BatchError::Migrate(_)) => {
                 tracing::error!(error = %e, "batch store failure");
                 ApiError::Internal("the batch store failed; see the Spillway log".into())

@@ -487,6 +487,9 @@ impl SqliteStore {
 }
 
 /// The shared store for several replicas.
+/// How long a PostgreSQL call waits for a connection before it fails.
+pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
+
 pub struct PgStore {
     write: Pool<sqlx::Postgres>,
     read: Pool<sqlx::Postgres>,
@@ -499,7 +502,9 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30))
+            // Fail fast while PostgreSQL is unreachable: the batch API
+            // answers 503 with retry-after within 2 s (`BatchError`).
+            .acquire_timeout(PG_ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         // sqlx's migrator takes an advisory lock: replicas starting together

@@ -78,6 +78,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// The HTTP library's own head limits sit above these, so Spillway's
+/// (Anthropic-shaped) answers are the ones clients meet: see `connections`.
+pub const MAX_HEADERS_LIMIT: usize = 400;
+pub const MAX_HEADER_BYTES_LIMIT: usize = 256 * 1024;
+/// hyper refuses targets of 65534 bytes and more on its own.
+pub const MAX_URI_BYTES_LIMIT: usize = 60 * 1024;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
@@ -85,6 +92,22 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub auth: ClientAuth,
     pub log_format: LogFormat,
+    /// Slow clients (`client_limits`, `connections`): the request head must
+    /// arrive within this long of the connection's first byte or of the
+    /// previous answer (so it is also the keep-alive idle timeout).
+    pub header_read_timeout_ms: u64,
+    pub body_idle_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    /// Client connections open at once; past it, 503 `overloaded_error`.
+    /// Clamped at start to what the open-file limit allows.
+    pub max_connections: usize,
+    /// Shutdown (`lifecycle`): not ready at once, new connections refused
+    /// after the delay, in-flight cut after the grace (both from the signal).
+    pub shutdown_delay_ms: u64,
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -472,6 +495,43 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        let s = &self.server;
+        for (key, ms) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_idle_timeout_ms", s.body_idle_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if s.max_headers == 0 || s.max_headers > MAX_HEADERS_LIMIT {
+            return Err(invalid(
+                "server.max_headers",
+                format!("must be in 1..={MAX_HEADERS_LIMIT}"),
+            ));
+        }
+        if s.max_header_bytes < 1024 || s.max_header_bytes > MAX_HEADER_BYTES_LIMIT {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!("must be in 1024..={MAX_HEADER_BYTES_LIMIT}"),
+            ));
+        }
+        if s.max_uri_bytes < 256 || s.max_uri_bytes > MAX_URI_BYTES_LIMIT {
+            return Err(invalid(
+                "server.max_uri_bytes",
+                format!("must be in 256..={MAX_URI_BYTES_LIMIT}"),
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be positive"));
+        }
+        if s.shutdown_delay_ms > s.shutdown_grace_ms {
+            return Err(invalid(
+                "server.shutdown_delay_ms",
+                "must not exceed server.shutdown_grace_ms (both count from the signal)",
+            ));
         }
         if self.server.auth == ClientAuth::None && !self.server.listen.ip().is_loopback() {
             return Err(invalid(

@@ -134,6 +134,35 @@ fn refusal(last_error: Option<ForwardError>, rejection: Rejection, model: &str) 
     }
 }
 
+/// A grant whose request is on its way upstream. Dropped while held, it
+/// settles to the reservation (the upstream may have served it).
+struct Held {
+    forwarder: Arc<Forwarder>,
+    grant: Option<Grant>,
+}
+
+impl Held {
+    fn new(forwarder: &Arc<Forwarder>, grant: Grant) -> Self {
+        Self {
+            forwarder: Arc::clone(forwarder),
+            grant: Some(grant),
+        }
+    }
+
+    fn release(mut self) -> Grant {
+        self.grant.take().expect("held until released")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            let reserved = Outcome::Used(grant.charge);
+            self.forwarder.settle_in_background(grant, reserved);
+        }
+    }
+}
+
 impl Forwarder {
     pub(super) async fn attempts(
         self: &Arc<Self>,
@@ -167,11 +196,15 @@ impl Forwarder {
                 }
             };
             let body = bodies.for_provider(name, provider.as_ref(), op, model);
+            // From here the call may be dropped at an await (client gone,
+            // shutdown): the guard settles the grant to its reservation.
+            let held = Held::new(self, grant);
             let sent = self
                 .send_checked(provider, trace, op, endpoint, body, beta.clone())
                 .await;
             let error = match sent {
                 Ok(response) if response.status().is_success() => {
+                    let grant = held.release();
                     self.setup.served(&model.id, &grant.region);
                     let settle = Settle::new(Arc::clone(self), model, grant, plan, &trace.tenant);
                     let served = Served {
@@ -192,6 +225,7 @@ impl Forwarder {
                 }
                 Err(error) => error,
             };
+            let grant = held.release();
             failed_region = Some(Arc::clone(&grant.region));
             if is_model_not_enabled(&error) {
                 // The budget is fine; the model is not there: refund, and

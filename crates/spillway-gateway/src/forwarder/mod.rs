@@ -49,7 +49,9 @@ use crate::estimates::EstimateLearner;
 use crate::metrics::Metrics;
 use crate::observer::{Observer, Trace};
 use crate::scheduler::{Demand, Scheduler};
+use crate::lifecycle::Lifecycle;
 use crate::upstream::Providers;
+use tokio_util::task::TaskTracker;
 
 pub use call::{Call, CallRequest, Pacing, Plan};
 
@@ -116,6 +118,10 @@ pub struct Forwarder {
     observer: Observer,
     policy: ForwardPolicy,
     setup: setup::SetupHealth,
+    /// Shutdown's phases: streams are cut when it stops.
+    lifecycle: Lifecycle,
+    /// Settlements running in the background; shutdown waits for them.
+    settlements: TaskTracker,
 }
 
 impl Forwarder {
@@ -148,6 +154,38 @@ impl Forwarder {
             scheduler,
             providers,
             setup: setup::SetupHealth::default(),
+            lifecycle: Lifecycle::new(),
+            settlements: TaskTracker::new(),
+        }
+    }
+
+    /// Settles a grant on a task of the settlements tracker: for code that
+    /// cannot await (a `Drop`).
+    fn settle_in_background(
+        self: &Arc<Self>,
+        grant: spillway_core::store::Grant,
+        outcome: spillway_core::store::Outcome,
+    ) {
+        let forwarder = Arc::clone(self);
+        self.settlements.spawn(async move {
+            forwarder.scheduler.settle(&grant, outcome).await;
+        });
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// Waits until every settlement started so far has run (at shutdown,
+    /// so the shared store hears about every reservation), or `within`.
+    /// Returns how many were still running.
+    pub async fn settled(&self, within: Duration) -> usize {
+        self.settlements.close();
+        let done = tokio::time::timeout(within, self.settlements.wait()).await;
+        self.settlements.reopen();
+        match done {
+            Ok(()) => 0,
+            Err(_) => self.settlements.len(),
         }
     }
 

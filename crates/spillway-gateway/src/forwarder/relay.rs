@@ -5,7 +5,14 @@
 //! in the answer depends on it). A stream is handed on as it arrives through
 //! [`SsePassthrough`]; when it ends — completed, failed, or dropped by the
 //! client — its end hook settles the grant to what was observed and fills the
-//! answer's [`StreamEnd`] for the request's record.
+//! answer's [`StreamEnd`] for the request's record. A stream the upstream
+//! broke settles as [`Outcome::Broken`], so the location cools down as for a
+//! failure before any byte.
+//!
+//! A [`Settle`] dropped before it ran (the client went away while a unary
+//! body was read, the shutdown grace cut the request) settles anyway, to its
+//! reservation: every grant ends settled or refunded. Settlements run on the
+//! forwarder's tracker, which shutdown waits for.
 
 use std::sync::Arc;
 
@@ -32,6 +39,19 @@ pub(super) struct Settle {
     grant: Grant,
     plan: Plan,
     tenant: Arc<str>,
+    /// Not yet settled: dropping it settles to the reservation.
+    armed: bool,
+}
+
+/// How a served request ended, for its settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// The whole answer arrived.
+    Complete,
+    /// Cut on the client's side (gone, or Spillway's shutdown).
+    Cut,
+    /// The upstream broke it part-way.
+    Broken,
 }
 
 impl Settle {
@@ -49,6 +69,7 @@ impl Settle {
             grant,
             plan,
             tenant: Arc::clone(tenant),
+            armed: true,
         }
     }
 
@@ -88,7 +109,9 @@ impl Settle {
         }
     }
 
-    async fn run(self, usage: Option<Usage>, complete: bool) {
+    async fn run(mut self, usage: Option<Usage>, ending: Ending) {
+        self.armed = false;
+        let complete = ending == Ending::Complete;
         if let Some(u) = usage.filter(|_| complete) {
             let (f, plan) = (&self.forwarder, &self.plan);
             let (actual, counted) = (u.total_input(), self.counted_input(&u));
@@ -113,10 +136,21 @@ impl Settle {
             );
         }
         let charge = self.charge_for(usage, complete);
-        self.forwarder
-            .scheduler
-            .settle(&self.grant, Outcome::Used(charge))
-            .await;
+        let outcome = match ending {
+            Ending::Broken => Outcome::Broken(charge),
+            Ending::Complete | Ending::Cut => Outcome::Used(charge),
+        };
+        self.forwarder.scheduler.settle(&self.grant, outcome).await;
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        if self.armed {
+            let reserved = Outcome::Used(self.grant.charge);
+            self.forwarder
+                .settle_in_background(self.grant.clone(), reserved);
+        }
     }
 }
 
@@ -146,7 +180,7 @@ pub(super) async fn unary(
         Ok(bytes) => bytes,
         Err(e) => {
             if let Some(settle) = settle {
-                settle.run(None, false).await;
+                settle.run(None, Ending::Broken).await;
             }
             return Err(classify_send_error(&trace.region, e));
         }
@@ -159,7 +193,8 @@ pub(super) async fn unary(
     }
     let usage = usage_from_message_body(&body);
     if let Some(settle) = settle {
-        tokio::spawn(settle.run(usage, true));
+        let settlements = settle.forwarder.settlements.clone();
+        settlements.spawn(settle.run(usage, Ending::Complete));
     }
     trace.outcome = "ok";
     Ok(Answer::Unary {
@@ -201,10 +236,19 @@ pub(super) fn stream(
             };
             ended.set(outcome.usage, label);
             let usage = outcome.saw_message_start.then_some(outcome.usage);
+            let ending = if outcome.completed {
+                Ending::Complete
+            } else if outcome.upstream_fault {
+                Ending::Broken
+            } else {
+                Ending::Cut
+            };
             // The hook may run from Drop, outside any await: settle on a task.
-            tokio::spawn(settle.run(usage, outcome.completed));
+            let settlements = settle.forwarder.settlements.clone();
+            settlements.spawn(settle.run(usage, ending));
         },
-    );
+    )
+    .cut_at(forwarder.lifecycle.stopped_owned());
     Answer::Stream {
         events,
         end,

@@ -1,6 +1,7 @@
 -- Ends one reservation: MemoryStore::settle_now.
 -- KEYS: entries, state. ARGV: configured x4, entry id, outcome (0
--- used, 1 rate limited, 2 unavailable, 3 not sent), actual input, actual
+-- used, 1 rate limited, 2 unavailable, 3 not sent, 4 broken: used, then
+-- unavailable), actual input, actual
 -- output, exhausted (0 requests, 1 tokens, 2 unknown), jitter in [0, 1),
 -- then the reserved input and output and the entry's stamp (with the id,
 -- they name the entry).
@@ -26,11 +27,12 @@ local function settle_to(r, i, o)
 end
 if outcome == 3 then
   settle_to(0, 0, 0)
-elseif outcome == 0 then
+elseif outcome == 0 or outcome == 4 then
   settle_to(1, ai, ao)
 else
   settle_to(1, 0, 0)
 end
+if outcome == 4 then outcome = 2 end
 learn(b, now, outcome, which, jitter)
 save_state(b, now)
 return now

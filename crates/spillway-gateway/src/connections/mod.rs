@@ -1,0 +1,288 @@
+//! The accept loop: how many connections, for how long, and how they end.
+//!
+//! Spillway serves connections itself (hyper's auto builder: HTTP/1.1, and
+//! HTTP/2 with prior knowledge) rather than through `axum::serve`, because
+//! the defences a gateway needs live at this level:
+//!
+//! - **At most `server.max_connections`** are served at once. Past it a new
+//!   connection gets a 503 `overloaded_error` with `retry-after` and is
+//!   closed, so a flood costs a descriptor for a moment, not for good. The
+//!   limit is lowered at start to what the open-file limit allows (a
+//!   proxied stream holds two descriptors). Accept errors (`EMFILE`) back
+//!   off instead of spinning.
+//! - **A request head must arrive within `server.header_read_timeout_ms`**
+//!   (hyper's timer): a client that stops mid-head gets a 408 and is
+//!   closed; an idle keep-alive connection is closed silently. Bodies are
+//!   paced one layer up ([`crate::client_limits`]).
+//! - **Shutdown follows the [`Lifecycle`]**: accepting stops at *closing*;
+//!   every connection is then told to finish the request in hand and close;
+//!   at *stopped* the cut answers get [`FLUSH_AFTER_STOP`] to be written and
+//!   whatever remains is dropped. [`serve`] returns when no connection is left.
+
+pub(crate) mod answers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use spillway_vertex::ErrorKind;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ServerSettings, MAX_HEADERS_LIMIT};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use answers::{raw_answer, ShapedIo, Watch};
+
+/// How long cut answers (a stream's `event: error`, a unary 503) get to
+/// reach their clients once the grace is over.
+pub const FLUSH_AFTER_STOP: Duration = Duration::from_millis(500);
+
+/// Refusals written at once, at most; past it a connection is just closed.
+const MAX_REFUSING: usize = 64;
+
+/// Descriptors kept for everything but client connections and their
+/// upstream halves: listeners, Redis, PostgreSQL, logs, the runtime.
+const RESERVED_FDS: u64 = 256;
+
+/// The connection limit the process can honour: each served connection may
+/// hold an upstream one too.
+pub fn max_connections(configured: usize, open_files: Option<u64>) -> usize {
+    match open_files {
+        Some(limit) => {
+            let fit = (limit.saturating_sub(RESERVED_FDS) / 2).max(1) as usize;
+            configured.min(fit)
+        }
+        None => configured,
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, where the OS allows,
+/// and returns the soft limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct given.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return None;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit.rlim_cur = limit.rlim_max;
+                }
+            }
+        }
+        Some(limit.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// What every connection task needs.
+struct Shared {
+    builder: Builder<TokioExecutor>,
+    service: TowerToHyperService<Router>,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+}
+
+/// Serves `router` on `listener` until the lifecycle closes, then until the
+/// last connection ends. Returns how many connections were still open when
+/// the grace ran out (and were cut).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    settings: &ServerSettings,
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
+) -> usize {
+    let open_files = raise_open_file_limit();
+    let limit = max_connections(settings.max_connections, open_files);
+    if limit < settings.max_connections {
+        tracing::warn!(
+            configured = settings.max_connections,
+            open_file_limit = open_files,
+            max_connections = limit,
+            "server.max_connections lowered to what the open-file limit allows"
+        );
+    }
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(settings.header_read_timeout_ms))
+        // Above Spillway's own limit, so its 431 is the one clients see.
+        .max_headers(MAX_HEADERS_LIMIT + 100);
+    builder.http2().timer(TokioTimer::new());
+    let shared = Arc::new(Shared {
+        builder,
+        service: TowerToHyperService::new(router),
+        lifecycle: lifecycle.clone(),
+        metrics,
+        slots: Arc::new(Semaphore::new(limit)),
+        refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+    });
+    let tasks = TaskTracker::new();
+    let mut accept_errors = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = lifecycle.closing() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, _peer)) => {
+                accept_errors = 0;
+                // Small SSE events must not wait for the client's delayed
+                // ACK (Nagle): that cost ~40 ms per stream (BENCHMARKS.md).
+                let _ = tcp.set_nodelay(true);
+                match Arc::clone(&shared.slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        tasks.spawn(connection(Arc::clone(&shared), tcp, slot));
+                    }
+                    Err(_) => refuse(&shared, &tasks, tcp),
+                }
+            }
+            Err(e) => {
+                // Out of descriptors (or a transient accept error): wait
+                // for connections to end rather than spinning on accept.
+                accept_errors += 1;
+                if accept_errors == 1 || accept_errors.is_power_of_two() {
+                    tracing::warn!(error = %e, times = accept_errors, "cannot accept a connection");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tasks.close();
+    tokio::select! {
+        _ = tasks.wait() => 0,
+        _ = async {
+            lifecycle.stopped().await;
+            tokio::time::sleep(FLUSH_AFTER_STOP).await;
+        } => {
+            let cut = tasks.len();
+            tracing::warn!(connections = cut, "shutdown: dropping connections still open after the grace");
+            cut
+        }
+    }
+}
+
+/// One connection, served until it ends or the lifecycle ends it.
+async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePermit) {
+    let _slot = slot;
+    shared.metrics.open_connections.inc();
+    let watch = Arc::new(Watch::default());
+    let io = ShapedIo::new(
+        tcp,
+        Arc::clone(&watch),
+        shared.metrics.connections_refused.clone(),
+    );
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), shared.service.clone());
+    tokio::pin!(conn);
+    let life = &shared.lifecycle;
+    let ended = tokio::select! {
+        ended = conn.as_mut() => Some(ended),
+        _ = life.closing() => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = life.stopped() => {
+                    tokio::time::timeout(FLUSH_AFTER_STOP, conn.as_mut())
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            }
+        }
+    };
+    if let Err(e) = ended {
+        let timed_out = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            watch.header_timed_out();
+            shared
+                .metrics
+                .connections_refused
+                .with_label_values(&["header_timeout"])
+                .inc();
+        } else {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    }
+    // Dropping the connection drops the socket (see `ShapedIo`'s Drop).
+    drop(conn);
+    shared.metrics.open_connections.dec();
+}
+
+/// Past the connection limit: a 503 the client can act on, then close.
+fn refuse(shared: &Arc<Shared>, tasks: &TaskTracker, mut tcp: TcpStream) {
+    shared
+        .metrics
+        .connections_refused
+        .with_label_values(&["connection_limit"])
+        .inc();
+    let Ok(turn) = Arc::clone(&shared.refusing).try_acquire_owned() else {
+        return; // dropped: closed at once
+    };
+    tasks.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _turn = turn;
+        let (id, answer) = raw_answer(
+            503,
+            "Service Unavailable",
+            ErrorKind::Overloaded,
+            "Spillway is at its connection limit (server.max_connections); retry shortly",
+            Some(1),
+        );
+        tracing::warn!(request_id = %id, "connection refused: at server.max_connections");
+        let written = tokio::time::timeout(Duration::from_secs(1), async {
+            tcp.write_all(&answer).await?;
+            tcp.shutdown().await?;
+            // Read what the client sent, so closing does not reset the
+            // connection before it has read the answer.
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::debug!(error = %e, "writing a connection-limit refusal");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_limit_fits_the_open_file_limit() {
+        assert_eq!(max_connections(10_000, None), 10_000);
+        assert_eq!(max_connections(10_000, Some(20_000)), 9_872);
+        assert_eq!(max_connections(100, Some(20_000)), 100);
+        assert_eq!(max_connections(100, Some(10)), 1);
+    }
+}
