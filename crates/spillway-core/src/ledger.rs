@@ -273,6 +273,27 @@ impl Ledger {
         }
     }
 
+    /// Records usage admitted elsewhere (another store's entries, known
+    /// when this ledger takes over from it) as one settled entry stamped
+    /// `at`, counted whatever the limits until it leaves the window. Kept
+    /// in time order by stamping it no earlier than the newest entry: an
+    /// entry that leaves later is the safe direction, and the ids of the
+    /// entries before it do not move.
+    pub fn import(&mut self, at: Duration, usage: Usage) {
+        let at = self.entries.back().map_or(at, |last| last.at.max(at));
+        let charge = Charge {
+            input: usage.input,
+            output: usage.output,
+        };
+        self.entries.push_back(Entry {
+            at,
+            requests: usage.requests,
+            charge,
+            settled: true,
+        });
+        add(&mut self.used, usage.requests, charge);
+    }
+
     /// Removes a reservation entirely: the request was never sent.
     pub fn cancel(&mut self, id: EntryId) {
         let Some(entry) = self.entry_mut(id) else {
@@ -378,6 +399,45 @@ mod tests {
             Some(W + Duration::from_nanos(1))
         );
         assert!(l.reserve(c(1), W + Duration::from_nanos(1)).is_some());
+    }
+
+    #[test]
+    fn imported_usage_counts_until_it_leaves_the_window_and_ids_hold() {
+        let mut l = Ledger::new(W, Limits::new(4, 1_000));
+        let a = l.reserve(c(100), secs(0.0)).unwrap();
+        let used = Usage {
+            requests: 2,
+            input: 300,
+            output: 0,
+        };
+        l.import(secs(5.0), used);
+        // Stamped no earlier than the newest entry: never out of order.
+        l.import(
+            secs(1.0),
+            Usage {
+                requests: 1,
+                ..Usage::default()
+            },
+        );
+        assert_eq!(l.usage(secs(6.0)).requests, 4);
+        assert!(
+            l.reserve(c(1), secs(6.0)).is_none(),
+            "imported room is spent"
+        );
+        l.settle(a, c(10));
+        assert_eq!(
+            l.usage(secs(6.0)).input,
+            310,
+            "the earlier id still names its entry"
+        );
+        assert_eq!(
+            l.in_flight(secs(6.0)),
+            Usage::default(),
+            "imports are settled"
+        );
+        // The first leaves after 60 s, the imports after 65 s.
+        assert_eq!(l.usage(secs(61.0)).requests, 3);
+        assert_eq!(l.usage(secs(65.5)).requests, 0);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!
 //! [`ResilientStore`] is what the gateway runs: Redis while it answers, and
 //! a local in-memory store holding 1/N of every budget (N from config or
-//! from live replica heartbeats in Redis) while it does not, with a gauge,
+//! from live replica heartbeats in Redis) while it does not, started from
+//! what the fleet had spent in the window (`failover.rs`), with a gauge,
 //! one log line per transition, and resynchronisation when Redis returns.
 //!
 //! Store time is microseconds since the Unix epoch on the Redis server's
@@ -24,6 +25,7 @@
 //!
 //! [`QuotaStore`]: spillway_core::store::QuotaStore
 
+mod failover;
 mod lease;
 mod resilient;
 mod store;

@@ -11,20 +11,27 @@
 //!   answered locally. No request fails because Redis did.
 //! - **Degraded**: decisions come from a `MemoryStore` on the same clock
 //!   whose limits are the configured ones divided by N (at least one request
-//!   and one token). Its grants carry [`LOCAL`] in their entry id and are
-//!   always settled locally. Grants Redis made before the outage are settled
+//!   and one token), started from what the fleet had spent: while healthy,
+//!   the task also takes a picture of every budget's window every [`RETRY`],
+//!   and the failover seeds the local ledger with 1/N of it plus this
+//!   replica's own grants of the last second (`failover.rs`), as settled
+//!   entries that leave the window when the shared ones do. Its grants carry
+//!   [`LOCAL`] in their entry id and are always settled locally. Grants Redis made before the outage are settled
 //!   in Redis if it is back by then, otherwise dropped: their reservations
 //!   stay charged until they leave the window (the safe direction).
 //! - **Recovering**: the task retries every [`RETRY`]; when Redis answers,
-//!   each budget's local usage in the current window is written to Redis as
-//!   one settled entry stamped with the last local admission, so the shared
-//!   ledger counts what the fleet spent during the outage, then decisions go
-//!   back to Redis (one info line, gauge 0).
+//!   each budget's local usage in the current window (its seed left out:
+//!   that was Redis's own) is written to Redis as one settled entry stamped
+//!   with the last local admission, so the shared ledger counts what the
+//!   fleet spent during the outage, then decisions go back to Redis (one
+//!   info line, gauge 0).
 //!
-//! Worst case over-admission (see DEPLOYMENT.md): only a window that
-//! overlaps the moment of failover can exceed the budget, by at most what
-//! Redis had admitted in it (≤ one window's budget, so ≤ 2× in that
-//! window); windows wholly inside the outage hold at most N × budget/N.
+//! Worst case over-admission (see DEPLOYMENT.md and `failover.rs`): a
+//! window that overlaps the moment of failover holds at most the budget,
+//! plus what one replica's own grants in the last second before it took
+//! beyond its remaining share (under 5% of a budget unless the load is
+//! that unevenly spread); windows wholly inside the outage hold at most
+//! N × budget/N.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -32,13 +39,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge, Registry};
-use spillway_core::ledger::{EntryId, Limits};
+use spillway_core::ledger::{EntryId, Limits, Usage};
 use spillway_core::store::{
     BudgetConfig, BudgetState, Denial, Grant, MemoryStore, Outcome, QuotaStore, ReserveRequest,
     StoreFuture,
 };
 use spillway_core::QuotaGroup;
 
+use crate::failover::{self, Part, Picture};
 use crate::{LeaseCounters, RedisSettings, RedisStore, ServerClock, StoreError};
 
 /// Marks an entry id granted by the local fallback.
@@ -125,6 +133,13 @@ struct Inner {
     fixed_replicas: Option<u32>,
     /// The last local admission per bucket, for resynchronisation.
     last_local: Mutex<HashMap<BudgetKey, Duration>>,
+    /// Every budget's window as last seen in Redis (`failover.rs`).
+    picture: Mutex<Option<Picture>>,
+    /// What failovers seeded into the local ledgers (not written back).
+    seeded: Mutex<HashMap<BudgetKey, Vec<Part>>>,
+    /// Held while failing over, so no request is answered locally before
+    /// the local ledgers are seeded.
+    transition: Mutex<()>,
     id: String,
     metrics: StoreMetrics,
 }
@@ -187,6 +202,9 @@ impl ResilientStore {
                 replicas: AtomicU32::new(n),
                 fixed_replicas,
                 last_local: Mutex::new(HashMap::new()),
+                picture: Mutex::new(None),
+                seeded: Mutex::new(HashMap::new()),
+                transition: Mutex::new(()),
                 id,
                 metrics,
             }),
@@ -194,6 +212,7 @@ impl ResilientStore {
         match store.inner.redis.reconnect().await {
             Ok(()) => {
                 store.inner.heartbeat().await;
+                store.inner.refresh().await;
                 tracing::info!(
                     replica = %store.inner.id,
                     replicas = store.inner.replicas.load(Ordering::Relaxed),
@@ -218,18 +237,76 @@ impl ResilientStore {
 }
 
 impl Inner {
-    /// Marks the store degraded (logging once) and drops the connection.
+    /// Marks the store degraded (logging once), seeding the local ledgers
+    /// first, and drops the connection.
     fn fail(&self, what: &str, error: &StoreError) {
         self.redis.disconnect();
-        if !self.degraded.swap(true, Ordering::SeqCst) {
-            self.metrics.degraded.set(1);
-            self.metrics.failovers.inc();
-            tracing::warn!(
-                error = %error,
-                call = what,
-                replicas = self.replicas.load(Ordering::Relaxed),
-                "quota store degraded: Redis unreachable; admitting from this replica's local 1/N share of each budget"
-            );
+        if self.degraded.load(Ordering::SeqCst) {
+            return;
+        }
+        let _transition = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if self.degraded.load(Ordering::SeqCst) {
+            return;
+        }
+        let seeded = self.seed();
+        self.degraded.store(true, Ordering::SeqCst);
+        self.metrics.degraded.set(1);
+        self.metrics.failovers.inc();
+        tracing::warn!(
+            error = %error,
+            call = what,
+            replicas = self.replicas.load(Ordering::Relaxed),
+            seeded_requests = seeded,
+            "quota store degraded: Redis unreachable; admitting from this replica's local 1/N share of each budget, less its part of what the fleet had spent in the window"
+        );
+    }
+
+    /// Starts the local ledgers from the last picture of the shared ones
+    /// and this replica's own recent grants (`failover::seeds`); returns
+    /// how many requests that holds.
+    fn seed(&self) -> u64 {
+        let now = self.now();
+        let n = self.replicas.load(Ordering::Relaxed);
+        let shares: Vec<(BudgetKey, Limits)> = self
+            .redis
+            .budgets()
+            .into_iter()
+            .map(|(group, region, limits)| ((group, region), share(limits, n)))
+            .collect();
+        let picture = self.picture.lock().unwrap_or_else(|p| p.into_inner());
+        let seeds = failover::seeds(picture.as_ref(), self.redis.own_grants(), &shares, n, now);
+        drop(picture);
+        let window = self.redis.window();
+        let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = 0;
+        for seed in seeds {
+            let (group, region) = &seed.bucket;
+            for part in &seed.parts {
+                if self
+                    .local
+                    .import_now(group.as_str(), region, part.at, part.usage)
+                {
+                    total += u64::from(part.usage.requests);
+                }
+            }
+            let kept = seeded.entry(seed.bucket).or_default();
+            kept.retain(|p| now.saturating_sub(p.at) <= window);
+            kept.extend(seed.parts);
+        }
+        total
+    }
+
+    fn now(&self) -> Duration {
+        spillway_core::store::Clock::now(self.redis.clock())
+    }
+
+    /// Takes a new picture of every budget's window.
+    async fn refresh(&self) {
+        match self.redis.try_picture(failover::SLICES).await {
+            Ok(picture) => {
+                *self.picture.lock().unwrap_or_else(|p| p.into_inner()) = Some(picture);
+            }
+            Err(e) => self.fail("window", &e),
         }
     }
 
@@ -266,19 +343,37 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let seeded = self
+            .seeded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let window = self.redis.window();
         for state in self.local.states_now() {
-            if state.usage == Default::default() {
+            let key = (state.group.clone(), Arc::clone(&state.region));
+            // The seed stood for Redis's own entries: only what was
+            // admitted here goes back.
+            let seed = seeded
+                .get(&key)
+                .map(|s| failover::still_in_window(s, window, self.now()))
+                .unwrap_or_default();
+            let usage = Usage {
+                requests: state.usage.requests.saturating_sub(seed.requests),
+                input: state.usage.input.saturating_sub(seed.input),
+                output: state.usage.output.saturating_sub(seed.output),
+            };
+            if usage == Usage::default() {
                 continue;
             }
-            let at = last_local
-                .get(&(state.group.clone(), Arc::clone(&state.region)))
-                .copied()
-                .unwrap_or_else(|| spillway_core::store::Clock::now(self.redis.clock()));
+            let at = last_local.get(&key).copied().unwrap_or_else(|| self.now());
             self.redis
-                .try_import(state.group.as_str(), &state.region, at, state.usage)
+                .try_import(state.group.as_str(), &state.region, at, usage)
                 .await?;
         }
         self.redis.heartbeat(&self.id, REPLICA_TTL).await?;
+        let picture = self.redis.try_picture(failover::SLICES).await?;
+        *self.picture.lock().unwrap_or_else(|p| p.into_inner()) = Some(picture);
+        let _transition = self.transition.lock().unwrap_or_else(|p| p.into_inner());
         if self.degraded.swap(false, Ordering::SeqCst) {
             self.metrics.degraded.set(0);
             tracing::info!("quota store recovered: Redis answers again; local admissions handed over, shared budgets in use");
@@ -314,9 +409,12 @@ async fn maintain(weak: Weak<Inner>) {
                 inner.redis.disconnect();
                 tracing::debug!(error = %e, "quota store: Redis still unreachable");
             }
-        } else if last_beat.elapsed() >= HEARTBEAT {
-            last_beat = tokio::time::Instant::now();
-            inner.heartbeat().await;
+        } else {
+            inner.refresh().await;
+            if last_beat.elapsed() >= HEARTBEAT {
+                last_beat = tokio::time::Instant::now();
+                inner.heartbeat().await;
+            }
         }
     }
 }

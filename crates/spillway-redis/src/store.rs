@@ -832,7 +832,9 @@ impl RedisStore {
             let Some((&count, tail)) = rest.split_first() else {
                 return Err(protocol("window", &reply));
             };
-            let len = usize::try_from(count).unwrap_or(usize::MAX).saturating_mul(4);
+            let len = usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(4);
             if tail.len() < len {
                 return Err(protocol("window", &reply));
             }

@@ -905,3 +905,73 @@ async fn leases_of_two_requesters_on_one_bucket_never_overfill_it() {
     let state = replicas[0].try_states().await.unwrap();
     assert_eq!(state[0].usage.requests, 40, "{:?}", state[0]);
 }
+
+/// The picture a replica keeps for a failover (`window.lua`): every
+/// budget's window in parts that add up to its usage, each stamped no
+/// earlier than any of its entries, and nothing of another budget.
+#[tokio::test]
+async fn the_window_picture_adds_up_to_the_usage_and_ages_no_entry_early() {
+    let redis = RedisServer::start();
+    let s = settings(
+        &redis.url(),
+        Duration::from_secs(2),
+        Limits::new(60, 50_000),
+    );
+    let s = RedisStore::connect(&s).await.expect("connects");
+    let primary = vec![Arc::from("us-central1")];
+    let mut grants = Vec::new();
+    for k in 0..6 {
+        grants.push(
+            reserve(&s, ask(&primary, 100 + k, Strategy::Ordered))
+                .await
+                .unwrap(),
+        );
+        if k == 2 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    s.try_settle(&grants[0], Outcome::NotSent).await.unwrap();
+    s.try_settle(
+        &grants[1],
+        Outcome::Used(Charge {
+            input: 7,
+            output: 3,
+        }),
+    )
+    .await
+    .unwrap();
+    let picture = s.try_picture(16).await.unwrap();
+    let states = s.try_states().await.unwrap();
+    assert_eq!(picture.budgets.len(), states.len());
+    for ((bucket, parts), state) in picture.budgets.iter().zip(&states) {
+        assert_eq!((&bucket.0, &bucket.1), (&state.group, &state.region));
+        let mut sum = Usage::default();
+        for p in parts {
+            sum.requests += p.usage.requests;
+            sum.input += p.usage.input;
+            sum.output += p.usage.output;
+        }
+        assert_eq!(sum, state.usage, "{}", bucket.1);
+        assert!(parts.windows(2).all(|w| w[0].at < w[1].at), "{parts:?}");
+    }
+    let (_, parts) = &picture
+        .budgets
+        .iter()
+        .find(|(b, _)| &*b.1 == "us-central1")
+        .unwrap();
+    assert_eq!(
+        parts.len(),
+        2,
+        "two bursts, 300 ms apart, in two parts: {parts:?}"
+    );
+    // Each part leaves the window no earlier than its newest entry.
+    let newest = |gs: &[Grant]| {
+        gs.iter()
+            .map(|g| g.view.empty_at - Duration::from_secs(2) - Duration::from_micros(1))
+            .max()
+            .unwrap()
+    };
+    assert_eq!(parts[0].at, newest(&grants[..3]));
+    assert_eq!(parts[1].at, newest(&grants[3..]));
+    assert!(picture.taken >= parts[1].at);
+}
