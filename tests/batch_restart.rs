@@ -5,7 +5,7 @@
 //! test measures rather than forbids.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -19,22 +19,7 @@ const TOKEN: &str = "restart-test-upstream-token";
 const ITEMS: usize = 120;
 
 fn start_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
-    command
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
-        command.env_remove(name);
-    }
-    command.spawn().expect("spillway starts")
+    support::binary::serve(config, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

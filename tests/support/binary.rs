@@ -47,3 +47,25 @@ pub async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
 pub fn succeeded(b: &Value) -> u64 {
     b["request_counts"]["succeeded"].as_u64().unwrap()
 }
+
+/// Starts `spillway serve --config FILE`, its output appended to `log`,
+/// with no `SPILLWAY__` variable of the test's environment leaking in.
+pub fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
+    use std::process::{Command, Stdio};
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
+        command.env_remove(name);
+    }
+    command.spawn().expect("spillway starts")
+}

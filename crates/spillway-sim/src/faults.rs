@@ -15,6 +15,7 @@
 //! | `Hang(d)` | waits `d` (forever if `d == Duration::MAX`, or until the faults are cleared), then answers normally | only if it then succeeds |
 //! | `Reset` | the connection is closed with no response bytes at all (HTTP/1.1; an HTTP/2 client would see headers, then a reset stream) | no |
 //! | `DropMidStream{after_events}` | streams only: sends that many SSE events, then kills the connection (no `message_stop`) | **yes** |
+//! | `ErrorMidStream{after_events}` | streams only: sends that many SSE events, then `event: error` (`overloaded_error`) and ends the body cleanly, as Vertex does when a backend gives up mid-answer | **yes** |
 //! | `Delay{first_token, per_token}` | slows a successful answer: `first_token` before the first byte of the body, `per_token` between text deltas (rawPredict waits the total) | yes (it succeeds) |
 //!
 //! Order in the request pipeline: auth → routing (404) → validation (400) →
@@ -93,6 +94,12 @@ pub enum FaultKind {
         /// SSE events sent before the connection dies.
         after_events: u32,
     },
+    /// On streams, end with `event: error` (overloaded) after this many
+    /// SSE events.
+    ErrorMidStream {
+        /// SSE events sent before the error event.
+        after_events: u32,
+    },
     /// Slow down a successful answer.
     Delay {
         /// Before the first byte of the body.
@@ -119,7 +126,7 @@ impl FaultKind {
             FaultKind::Status(_) | FaultKind::Capacity | FaultKind::Hang(_) | FaultKind::Reset => {
                 FaultGroup::PreQuota
             }
-            FaultKind::DropMidStream { .. } => FaultGroup::Drop,
+            FaultKind::DropMidStream { .. } | FaultKind::ErrorMidStream { .. } => FaultGroup::Drop,
             FaultKind::Delay { .. } => FaultGroup::Delay,
         }
     }
@@ -138,6 +145,9 @@ enum FaultKindRepr {
     },
     Reset,
     DropMidStream {
+        after_events: u32,
+    },
+    ErrorMidStream {
         after_events: u32,
     },
     Delay {
@@ -166,6 +176,9 @@ impl TryFrom<FaultKindRepr> for FaultKind {
             FaultKindRepr::DropMidStream { after_events } => {
                 FaultKind::DropMidStream { after_events }
             }
+            FaultKindRepr::ErrorMidStream { after_events } => {
+                FaultKind::ErrorMidStream { after_events }
+            }
             FaultKindRepr::Delay {
                 first_token_ms,
                 per_token_ms,
@@ -188,6 +201,9 @@ impl From<FaultKind> for FaultKindRepr {
             FaultKind::Capacity => FaultKindRepr::Capacity,
             FaultKind::DropMidStream { after_events } => {
                 FaultKindRepr::DropMidStream { after_events }
+            }
+            FaultKind::ErrorMidStream { after_events } => {
+                FaultKindRepr::ErrorMidStream { after_events }
             }
             FaultKind::Delay {
                 first_token,

@@ -296,13 +296,14 @@ async fn model_route(
     }
 
     // 6. answer
-    let drop_after = if stream {
+    let (drop_after, error_after) = if stream {
         match st.faults.take(&location, model, FaultGroup::Drop) {
-            Some(FaultKind::DropMidStream { after_events }) => Some(after_events),
-            _ => None,
+            Some(FaultKind::DropMidStream { after_events }) => (Some(after_events), None),
+            Some(FaultKind::ErrorMidStream { after_events }) => (None, Some(after_events)),
+            _ => (None, None),
         }
     } else {
-        None
+        (None, None)
     };
     let (first_token, per_token) = match st.faults.take(&location, model, FaultGroup::Delay) {
         Some(FaultKind::Delay {
@@ -354,6 +355,7 @@ async fn model_route(
         first_token_delay: first_token,
         per_token_delay: per_token,
         drop_after_events: drop_after,
+        error_after_events: error_after,
     };
     let events = sse::event_stream(plan, move |outcome| {
         let mut c = lock(&slot.counters);

@@ -78,6 +78,8 @@ pub struct StreamPlan {
     pub per_token_delay: Duration,
     /// If set, abort the connection after this many events.
     pub drop_after_events: Option<u32>,
+    /// End with an overloaded `event: error` after this many events.
+    pub error_after_events: Option<u32>,
 }
 
 /// How a stream ended, reported once when it is dropped.
@@ -298,6 +300,18 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
             )));
         }
         let mut buf = BytesMut::with_capacity(512);
+        let error_at = self.plan.error_after_events.map(u64::from);
+        if error_at.is_some_and(|e| self.events_sent >= e) {
+            // The usage seen so far stands; the answer ends here, cleanly.
+            self.failed = true;
+            frame(
+                &mut buf,
+                "error",
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                0,
+            );
+            return Some(Ok(buf.freeze()));
+        }
         loop {
             self.write_event(&mut buf);
             let next_needs_delay = matches!(self.step, Step::Delta(i) if i > 0)
@@ -305,6 +319,7 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
             if self.step == Step::Done
                 || next_needs_delay
                 || drop_at.is_some_and(|d| self.events_sent >= d)
+                || error_at.is_some_and(|e| self.events_sent >= e)
                 || buf.len() >= 16 * 1024
             {
                 break;
@@ -382,6 +397,7 @@ mod tests {
             first_token_delay: Duration::ZERO,
             per_token_delay: Duration::ZERO,
             drop_after_events: None,
+            error_after_events: None,
         }
     }
 

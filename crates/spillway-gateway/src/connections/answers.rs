@@ -13,7 +13,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -22,6 +21,7 @@ use spillway_vertex::{error_body, ErrorKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::idle::Watch;
 use crate::request_id::new_request_id;
 
 /// A whole HTTP/1.1 answer that closes the connection.
@@ -76,27 +76,11 @@ fn library_refusal(head: &[u8]) -> Option<(u16, &'static str, &'static str)> {
     (!ours).then_some(refusal)
 }
 
-/// What a connection's task and its socket share.
-#[derive(Debug, Default)]
-pub(crate) struct Watch {
-    /// Set by the task when hyper gave up waiting for a request head.
-    header_timed_out: AtomicBool,
-}
-
-impl Watch {
-    pub(crate) fn header_timed_out(&self) {
-        self.header_timed_out.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The client socket as hyper sees it. See the module docs.
 pub(crate) struct ShapedIo {
     tcp: TcpStream,
     watch: Arc<Watch>,
     refused: IntCounterVec,
-    /// Bytes of a client request arrived since the last answer was written
-    /// (so a timeout cut a request, not an idle keep-alive connection).
-    partial: bool,
     /// A replacement answer still to be written, from this offset.
     pending: Option<(Vec<u8>, usize)>,
 }
@@ -107,7 +91,6 @@ impl ShapedIo {
             tcp,
             watch,
             refused,
-            partial: false,
             pending: None,
         }
     }
@@ -149,7 +132,7 @@ impl AsyncRead for ShapedIo {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.partial = true;
+            self.watch.read();
         }
         polled
     }
@@ -178,7 +161,7 @@ impl AsyncWrite for ShapedIo {
                 _ => Poll::Ready(Ok(buf.len())),
             };
         }
-        this.partial = false;
+        this.watch.wrote();
         Pin::new(&mut this.tcp).poll_write(cx, buf)
     }
 
@@ -196,7 +179,7 @@ impl AsyncWrite for ShapedIo {
                 self.poll_write(cx, first)
             }
             _ => {
-                self.partial = false;
+                self.watch.wrote();
                 Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
             }
         }
@@ -222,7 +205,7 @@ impl Drop for ShapedIo {
     /// a client that had started a request gets a 408 instead, written
     /// without waiting (a few hundred bytes into an idle send buffer).
     fn drop(&mut self) {
-        if self.partial && self.watch.header_timed_out.load(Ordering::Relaxed) {
+        if self.watch.is_partial() && self.watch.did_header_time_out() {
             let (id, answer) = raw_answer(
                 408,
                 "Request Timeout",

@@ -11,15 +11,17 @@
 //!   proxied stream holds two descriptors). Accept errors (`EMFILE`) back
 //!   off instead of spinning.
 //! - **A request head must arrive within `server.header_read_timeout_ms`**
-//!   (hyper's timer): a client that stops mid-head gets a 408 and is
-//!   closed; an idle keep-alive connection is closed silently. Bodies are
-//!   paced one layer up ([`crate::client_limits`]).
+//!   (hyper's timer, from its first byte): a client that stops mid-head gets
+//!   a 408 and is closed. A connection with nothing in flight that sends
+//!   nothing for as long is closed silently ([`idle`]). Bodies are paced one
+//!   layer up ([`crate::client_limits`]).
 //! - **Shutdown follows the [`Lifecycle`]**: accepting stops at *closing*;
 //!   every connection is then told to finish the request in hand and close;
 //!   at *stopped* the cut answers get [`FLUSH_AFTER_STOP`] to be written and
 //!   whatever remains is dropped. [`serve`] returns when no connection is left.
 
 pub(crate) mod answers;
+mod idle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,6 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use spillway_vertex::ErrorKind;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -36,7 +37,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ServerSettings, MAX_HEADERS_LIMIT};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use answers::{raw_answer, ShapedIo, Watch};
+use answers::{raw_answer, ShapedIo};
+use idle::{ConnService, Watch};
 
 /// How long cut answers (a stream's `event: error`, a unary 503) get to
 /// reach their clients once the grace is over.
@@ -94,7 +96,8 @@ pub fn raise_open_file_limit() -> Option<u64> {
 /// What every connection task needs.
 struct Shared {
     builder: Builder<TokioExecutor>,
-    service: TowerToHyperService<Router>,
+    router: Router,
+    idle: Duration,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
@@ -131,7 +134,8 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let shared = Arc::new(Shared {
         builder,
-        service: TowerToHyperService::new(router),
+        router,
+        idle: Duration::from_millis(settings.header_read_timeout_ms),
         lifecycle: lifecycle.clone(),
         metrics,
         slots: Arc::new(Semaphore::new(limit)),
@@ -194,14 +198,20 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePer
         Arc::clone(&watch),
         shared.metrics.connections_refused.clone(),
     );
+    let service = ConnService {
+        router: shared.router.clone(),
+        watch: Arc::clone(&watch),
+    };
     let conn = shared
         .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), shared.service.clone());
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let life = &shared.lifecycle;
+    // Idle, or shutting down: finish what is in hand, then close.
     let ended = tokio::select! {
         ended = conn.as_mut() => Some(ended),
         _ = life.closing() => None,
+        _ = idle::idle_for(&watch, shared.idle) => None,
     };
     let ended = match ended {
         Some(ended) => ended,
