@@ -336,13 +336,15 @@ pub fn validate(
 ///   count-tokens body is the Messages body minus those two).
 /// * Both: inserts `anthropic_version: "vertex-2023-10-16"` only if absent.
 pub fn to_vertex_body(mut body: Map<String, Value>, op: Operation, vertex_model: &str) -> Vec<u8> {
+    // `shift_remove`, not `remove`: with `preserve_order`, `remove` swaps the
+    // last field into the removed one's place, and the client's order is lost.
     match op {
         Operation::Messages => {
-            body.remove("model");
+            body.shift_remove("model");
         }
         Operation::CountTokens => {
-            body.remove("max_tokens");
-            body.remove("stream");
+            body.shift_remove("max_tokens");
+            body.shift_remove("stream");
             body.insert("model".to_owned(), Value::String(vertex_model.to_owned()));
         }
     }
@@ -713,6 +715,23 @@ mod tests {
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["anthropic_version"], "vertex-2025-08-04");
         assert!(v.get("model").is_none());
+    }
+
+    #[test]
+    fn vertex_body_keeps_the_client_key_order() {
+        let b = json!({"model": "m", "max_tokens": 5, "stream": false, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5});
+        let out = to_vertex_body(obj(b.clone()), Operation::Messages, "x");
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            r#"{"max_tokens":5,"stream":false,"messages":[{"role":"user","content":"hi"}],"temperature":0.5,"anthropic_version":"vertex-2023-10-16"}"#
+        );
+        let out = to_vertex_body(obj(b), Operation::CountTokens, "x@1");
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            r#"{"model":"x@1","messages":[{"role":"user","content":"hi"}],"temperature":0.5,"anthropic_version":"vertex-2023-10-16"}"#
+        );
     }
 
     #[test]
