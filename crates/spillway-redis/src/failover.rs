@@ -104,7 +104,7 @@ impl OwnGrants {
     }
 
     /// The entries granted at or after `since`.
-    fn since(&self, since: Duration) -> Vec<(Bucket, Part)> {
+    pub fn since(&self, since: Duration) -> Vec<(Bucket, Part)> {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.iter()
             .filter(|g| g.granted >= since)

@@ -140,8 +140,21 @@ struct Inner {
     /// Held while failing over, so no request is answered locally before
     /// the local ledgers are seeded.
     transition: Mutex<()>,
+    /// The Redis instance's epoch as last seen (`RedisStore::try_epoch`).
+    epoch: Mutex<Option<String>>,
     id: String,
     metrics: StoreMetrics,
+}
+
+/// What a replica back on Redis finds of the shared ledgers.
+enum Ledgers {
+    /// As it left them (or it never saw them before).
+    Kept,
+    /// Redis restarted empty; `restorer`: this replica noticed first.
+    Lost {
+        restorer: bool,
+        picture_taken: Duration,
+    },
 }
 
 /// The gateway's store when `quota.store = "redis"`.
@@ -205,12 +218,16 @@ impl ResilientStore {
                 picture: Mutex::new(None),
                 seeded: Mutex::new(HashMap::new()),
                 transition: Mutex::new(()),
+                epoch: Mutex::new(None),
                 id,
                 metrics,
             }),
         };
         match store.inner.redis.reconnect().await {
             Ok(()) => {
+                if let Err(e) = store.inner.lost_ledgers().await.map(|_| ()) {
+                    store.inner.fail("epoch", &e);
+                }
                 store.inner.heartbeat().await;
                 store.inner.refresh().await;
                 tracing::info!(
@@ -335,9 +352,99 @@ impl Inner {
         }
     }
 
+    /// Whether Redis lost the shared ledgers since this replica last saw
+    /// it (it restarted empty): its epoch is gone or new. The first replica
+    /// to notice sets a new one naming when its picture was taken, and
+    /// restores that picture; every replica then adds its own grants made
+    /// after it, which no picture of the restorer's could show.
+    async fn lost_ledgers(&self) -> Result<Ledgers, StoreError> {
+        let taken = self
+            .picture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |p| p.taken.as_micros() as u64);
+        let candidate = format!("{}-{:016x}-{taken}", self.id, rand::random::<u64>());
+        let (set, epoch) = self.redis.try_epoch(&candidate).await?;
+        let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let found = match known.as_deref() {
+            None => Ledgers::Kept,
+            Some(_) if set => Ledgers::Lost {
+                restorer: true,
+                picture_taken: Duration::from_micros(taken),
+            },
+            Some(k) if k != epoch => Ledgers::Lost {
+                restorer: false,
+                // Unreadable: every own grant still in the window (the
+                // safe direction).
+                picture_taken: epoch
+                    .rsplit('-')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .map_or(Duration::ZERO, Duration::from_micros),
+            },
+            Some(_) => Ledgers::Kept,
+        };
+        *known = Some(epoch);
+        Ok(found)
+    }
+
+    /// Adds this replica's own grants made after `since` to an empty Redis
+    /// (those still in the window; `import.lua` drops older ones).
+    async fn restore_own(&self, since: Duration) -> Result<(), StoreError> {
+        for ((group, region), part) in self
+            .redis
+            .own_grants()
+            .since(since + Duration::from_micros(1))
+        {
+            self.redis
+                .try_import(group.as_str(), &region, part.at, part.usage)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Puts back into an empty Redis what the last picture showed still in
+    /// the window: the entries Redis admitted before it failed count until
+    /// they leave Vertex's window too.
+    async fn restore(&self) -> Result<(), StoreError> {
+        let picture = self
+            .picture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(picture) = picture else {
+            return Ok(());
+        };
+        let mut restored = 0u64;
+        for ((group, region), parts) in &picture.budgets {
+            for part in parts {
+                self.redis
+                    .try_import(group.as_str(), region, part.at, part.usage)
+                    .await?;
+                restored += u64::from(part.usage.requests);
+            }
+        }
+        tracing::info!(
+            restored_requests = restored,
+            "quota store: Redis came back empty; the shared windows as last seen are restored"
+        );
+        Ok(())
+    }
+
     /// Redis answers again: hand it what was admitted locally, then use it.
     async fn recover(&self) -> Result<(), StoreError> {
         self.redis.reconnect().await?;
+        if let Ledgers::Lost {
+            restorer,
+            picture_taken,
+        } = self.lost_ledgers().await?
+        {
+            if restorer {
+                self.restore().await?;
+            }
+            self.restore_own(picture_taken).await?;
+        }
         let last_local = self
             .last_local
             .lock()

@@ -723,6 +723,30 @@ impl Inner {
         Ok(count)
     }
 
+    /// The Redis instance's epoch: `<prefix>epoch`, set to `candidate` if
+    /// missing. Returns whether this call set it, and its value. A Redis
+    /// that restarted empty has none, so a replica that knew another one
+    /// learns that the shared ledgers were lost (`resilient.rs` restores
+    /// them from its picture); only the first to ask sets it.
+    pub async fn try_epoch(&self, candidate: &str) -> Result<(bool, String), StoreError> {
+        let mut conn = self.connection()?;
+        let key = format!("{}epoch", self.prefix);
+        let set: Option<String> = self
+            .bounded(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(candidate)
+                    .arg("NX")
+                    .arg("GET")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(match set {
+            None => (true, candidate.to_owned()),
+            Some(v) => (false, v),
+        })
+    }
+
     /// Every bucket this store knows — (bucket group, location) — with
     /// its configured limits.
     pub fn budgets(&self) -> Vec<(QuotaGroup, Arc<str>, Limits)> {
