@@ -64,6 +64,17 @@ async fn the_admin_api_needs_its_key() {
         .await
         .unwrap();
     expect_error(r, 401, "authentication_error").await;
+    // The admin key parses as client keys do: the bearer scheme in any case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = h
+            .http
+            .get(format!("{}/admin/quotas", h.url))
+            .header("authorization", format!("{scheme} {ADMIN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "scheme {scheme:?}");
+    }
 }
 
 #[tokio::test]

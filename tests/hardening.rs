@@ -131,7 +131,10 @@ fn parse_answer(raw: &str) -> (u16, String, Value) {
 fn assert_shaped(raw: &str, status: u16, kind: &str) -> String {
     let (got, head, body) = parse_answer(raw);
     assert_eq!(got, status, "{raw}");
-    assert!(head.contains("\r\nrequest-id: req_"), "no request id: {raw}");
+    assert!(
+        head.contains("\r\nrequest-id: req_"),
+        "no request id: {raw}"
+    );
     assert!(head.contains("content-type: application/json"), "{raw}");
     assert_eq!(body["type"], "error", "{raw}");
     assert_eq!(body["error"]["type"], kind, "{raw}");
@@ -142,7 +145,7 @@ fn assert_shaped(raw: &str, status: u16, kind: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_with_408_and_never_reach_upstream() {
     let gw = Running::start(
-        "header_read_timeout_ms = 400\nbody_idle_timeout_ms = 400\nbody_timeout_ms = 2000",
+        "header_read_timeout_ms = 400\nidle_timeout_ms = 400\nbody_idle_timeout_ms = 400\nbody_timeout_ms = 2000",
         "",
     )
     .await;
@@ -217,22 +220,42 @@ async fn every_answer_to_a_malformed_request_is_anthropic_shaped() {
         many.push_str(&format!("x-h{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    assert_shaped(&exchange(&gw.addr, many.as_bytes()).await, 431, "invalid_request_error");
+    assert_shaped(
+        &exchange(&gw.addr, many.as_bytes()).await,
+        431,
+        "invalid_request_error",
+    );
     let big = format!(
         "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "v".repeat(100_000)
     );
-    assert_shaped(&exchange(&gw.addr, big.as_bytes()).await, 431, "invalid_request_error");
+    assert_shaped(
+        &exchange(&gw.addr, big.as_bytes()).await,
+        431,
+        "invalid_request_error",
+    );
     // Past hyper's own buffer: its 431, reshaped.
     let huge = format!(
         "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "v".repeat(600_000)
     );
-    assert_shaped(&exchange(&gw.addr, huge.as_bytes()).await, 431, "invalid_request_error");
+    assert_shaped(
+        &exchange(&gw.addr, huge.as_bytes()).await,
+        431,
+        "invalid_request_error",
+    );
     let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(10_000));
-    assert_shaped(&exchange(&gw.addr, long.as_bytes()).await, 414, "invalid_request_error");
+    assert_shaped(
+        &exchange(&gw.addr, long.as_bytes()).await,
+        414,
+        "invalid_request_error",
+    );
     let longest = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
-    assert_shaped(&exchange(&gw.addr, longest.as_bytes()).await, 414, "invalid_request_error");
+    assert_shaped(
+        &exchange(&gw.addr, longest.as_bytes()).await,
+        414,
+        "invalid_request_error",
+    );
     assert_eq!(gw.upstream_requests(), 0);
     // The connection still serves normal requests after all that.
     let ok = reqwest::get(format!("{}/healthz", gw.url)).await.unwrap();
@@ -331,8 +354,16 @@ async fn sigterm_drains_then_cuts_in_flight_work_within_the_grace() {
     // Draining: not ready at once, still accepting for the delay.
     let ready = http.get(format!("{}/readyz", gw.url)).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    let health = http.get(format!("{}/healthz", gw.url)).send().await.unwrap();
-    assert_eq!(health.status(), 200, "connections still accepted during the delay");
+    let health = http
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "connections still accepted during the delay"
+    );
 
     // At the grace: the stream ends with an overloaded error event, the
     // trickling request gets a 503.
@@ -380,11 +411,7 @@ async fn sigterm_drains_then_cuts_in_flight_work_within_the_grace() {
 async fn a_region_that_breaks_streams_mid_way_is_cooled_down() {
     let gw = Running::start("", "").await;
     gw.sim.inject(
-        Fault::region(
-            "us-central1",
-            FaultKind::ErrorMidStream { after_events: 3 },
-        )
-        .times(u32::MAX),
+        Fault::region("us-central1", FaultKind::ErrorMidStream { after_events: 3 }).times(u32::MAX),
     );
     let http = reqwest::Client::new();
     let mut failed = 0;
@@ -411,7 +438,10 @@ async fn a_region_that_breaks_streams_mid_way_is_cooled_down() {
     }
     // Before: every stream routed to us-central1 failed, and routing kept
     // sending them there. Now the first failure cools it down.
-    assert!(failed <= 1, "{failed} of 20 streams failed; regions {regions:?}");
+    assert!(
+        failed <= 1,
+        "{failed} of 20 streams failed; regions {regions:?}"
+    );
     assert!(
         regions.iter().filter(|r| *r == "europe-west4").count() >= 19,
         "{regions:?}"
@@ -479,7 +509,11 @@ async fn metrics_and_interactive_traffic_do_not_wait_on_a_dead_batch_store() {
         .await
         .unwrap();
     assert_eq!(list.status(), 200);
-    let metrics = http.get(format!("{}/metrics", gw.url)).send().await.unwrap();
+    let metrics = http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(metrics.status(), 200);
 
     proxy.go_dark();
@@ -487,7 +521,10 @@ async fn metrics_and_interactive_traffic_do_not_wait_on_a_dead_batch_store() {
     for _ in 0..3 {
         let scrape = http.get(format!("{}/metrics", gw.url)).send().await;
         let text = scrape.expect("a scrape answers").text().await.unwrap();
-        assert!(text.contains("spillway_budget_limit"), "budgets still shown");
+        assert!(
+            text.contains("spillway_budget_limit"),
+            "budgets still shown"
+        );
         assert!(
             text.contains("spillway_state_age_seconds{source=\"batch_store\"}"),
             "{text}"

@@ -105,10 +105,31 @@ pub struct QuotaView {
     pub queued_batch: usize,
 }
 
+/// Every budget's state, fresh or (while the quota store is slow) the last
+/// read; its age goes to `spillway_state_age_seconds{source="quota_store"}`.
+pub(crate) async fn read_budgets(
+    state: &AppState,
+) -> Option<Arc<crate::snapshots::Stamped<Vec<spillway_core::store::BudgetState>>>> {
+    let store = Arc::clone(state.forwarder.scheduler().store());
+    let read = state
+        .snapshots
+        .budgets
+        .read(
+            move || async move { Some(store.states().await) },
+            crate::snapshots::READ_WAIT,
+        )
+        .await;
+    state.metrics.state_age(
+        "quota_store",
+        crate::snapshots::age_secs(&read, state.started),
+    );
+    read
+}
+
 pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
     let scheduler = state.forwarder.scheduler();
     let catalog = state.forwarder.catalog();
-    let states = crate::server::read_budgets(&state).await;
+    let states = read_budgets(&state).await;
     Json(
         states
             .iter()

@@ -95,7 +95,14 @@ pub async fn limit_clients(
     next: Next,
 ) -> Response {
     if let Err(refusal) = limits.check_head(&request) {
-        return refusal.into_response();
+        // Such a client is unlikely to send a better next request on the
+        // same connection: close it.
+        let mut response = refusal.into_response();
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return response;
     }
     let request = request.map(|body| Body::new(PacedBody::new(body, limits)));
     next.run(request).await
@@ -305,7 +312,10 @@ mod tests {
         for i in 0..5 {
             many = many.header(format!("x-{i}"), "v");
         }
-        assert_eq!(status(l.check_head(&many.body(Body::empty()).unwrap())), 431);
+        assert_eq!(
+            status(l.check_head(&many.body(Body::empty()).unwrap())),
+            431
+        );
         let big = Request::builder()
             .uri("/")
             .header("x-big", "v".repeat(80))

@@ -163,8 +163,8 @@ impl IntoResponse for ApiError {
         if !self.retryable() {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        if let ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } =
-            &self
+        if let ApiError::RateLimited { retry_after, .. }
+        | ApiError::Overloaded { retry_after, .. } = &self
         {
             crate::ratelimit::add_retry_after(headers, *retry_after);
         }

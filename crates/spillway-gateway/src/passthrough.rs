@@ -213,7 +213,10 @@ impl Stream for SsePassthrough {
 /// Error types in an upstream `event: error` that say the location, not
 /// the request, is in trouble.
 fn is_upstream_fault(error_type: &str) -> bool {
-    matches!(error_type, "overloaded_error" | "api_error" | "timeout_error")
+    matches!(
+        error_type,
+        "overloaded_error" | "api_error" | "timeout_error"
+    )
 }
 
 impl Drop for SsePassthrough {

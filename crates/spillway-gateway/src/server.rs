@@ -49,7 +49,7 @@ async fn metrics_handler(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> impl axum::response::IntoResponse {
     let scheduler = state.forwarder.scheduler();
-    let budgets = read_budgets(&state).await;
+    let budgets = crate::admin::read_budgets(&state).await;
     let batches = match &state.batches {
         Some(service) => {
             let service = Arc::clone(service);
@@ -61,18 +61,18 @@ async fn metrics_handler(
                         service
                             .snapshot()
                             .await
-                            .inspect_err(|e| tracing::warn!(error = %e, "metrics: cannot read batch state"))
+                            .inspect_err(
+                                |e| tracing::warn!(error = %e, "metrics: cannot read batch state"),
+                            )
                             .ok()
                     },
                     crate::snapshots::READ_WAIT,
                 )
                 .await;
-            state
-                .metrics
-                .state_age(
-                    "batch_store",
-                    crate::snapshots::age_secs(&read, state.started),
-                );
+            state.metrics.state_age(
+                "batch_store",
+                crate::snapshots::age_secs(&read, state.started),
+            );
             read
         }
         None => None,
@@ -104,27 +104,6 @@ async fn metrics_handler(
         [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         text,
     )
-}
-
-/// Every budget's state, fresh or (while the quota store is slow) the last
-/// read; its age goes to `spillway_state_age_seconds{source="quota_store"}`.
-pub(crate) async fn read_budgets(
-    state: &AppState,
-) -> Option<Arc<crate::snapshots::Stamped<Vec<spillway_core::store::BudgetState>>>> {
-    let store = Arc::clone(state.forwarder.scheduler().store());
-    let read = state
-        .snapshots
-        .budgets
-        .read(
-            move || async move { Some(store.states().await) },
-            crate::snapshots::READ_WAIT,
-        )
-        .await;
-    state.metrics.state_age(
-        "quota_store",
-        crate::snapshots::age_secs(&read, state.started),
-    );
-    read
 }
 
 /// A gateway ready to serve.

@@ -235,12 +235,12 @@ async fn create_batch(
     };
 
     // The body, as a blocking reader for the parser's thread.
-    let stream = body
-        .into_data_stream()
-        .map_err(|e| match crate::client_limits::BodyTimedOut::find(&e) {
-            Some(t) => std::io::Error::new(std::io::ErrorKind::TimedOut, t),
-            None => std::io::Error::other(e.to_string()),
-        });
+    let stream =
+        body.into_data_stream()
+            .map_err(|e| match crate::client_limits::BodyTimedOut::find(&e) {
+                Some(t) => std::io::Error::new(std::io::ErrorKind::TimedOut, t),
+                None => std::io::Error::other(e.to_string()),
+            });
     let reader = SyncIoBridge::new(StreamReader::new(Box::pin(stream)));
     let (chunks, mut received) = tokio::sync::mpsc::channel::<Vec<NewItem>>(2);
     let (parse_state, parse_tenant) = (Arc::clone(state), tenant.clone());

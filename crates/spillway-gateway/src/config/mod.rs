@@ -93,9 +93,11 @@ pub struct ServerSettings {
     pub auth: ClientAuth,
     pub log_format: LogFormat,
     /// Slow clients (`client_limits`, `connections`): the request head must
-    /// arrive within this long of the connection's first byte or of the
-    /// previous answer (so it is also the keep-alive idle timeout).
+    /// arrive within this long of its first byte.
     pub header_read_timeout_ms: u64,
+    /// A connection with nothing in flight that sends nothing for this long
+    /// is closed (longer than clients' pool idle times, so they close first).
+    pub idle_timeout_ms: u64,
     pub body_idle_timeout_ms: u64,
     pub body_timeout_ms: u64,
     pub max_headers: usize,
@@ -499,6 +501,7 @@ impl Settings {
         let s = &self.server;
         for (key, ms) in [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.body_idle_timeout_ms", s.body_idle_timeout_ms),
             ("server.body_timeout_ms", s.body_timeout_ms),
         ] {

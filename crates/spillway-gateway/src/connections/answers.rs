@@ -116,7 +116,11 @@ impl ShapedIo {
     /// Puts an Anthropic-shaped answer in place of hyper's own `head`.
     fn replace(&mut self, status: u16, reason: &str, message: &str) {
         let (id, answer) = raw_answer(status, reason, ErrorKind::InvalidRequest, message, None);
-        let label = if status == 400 { "malformed" } else { "too_large" };
+        let label = if status == 400 {
+            "malformed"
+        } else {
+            "too_large"
+        };
         self.refused.with_label_values(&[label]).inc();
         tracing::info!(request_id = %id, status, "refused by the HTTP parser: {message}");
         self.pending = Some((answer, 0));
@@ -171,8 +175,7 @@ impl AsyncWrite for ShapedIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let first = bufs.iter().find(|b| !b.is_empty());
-        let special =
-            self.pending.is_some() || first.is_some_and(|b| library_refusal(b).is_some());
+        let special = self.pending.is_some() || first.is_some_and(|b| library_refusal(b).is_some());
         match first {
             Some(first) if special => {
                 let first: &[u8] = first;

@@ -1,13 +1,23 @@
-//! Whether a connection is idle, so it can be closed.
+//! When a connection has had its time: idle, or too slow with its head.
 //!
-//! hyper times out a request head only once its first byte has arrived; a
-//! connection that sends nothing at all (a keep-alive connection between
-//! requests, or one opened and left) would stay open for good. So each
-//! connection keeps a [`Watch`]: requests in flight (counted by
+//! Each connection keeps a [`Watch`]: requests in flight (counted by
 //! [`ConnService`] from the call until the response body is dropped, so a
-//! stream is in flight while it runs), whether a request has begun to
-//! arrive, and when the client last sent a byte. A connection with nothing
-//! in flight and nothing begun for `server.header_read_timeout_ms` is idle.
+//! stream is in flight while it runs), whether a request head has begun to
+//! arrive (bytes read since the last answer was written, with nothing in
+//! flight: hyper has not finished parsing it), and when the client last sent
+//! a byte. [`expiry`] resolves when either limit passes:
+//!
+//! - a head begun and not finished after `server.header_read_timeout_ms`
+//!   (checked every half of it, so cut between 1× and 1.5× of it): the
+//!   client gets a 408;
+//! - nothing in flight and nothing sent for `server.idle_timeout_ms`: the
+//!   connection closes silently.
+//!
+//! This is done here rather than with hyper's own header timeout because
+//! hyper starts that one on a kept-alive connection as soon as an answer is
+//! done, so it would also close every idle keep-alive connection at the
+//! header timeout — racing clients whose pools keep connections longer.
+//! Times are tokio's, so the paused clock drives them in tests.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::routing::future::RouteFuture;
@@ -24,6 +34,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 /// What a connection's task, its socket and its requests share.
 #[derive(Debug)]
@@ -32,10 +43,12 @@ pub(crate) struct Watch {
     /// Milliseconds after `created` of the last activity: a byte from the
     /// client, or the end of a response.
     last_activity_ms: AtomicU64,
+    /// Milliseconds after `created` when the head being read began.
+    head_began_ms: AtomicU64,
     in_flight: AtomicUsize,
     /// Bytes of a request arrived since the last answer was written.
     partial: AtomicBool,
-    /// Set by the task when hyper gave up waiting for a request head.
+    /// Set by the task when the head timed out.
     header_timed_out: AtomicBool,
 }
 
@@ -44,6 +57,7 @@ impl Default for Watch {
         Self {
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
+            head_began_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             partial: AtomicBool::new(false),
             header_timed_out: AtomicBool::new(false),
@@ -51,16 +65,30 @@ impl Default for Watch {
     }
 }
 
+/// Why a connection's time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    Idle,
+    HeadTimedOut,
+}
+
 impl Watch {
+    fn now_ms(&self) -> u64 {
+        self.created.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let now = self.created.elapsed().as_millis() as u64;
-        self.last_activity_ms.store(now, Ordering::Relaxed);
+        self.last_activity_ms
+            .store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// The client sent bytes.
     pub(crate) fn read(&self) {
-        self.partial.store(true, Ordering::Relaxed);
-        self.touch();
+        let now = self.now_ms();
+        if !self.partial.swap(true, Ordering::Relaxed) {
+            self.head_began_ms.store(now, Ordering::Relaxed);
+        }
+        self.last_activity_ms.store(now, Ordering::Relaxed);
     }
 
     /// An answer is being written: what the client sent was a request.
@@ -80,22 +108,36 @@ impl Watch {
         self.header_timed_out.load(Ordering::Relaxed)
     }
 
-    /// How much longer until the connection is idle for `limit`; `None`
-    /// once it is.
-    pub(crate) fn idle_in(&self, limit: Duration) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 || self.is_partial() {
-            return Some(limit);
+    /// Whether a limit has passed now, and if not, when to look again.
+    fn check(&self, idle: Duration, head: Duration) -> Result<Expiry, Duration> {
+        let now = self.now_ms();
+        let since =
+            |ms: &AtomicU64| Duration::from_millis(now.saturating_sub(ms.load(Ordering::Relaxed)));
+        let look_again = (head / 2).max(Duration::from_millis(1));
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Err(look_again);
         }
-        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-        let quiet = self.created.elapsed().saturating_sub(last);
-        limit.checked_sub(quiet).filter(|left| !left.is_zero())
+        if self.is_partial() {
+            return if since(&self.head_began_ms) >= head {
+                Ok(Expiry::HeadTimedOut)
+            } else {
+                Err(look_again)
+            };
+        }
+        match idle.checked_sub(since(&self.last_activity_ms)) {
+            Some(left) if !left.is_zero() => Err(left.min(look_again)),
+            _ => Ok(Expiry::Idle),
+        }
     }
 }
 
-/// Resolves once the connection has been idle for `limit`.
-pub(crate) async fn idle_for(watch: &Watch, limit: Duration) {
-    while let Some(left) = watch.idle_in(limit) {
-        tokio::time::sleep(left).await;
+/// Resolves when the connection's time is up (see the module docs).
+pub(crate) async fn expiry(watch: &Watch, idle: Duration, head: Duration) -> Expiry {
+    loop {
+        match watch.check(idle, head) {
+            Ok(expiry) => return expiry,
+            Err(wait) => tokio::time::sleep(wait).await,
+        }
     }
 }
 
@@ -191,30 +233,39 @@ impl http_body::Body for TrackedBody {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_connection_is_idle_only_with_nothing_in_flight_or_begun() {
+    const IDLE: Duration = Duration::from_secs(120);
+    const HEAD: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_expires_at_the_idle_timeout() {
+        let w = Watch::default();
+        let started = Instant::now();
+        assert_eq!(expiry(&w, IDLE, HEAD).await, Expiry::Idle);
+        assert_eq!(started.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_begun_head_times_out_between_one_and_one_and_a_half_times_the_limit() {
+        let w = Watch::default();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        w.read();
+        let began = Instant::now();
+        assert_eq!(expiry(&w, IDLE, HEAD).await, Expiry::HeadTimedOut);
+        let took = began.elapsed();
+        assert!(took >= HEAD && took <= HEAD * 3 / 2, "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_expires_while_a_request_is_in_flight() {
         let w = Arc::new(Watch::default());
-        let limit = Duration::from_secs(10);
-        assert!(w.idle_in(limit).is_some(), "just opened: not idle yet");
-        // Pretend the last activity was long ago.
-        w.last_activity_ms.store(0, Ordering::Relaxed);
-        let old = Watch {
-            created: Instant::now() - Duration::from_secs(60),
-            ..Watch::default()
-        };
-        assert_eq!(old.idle_in(limit), None, "quiet for a minute: idle");
-        old.in_flight.store(1, Ordering::Relaxed);
-        assert_eq!(old.idle_in(limit), Some(limit), "a request in flight");
-        old.in_flight.store(0, Ordering::Relaxed);
-        old.partial.store(true, Ordering::Relaxed);
-        assert_eq!(
-            old.idle_in(limit),
-            Some(limit),
-            "a head begun: hyper's timeout"
-        );
+        w.read();
         let guard = InFlight::new(&w);
-        assert_eq!(w.in_flight.load(Ordering::Relaxed), 1);
+        w.wrote();
+        let waited = tokio::time::timeout(IDLE * 3, expiry(&w, IDLE, HEAD)).await;
+        assert!(waited.is_err(), "a long stream keeps its connection");
         drop(guard);
-        assert_eq!(w.in_flight.load(Ordering::Relaxed), 0);
+        let ended = Instant::now();
+        assert_eq!(expiry(&w, IDLE, HEAD).await, Expiry::Idle);
+        assert_eq!(ended.elapsed(), IDLE, "idle counts from the answer's end");
     }
 }

@@ -11,9 +11,9 @@
 //!   proxied stream holds two descriptors). Accept errors (`EMFILE`) back
 //!   off instead of spinning.
 //! - **A request head must arrive within `server.header_read_timeout_ms`**
-//!   (hyper's timer, from its first byte): a client that stops mid-head gets
-//!   a 408 and is closed. A connection with nothing in flight that sends
-//!   nothing for as long is closed silently ([`idle`]). Bodies are paced one
+//!   of its first byte: a client that stops mid-head gets a 408 and is
+//!   closed. A connection with nothing in flight that sends
+//!   nothing for `server.idle_timeout_ms` is closed silently ([`idle`]). Bodies are paced one
 //!   layer up ([`crate::client_limits`]).
 //! - **Shutdown follows the [`Lifecycle`]**: accepting stops at *closing*;
 //!   every connection is then told to finish the request in hand and close;
@@ -38,7 +38,7 @@ use crate::config::{ServerSettings, MAX_HEADERS_LIMIT};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use answers::{raw_answer, ShapedIo};
-use idle::{ConnService, Watch};
+use idle::{ConnService, Expiry, Watch};
 
 /// How long cut answers (a stream's `event: error`, a unary 503) get to
 /// reach their clients once the grace is over.
@@ -98,6 +98,7 @@ struct Shared {
     builder: Builder<TokioExecutor>,
     router: Router,
     idle: Duration,
+    head: Duration,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
@@ -128,14 +129,16 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(settings.header_read_timeout_ms))
+        // Not hyper's header timeout: see `idle`.
+        .header_read_timeout(None)
         // Above Spillway's own limit, so its 431 is the one clients see.
         .max_headers(MAX_HEADERS_LIMIT + 100);
     builder.http2().timer(TokioTimer::new());
     let shared = Arc::new(Shared {
         builder,
         router,
-        idle: Duration::from_millis(settings.header_read_timeout_ms),
+        idle: Duration::from_millis(settings.idle_timeout_ms),
+        head: Duration::from_millis(settings.header_read_timeout_ms),
         lifecycle: lifecycle.clone(),
         metrics,
         slots: Arc::new(Semaphore::new(limit)),
@@ -207,11 +210,19 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePer
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let life = &shared.lifecycle;
-    // Idle, or shutting down: finish what is in hand, then close.
+    // Idle, or shutting down: finish what is in hand, then close. A head
+    // that timed out: the socket answers 408 as it is dropped.
     let ended = tokio::select! {
         ended = conn.as_mut() => Some(ended),
         _ = life.closing() => None,
-        _ = idle::idle_for(&watch, shared.idle) => None,
+        expired = idle::expiry(&watch, shared.idle, shared.head) => match expired {
+            Expiry::Idle => None,
+            Expiry::HeadTimedOut => {
+                watch.header_timed_out();
+                shared.metrics.connections_refused.with_label_values(&["header_timeout"]).inc();
+                Some(Ok(()))
+            }
+        },
     };
     let ended = match ended {
         Some(ended) => ended,
@@ -228,19 +239,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePer
         }
     };
     if let Err(e) = ended {
-        let timed_out = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout);
-        if timed_out {
-            watch.header_timed_out();
-            shared
-                .metrics
-                .connections_refused
-                .with_label_values(&["header_timeout"])
-                .inc();
-        } else {
-            tracing::debug!(error = %e, "client connection ended with an error");
-        }
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
     // Dropping the connection drops the socket (see `ShapedIo`'s Drop).
     drop(conn);

@@ -46,10 +46,10 @@ use spillway_vertex::Operation;
 use crate::answer::{Answer, ForwardError};
 use crate::config::{RoutingStrategy, Settings};
 use crate::estimates::EstimateLearner;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::observer::{Observer, Trace};
 use crate::scheduler::{Demand, Scheduler};
-use crate::lifecycle::Lifecycle;
 use crate::upstream::Providers;
 use tokio_util::task::TaskTracker;
 
