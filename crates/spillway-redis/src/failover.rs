@@ -36,6 +36,10 @@
 //! spreads; DEPLOYMENT.md). Rounding (a share is ⌊B/N⌋, seeds round up)
 //! only ever holds back.
 //!
+//! **Redis back empty.** The same picture is what a Redis that restarted
+//! without its data is given back (`resilient.rs`, by the first replica to
+//! see its `epoch` key gone), with each replica's own grants made after it.
+//!
 //! A picture older than [`STALE`] at failover (the refresh starved, or the
 //! replica never reached Redis) cannot be trusted to bound what others did:
 //! the replica then holds its whole share as spent for one window

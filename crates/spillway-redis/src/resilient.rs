@@ -24,7 +24,9 @@
 //!   that was Redis's own) is written to Redis as one settled entry stamped
 //!   with the last local admission, so the shared ledger counts what the
 //!   fleet spent during the outage, then decisions go back to Redis (one
-//!   info line, gauge 0).
+//!   info line, gauge 0). A Redis that came back empty (its `epoch` key
+//!   gone) first gets the last picture back from the first replica to
+//!   notice, and every replica's own grants made after that picture.
 //!
 //! Worst case over-admission (see DEPLOYMENT.md and `failover.rs`): a
 //! window that overlaps the moment of failover holds at most the budget,
