@@ -87,6 +87,8 @@ pub fn raise_open_file_limit() -> Option<u64> {
                 }
             }
         }
+        // rlim_t is u64 on Linux, not on every unix.
+        #[allow(clippy::unnecessary_cast)]
         Some(limit.rlim_cur as u64)
     }
     #[cfg(not(unix))]
@@ -241,9 +243,9 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePer
     if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
-    // Dropping the connection drops the socket (see `ShapedIo`'s Drop).
-    drop(conn);
     shared.metrics.open_connections.dec();
+    // Returning drops the connection and its socket (see `ShapedIo`'s
+    // Drop, which answers a timed-out head), then the slot.
 }
 
 /// Past the connection limit: a 503 the client can act on, then close.
