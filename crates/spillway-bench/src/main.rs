@@ -4,6 +4,7 @@
 //! spillway-bench open-streams --url http://127.0.0.1:PORT/v1/messages --pid PID [-n 1000] [--rounds 3]
 //! spillway-bench mixed-workload [--windows 6] [--overload 3] [--seed 1] [--json]
 //! spillway-bench shares-replicas [--replicas 3] [--per-window 12] [--weight 3]
+//! spillway-bench soak [-n 9000] [--duration-secs 300] [--smoke]
 //! ```
 //!
 //! `open-streams` opens N concurrent streaming Messages requests, each on its
@@ -19,6 +20,11 @@
 //! CJK, code, JSON tool use, chat turns, long documents) from three tenants
 //! at a multiple of the Haiku pool; it reports how well each kind of
 //! content is charged, upstream 429s and goodput (see `mixed`).
+//!
+//! `soak` holds thousands of streams through the release `spillway` binary
+//! for minutes, with the simulator and the clients (`soak-client`, this
+//! binary again) in processes of their own, and reports the gateway's
+//! memory, descriptors and gauges before, during and after (see `soak`).
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +35,8 @@ use tokio::sync::{mpsc, watch};
 
 mod mixed;
 mod shares_replicas;
+mod soak;
+mod soak_client;
 
 #[derive(Parser)]
 #[command(name = "spillway-bench", about = "Spillway benchmark helpers")]
@@ -98,6 +106,12 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         weight: f64,
     },
+    /// Thousands of streams held through the release gateway for minutes,
+    /// clients dropping and reconnecting; memory, fds and gauges sampled.
+    Soak(soak::Args),
+    /// The soak's client process (started by `soak`).
+    #[command(hide = true)]
+    SoakClient(soak_client::Args),
 }
 
 /// `VmRSS` and `VmHWM` in KiB.
@@ -300,5 +314,15 @@ fn main() -> anyhow::Result<()> {
             println!("{line}");
             Ok(())
         }
+        // One thread each: the parent only samples, and the client's 9,000
+        // sockets are cheap to drive from one core (the other is the gateway's).
+        Command::Soak(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(soak::run(args)),
+        Command::SoakClient(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(soak_client::run(args.into())),
     }
 }
