@@ -448,8 +448,9 @@ async fn a_region_that_breaks_streams_mid_way_is_cooled_down() {
     );
 }
 
-/// A TCP proxy in front of the machine's PostgreSQL that can go dark:
-/// while out, open connections are closed and new ones closed at once.
+/// A TCP proxy in front of the machine's PostgreSQL that can go dark, as a
+/// network partition does: nothing more is forwarded, and no socket is
+/// closed (so nothing fails fast: every wait is a timeout's to end).
 struct Partition {
     port: u16,
     out: Arc<AtomicBool>,
@@ -465,18 +466,23 @@ impl Partition {
         let o = Arc::clone(&out);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if o.load(Ordering::Relaxed) {
-                    continue; // dropped: closed
-                }
+                let dark = o.load(Ordering::Relaxed);
                 let mut cuts = cuts.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cuts.changed() => {}
+                    if !dark {
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                            _ = cuts.changed() => {}
+                        }
+                        // Dark: hold both ends open, silent.
+                        std::future::pending::<()>().await;
+                        drop(server);
                     }
+                    std::future::pending::<()>().await;
+                    drop(client);
                 });
             }
         });

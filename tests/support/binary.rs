@@ -57,7 +57,11 @@ pub fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+    // SPILLWAY_BIN runs the same test against another build (an older one,
+    // to see a defect the test was written for).
+    let binary =
+        std::env::var("SPILLWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_spillway").into());
+    let mut command = Command::new(binary);
     command
         .args(["serve", "--config"])
         .arg(config)
