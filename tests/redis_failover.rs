@@ -18,7 +18,7 @@ mod redis_server;
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use redis_server::RedisServer;
 use serde_json::json;
 use spillway_sim::{SimConfig, SimHandle, SimModel, SimRegion, Simulator};
 use support::binary::free_port;
+use support::tally::Tally;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 const TOKEN: &str = "failover-test-upstream-token";
@@ -87,21 +88,11 @@ enabled = false
         )
         .unwrap();
         let log = dir.join(format!("spillway-{name}.log"));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
-        command
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file);
-        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
-            command.env_remove(var);
-        }
+        let child = support::binary::serve(&config, &log);
         Self {
             url: format!("http://127.0.0.1:{port}"),
             log,
-            child: command.spawn().expect("spillway starts"),
+            child,
         }
     }
 
@@ -153,13 +144,6 @@ async fn simulator() -> SimHandle {
         .expect("simulator starts")
 }
 
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    refused: AtomicU64,
-    other: AtomicU64,
-}
-
 /// Open-loop traffic at a steady pace, round robin over the replicas until
 /// `stop` says so; each request refuses to wait for quota, so a request the
 /// fleet has no room for is refused by Spillway at once.
@@ -187,18 +171,7 @@ async fn traffic(urls: Vec<String>, stop: Arc<AtomicU64>, tally: Arc<Tally>) {
                 .json(&body)
                 .send()
                 .await;
-            match sent.map(|r| r.status().as_u16()) {
-                Ok(200) => tally.ok.fetch_add(1, Ordering::Relaxed),
-                Ok(429) => tally.refused.fetch_add(1, Ordering::Relaxed),
-                Ok(s) => {
-                    eprintln!("unexpected status {s}");
-                    tally.other.fetch_add(1, Ordering::Relaxed)
-                }
-                Err(e) => {
-                    eprintln!("request lost: {e}");
-                    tally.other.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+            tally.record(sent);
         }));
     }
     for t in tasks {

@@ -5,9 +5,10 @@
 
 #[path = "../crates/spillway-redis/tests/common/mod.rs"]
 mod redis_server;
+mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use serde_json::json;
 use spillway_gateway::config::{Settings, DEMO_TOML};
 use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, SimHandle, SimModel, SimRegion, Simulator};
+use support::tally::Tally;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 const TOKEN: &str = "demo-upstream-token";
@@ -77,13 +79,6 @@ async fn replica(sim: &SimHandle, redis_url: &str, replicas: u32, per_window: u3
     Replica { url, _stop: stop }
 }
 
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    refused: AtomicU64,
-    other: AtomicU64,
-}
-
 /// `clients` loops per replica, each posting until `until`.
 async fn load(replicas: &[Replica], clients: usize, until: Instant, tally: Arc<Tally>) {
     let http = reqwest::Client::new();
@@ -109,18 +104,7 @@ async fn load(replicas: &[Replica], clients: usize, until: Instant, tally: Arc<T
                         .json(&body)
                         .send()
                         .await;
-                    match sent.map(|r| r.status().as_u16()) {
-                        Ok(200) => tally.ok.fetch_add(1, Ordering::Relaxed),
-                        Ok(429) => tally.refused.fetch_add(1, Ordering::Relaxed),
-                        Ok(s) => {
-                            eprintln!("unexpected status {s}");
-                            tally.other.fetch_add(1, Ordering::Relaxed)
-                        }
-                        Err(e) => {
-                            eprintln!("request lost: {e}");
-                            tally.other.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
+                    tally.record(sent);
                 }
             }));
         }

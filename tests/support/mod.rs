@@ -7,6 +7,7 @@
 
 pub mod binary;
 pub mod postgres;
+pub mod tally;
 
 use std::collections::HashMap;
 
