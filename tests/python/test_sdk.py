@@ -248,3 +248,16 @@ def test_no_client_credential_or_version_header_upstream(stack) -> None:
         assert record["has_x_api_key"] is False, record
         assert record["anthropic_version_header"] is None, record
         assert stack.key not in json.dumps(record), record
+
+
+def test_models_list_and_retrieve(stack) -> None:
+    """`client.models` (the Anthropic client; Vertex has no Models API) reads the catalog."""
+    with make_client("anthropic", stack) as client:
+        ids = [m.id for m in client.models.list()]
+        assert HAIKU_ANTHROPIC in ids
+        model = client.models.retrieve(HAIKU_ANTHROPIC)
+        assert model.id == HAIKU_ANTHROPIC
+        assert model.display_name == "Claude 3 Haiku"
+        assert model.created_at.year == 2024
+        with pytest.raises(anthropic.NotFoundError):
+            client.models.retrieve("claude-9")

@@ -25,6 +25,7 @@ pub mod forwarder;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod models;
 pub mod observer;
 pub mod passthrough;
 pub mod quota_store;

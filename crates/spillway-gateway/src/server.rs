@@ -206,6 +206,8 @@ impl Gateway {
         let api = Router::new()
             .route("/v1/messages", post(routes::messages))
             .route("/v1/messages/count_tokens", post(routes::count_tokens))
+            .route("/v1/models", get(crate::models::list))
+            .route("/v1/models/{id}", get(crate::models::retrieve))
             .route(
                 "/v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model_action}",
                 post(routes::vertex_predict),
