@@ -9,9 +9,10 @@
 //!
 //! - **Headers**: more than `server.max_headers` fields, or more than
 //!   `server.max_header_bytes` of names and values, is a 431; a target past
-//!   `server.max_uri_bytes` is a 414. These are stricter than the library's
-//!   own limits, so the library's (which answer with an empty body) are not
-//!   the ones a client meets.
+//!   `server.max_uri_bytes` is a 414. The count and the target are checked
+//!   here before hyper's own (higher) limits; the whole head's size is also
+//!   hyper's read-buffer limit (`connections`), and past it hyper's 431 is
+//!   reshaped on the way out.
 //! - **Body**: a body that sends no byte for `server.body_idle_timeout_ms`,
 //!   or is not whole after `server.body_timeout_ms`, fails with
 //!   [`BodyTimedOut`]; the handler reading it answers 408 and the request

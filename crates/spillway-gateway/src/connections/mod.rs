@@ -95,6 +95,17 @@ pub fn raise_open_file_limit() -> Option<u64> {
     None
 }
 
+/// hyper's read buffer limit. Its buffer starts at 8 KiB and, whenever it
+/// reads while bytes are still buffered, doubles to 16 KiB if the limit
+/// allows: the second 8 KiB an open stream would hold for its whole life
+/// (BENCHMARKS.md, "where the 51 KiB per stream goes"). At 8 KiB it
+/// reuses its buffer instead. The limit must still hold a whole request
+/// head, so a larger `server.max_header_bytes` raises it.
+fn read_buffer_bytes(max_header_bytes: usize) -> usize {
+    const HYPER_MIN: usize = 8192;
+    max_header_bytes.max(HYPER_MIN)
+}
+
 /// What every connection task needs.
 struct Shared {
     builder: Builder<TokioExecutor>,
@@ -134,7 +145,8 @@ pub async fn serve(
         // Not hyper's header timeout: see `idle`.
         .header_read_timeout(None)
         // Above Spillway's own limit, so its 431 is the one clients see.
-        .max_headers(MAX_HEADERS_LIMIT + 100);
+        .max_headers(MAX_HEADERS_LIMIT + 100)
+        .max_buf_size(read_buffer_bytes(settings.max_header_bytes));
     builder.http2().timer(TokioTimer::new());
     let shared = Arc::new(Shared {
         builder,
