@@ -60,10 +60,6 @@ impl Lifecycle {
         self.stopped.is_cancelled()
     }
 
-    pub async fn draining(&self) {
-        self.draining.cancelled().await
-    }
-
     pub async fn closing(&self) {
         self.closing.cancelled().await
     }
