@@ -64,7 +64,59 @@ fn check_config_names_the_key_and_the_problem() {
 
     let (ok, _, stderr) = spillway(&["check-config", "/nonexistent/spillway.toml"]);
     assert!(!ok);
-    assert!(stderr.contains("file not found"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/spillway.toml") && stderr.contains("not found"),
+        "{stderr}"
+    );
+}
+
+/// The newcomer's config errors: printed once, all of them in one run,
+/// enum values listed, and the same report from `serve` and `check-config`.
+#[test]
+fn serve_and_check_config_report_every_problem_once_and_alike() {
+    let path = temp_config(
+        "many.toml",
+        "[server]\nauth = \"none\"\n[quota]\nstrategy = \"random\"\n[scheduler]\nmax_queue = 0.5\n\
+         [models.\"claude-3-haiku@20240307\"]\nregions = []\n",
+    );
+    let file = path.to_str().unwrap();
+    let (ok, _, checked) = spillway(&["check-config", file]);
+    assert!(!ok);
+    let (ok, _, served) = spillway(&["serve", "--config", file]);
+    assert!(!ok);
+    assert_eq!(checked, served, "check-config and serve disagree");
+    let expected = [
+        format!("quota.strategy: \"random\" is not one of most_headroom, ordered (set in {file})"),
+        format!("scheduler.max_queue: invalid type: floating point `0.5`, expected usize (set in {file})"),
+        format!("models.\"claude-3-haiku@20240307\".regions: must list at least one location, e.g. regions = [{{ name = \"us-central1\" }}] (set in {file})"),
+    ];
+    assert!(
+        checked.starts_with("spillway: 3 problems in the configuration:\n"),
+        "{checked}"
+    );
+    for line in &expected {
+        assert_eq!(
+            checked.matches(line.as_str()).count(),
+            1,
+            "{line:?} once in:\n{checked}"
+        );
+    }
+    assert!(
+        !checked.contains("RoutingStrategy") && !checked.contains("variant constructor"),
+        "{checked}"
+    );
+
+    let path = temp_config(
+        "headroom.toml",
+        "[server]\nauth = \"none\"\n[quota]\nheadroom = 1.5\n",
+    );
+    let (ok, _, stderr) = spillway(&["check-config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("spillway: quota.headroom: 1.5 is not in (0, 1]"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[test]

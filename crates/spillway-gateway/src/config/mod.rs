@@ -3,8 +3,11 @@
 //! Layers, lowest first: the defaults compiled in from `config/default.toml`,
 //! then each `--config` file, then environment variables named
 //! `SPILLWAY__SECTION__KEY` (double underscores, because keys themselves
-//! contain single ones). A bad value fails start-up with the key and the
-//! problem, never later on the request path.
+//! contain single ones). A bad configuration fails start-up, never later
+//! on the request path, with every problem at once: each names its key, the
+//! layer that set it, and for an enum the values it may take (`problems`,
+//! `layers`). `serve`, `check-config` and a SIGHUP reload all load through
+//! [`Settings::load_layers`], so they report the same.
 //!
 //! Secrets (the upstream static token) never leave this module unredacted:
 //! [`Settings::redacted_toml`] is what `spillway check-config` prints.
@@ -19,7 +22,11 @@ use spillway_core::catalog::LocationKind;
 use spillway_core::ledger::Limits;
 use spillway_core::{Catalog, CatalogError, ModelSpec, QuotaGroup, RegionBudget, VERTEX_PROVIDER};
 
+mod layers;
+mod problems;
 mod shared_quota;
+use layers::Layers;
+pub use problems::{Problem, Problems};
 pub use shared_quota::QuotaStoreKind;
 
 /// The defaults shipped with Spillway, embedded so the binary needs no files.
@@ -27,22 +34,17 @@ pub const DEFAULT_TOML: &str = include_str!("../../../../config/default.toml");
 /// The demo overlay (simulated upstream, no client auth on loopback).
 pub const DEMO_TOML: &str = include_str!("../../../../config/demo.toml");
 
+/// Why a configuration was refused. Neither variant has a source: the
+/// message is whole, so a printer that follows error chains shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A layer could not be read at all (a missing file, TOML syntax), so
+    /// nothing in it could be checked.
     #[error("{0}")]
-    Load(#[from] config::ConfigError),
-    #[error("{key}: {problem}")]
-    Invalid { key: String, problem: String },
-    /// The models do not make a catalog; the message names the key.
-    #[error(transparent)]
-    Catalog(#[from] CatalogError),
-}
-
-fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
+    Unreadable(String),
+    /// Every problem found, each with its key and layer.
+    #[error("{0}")]
+    Invalid(Problems),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -328,77 +330,76 @@ impl BatchSettings {
         }
     }
 
-    fn validate(&self, max_queue: usize) -> Result<(), ConfigError> {
+    fn check(&self, max_queue: usize, p: &mut Problems) {
         if !self.enabled {
-            return Ok(());
+            return;
         }
         match self.store {
             BatchStoreKind::Sqlite if self.sqlite_path.trim().is_empty() => {
-                return Err(invalid(
-                    "batch.sqlite_path",
-                    "must name a file (or \":memory:\")",
-                ));
+                p.add("batch.sqlite_path", "must name a file (or \":memory:\")");
             }
             BatchStoreKind::Postgres
                 if !(self.postgres_url.starts_with("postgres://")
                     || self.postgres_url.starts_with("postgresql://")) =>
             {
-                return Err(invalid(
+                p.add(
                     "batch.postgres_url",
                     "batch.store is \"postgres\": give a postgres://user@host/database URL",
-                ));
+                );
             }
             _ => {}
         }
         if self.concurrency == 0 || self.concurrency >= max_queue {
-            return Err(invalid(
+            p.add(
                 "batch.concurrency",
                 format!(
                     "must be 1 to {} (below scheduler.max_queue)",
                     max_queue.saturating_sub(1)
                 ),
-            ));
+            );
         }
         if self.max_item_attempts == 0 {
-            return Err(invalid("batch.max_item_attempts", "must be at least 1"));
+            p.add("batch.max_item_attempts", "must be at least 1");
         }
         if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
-            return Err(invalid(
+            p.add(
                 "batch.retry_base_ms",
                 "must be positive and at most batch.retry_max_ms",
-            ));
+            );
         }
         if self.retention_days == 0 {
-            return Err(invalid("batch.retention_days", "must be at least 1"));
+            p.add("batch.retention_days", "must be at least 1");
         }
         if self.max_requests == 0 || self.max_body_bytes < 1024 {
-            return Err(invalid(
+            p.add(
                 "batch.max_requests",
                 "max_requests must be positive and max_body_bytes at least 1024",
-            ));
+            );
         }
         if self.lease_secs < 3 {
-            return Err(invalid("batch.lease_secs", "must be at least 3"));
+            p.add("batch.lease_secs", "must be at least 3");
         }
         if self.postgres_max_connections == 0 || self.poll_ms == 0 {
-            return Err(invalid(
+            p.add(
                 "batch.poll_ms",
                 "poll_ms and postgres_max_connections must be positive",
-            ));
+            );
         }
         if !self.public_url.is_empty() {
-            let uri = self
-                .public_url
-                .parse::<http::Uri>()
-                .map_err(|e| invalid("batch.public_url", format!("not a URL: {e}")))?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(invalid(
-                    "batch.public_url",
-                    "must be an http:// or https:// URL with a host",
-                ));
+            match self.public_url.parse::<http::Uri>() {
+                Err(e) => p.add("batch.public_url", format!("not a URL: {e}")),
+                Ok(uri)
+                    if !matches!(uri.scheme_str(), Some("http" | "https"))
+                        || uri.host().is_none() =>
+                {
+                    p.add(
+                        "batch.public_url",
+                        "must be an http:// or https:// URL with a host",
+                    );
+                }
+                Ok(_) => {}
             }
         }
-        Ok(())
     }
 }
 
@@ -484,19 +485,53 @@ impl Settings {
         for file in files {
             builder = builder.add_source(File::from(file.as_path()).format(FileFormat::Toml));
         }
+        // Read once, so the layer that names a problem's origin is the
+        // environment the settings came from.
+        let env_vars = env.unwrap_or_else(|| std::env::vars().collect());
         let environment = Environment::with_prefix("SPILLWAY")
             .separator("__")
             .try_parsing(true)
-            .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+            .source(Some(env_vars.clone()));
+        let tree: serde_json::Value = builder
+            .add_source(environment)
+            .build()
+            .and_then(|merged| merged.try_deserialize())
+            .map_err(|e| ConfigError::Unreadable(e.to_string()))?;
+        let layers = Layers::new(overlays, files, &env_vars);
+        let mut problems = Problems::default();
+        let settings = layers::read_settings(&tree, &mut problems);
+        if let Some((settings, unread)) = &settings {
+            let mut checked = Problems::default();
+            settings.check(&mut checked);
+            // Rules that ran on a stand-in for an unreadable part say
+            // nothing about what the file holds.
+            for key in unread {
+                checked.forget_under(key);
+            }
+            problems.extend(checked);
+        }
+        problems.attribute(|key| layers.origin_of(key));
+        match settings {
+            Some((settings, _)) if problems.is_empty() => Ok(settings),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
     }
 
     /// Checks everything serde cannot: cross-field rules and value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Problems::default();
+        self.check(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Adds every broken rule to `p`.
+    fn check(&self, p: &mut Problems) {
         if self.server.max_body_bytes < 1024 {
-            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+            p.add("server.max_body_bytes", "must be at least 1024");
         }
         let s = &self.server;
         for (key, ms) in [
@@ -506,92 +541,91 @@ impl Settings {
             ("server.body_timeout_ms", s.body_timeout_ms),
         ] {
             if ms == 0 {
-                return Err(invalid(key, "must be positive"));
+                p.add(key, "must be positive");
             }
         }
         if s.max_headers == 0 || s.max_headers > MAX_HEADERS_LIMIT {
-            return Err(invalid(
+            p.add(
                 "server.max_headers",
                 format!("must be in 1..={MAX_HEADERS_LIMIT}"),
-            ));
+            );
         }
         if s.max_header_bytes < 1024 || s.max_header_bytes > MAX_HEADER_BYTES_LIMIT {
-            return Err(invalid(
+            p.add(
                 "server.max_header_bytes",
                 format!("must be in 1024..={MAX_HEADER_BYTES_LIMIT}"),
-            ));
+            );
         }
         if s.max_uri_bytes < 256 || s.max_uri_bytes > MAX_URI_BYTES_LIMIT {
-            return Err(invalid(
+            p.add(
                 "server.max_uri_bytes",
                 format!("must be in 256..={MAX_URI_BYTES_LIMIT}"),
-            ));
+            );
         }
         if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be positive"));
+            p.add("server.max_connections", "must be positive");
         }
         if s.shutdown_delay_ms > s.shutdown_grace_ms {
-            return Err(invalid(
+            p.add(
                 "server.shutdown_delay_ms",
                 "must not exceed server.shutdown_grace_ms (both count from the signal)",
-            ));
+            );
         }
         if self.server.auth == ClientAuth::None && !self.server.listen.ip().is_loopback() {
-            return Err(invalid(
+            p.add(
                 "server.auth",
                 format!(
                     "\"none\" is only allowed when server.listen is a loopback address, not {}",
                     self.server.listen
                 ),
-            ));
+            );
         }
         if self.server.auth == ClientAuth::ApiKey && self.tenants.is_empty() {
-            return Err(invalid(
+            p.add(
                 "tenants",
                 "server.auth is \"api_key\" but no [tenants.NAME] are configured (add one with a key from `spillway hash-key`, or set server.auth = \"none\" on loopback)",
-            ));
+            );
         }
         let up = &self.upstream;
         if !up.regional_url.contains("{region}") && !is_loopback_url(&up.regional_url) {
-            return Err(invalid(
+            p.add(
                 "upstream.regional_url",
                 "must contain {region} (only a loopback simulator URL may omit it)",
-            ));
+            );
+        } else {
+            check_url(
+                "upstream.regional_url",
+                &up.regional_url.replace("{region}", "r"),
+                p,
+            );
         }
-        check_url(
-            "upstream.regional_url",
-            &up.regional_url.replace("{region}", "r"),
-        )?;
-        check_url("upstream.global_url", &up.global_url)?;
+        check_url("upstream.global_url", &up.global_url, p);
         for (name, url) in &up.multi_region_urls {
-            check_url(&format!("upstream.multi_region_urls.{name}"), url)?;
+            check_url(&format!("upstream.multi_region_urls.{name}"), url, p);
         }
         if !up.project.is_empty() && !is_gcp_project_id(&up.project) {
-            return Err(invalid(
+            p.add(
                 "upstream.project",
                 format!(
                     "{:?} is not a GCP project id (6-30 of a-z, 0-9, -)",
                     up.project
                 ),
-            ));
+            );
         }
         if up.auth == UpstreamAuth::Static && up.token.is_empty() {
-            return Err(invalid(
+            p.add(
                 "upstream.token",
                 "upstream.auth is \"static\" but token is empty",
-            ));
+            );
         }
         if up.connect_timeout_ms == 0 || up.read_timeout_ms == 0 {
-            return Err(invalid(
-                "upstream.connect_timeout_ms",
-                "timeouts must be positive",
-            ));
+            p.add("upstream.connect_timeout_ms", "timeouts must be positive");
         }
         if self.quota.requests_per_min == 0 || self.quota.tokens_per_min == 0 {
-            return Err(invalid(
+            p.add(
                 "quota",
                 "requests_per_min and tokens_per_min must be positive",
-            ));
+            );
         }
         for (key, value) in [
             (
@@ -604,151 +638,174 @@ impl Settings {
             ),
         ] {
             if value == Some(0) {
-                return Err(invalid(
+                p.add(
                     key,
                     "a split quota must be positive (leave it out if your project has none)",
-                ));
+                );
             }
         }
         if spillway_core::learn::Quantile::new(self.quota.estimate_margin).is_none() {
-            return Err(invalid(
+            p.add(
                 "quota.estimate_margin",
                 format!(
                     "{} is not a quantile between 0.5 and 1 (0.95 reserves enough for 19 requests in 20)",
                     self.quota.estimate_margin
                 ),
-            ));
+            );
         }
         let (lo, hi) = (
             self.batch.interactive_reserve_min,
             self.batch.interactive_reserve_max,
         );
         if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) || lo > hi {
-            return Err(invalid(
+            p.add(
                 "batch.interactive_reserve_min",
                 format!("interactive_reserve_min ({lo}) and interactive_reserve_max ({hi}) must be fractions of the pool, min at most max"),
-            ));
+            );
+        }
+        let headroom = self.quota.headroom;
+        if !(headroom > 0.0 && headroom <= 1.0) {
+            p.add(
+                "quota.headroom",
+                format!("{headroom} is not in (0, 1]: it is the fraction of each quota Spillway plans to use (0.9 leaves 10% to others)"),
+            );
         }
         if self.quota.count_tokens_timeout_ms == 0 {
-            return Err(invalid("quota.count_tokens_timeout_ms", "must be positive"));
+            p.add("quota.count_tokens_timeout_ms", "must be positive");
         }
-        shared_quota::validate(&self.quota)?;
+        shared_quota::check(&self.quota, p);
         if self.models.is_empty() {
-            return Err(invalid("models", "at least one model must be configured"));
+            p.add("models", "at least one model must be configured");
         }
         for (id, model) in &self.models {
             let key = format!("models.{id:?}");
             if !spillway_vertex::is_valid_model_id(id) {
-                return Err(invalid(key, "not a valid Vertex model id"));
+                p.add(key, "not a valid Vertex model id");
+                continue;
+            }
+            if model.regions.is_empty() {
+                p.add(
+                    format!("{key}.regions"),
+                    "must list at least one location, e.g. regions = [{ name = \"us-central1\" }]",
+                );
             }
             if model
                 .chars_per_token
                 .is_some_and(|c| !(c > 0.0 && c.is_finite()))
             {
-                return Err(invalid(
+                p.add(
                     format!("{key}.chars_per_token"),
                     "must be a positive number",
-                ));
+                );
             }
             if model.context_window == 0 {
-                return Err(invalid(format!("{key}.context_window"), "must be positive"));
+                p.add(format!("{key}.context_window"), "must be positive");
             }
             if model
                 .quota_group
                 .as_deref()
                 .is_some_and(|g| g.trim().is_empty())
             {
-                return Err(invalid(
+                p.add(
                     format!("{key}.quota_group"),
                     "must name a lineage (e.g. \"anthropic-claude-sonnet\") or be left out",
-                ));
+                );
             }
             for (j, region) in model.regions.iter().enumerate() {
-                self.validate_location(&format!("{key}.regions[{j}]"), region)?;
+                self.check_location(&format!("{key}.regions[{j}]"), region, p);
             }
         }
-        self.catalog()?;
+        // The catalog repeats some of the checks above; its own (names used
+        // twice, buckets that disagree) are worth reading only without them.
+        let catalog = (!p.any_under("models")).then(|| self.catalog());
+        if let Some(Err(e)) = catalog {
+            // The catalog's messages start with their key.
+            let text = e.to_string();
+            match text.split_once(": ") {
+                Some((key, problem)) => p.add(key, problem),
+                None => p.add("models", text),
+            }
+        }
         let admin = &self.admin.key_sha256;
         if !admin.is_empty() && (admin.len() != 64 || hex::decode(admin).is_err()) {
-            return Err(invalid(
+            p.add(
                 "admin.key_sha256",
                 "must be 64 hex characters (the output of `spillway hash-key`), or empty",
-            ));
+            );
         }
-        self.batch.validate(self.scheduler.max_queue)?;
+        self.batch.check(self.scheduler.max_queue, p);
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
-                return Err(invalid("tenants", "a tenant name must not be empty"));
+                p.add("tenants", "a tenant name must not be empty");
             }
             if !(tenant.weight > 0.0 && tenant.weight.is_finite()) {
-                return Err(invalid(
+                p.add(
                     format!("tenants.{name}.weight"),
                     "must be a positive number",
-                ));
+                );
             }
             if tenant
                 .max_wait_ms
                 .is_some_and(|w| w > self.scheduler.max_wait_cap_ms)
             {
-                return Err(invalid(
+                p.add(
                     format!("tenants.{name}.max_wait_ms"),
                     "must not exceed scheduler.max_wait_cap_ms",
-                ));
+                );
             }
             if tenant.requests_per_min == Some(0) || tenant.tokens_per_min == Some(0) {
-                return Err(invalid(format!("tenants.{name}"), "caps must be positive"));
+                p.add(format!("tenants.{name}"), "caps must be positive");
             }
             for region in &tenant.regions {
                 if !is_region_name(region) {
-                    return Err(invalid(
+                    p.add(
                         format!("tenants.{name}.regions"),
                         format!("{region:?} is not a Vertex location name"),
-                    ));
+                    );
                 }
             }
             if tenant.key_sha256.len() != 64 || hex::decode(&tenant.key_sha256).is_err() {
-                return Err(invalid(
+                p.add(
                     format!("tenants.{name}.key_sha256"),
                     "must be 64 hex characters (the output of `spillway hash-key`)",
-                ));
+                );
             }
         }
-        Ok(())
     }
 
     /// One entry of a model's `regions`: a Vertex location (unless another
     /// provider serves it) with a host, and positive budgets.
-    fn validate_location(&self, key: &str, region: &RegionSettings) -> Result<(), ConfigError> {
+    fn check_location(&self, key: &str, region: &RegionSettings, p: &mut Problems) {
         let vertex = region
             .provider
             .as_deref()
             .is_none_or(|p| p == VERTEX_PROVIDER);
         if !is_region_name(&region.name) {
-            return Err(invalid(
+            p.add(
                 format!("{key}.name"),
                 format!("{:?} is not a location name", region.name),
-            ));
+            );
         }
         match LocationKind::of(&region.name) {
             None if vertex => {
-                return Err(invalid(
+                p.add(
                     format!("{key}.name"),
                     format!(
                         "{:?} is not a Vertex location: use \"global\", a multi-region (\"us\", \"eu\") or a region such as \"us-central1\" (or name the provider that serves it)",
                         region.name
                     ),
-                ));
+                );
             }
             Some(LocationKind::MultiRegion)
                 if vertex && !self.upstream.multi_region_urls.contains_key(&region.name) =>
             {
-                return Err(invalid(
+                p.add(
                     format!("upstream.multi_region_urls.{}", region.name),
                     format!(
                         "the multi-region {:?} is used by a model but has no host",
                         region.name
                     ),
-                ));
+                );
             }
             _ => {}
         }
@@ -759,13 +816,12 @@ impl Settings {
             ("output_tokens_per_min", region.output_tokens_per_min),
         ] {
             if value == Some(0) {
-                return Err(invalid(
+                p.add(
                     format!("{key}.{field}"),
                     "must be positive (leave it out for the [quota] default)",
-                ));
+                );
             }
         }
-        Ok(())
     }
 
     /// A location's limits: its own values, else the `[quota]` defaults.
@@ -840,39 +896,31 @@ impl Settings {
     }
 }
 
-/// Loads and validates a config file for `spillway check-config`.
+/// Loads and validates a config file for `spillway check-config`: the
+/// same path `spillway serve --config FILE` takes, so both report the same.
 pub fn check_file(path: &Path) -> Result<Settings, ConfigError> {
-    if !path.exists() {
-        return Err(invalid(path.display().to_string(), "file not found"));
-    }
     Settings::load(&[path.to_path_buf()])
 }
 
-fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    let parsed = url
-        .parse::<http::Uri>()
-        .map_err(|e| invalid(key, format!("{url:?} is not a URL: {e}")))?;
+fn check_url(key: &str, url: &str, p: &mut Problems) {
+    let parsed = match url.parse::<http::Uri>() {
+        Ok(parsed) => parsed,
+        Err(e) => return p.add(key, format!("{url:?} is not a URL: {e}")),
+    };
     match parsed.scheme_str() {
         Some("https") => {}
         Some("http") if is_loopback_url(url) => {}
         Some("http") => {
-            return Err(invalid(
-                key,
-                "plain http is only allowed to a loopback address",
-            ));
+            p.add(key, "plain http is only allowed to a loopback address");
         }
-        _ => return Err(invalid(key, format!("{url:?} must start with https://"))),
+        _ => p.add(key, format!("{url:?} must start with https://")),
     }
     if parsed.host().is_none_or(str::is_empty) {
-        return Err(invalid(key, format!("{url:?} has no host")));
+        p.add(key, format!("{url:?} has no host"));
     }
     if parsed.path() != "/" && !parsed.path().is_empty() {
-        return Err(invalid(
-            key,
-            "give the scheme and host only; Spillway adds /v1/...",
-        ));
+        p.add(key, "give the scheme and host only; Spillway adds /v1/...");
     }
-    Ok(())
 }
 
 fn is_loopback_url(url: &str) -> bool {
@@ -1146,6 +1194,115 @@ regions = [
         // Another provider's location may have any name.
         let ok = "[models.\"claude-3-haiku@20240307\"]\nregions = [{ name = \"elsewhere\", provider = \"canned\" }]\n";
         assert!(Settings::load_layers(&[DEMO_TOML, ok], &[], env(&[])).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(
+            &file,
+            r#"
+[quota]
+strategy = "random"
+headroom = 1.5
+[scheduler]
+max_queue = "many"
+[models."claude-3-haiku@20240307"]
+regions = []
+[models."claude-3-sonnet@20240229"]
+regions = [{ name = "us-central1", requests_per_min = "x" }]
+[tenants.a]
+key_sha256 = "short"
+"#,
+        )
+        .unwrap();
+        let err = Settings::load_layers(
+            &[DEMO_TOML],
+            &[file.clone()],
+            env(&[("SPILLWAY__SERVER__MAX_BODY_BYTES", "10")]),
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let at = |key: &str| {
+            shown
+                .iter()
+                .find(|line| line.starts_with(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("no problem for {key} in {shown:#?}"))
+                .clone()
+        };
+        let f = file.display();
+        assert_eq!(
+            at("quota.strategy"),
+            format!("quota.strategy: \"random\" is not one of most_headroom, ordered (set in {f})")
+        );
+        assert!(
+            at("scheduler.max_queue").contains("invalid type"),
+            "{shown:#?}"
+        );
+        assert!(at("scheduler.max_queue").ends_with(&format!("(set in {f})")));
+        assert!(
+            at("models.\"claude-3-sonnet@20240229\".regions[0].requests_per_min")
+                .contains("invalid type")
+        );
+        assert!(at("models.\"claude-3-haiku@20240307\".regions").contains("at least one location"));
+        assert!(at("tenants.a.key_sha256").contains("64 hex"));
+        assert_eq!(
+            at("server.max_body_bytes"),
+            "server.max_body_bytes: must be at least 1024 (set in the environment variable SPILLWAY__SERVER__MAX_BODY_BYTES)"
+        );
+        // quota could not be read (strategy), so its other rules are not
+        // guessed from the defaults: headroom is reported on the next run.
+        assert_eq!(problems.len(), 6, "{shown:#?}");
+        assert!(err
+            .to_string()
+            .starts_with("6 problems in the configuration:\n  - "));
+
+        // With the enum fixed, the range rule speaks.
+        std::fs::write(&file, "[quota]\nheadroom = 1.5\n").unwrap();
+        let err = Settings::load_layers(&[DEMO_TOML], &[file.clone()], env(&[])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("quota.headroom: 1.5 is not in (0, 1]: it is the fraction of each quota Spillway plans to use (0.9 leaves 10% to others) (set in {f})")
+        );
+        for ok in ["1.0", "0.5", "1"] {
+            std::fs::write(&file, format!("[quota]\nheadroom = {ok}\n")).unwrap();
+            assert!(Settings::load_layers(&[DEMO_TOML], &[file.clone()], env(&[])).is_ok());
+        }
+        for bad in ["0", "-1", "0.0"] {
+            std::fs::write(&file, format!("[quota]\nheadroom = {bad}\n")).unwrap();
+            assert!(Settings::load_layers(&[DEMO_TOML], &[file.clone()], env(&[])).is_err());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_unreadable_files_say_so_once() {
+        let err = Settings::load_layers(
+            &[DEMO_TOML, "[server]\nlisten_port = 1\n[extra]\n"],
+            &[],
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("server.listen_port: unknown key (known here: listen, "),
+            "{err}"
+        );
+        assert!(err.contains("extra: unknown section"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broken.toml");
+        std::fs::write(&file, "[quota\n").unwrap();
+        let err = Settings::load(&[file.clone()]).unwrap_err();
+        assert!(matches!(err, ConfigError::Unreadable(_)), "{err}");
+        assert!(err.to_string().contains("broken.toml"), "{err}");
+        assert!(std::error::Error::source(&err).is_none());
+        let missing = dir.path().join("missing.toml");
+        let err = check_file(&missing).unwrap_err().to_string();
+        assert!(err.contains("missing.toml"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, ConfigError, QuotaDefaults};
+use super::{Problems, QuotaDefaults};
 
 /// Where the ledgers live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -30,29 +30,26 @@ pub fn default_redis_lease_ms() -> u64 {
 }
 
 /// The `quota.store`, `quota.redis_*` and `quota.replicas` rules.
-pub fn validate(q: &QuotaDefaults) -> Result<(), ConfigError> {
+pub fn check(q: &QuotaDefaults, p: &mut Problems) {
     if q.store == QuotaStoreKind::Redis {
         let url = q.redis_url.as_str();
         if !["redis://", "rediss://", "unix://", "redis+unix://"]
             .iter()
             .any(|scheme| url.starts_with(scheme))
         {
-            return Err(invalid(
+            p.add(
                 "quota.redis_url",
                 "quota.store is \"redis\": must be a redis://host:port[/db] URL (or rediss://, unix://)",
-            ));
+            );
         }
         if url.starts_with("rediss://") {
-            return Err(invalid(
+            p.add(
                 "quota.redis_url",
                 "rediss:// (TLS) is not built in: reach Redis on a private network or through a TLS tunnel",
-            ));
+            );
         }
         if let Err(e) = spillway_redis::check_url(url) {
-            return Err(invalid(
-                "quota.redis_url",
-                format!("not a valid Redis URL: {e}"),
-            ));
+            p.add("quota.redis_url", format!("not a valid Redis URL: {e}"));
         }
     }
     let prefix = &q.redis_key_prefix;
@@ -62,28 +59,24 @@ pub fn validate(q: &QuotaDefaults) -> Result<(), ConfigError> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c))
     {
-        return Err(invalid(
+        p.add(
             "quota.redis_key_prefix",
             "must be 1-64 of A-Z a-z 0-9 - _ : .",
-        ));
+        );
     }
     if !(1..=10_000).contains(&q.redis_timeout_ms) {
-        return Err(invalid(
-            "quota.redis_timeout_ms",
-            "must be between 1 and 10000",
-        ));
+        p.add("quota.redis_timeout_ms", "must be between 1 and 10000");
     }
     if q.redis_lease_ms > 1_000 {
-        return Err(invalid(
+        p.add(
             "quota.redis_lease_ms",
             "must be at most 1000 (0 turns leases off)",
-        ));
+        );
     }
     if q.replicas > 1_000 {
-        return Err(invalid(
+        p.add(
             "quota.replicas",
             "must be 0 (count live replicas) or at most 1000",
-        ));
+        );
     }
-    Ok(())
 }
