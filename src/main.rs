@@ -1,8 +1,9 @@
 //! `spillway`: the command line.
 //!
 //! - `spillway serve [--config FILE]...`: run the gateway.
-//! - `spillway demo`: the gateway in front of the bundled Vertex simulator,
-//!   needing no Google account.
+//! - `spillway demo [--load]`: the gateway in front of the bundled Vertex
+//!   simulator, needing no Google account, with the admin API on and,
+//!   with `--load`, synthetic traffic to watch (see `demo`).
 //! - `spillway check-config FILE`: validate a config and print the effective
 //!   settings with secrets redacted.
 //! - `spillway status`: the live quota table from the admin API.
@@ -17,13 +18,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use spillway_gateway::config::{check_file, LogFormat, Settings, DEMO_TOML};
+use spillway_gateway::config::{check_file, LogFormat, Settings};
 use spillway_gateway::Gateway;
-use spillway_sim::{SimConfig, Simulator};
 
 #[cfg(all(target_os = "linux", not(target_env = "msvc")))]
 mod allocator;
 mod batch_cli;
+mod demo;
 mod status;
 
 #[derive(Parser)]
@@ -53,6 +54,15 @@ enum Command {
         /// Where the simulator listens (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:0")]
         sim_listen: SocketAddr,
+        /// The admin API's key for this run; unset, a new one is printed.
+        #[arg(long, env = "SPILLWAY_ADMIN_KEY", hide_env_values = true)]
+        admin_key: Option<String>,
+        /// Send bounded synthetic traffic from three tenants (and a batch).
+        #[arg(long)]
+        load: bool,
+        /// How long `--load` sends, in seconds.
+        #[arg(long, default_value_t = 120, requires = "load")]
+        load_secs: u64,
     },
     /// Validate a config file and print the effective config, secrets redacted.
     CheckConfig { file: PathBuf },
@@ -92,7 +102,21 @@ fn main() -> ExitCode {
             let settings = Settings::load(&config)?;
             serve(settings, config).await
         }),
-        Command::Demo { listen, sim_listen } => run(|| demo(listen, sim_listen)),
+        Command::Demo {
+            listen,
+            sim_listen,
+            admin_key,
+            load,
+            load_secs,
+        } => run(|| {
+            demo::run(demo::DemoArgs {
+                listen,
+                sim_listen,
+                admin_key,
+                load,
+                load_secs,
+            })
+        }),
         Command::Batch(args) => run(|| batch_cli::run(args)),
         Command::Status {
             url,
@@ -197,38 +221,6 @@ fn reload_on_sighup(gateway: &Gateway, files: Vec<PathBuf>) {
     }
     #[cfg(not(unix))]
     let _ = (gateway, files);
-}
-
-async fn demo(listen: SocketAddr, sim_listen: SocketAddr) -> anyhow::Result<()> {
-    let mut sim_config = SimConfig::vertex_defaults();
-    sim_config.bearer_token = Some("demo-upstream-token".into());
-    let sim = Simulator::start(sim_config, sim_listen)
-        .await
-        .context("starting the Vertex simulator")?;
-    let sim_url = sim.base_url();
-    let env = [
-        ("SPILLWAY__UPSTREAM__REGIONAL_URL", sim_url.as_str()),
-        ("SPILLWAY__UPSTREAM__GLOBAL_URL", sim_url.as_str()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .chain(std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")))
-    .chain([("SPILLWAY__SERVER__LISTEN".to_string(), listen.to_string())])
-    .collect();
-    let settings = Settings::load_layers(&[DEMO_TOML], &[], Some(env))?;
-    let _flush_logs = init_logging(settings.server.log_format);
-    let gateway = Gateway::new(settings).await?;
-    let listener = gateway.bind().await?;
-    let addr = listener.local_addr()?;
-    println!("Spillway demo: gateway on http://{addr}, simulated Vertex AI on {sim_url}");
-    println!("Try:");
-    println!(
-        "  curl -s http://{addr}/v1/messages -H 'content-type: application/json' \\\n    -d '{{\"model\":\"claude-3-haiku@20240307\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello, Claude\"}}]}}'"
-    );
-    println!("Press Ctrl-C to stop.");
-    gateway.serve(listener, shutdown_signal()).await?;
-    sim.shutdown().await;
-    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -141,7 +141,13 @@ pub async fn require_tenant(
 ) -> Response {
     let keys = keys.current();
     let tenant = match keys.mode {
-        ClientAuth::None => keys.anonymous.clone(),
+        // No key is required, but a configured tenant's key still names
+        // its tenant: the demo's synthetic tenants, or a team trying its
+        // key against a local gateway, are counted as who they are.
+        ClientAuth::None => presented_key(request.headers())
+            .and_then(|k| keys.authenticate(k))
+            .unwrap_or(&keys.anonymous)
+            .clone(),
         ClientAuth::ApiKey => {
             let found = presented_key(request.headers()).and_then(|k| keys.authenticate(k));
             match found {
