@@ -128,3 +128,150 @@ async fn a_stream_is_counted_once_with_its_outcome() {
         "{text}"
     );
 }
+
+/// `spillway status` (the real binary, polling the admin API of a real
+/// `spillway serve`) and the other non-model calls — health, readiness,
+/// scrapes, the model catalog, an unknown path — are counted by surface and
+/// route in `spillway_http_requests_total`, and add no sample at all to
+/// `spillway_requests_total`, which counts model requests only. (Before,
+/// each admin call was a `spillway_requests_total{model="-",tenant="-"}`
+/// request: a running `spillway status` made ~0.5 phantom requests/s.)
+///
+/// `SPILLWAY_BIN=<an older build>` runs the same test against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_ops_calls_are_not_model_requests() {
+    use spillway_gateway::auth::hash_key;
+    use support::binary::{free_port, serve, wait_healthy};
+
+    const ADMIN: &str = "sk-spw-admin-metrics-test";
+    let mut sim_config = spillway_sim::SimConfig::vertex_defaults();
+    sim_config.bearer_token = Some(UPSTREAM_TOKEN.into());
+    let sim = spillway_sim::Simulator::start(sim_config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("spillway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+auth = "none"
+[upstream]
+project = "metrics-test"
+regional_url = "{sim}"
+global_url = "{sim}"
+auth = "static"
+token = "{UPSTREAM_TOKEN}"
+[admin]
+key_sha256 = "{digest}"
+"#,
+            sim = sim.base_url(),
+            digest = hash_key(ADMIN),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("spillway.log");
+    let http = reqwest::Client::new();
+    let mut gateway = serve(&config, &log);
+    wait_healthy(&http, &url, &mut gateway).await;
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // One model request, so spillway_requests_total has a sample to keep.
+    let r = http
+        .post(format!("{url}/v1/messages"))
+        .json(&hello(HAIKU))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", logs());
+    let scrape = || {
+        let get = http.get(format!("{url}/metrics"));
+        async move { get.send().await.unwrap().text().await.unwrap() }
+    };
+    let model_requests = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("spillway_requests_total"))
+            .map(String::from)
+            .collect()
+    };
+    let before = model_requests(&scrape().await);
+    assert_eq!(
+        before,
+        [format!(
+            "spillway_requests_total{{model=\"{HAIKU}\",outcome=\"ok\",tenant=\"anonymous\"}} 1"
+        )]
+    );
+
+    // What an operator's terminal does: `spillway status`, three refreshes.
+    const POLLS: usize = 3;
+    for _ in 0..POLLS {
+        let args = ["status", "--once", "--url", &url, "--admin-key", ADMIN].map(String::from);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(HAIKU),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+    }
+    // Probes, the catalog, a wrong admin key, a path with no route.
+    for (path, key, status) in [
+        ("/healthz", None, 200),
+        ("/readyz", None, 200),
+        ("/v1/models", None, 200),
+        ("/admin/quotas", Some("wrong"), 401),
+        ("/no/such/path", None, 404),
+    ] {
+        let mut r = http.get(format!("{url}{path}"));
+        if let Some(key) = key {
+            r = r.header("x-api-key", key);
+        }
+        assert_eq!(r.send().await.unwrap().status(), status, "GET {path}");
+    }
+
+    let text = scrape().await;
+    assert_eq!(
+        model_requests(&text),
+        before,
+        "admin, ops, catalog and unrouted calls added model-request samples:\n{text}"
+    );
+    assert!(!text.contains("outcome=\"error\""), "{text}");
+    let http_requests = |surface: &str, route: &str, status: &str| {
+        series_value(
+            &text,
+            &format!(
+                "spillway_http_requests_total{{route=\"{route}\",status=\"{status}\",surface=\"{surface}\"}}"
+            ),
+        )
+    };
+    // `spillway status` reads the quotas and the shares on each refresh.
+    assert_eq!(http_requests("admin", "/admin/quotas", "200"), POLLS as f64);
+    assert_eq!(http_requests("admin", "/admin/shares", "200"), POLLS as f64);
+    assert_eq!(http_requests("admin", "/admin/quotas", "401"), 1.0);
+    assert_eq!(http_requests("model", "/v1/messages", "200"), 1.0);
+    assert_eq!(http_requests("models", "/v1/models", "200"), 1.0);
+    assert_eq!(http_requests("ops", "/readyz", "200"), 1.0);
+    assert!(http_requests("ops", "/healthz", "200") >= 1.0);
+    assert_eq!(
+        http_requests("ops", "/metrics", "200"),
+        1.0,
+        "the first scrape"
+    );
+    // Unrouted: `-`, never the raw path (the label stays bounded).
+    assert_eq!(http_requests("other", "-", "404"), 1.0);
+    assert!(!text.contains("/no/such/path"), "{text}");
+
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+}

@@ -2,11 +2,14 @@
 //! upstream health.
 //!
 //! Two kinds of series:
-//! - **Events**, counted or observed on the request path: requests by
-//!   outcome, upstream calls by status, spillovers and fallbacks, tokens,
-//!   estimation error, admission and queue-wait time, upstream latency and
-//!   time to first token. Label values are bounded — tenant, model, region,
-//!   outcome, status class — never a request id. Observations reuse the
+//! - **Events**, counted or observed on the request path: model requests
+//!   by outcome (`spillway_requests_total`), every HTTP request by surface,
+//!   route and status (`spillway_http_requests_total`: admin and ops calls
+//!   are counted there, never as model requests), upstream calls by
+//!   status, spillovers and fallbacks, tokens, estimation error, admission
+//!   and queue-wait time, upstream latency and time to first token. Label
+//!   values are bounded — tenant, model, region, outcome, status class,
+//!   route template — never a request id or a raw path. Observations reuse the
 //!   label-set's handle; nothing is allocated per request beyond the
 //!   crate's own lookups.
 //! - **State**, read at scrape time from the quota store and the
@@ -41,6 +44,7 @@ const RATIO_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
+    pub http_requests: IntCounterVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_rate_limited: IntCounterVec,
     pub upstream_capacity_limited: IntCounterVec,
@@ -175,7 +179,8 @@ impl Metrics {
         r.register(Box::new(auth_failures.clone()))
             .expect("unique metric");
         Self {
-            requests: counter(&r, "spillway_requests_total", "Client requests by how they ended.", &["tenant", "model", "outcome"]),
+            requests: counter(&r, "spillway_requests_total", "Model requests (messages, count_tokens, Vertex predict; batch items) by how they ended. Admin, batch-API, catalog, health and metrics calls are not counted here: see spillway_http_requests_total.", &["tenant", "model", "outcome"]),
+            http_requests: counter(&r, "spillway_http_requests_total", "Every HTTP request answered, by surface (model, batches, models, admin, ops: health, readiness and metrics; other: no route), route template (\"-\" when none matched) and status.", &["surface", "route", "status"]),
             upstream_requests: counter(&r, "spillway_upstream_requests_total", "Requests sent to Vertex AI, by answer (status code, or transport).", &["region", "model", "status"]),
             upstream_rate_limited: counter(&r, "spillway_upstream_429_total", "Upstream 429s: the real quota was lower than the ledger believed.", &["region", "model"]),
             upstream_capacity_limited: counter(&r, "spillway_upstream_capacity_429_total", "Upstream 429s that name no quota metric: Google's shared capacity ran short (not this project's quota). Also counted in spillway_upstream_429_total.", &["region", "model"]),

@@ -11,12 +11,17 @@
 //!   happen, because a dashboard wants them before the request ends.
 //! - [`observe_requests`] is the outermost HTTP layer. It gives every
 //!   request an id (`request-id` on every response, as Anthropic's API
-//!   does) and records every request when its response is done: a
-//!   forwarded call from the [`RequestRecord`] its response carries (for a
-//!   stream, when the body ends or the client drops it), anything else
-//!   (bad auth, bad JSON, admin and batch API calls) from method, path and
-//!   status. The batch runner, which has no HTTP response, records its items
-//!   with the same [`Observer::record`].
+//!   does), counts every HTTP request by surface, route template and status
+//!   (`spillway_http_requests_total`), and records every model request when
+//!   its response is done: a forwarded call from the [`RequestRecord`] its
+//!   response carries (for a stream, when the body ends or the client drops
+//!   it), a model request refused before forwarding (bad auth, bad JSON)
+//!   from method, path and status. Admin, batch-API, catalog, health and
+//!   metrics calls are not model requests: they are logged (health and
+//!   metrics not even that) but never counted in `spillway_requests_total`,
+//!   so a running `spillway status` or a scraper adds nothing there. The
+//!   batch runner, which has no HTTP response, records its items with the
+//!   same [`Observer::record`].
 //!
 //! So no request goes unrecorded, none is recorded twice, and inner code
 //! never reaches back to tell an outer layer what it did.
@@ -27,7 +32,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::{Stream, StreamExt};
@@ -165,9 +170,18 @@ impl Observer {
         );
     }
 
-    /// A request that never became a forwarded call (refused by auth or
-    /// validation, an unknown route, an admin or batch API call).
-    fn record_plain(&self, request_id: &RequestId, method: &http::Method, path: &str, status: u16) {
+    /// A request that never became a forwarded call: a model request
+    /// refused by auth or validation (counted as a model request, with
+    /// tenant and model `-`), or a call to another surface (an admin, batch
+    /// or catalog call, an unknown route: only logged).
+    fn record_plain(
+        &self,
+        request_id: &RequestId,
+        method: &http::Method,
+        path: &str,
+        status: u16,
+        surface: Surface,
+    ) {
         let outcome = match status {
             200..=299 => "ok",
             401 => "unauthenticated",
@@ -176,19 +190,30 @@ impl Observer {
             400..=499 => "invalid",
             _ => "error",
         };
-        self.metrics
-            .requests
-            .with_label_values(&["-", "-", outcome])
-            .inc();
+        if surface == Surface::Model {
+            self.metrics
+                .requests
+                .with_label_values(&["-", "-", outcome])
+                .inc();
+        }
         tracing::info!(
             target: "spillway::request",
             request_id = %request_id,
             %method,
             path = %path,
+            surface = surface.label(),
             status,
             outcome,
             "request"
         );
+    }
+
+    /// One HTTP request answered, whatever its surface.
+    fn counted_http(&self, surface: Surface, route: &str, status: u16) {
+        self.metrics
+            .http_requests
+            .with_label_values(&[surface.label(), route, status_label(status)])
+            .inc();
     }
 
     /// One admission: its wait, where it went (spillover from the primary,
@@ -300,8 +325,66 @@ pub struct Admission<'a> {
     pub reserved: Charge,
 }
 
-/// The outermost layer: a request id for every request, and every request
-/// recorded once its response is done.
+/// What part of the gateway a request is for, from its path: only
+/// [`Surface::Model`] requests are model requests (`spillway_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Messages, count_tokens, Vertex predict: what quota is for.
+    Model,
+    /// The Message Batches API (its items are model requests of their own).
+    Batches,
+    /// The model catalog (`/v1/models`).
+    Models,
+    /// The admin API.
+    Admin,
+    /// Health, readiness, metrics.
+    Ops,
+    /// No route of the gateway's.
+    Other,
+}
+
+impl Surface {
+    pub fn of(path: &str) -> Self {
+        match path {
+            "/v1/messages" | "/v1/messages/count_tokens" => Self::Model,
+            "/healthz" | "/readyz" | "/metrics" => Self::Ops,
+            p if p.starts_with("/v1/projects/") => Self::Model,
+            p if p == "/v1/messages/batches" || p.starts_with("/v1/messages/batches/") => {
+                Self::Batches
+            }
+            p if p == "/v1/models" || p.starts_with("/v1/models/") => Self::Models,
+            p if p == "/admin" || p.starts_with("/admin/") => Self::Admin,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Batches => "batches",
+            Self::Models => "models",
+            Self::Admin => "admin",
+            Self::Ops => "ops",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A route layer: hands the matched route template to [`observe_requests`]
+/// on the response (the outer layer runs before routing, so the request's
+/// own `MatchedPath` never reaches it).
+pub async fn note_route(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// The outermost layer: a request id for every request, every HTTP request
+/// counted by surface, route and status, and every model request recorded
+/// once its response is done.
 pub async fn observe_requests(
     State(observer): State<Observer>,
     mut request: Request,
@@ -313,8 +396,18 @@ pub async fn observe_requests(
     request.extensions_mut().insert(request_id.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let surface = Surface::of(&path);
     let mut response = next.run(request).await;
     response.headers_mut().insert("request-id", header);
+    // The template (`/admin/regions/{region}/drain`), never the raw path:
+    // the label stays bounded. `-` when no route answered (unknown path,
+    // or refused by an outer layer first).
+    let route = response.extensions_mut().remove::<MatchedPath>();
+    observer.counted_http(
+        surface,
+        route.as_ref().map_or("-", |r| r.as_str()),
+        response.status().as_u16(),
+    );
     match response.extensions_mut().remove::<RequestRecord>() {
         Some(RequestRecord::Done {
             trace,
@@ -330,9 +423,14 @@ pub async fn observe_requests(
             response = Response::from_parts(parts, Body::from_stream(body));
         }
         None => {
-            let quiet = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
-            if !quiet {
-                observer.record_plain(&request_id, &method, &path, response.status().as_u16());
+            if surface != Surface::Ops {
+                observer.record_plain(
+                    &request_id,
+                    &method,
+                    &path,
+                    response.status().as_u16(),
+                    surface,
+                );
             }
         }
     }
@@ -381,5 +479,36 @@ where
 impl<S> Drop for RecordOnEnd<S> {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Surface;
+
+    #[test]
+    fn only_model_paths_are_model_requests() {
+        for (path, surface) in [
+            ("/v1/messages", Surface::Model),
+            ("/v1/messages/count_tokens", Surface::Model),
+            (
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/m:rawPredict",
+                Surface::Model,
+            ),
+            ("/v1/messages/batches", Surface::Batches),
+            ("/v1/messages/batches/msgbatch_1/results", Surface::Batches),
+            ("/v1/models", Surface::Models),
+            ("/v1/models/claude-3-haiku@20240307", Surface::Models),
+            ("/admin/quotas", Surface::Admin),
+            ("/admin/regions/us-central1/drain", Surface::Admin),
+            ("/healthz", Surface::Ops),
+            ("/readyz", Surface::Ops),
+            ("/metrics", Surface::Ops),
+            ("/administrator", Surface::Other),
+            ("/v1/messagesx", Surface::Other),
+            ("/", Surface::Other),
+        ] {
+            assert_eq!(Surface::of(path), surface, "{path}");
+        }
     }
 }

@@ -244,6 +244,8 @@ impl Gateway {
             .route("/metrics", get(metrics_handler))
             .merge(api)
             .merge(admin)
+            // The matched route template, for the observer's HTTP counter.
+            .route_layer(middleware::from_fn(crate::observer::note_route))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             // Handlers enforce the configured limit themselves, with an
