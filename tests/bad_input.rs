@@ -186,13 +186,22 @@ async fn malformed_json_wrong_type_and_oversize() {
     assert_eq!(h.sim.total_requests(), 0);
 }
 
-#[tokio::test]
-async fn a_model_no_region_serves() {
-    let h = Harness::start("[models.\"claude-3-sonnet@20240229\"]\nregions = []\n").await;
-    let response = h.post_json("/v1/messages", &hello(SONNET)).await;
-    let m = expect_error(response, 400, "invalid_request_error").await;
-    assert!(m.contains("not served in any configured region"), "{m}");
-    assert_eq!(h.sim.total_requests(), 0);
+#[test]
+fn a_model_with_no_region_is_a_config_error() {
+    // Such a model used to start and refuse every request; it is now a
+    // config error, found before anything is served.
+    let overlay = "[models.\"claude-3-sonnet@20240229\"]\nregions = []\n";
+    let err = spillway_gateway::config::Settings::load_layers(
+        &[spillway_gateway::config::DEMO_TOML, overlay],
+        &[],
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("models.\"claude-3-sonnet@20240229\".regions: must list at least one location"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
