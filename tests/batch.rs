@@ -148,6 +148,62 @@ async fn counts_move_while_the_batch_runs_and_quota_is_never_exceeded() {
     assert_eq!(h.sim.counters("us-central1", HAIKU).rate_limited, 0);
 }
 
+/// `spillway_batch_oldest_age_seconds` and `spillway_batch_oldest_requests`
+/// follow the oldest batch in progress (the one being worked on), then the
+/// next, then read 0 when none is left: enough for a dashboard's ETA.
+#[tokio::test(start_paused = true)]
+async fn metrics_follow_the_oldest_batch_in_progress() {
+    let h = Harness::start(ONE_REGION).await;
+    let oldest = |text: &str, status: &str| {
+        series_value(
+            text,
+            &format!("spillway_batch_oldest_requests{{status=\"{status}\"}}"),
+        )
+    };
+    let age = |text: &str| series_value(text, "spillway_batch_oldest_age_seconds");
+    let idle = h.metrics().await;
+    assert_eq!((age(&idle), oldest(&idle, "processing")), (0.0, 0.0));
+
+    // 60 requests a minute: the first batch takes about 2.5 minutes.
+    let first = submit(&h, items(150)).await;
+    let first = first["id"].as_str().unwrap().to_string();
+    sleep(Duration::from_secs(5)).await;
+    let second = submit(&h, items(10)).await;
+    let second = second["id"].as_str().unwrap().to_string();
+    sleep(Duration::from_secs(65)).await;
+    let text = h.metrics().await;
+    assert!((69.0..75.0).contains(&age(&text)), "{text}");
+    let done = oldest(&text, "succeeded");
+    assert!((55.0..=80.0).contains(&done), "{text}");
+    assert_eq!(done + oldest(&text, "processing"), 150.0, "{text}");
+    for status in ["errored", "canceled", "expired"] {
+        assert_eq!(oldest(&text, status), 0.0, "{status}");
+    }
+    let mid = retrieve(&h, &first).await;
+    assert!(
+        (count(&mid, "succeeded") as f64 - done).abs() <= 2.0,
+        "{mid}\n{text}"
+    );
+
+    // The first ends: the second, 5 s younger, is the oldest now.
+    wait_ended(&h, &first, Duration::from_secs(240)).await;
+    let text = h.metrics().await;
+    let total: f64 = ["processing", "succeeded", "errored", "canceled", "expired"]
+        .iter()
+        .map(|s| oldest(&text, s))
+        .sum();
+    assert_eq!(total, 10.0, "{text}");
+    assert!(age(&text) > 60.0, "{text}");
+    wait_ended(&h, &second, Duration::from_secs(60)).await;
+    let text = h.metrics().await;
+    assert_eq!(
+        (age(&text), oldest(&text, "processing")),
+        (0.0, 0.0),
+        "{text}"
+    );
+    assert_eq!(oldest(&text, "succeeded"), 0.0, "{text}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn cancel_midway_keeps_what_finished_and_cancels_the_rest() {
     let h = Harness::start(ONE_REGION).await;

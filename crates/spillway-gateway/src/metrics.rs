@@ -20,7 +20,7 @@
 //! counters, base units (`_seconds`, tokens).
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use spillway_core::shares::TenantShare;
@@ -81,6 +81,8 @@ pub struct Metrics {
     batch_requests: IntGaugeVec,
     batches: IntGaugeVec,
     batch_items_completed: IntCounterVec,
+    batch_oldest_age: Gauge,
+    batch_oldest_requests: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -134,6 +136,18 @@ pub struct BatchSnapshot {
     pub processing: i64,
     /// Items finished since start, by result (monotonic).
     pub completed: Vec<(&'static str, i64)>,
+    /// The oldest batch in progress, if any.
+    pub oldest: Option<OldestBatch>,
+}
+
+/// The oldest batch in progress: how long it has run and how far it is.
+#[derive(Debug, Default, Clone)]
+pub struct OldestBatch {
+    /// Since the batch was created.
+    pub age_secs: f64,
+    /// Its requests by status (`processing`, `succeeded`, `errored`,
+    /// `canceled`, `expired`), as its `request_counts`.
+    pub requests: [(&'static str, i64); 5],
 }
 
 /// What a scrape needs from the rest of the gateway.
@@ -217,6 +231,12 @@ impl Metrics {
             batch_requests: int_gauge(&r, "spillway_batch_requests", "Batch requests by processing state.", &["status"]),
             batches: int_gauge(&r, "spillway_batches", "Batches by processing status (in_progress, canceling, ended).", &["status"]),
             batch_items_completed: counter(&r, "spillway_batch_items_completed_total", "Batch items finished by this replica, by result.", &["result"]),
+            batch_oldest_age: {
+                let g = Gauge::new("spillway_batch_oldest_age_seconds", "Age of the oldest batch in progress (the one the runner works on: items are claimed in batch order), since it was created; 0 when none is.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            batch_oldest_requests: int_gauge(&r, "spillway_batch_oldest_requests", "Requests of the oldest batch in progress by status (processing, succeeded, errored, canceled, expired), as its request_counts; all 0 when no batch is in progress. ETA: processing over the rate of spillway_batch_items_completed_total.", &["status"]),
             registry: r,
         }
     }
@@ -344,6 +364,17 @@ impl Metrics {
                 .set(b.processing);
             for (status, n) in &b.batches {
                 self.batches.with_label_values(&[status]).set(*n);
+            }
+            let oldest = b.oldest.clone().unwrap_or_else(|| OldestBatch {
+                age_secs: 0.0,
+                requests: ["processing", "succeeded", "errored", "canceled", "expired"]
+                    .map(|status| (status, 0)),
+            });
+            self.batch_oldest_age.set(oldest.age_secs);
+            for (status, n) in oldest.requests {
+                self.batch_oldest_requests
+                    .with_label_values(&[status])
+                    .set(n);
             }
             for (result, n) in &b.completed {
                 // The runner keeps monotonic totals; advance the counter to them.

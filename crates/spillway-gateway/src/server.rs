@@ -87,10 +87,22 @@ async fn metrics_handler(
             (group.as_str(), interactive, batch)
         })
         .collect();
+    // The oldest batch's age is read now, not when its snapshot was taken.
+    let now_ms = state.batches.as_ref().map_or(0, |service| service.now_ms());
     let batch_counts = batches.as_ref().map(|b| crate::metrics::BatchSnapshot {
         batches: b.value.batches.clone(),
         processing: b.value.open_items,
         completed: b.value.completed.clone(),
+        oldest: b.value.oldest_running.map(|p| crate::metrics::OldestBatch {
+            age_secs: (now_ms - p.created_at).max(0) as f64 / 1000.0,
+            requests: [
+                ("processing", p.processing()),
+                ("succeeded", p.succeeded),
+                ("errored", p.errored),
+                ("canceled", p.canceled),
+                ("expired", p.expired),
+            ],
+        }),
     });
     let shares = scheduler.shares();
     let no_budgets = Vec::new();

@@ -69,6 +69,8 @@ pub struct BatchSnapshot {
     pub completed: Vec<(&'static str, i64)>,
     /// Items of unfinished batches still to finish: the batch queue depth.
     pub open_items: i64,
+    /// The oldest batch in progress, if any: the one being worked on.
+    pub oldest_running: Option<super::store::BatchProgress>,
 }
 
 /// The batch store, the runner's state and the clock, shared by the API
@@ -190,6 +192,7 @@ impl BatchService {
                 ("expired", c.expired.load(Ordering::Relaxed)),
             ],
             open_items: stats.open_items,
+            oldest_running: stats.oldest_running,
         })
     }
 

@@ -122,6 +122,28 @@ pub struct StoreStats {
     pub batches: Vec<(&'static str, i64)>,
     /// Items of unfinished batches not yet finished (waiting or in flight).
     pub open_items: i64,
+    /// The oldest batch still `in_progress` (first created; the runner
+    /// claims items in batch order, so it is the one being worked on).
+    pub oldest_running: Option<BatchProgress>,
+}
+
+/// One batch's progress, as its `request_counts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchProgress {
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub total: i64,
+    pub succeeded: i64,
+    pub errored: i64,
+    pub canceled: i64,
+    pub expired: i64,
+}
+
+impl BatchProgress {
+    /// Items not finished yet (waiting or in flight).
+    pub fn processing(&self) -> i64 {
+        (self.total - self.succeeded - self.errored - self.canceled - self.expired).max(0)
+    }
 }
 
 /// The batch store. Times are Unix milliseconds, passed in by the caller.
@@ -251,7 +273,7 @@ mod sql {
     pub const STALE_UPLOADS: &str =
         "SELECT seq FROM spillway_batches WHERE status = 'staging' AND created_at < $1 LIMIT 100";
     pub const BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM spillway_batches WHERE status <> 'staging' GROUP BY status";
-    pub const OPEN_BATCHES: &str = "SELECT total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling')";
+    pub const OPEN_BATCHES: &str = "SELECT seq, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling')";
     /// The claim without its locking clause; `{lock}` is replaced per backend.
     pub const CLAIM: &str = "UPDATE spillway_batch_items SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
         WHERE (batch_seq, idx) IN ( \
@@ -1089,17 +1111,28 @@ macro_rules! sql_store {
                     }
                     let open = sqlx::query(sql::OPEN_BATCHES).fetch_all(&self.read).await?;
                     let mut open_items = 0;
+                    // (created_at, seq) of the oldest in-progress batch.
+                    let mut oldest: Option<((i64, i64), BatchProgress)> = None;
                     for row in &open {
-                        let total: i64 = row.try_get("total")?;
-                        let mut done = 0;
-                        for c in ["n_succeeded", "n_errored", "n_canceled", "n_expired"] {
-                            done += row.try_get::<i64, _>(c)?;
+                        let progress = BatchProgress {
+                            created_at: row.try_get("created_at")?,
+                            total: row.try_get("total")?,
+                            succeeded: row.try_get("n_succeeded")?,
+                            errored: row.try_get("n_errored")?,
+                            canceled: row.try_get("n_canceled")?,
+                            expired: row.try_get("n_expired")?,
+                        };
+                        open_items += progress.processing();
+                        let status: String = row.try_get("status")?;
+                        let key = (progress.created_at, row.try_get::<i64, _>("seq")?);
+                        if status == "in_progress" && oldest.is_none_or(|(k, _)| key < k) {
+                            oldest = Some((key, progress));
                         }
-                        open_items += (total - done).max(0);
                     }
                     Ok(StoreStats {
                         batches,
                         open_items,
+                        oldest_running: oldest.map(|(_, p)| p),
                     })
                 })
             }
