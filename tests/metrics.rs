@@ -79,7 +79,17 @@ async fn metrics_follow_quota_routing_and_refusals() {
         ) > 0.0
     );
     assert!(series_value(&text, &format!("spillway_budget_effective{{model=\"{m}\",region=\"europe-west4\",resource=\"requests\"}}")) < 60.0);
-    assert!(series_value(&text, "spillway_admission_decision_seconds_count") >= 63.0);
+    assert!(
+        series_value(
+            &text,
+            &format!("spillway_admission_decision_seconds_count{{model=\"{m}\"}}")
+        ) >= 63.0
+    );
+    // Every stream has ended; the series exists from the start, at 0.
+    assert_eq!(
+        series_value(&text, &format!("spillway_open_streams{{model=\"{m}\"}}")),
+        0.0
+    );
     assert!(series_value(&text, &format!("spillway_tokens_total{{kind=\"actual_output\",model=\"{m}\",region=\"us-central1\"}}")) > 0.0);
     assert!(text.contains("spillway_build_info{version="));
     // Series exist at zero before their first event, so rate() sees it.

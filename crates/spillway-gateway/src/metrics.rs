@@ -20,7 +20,7 @@
 //! counters, base units (`_seconds`, tokens).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use spillway_core::shares::TenantShare;
@@ -55,11 +55,11 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub estimate_ratio: HistogramVec,
-    pub admission_seconds: Histogram,
+    pub admission_seconds: HistogramVec,
     pub queue_wait_seconds: HistogramVec,
     pub upstream_latency_seconds: HistogramVec,
     pub time_to_first_token_seconds: HistogramVec,
-    pub open_streams: IntGauge,
+    pub open_streams: IntGaugeVec,
     pub auth_failures: IntCounter,
     pub open_connections: IntGauge,
     pub connections_refused: IntCounterVec,
@@ -171,20 +171,19 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(build.clone())).expect("unique metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let admission_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "spillway_admission_decision_seconds",
-                "Time to one admission decision (reserve or refuse), excluding waiting.",
-            )
-            .buckets(ADMISSION_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        r.register(Box::new(admission_seconds.clone()))
-            .expect("unique metric");
-        let open_streams = IntGauge::new("spillway_open_streams", "Streams being relayed now.")
-            .expect("valid metric");
-        r.register(Box::new(open_streams.clone()))
-            .expect("unique metric");
+        let admission_seconds = histogram(
+            &r,
+            "spillway_admission_decision_seconds",
+            "Time to one admission decision (reserve or refuse), excluding waiting, by model (the requester asking).",
+            ADMISSION_BUCKETS,
+            &["model"],
+        );
+        let open_streams = int_gauge(
+            &r,
+            "spillway_open_streams",
+            "Streams being relayed now, by model.",
+            &["model"],
+        );
         let auth_failures = IntCounter::new(
             "spillway_auth_failures_total",
             "Client requests refused for a missing or unknown key.",
@@ -246,6 +245,7 @@ impl Metrics {
     /// appearing as a series that starts at 1.
     pub fn pre_register(&self, models: &[(&str, Vec<&str>)]) {
         for (model, regions) in models {
+            self.open_streams.with_label_values(&[model]);
             for (i, region) in regions.iter().enumerate() {
                 self.upstream_rate_limited
                     .with_label_values(&[region, model]);

@@ -297,12 +297,12 @@ impl Observer {
             .inc();
     }
 
-    pub fn stream_opened(&self) {
-        self.metrics.open_streams.inc();
+    pub fn stream_opened(&self, model: &str) {
+        self.metrics.open_streams.with_label_values(&[model]).inc();
     }
 
     pub fn stream_closed(&self, region: &str, model: &str, first_event_after: Option<Duration>) {
-        self.metrics.open_streams.dec();
+        self.metrics.open_streams.with_label_values(&[model]).dec();
         if let Some(ttft) = first_event_after {
             self.metrics
                 .time_to_first_token_seconds

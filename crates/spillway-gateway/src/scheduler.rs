@@ -232,7 +232,8 @@ pub struct Scheduler {
     /// One wait queue per requester (a model's key). Built once.
     queues: HashMap<QuotaGroup, GroupQueue>,
     max_queue: usize,
-    decision_seconds: Option<prometheus::Histogram>,
+    /// The admission-decision histogram's handle for each requester.
+    decision_seconds: HashMap<QuotaGroup, prometheus::Histogram>,
     sharing: Option<InteractiveReserve>,
     /// The origin of the times [`PoolShares`] is given.
     epoch: Instant,
@@ -257,7 +258,7 @@ impl Scheduler {
             store,
             queues,
             max_queue,
-            decision_seconds: None,
+            decision_seconds: HashMap::new(),
             sharing: None,
             epoch: Instant::now(),
         }
@@ -392,8 +393,14 @@ impl Scheduler {
     }
 
     /// Observes the time of each admission decision in `histogram`.
-    pub fn with_decision_histogram(mut self, histogram: prometheus::Histogram) -> Self {
-        self.decision_seconds = Some(histogram);
+    /// Times every admission decision into `histogram`, by requester
+    /// (its one label).
+    pub fn with_decision_histogram(mut self, histogram: prometheus::HistogramVec) -> Self {
+        self.decision_seconds = self
+            .queues
+            .keys()
+            .map(|g| (g.clone(), histogram.with_label_values(&[g.as_str()])))
+            .collect();
         self
     }
 
@@ -401,7 +408,7 @@ impl Scheduler {
     async fn reserve(&self, request: ReserveRequest<'_>) -> Result<Grant, Denial> {
         let started = std::time::Instant::now();
         let result = self.store.reserve(request).await;
-        if let Some(h) = &self.decision_seconds {
+        if let Some(h) = self.decision_seconds.get(request.group) {
             h.observe(started.elapsed().as_secs_f64());
         }
         result

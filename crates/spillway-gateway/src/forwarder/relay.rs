@@ -214,7 +214,7 @@ pub(super) fn stream(
 ) -> Answer {
     let end = StreamEnd::default();
     let observer = forwarder.observer.clone();
-    observer.stream_opened();
+    observer.stream_opened(trace.model.as_str());
     let (region, model, started) = (
         Arc::clone(&trace.region),
         trace.model.clone(),
