@@ -32,6 +32,7 @@ pub struct DemoArgs {
     pub admin_key: Option<String>,
     pub load: bool,
     pub load_secs: u64,
+    pub load_batch_items: usize,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -97,9 +98,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("Add --load for synthetic traffic that fills, spills, queues, refuses and drains a batch.");
     }
     println!("Press Ctrl-C to stop.");
-    let load = args
-        .load
-        .then(|| tokio::spawn(load::run(url.clone(), tenants, args.load_secs)));
+    let load = args.load.then(|| {
+        tokio::spawn(load::run(
+            url.clone(),
+            tenants,
+            args.load_secs,
+            args.load_batch_items,
+        ))
+    });
     gateway.serve(listener, crate::shutdown_signal()).await?;
     if let Some(load) = load {
         load.abort();

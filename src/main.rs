@@ -63,6 +63,9 @@ enum Command {
         /// How long `--load` sends, in seconds.
         #[arg(long, default_value_t = 120, requires = "load")]
         load_secs: u64,
+        /// Items in the batch `--load` submits.
+        #[arg(long, default_value_t = demo::load::BATCH_ITEMS, requires = "load")]
+        load_batch_items: usize,
     },
     /// Validate a config file and print the effective config, secrets redacted.
     CheckConfig { file: PathBuf },
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             admin_key,
             load,
             load_secs,
+            load_batch_items,
         } => run(|| {
             demo::run(demo::DemoArgs {
                 listen,
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
                 admin_key,
                 load,
                 load_secs,
+                load_batch_items,
             })
         }),
         Command::Batch(args) => run(|| batch_cli::run(args)),

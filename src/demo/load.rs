@@ -34,8 +34,10 @@ const SONNET: &str = "claude-3-sonnet@20240229";
 /// Requests one tenant may have open at once; past it a tick is skipped
 /// (and counted), so a stalled gateway cannot pile up unbounded work here.
 const MAX_OPEN_PER_TENANT: usize = 64;
-const BATCH_ITEMS: usize = 40;
+/// The batch `reports` submits, unless `--load-batch-items` says otherwise.
+pub const BATCH_ITEMS: usize = 40;
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+const BATCH_POLL: Duration = Duration::from_secs(1);
 
 /// One synthetic tenant.
 #[derive(Debug, Clone)]
@@ -148,7 +150,7 @@ impl Tally {
 
 /// Sends the load for `secs` seconds, reporting every 10 s, then follows the
 /// batch to its end.
-pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64) {
+pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64, items: usize) {
     let client = match reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(120))
@@ -160,7 +162,7 @@ pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64) {
     let tally = Arc::new(Mutex::new(Tally::default()));
     // (id, key): a batch is visible only to the tenant that submitted it.
     let batch = match tenants.iter().find(|t| t.name == "reports") {
-        Some(t) => submit_batch(&client, &url, t)
+        Some(t) => submit_batch(&client, &url, t, items)
             .await
             .map(|id| (id, t.key.clone())),
         None => None,
@@ -170,7 +172,7 @@ pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64) {
         tenants.len(),
         batch
             .as_ref()
-            .map(|(id, _)| format!(", batch {id} ({BATCH_ITEMS} items) submitted"))
+            .map(|(id, _)| format!(", batch {id} ({items} items) submitted"))
             .unwrap_or_default()
     );
     let until = Instant::now() + Duration::from_secs(secs);
@@ -189,26 +191,36 @@ pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64) {
     let mut ticker = tokio::time::interval(REPORT_EVERY);
     ticker.tick().await;
     let started = Instant::now();
-    while Instant::now() < until {
-        ticker.tick().await;
-        report(&client, &url, &tally, batch.as_ref(), started).await;
+    let stop = tokio::time::sleep_until(until.into());
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => report(&client, &url, &tally, batch.as_ref(), items, started).await,
+            _ = &mut stop => break,
+        }
     }
+    // Requests still waiting for quota come back within their wait.
     for s in senders {
         let _ = s.await;
     }
-    report(&client, &url, &tally, batch.as_ref(), started).await;
+    report(&client, &url, &tally, batch.as_ref(), items, started).await;
     println!("load: stopped; interactive traffic is gone, so the batch gets the quota");
     let Some(batch) = batch else { return };
     let id = &batch.0;
+    // Followed closely, reported when it moves (or every 10 s).
+    let mut last = (None, Instant::now());
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(BATCH_POLL).await;
         match batch_progress(&client, &url, &batch).await {
             Some((status, done)) if status == "ended" => {
-                println!("load: batch {id} ended: {done}/{BATCH_ITEMS} items done");
+                println!("load: batch {id} ended: {done}/{items} items done");
                 return;
             }
-            Some((_, done)) => println!("load: batch {id}: {done}/{BATCH_ITEMS} done"),
-            None => {}
+            Some((_, done)) if last.0 != Some(done) || last.1.elapsed() >= REPORT_EVERY => {
+                println!("load: batch {id}: {done}/{items} done");
+                last = (Some(done), Instant::now());
+            }
+            _ => {}
         }
     }
 }
@@ -218,6 +230,7 @@ async fn report(
     url: &str,
     tally: &Mutex<Tally>,
     batch: Option<&(String, String)>,
+    items: usize,
     started: Instant,
 ) {
     let line = {
@@ -226,7 +239,7 @@ async fn report(
     };
     let batch = match batch {
         Some(batch) => match batch_progress(client, url, batch).await {
-            Some((_, done)) => format!("; batch {done}/{BATCH_ITEMS}"),
+            Some((_, done)) => format!("; batch {done}/{items}"),
             None => String::new(),
         },
         None => String::new(),
@@ -322,8 +335,13 @@ async fn one_request(
     }
 }
 
-async fn submit_batch(client: &reqwest::Client, url: &str, tenant: &Tenant) -> Option<String> {
-    let requests: Vec<Value> = (0..BATCH_ITEMS as u64)
+async fn submit_batch(
+    client: &reqwest::Client,
+    url: &str,
+    tenant: &Tenant,
+    items: usize,
+) -> Option<String> {
+    let requests: Vec<Value> = (0..items as u64)
         .map(|i| {
             let mut params = tenant.body(i);
             params["model"] = json!(HAIKU);
