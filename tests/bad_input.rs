@@ -199,7 +199,9 @@ fn a_model_with_no_region_is_a_config_error() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.starts_with("models.\"claude-3-sonnet@20240229\".regions: must list at least one location"),
+        err.starts_with(
+            "models.\"claude-3-sonnet@20240229\".regions: must list at least one location"
+        ),
         "{err}"
     );
 }
