@@ -95,7 +95,7 @@ impl Client {
 
 pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
     let client = Client {
-        http: reqwest::Client::builder()
+        http: spillway_gateway::tls::http_client_builder()
             .connect_timeout(Duration::from_secs(10))
             .build()?,
         url: args.url,

@@ -138,7 +138,7 @@ fn render(quotas: &[Quota]) -> String {
 }
 
 pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
+    let client = spillway_gateway::tls::http_client_builder()
         .timeout(Duration::from_secs(5))
         .build()?;
     let endpoint = format!("{}/admin/quotas", url.trim_end_matches('/'));

@@ -319,7 +319,7 @@ async fn sighup_reloads_tenants_and_budgets_and_keeps_the_ledgers() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let mut up = false;
     for _ in 0..100 {
         if http.get(format!("{base}/healthz")).send().await.is_ok() {

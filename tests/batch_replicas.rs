@@ -178,7 +178,7 @@ async fn scenario(postgres_url: String) {
     ));
 
     let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     // A first, so the tables exist before B connects (both would manage).
     let mut a = Replica::start("a", dir.path(), &sim.base_url(), &postgres_url);
     a.wait_healthy(&http).await;

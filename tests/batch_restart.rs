@@ -70,7 +70,7 @@ lease_secs = 30
     )
     .unwrap();
     let log = dir.path().join("spillway.log");
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
 
     let mut gateway = start_gateway(&config, &log);
     wait_healthy(&http, &url, &mut gateway).await;

@@ -120,7 +120,9 @@ async fn load_traffic_is_counted_per_tenant_and_drains_a_batch() {
     let ended = demo.line(120, |l| l.contains(" ended: "));
     assert!(ended.ends_with("6/6 items done"), "{ended}");
 
-    let metrics = reqwest::get(format!("{url}/metrics"))
+    let metrics = spillway_gateway::tls::http_client()
+        .get(format!("{url}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

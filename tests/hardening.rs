@@ -67,7 +67,7 @@ sqlite_path = "{db}"
         let log = dir.path().join("spillway.log");
         let mut child = serve(&config, &log);
         let url = format!("http://127.0.0.1:{port}");
-        wait_healthy(&reqwest::Client::new(), &url, &mut child).await;
+        wait_healthy(&spillway_gateway::tls::http_client(), &url, &mut child).await;
         Self {
             sim,
             child,
@@ -183,7 +183,9 @@ async fn slow_clients_are_cut_with_408_and_never_reach_upstream() {
     assert_shaped(&String::from_utf8_lossy(&out), 408, "timeout_error");
 
     assert_eq!(gw.upstream_requests(), 0, "nothing cut reached upstream");
-    let metrics = reqwest::get(format!("{}/metrics", gw.url))
+    let metrics = spillway_gateway::tls::http_client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
         .await
         .unwrap()
         .text()
@@ -259,7 +261,11 @@ async fn every_answer_to_a_malformed_request_is_anthropic_shaped() {
     );
     assert_eq!(gw.upstream_requests(), 0);
     // The connection still serves normal requests after all that.
-    let ok = reqwest::get(format!("{}/healthz", gw.url)).await.unwrap();
+    let ok = spillway_gateway::tls::http_client()
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
 }
 
@@ -322,7 +328,7 @@ async fn sigterm_drains_then_cuts_in_flight_work_within_the_grace() {
         )
         .times(u32::MAX),
     );
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let stream = http
         .post(format!("{}/v1/messages", gw.url))
         .json(&json!({"model": HAIKU, "max_tokens": 400, "stream": true,
@@ -414,7 +420,7 @@ async fn a_region_that_breaks_streams_mid_way_is_cooled_down() {
     gw.sim.inject(
         Fault::region("us-central1", FaultKind::ErrorMidStream { after_events: 3 }).times(u32::MAX),
     );
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let mut failed = 0;
     let mut regions = Vec::new();
     for i in 0..20 {
@@ -506,7 +512,7 @@ async fn metrics_and_interactive_traffic_do_not_wait_on_a_dead_batch_store() {
         &format!("store = \"postgres\"\npostgres_url = \"{url}\"\npostgres_max_connections = 2"),
     )
     .await;
-    let http = reqwest::Client::builder()
+    let http = spillway_gateway::tls::http_client_builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();

@@ -185,7 +185,7 @@ key_sha256 = "{digest}"
     )
     .unwrap();
     let log = dir.path().join("spillway.log");
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let mut gateway = serve(&config, &log);
     wait_healthy(&http, &url, &mut gateway).await;
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();

@@ -78,7 +78,7 @@ regions = [{ name = "elsewhere", provider = "canned", requests_per_min = 2 }]
     let url = format!("http://{}/v1/messages", listener.local_addr().unwrap());
     tokio::spawn(gateway.serve(listener, std::future::pending()));
 
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let body = json!({"model": "claude-3-haiku@20240307", "max_tokens": 16,
                       "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..2 {

@@ -148,7 +148,7 @@ async fn simulator() -> SimHandle {
 /// `stop` says so; each request refuses to wait for quota, so a request the
 /// fleet has no room for is refused by Spillway at once.
 async fn traffic(urls: Vec<String>, stop: Arc<AtomicU64>, tally: Arc<Tally>) {
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let body = json!({"model": HAIKU, "max_tokens": 16,
         "messages": [{"role": "user", "content": "SIM_OUTPUT_TOKENS=4 hello"}]});
     let gap = WINDOW / OFFERED_PER_WINDOW as u32;
@@ -210,7 +210,7 @@ async fn a_redis_failover_at_the_worst_moment_admits_at_most_five_percent_over_a
     let dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start();
     let sim = simulator().await;
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let mut replicas: Vec<Replica> = (0..REPLICAS)
         .map(|i| Replica::start(i, dir.path(), &sim.base_url(), &redis.url()))
         .collect();

@@ -81,7 +81,7 @@ async fn replica(sim: &SimHandle, redis_url: &str, replicas: u32, per_window: u3
 
 /// `clients` loops per replica, each posting until `until`.
 async fn load(replicas: &[Replica], clients: usize, until: Instant, tally: Arc<Tally>) {
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let body = json!({"model": HAIKU, "max_tokens": 16,
         "messages": [{"role": "user", "content": "SIM_OUTPUT_TOKENS=4 hello"}]});
     let mut tasks = Vec::new();
@@ -122,7 +122,9 @@ fn upstream_429s(sim: &SimHandle) -> u64 {
 }
 
 async fn metric(replica: &Replica, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", replica.url))
+    let text = spillway_gateway::tls::http_client()
+        .get(format!("{}/metrics", replica.url))
+        .send()
         .await
         .ok()?
         .text()
@@ -335,7 +337,7 @@ async fn recovery_after_redis_returns_is_quick() {
     ];
     redis.kill();
     // Any call notices; with no traffic the heartbeat does (≤ 2 s).
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     for r in &replicas {
         let status = http
             .post(format!("{}/v1/messages", r.url))

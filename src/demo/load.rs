@@ -151,7 +151,7 @@ impl Tally {
 /// Sends the load for `secs` seconds, reporting every 10 s, then follows the
 /// batch to its end.
 pub async fn run(url: String, tenants: Vec<Tenant>, secs: u64, items: usize) {
-    let client = match reqwest::Client::builder()
+    let client = match spillway_gateway::tls::http_client_builder()
         .no_proxy()
         .timeout(Duration::from_secs(120))
         .build()

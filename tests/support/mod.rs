@@ -70,7 +70,7 @@ impl Harness {
         Self {
             sim,
             url,
-            http: reqwest::Client::new(),
+            http: spillway_gateway::tls::http_client(),
             stop: Some(stop),
         }
     }

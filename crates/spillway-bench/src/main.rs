@@ -155,7 +155,7 @@ async fn open_streams(
     println!("round {round}");
     // One client, no idle reuse needed: with every connection busy on its
     // stream, reqwest opens a new HTTP/1.1 connection per request.
-    let client = reqwest::Client::builder()
+    let client = spillway_gateway::tls::http_client_builder()
         .http1_only()
         .pool_max_idle_per_host(0)
         .tcp_nodelay(true)

@@ -107,7 +107,7 @@ async fn drive(o: Options) -> anyhow::Result<String> {
         urls.push(format!("{}/v1/messages", gateway.url));
         gateways.push(gateway);
     }
-    let http = reqwest::Client::new();
+    let http = spillway_gateway::tls::http_client();
     let urls = Arc::new(urls);
     let pool_per_sec = f64::from(2 * o.per_window) / WINDOW.as_secs_f64();
     let rate = 3.0 * pool_per_sec; // per tenant

@@ -472,7 +472,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     println!("soak: output in {}", out.display());
 
-    let http = reqwest::Client::builder()
+    let http = spillway_gateway::tls::http_client_builder()
         .no_proxy()
         .timeout(Duration::from_secs(20))
         .build()?;

@@ -65,7 +65,7 @@ async fn start(overlay: &str, sim_rpm: u32) -> Stack {
     Stack {
         sim,
         url,
-        http: reqwest::Client::new(),
+        http: spillway_gateway::tls::http_client(),
     }
 }
 

@@ -59,7 +59,7 @@ async fn start(overlay: &str) -> Stack {
     Stack {
         sim,
         url,
-        http: reqwest::Client::new(),
+        http: spillway_gateway::tls::http_client(),
     }
 }
 

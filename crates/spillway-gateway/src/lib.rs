@@ -38,6 +38,7 @@ pub mod server;
 pub mod snapshots;
 pub mod state;
 pub mod tenants;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Settings;

@@ -49,6 +49,8 @@ async fn gcp_auth_gets_a_token_from_the_simulator_and_it_works_on_raw_predict() 
     assert_eq!(sim.tokens_issued(), 1);
     assert_eq!(provider.project_id(), Some("sim-project"));
 
+    // reqwest has no crypto provider of its own in this workspace.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let r = reqwest::Client::new()
         .post(sim.predict_url(
             "sim-project",

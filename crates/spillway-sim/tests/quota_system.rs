@@ -28,6 +28,8 @@ async fn start(config: SimConfig) -> SimHandle {
 /// No timers of its own, so tokio's paused clock only moves when the test
 /// moves it.
 fn client() -> reqwest::Client {
+    // reqwest has no crypto provider of its own in this workspace.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .pool_idle_timeout(None)
         .build()

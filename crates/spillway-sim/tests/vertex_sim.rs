@@ -22,6 +22,8 @@ async fn start(config: SimConfig) -> SimHandle {
 /// A client with no timers of its own, so tokio's paused clock only moves
 /// when the simulator (or the test) wants it to.
 fn client() -> reqwest::Client {
+    // reqwest has no crypto provider of its own in this workspace.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .pool_idle_timeout(None)
         .build()

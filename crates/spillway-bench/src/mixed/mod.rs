@@ -178,7 +178,9 @@ async fn drive(options: Options, lines: RequestLines) -> anyhow::Result<Report> 
     let offered_per_window = (pool as f64 * options.overload) as u64;
     let planned = workload::plan(options.seed, options.windows, window, offered_per_window);
 
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let client = spillway_gateway::tls::http_client_builder()
+        .no_proxy()
+        .build()?;
     let url = format!("{}/v1/messages", running.gateway.url);
     let start = Instant::now();
     let outcomes: Vec<Outcome> = futures::future::join_all(planned.iter().map(|p| {

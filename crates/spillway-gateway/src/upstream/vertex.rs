@@ -171,7 +171,7 @@ impl Vertex {
         } else {
             return Err(UpstreamInitError::NoProject);
         };
-        let client = reqwest::Client::builder()
+        let client = crate::tls::http_client_builder()
             .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
             .read_timeout(Duration::from_millis(settings.read_timeout_ms))
             .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
@@ -319,7 +319,7 @@ mod tests {
 
     fn upstream() -> Vertex {
         Vertex {
-            client: reqwest::Client::new(),
+            client: crate::tls::http_client(),
             tokens: Arc::new(RwLock::new(TokenSource::None)),
             credentials: CredentialSettings {
                 auth: UpstreamAuth::None,
