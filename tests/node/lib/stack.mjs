@@ -201,9 +201,10 @@ function freePort() {
  * The test layer over config/demo.toml: client auth on with one tenant;
  * upstream pointed at the simulator with the simulator's bearer; Sonnet
  * routed to europe-west4, where the simulator does not offer it; batches in
- * a SQLite file of the stack's temp directory, polled every 200 ms.
+ * a SQLite file of the stack's temp directory, polled every 200 ms, plus
+ * whatever `[batch]` keys the caller adds (numbers, strings or booleans).
  */
-function overlay(simUrl, port, keySha256, batchDb) {
+function overlay(simUrl, port, keySha256, batch) {
   const q = JSON.stringify; // a JSON string of plain ASCII is a valid TOML basic string
   return `
 [server]
@@ -223,16 +224,18 @@ regions = [{ name = "europe-west4" }]
 key_sha256 = ${q(keySha256)}
 
 [batch]
-sqlite_path = ${q(batchDb)}
-poll_ms = 200
+${Object.entries(batch)
+  .map(([k, v]) => `${k} = ${q(v)}`)
+  .join('\n')}
 `;
 }
 
 /**
  * Starts a simulator and a gateway of their own; returns the stack. Call
- * `stop()` when done (an `after` hook).
+ * `stop()` when done (an `after` hook). `batch`: extra `[batch]` settings,
+ * e.g. `{ retry_base_ms: 100 }`.
  */
-export async function startStack() {
+export async function startStack({ batch = {} } = {}) {
   const bins = binaries();
   const dir = mkdtempSync(path.join(tmpdir(), 'spillway-node-'));
   const procs = [];
@@ -255,7 +258,10 @@ export async function startStack() {
     const digest = execFileSync(bins.spillway, ['hash-key', CLIENT_KEY], { encoding: 'utf8' }).trim();
     const port = await freePort();
     const config = path.join(dir, 'sdk-tests.toml');
-    writeFileSync(config, overlay(simUrl, port, digest, path.join(dir, 'batches.sqlite3')));
+    writeFileSync(
+      config,
+      overlay(simUrl, port, digest, { sqlite_path: path.join(dir, 'batches.sqlite3'), poll_ms: 200, ...batch }),
+    );
 
     const gateway = new Proc(
       'spillway',

@@ -1,0 +1,107 @@
+// How `AnthropicVertex` (@anthropic-ai/vertex-sdk) authenticates to Spillway.
+//
+// The client takes its credentials only from Google auth: `authClient` (any
+// object with an async `getRequestHeaders()`), `googleAuth`, or Application
+// Default Credentials. Its `accessToken` option is stored but never sent,
+// so the Spillway key goes in an `authClient` that returns it as a bearer.
+// These tests pin what the README says about it, for the pinned version.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+
+import Anthropic from '@anthropic-ai/sdk';
+import { AnthropicVertex } from '@anthropic-ai/vertex-sdk';
+import { VERSION as VERTEX_SDK_VERSION } from '@anthropic-ai/vertex-sdk/version';
+
+import { HAIKU, HAIKU_ANTHROPIC, ask, bearerAuthClient, startStack, upstreamTotal } from '../lib/stack.mjs';
+
+const TEST = { timeout: 30_000 };
+
+let stack;
+before(async () => {
+  stack = await startStack();
+}, { timeout: 60_000 });
+after(async () => {
+  await stack?.stop();
+}, { timeout: 30_000 });
+
+function vertex(options) {
+  return new AnthropicVertex({
+    baseURL: `${stack.url}/v1`,
+    region: 'us-east5',
+    projectId: 'unused',
+    maxRetries: 0,
+    ...options,
+  });
+}
+
+function create(client) {
+  return client.messages.create({ model: HAIKU, max_tokens: 64, messages: ask(3) });
+}
+
+async function rejection(promise) {
+  try {
+    await promise;
+  } catch (e) {
+    return e;
+  }
+  assert.fail('expected the call to fail');
+}
+
+describe(`AnthropicVertex ${VERTEX_SDK_VERSION}`, () => {
+  it('authClient returning the key as a bearer: served', TEST, async () => {
+    const calls = [];
+    const authClient = {
+      getRequestHeaders: async () => {
+        calls.push(Date.now());
+        return new Headers({ Authorization: `Bearer ${stack.key}` });
+      },
+    };
+    const client = vertex({ authClient });
+    const message = await create(client);
+    assert.equal(message.model, HAIKU_ANTHROPIC);
+    assert.equal(message.usage.output_tokens, 3);
+    await client.messages.countTokens({ model: HAIKU, messages: ask(3) });
+    assert.equal(calls.length, 2, 'asked for headers once per request');
+    // What went upstream is the gateway's own token, not the client's key.
+    const last = (await stack.sim('GET', '/_sim/requests')).at(-1);
+    assert.equal(last.authorization, `Bearer ${stack.upstreamToken}`);
+  });
+
+  it('authClient with a wrong key: AuthenticationError, nothing upstream', TEST, async () => {
+    const before = await upstreamTotal(stack);
+    const error = await rejection(create(vertex({ authClient: bearerAuthClient('sk-spw-wrong') })));
+    assert.ok(error instanceof Anthropic.AuthenticationError, `got ${error}`);
+    assert.equal(error.status, 401);
+    assert.equal(await upstreamTotal(stack), before);
+  });
+
+  it('accessToken alone is never sent: "Failed to acquire Google OAuth credentials"', TEST, async () => {
+    // lib/stack.mjs removes every source of Google credentials (no
+    // GOOGLE_APPLICATION_CREDENTIALS, an empty CLOUDSDK_CONFIG, no
+    // metadata server), as on a machine that only has a Spillway key.
+    const before = await upstreamTotal(stack);
+    const client = vertex({ accessToken: stack.key });
+    assert.equal(client.accessToken, stack.key, 'the option is accepted and stored');
+    const error = await rejection(create(client));
+    assert.ok(error instanceof Anthropic.APIConnectionError, `got ${error}`);
+    assert.match(error.message, /Failed to acquire Google OAuth credentials/);
+    assert.equal(await upstreamTotal(stack), before, 'no request reached upstream');
+  });
+
+  it('getRequestHeaders must resolve to a Headers, not a plain object', TEST, async () => {
+    // The client calls `.get('x-goog-user-project')` on what it returns
+    // (unless the auth client has a `projectId`).
+    const client = vertex({
+      authClient: { getRequestHeaders: async () => ({ Authorization: `Bearer ${stack.key}` }) },
+    });
+    const error = await rejection(create(client));
+    assert.ok(error instanceof TypeError, `got ${error}`);
+    assert.match(error.message, /\.get is not a function/);
+  });
+
+  it('has no batches (Vertex has no Message Batches API in the SDK)', TEST, () => {
+    const client = vertex({ authClient: bearerAuthClient(stack.key) });
+    assert.equal(client.messages.batches, undefined);
+  });
+});
