@@ -5,11 +5,15 @@ budget), a `prometheus` on a free loopback port scraping the gateway's
 `/metrics` every second and evaluating dashboards/recording.yml and
 dashboards/alerts.yml every second, and a short load that makes every panel
 have something to show: spillover, a fallback after an injected upstream 429,
-requests waiting for quota, streams, two tenants, auth failures.
+requests waiting for quota, streams, two tenants, auth failures, a batch
+long enough to watch, `spillway status` polling the admin API, and every
+region drained at the end.
 
 Then every PromQL expression of dashboards/spillway.json (template variables
-substituted) and of the rules files must parse and return data through
-`/api/v1/query`. An alert's expression is checked twice: as written (it must
+substituted: `$job` and `$instance` by the gateway's own, so a selector that
+cannot be scoped to one deployment shows up empty) and of the rules files
+must parse and return data through `/api/v1/query`; the batch-progress
+panels must have had data while the batch ran. An alert's expression is checked twice: as written (it must
 parse; it is empty unless the alert's condition holds) and without its
 threshold (the signal must have data, proving its names and labels are real).
 
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -30,7 +35,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 import yaml
@@ -51,6 +57,7 @@ from conftest import (
 
 DASHBOARDS = REPO / "dashboards"
 HAIKU = "claude-3-haiku@20240307"
+ADMIN_KEY = "sk-spw-prom-admin-0123456789abcdefghijklmnopqrs"
 TENANT_KEYS = {
     "search": "sk-spw-prom-search-0123456789abcdefghijklmnop",
     "reports": "sk-spw-prom-reports-0123456789abcdefghijklmno",
@@ -63,6 +70,8 @@ SUBSTITUTIONS = {
     "$model": ".*",
     "$region": ".*",
     "$tenant": ".*",
+    "$job": "spillway",
+    # "$instance": the gateway's scrape target, set by the fixture.
 }
 TEST_DEADLINE_S = 120.0
 SCRAPE_WAIT_S = 30.0
@@ -99,10 +108,11 @@ def template_queries(path: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def substitute(expr: str) -> str:
+def substitute(expr: str, extra: Optional[dict[str, str]] = None) -> str:
+    values = {**SUBSTITUTIONS, **(extra or {})}
     # Longest names first: $__rate_interval before $__interval.
-    for name in sorted(SUBSTITUTIONS, key=len, reverse=True):
-        expr = expr.replace("${" + name[1:] + "}", SUBSTITUTIONS[name]).replace(name, SUBSTITUTIONS[name])
+    for name in sorted(values, key=len, reverse=True):
+        expr = expr.replace("${" + name[1:] + "}", values[name]).replace(name, values[name])
     assert "$" not in expr, f"unsubstituted template variable in {expr!r}"
     return expr
 
@@ -194,7 +204,7 @@ def _prometheus_bin() -> Optional[str]:
     pytest.skip("prometheus not installed (apt-get install prometheus)")
 
 
-def _overlay(sim_url: str, port: int, digests: dict[str, str]) -> str:
+def _overlay(sim_url: str, port: int, digests: dict[str, str], admin_digest: str) -> str:
     """The test layer over config/demo.toml: client auth with two tenants, the
     simulator upstream, and a token budget small enough (one request with
     max_tokens 1200 in flight per region) that concurrent requests wait. The
@@ -219,6 +229,9 @@ window_secs = 2
 # Reserve max_tokens as output, so two requests in flight fill a region
 # (the default reserves what answers are expected to generate).
 output_reserve = "max_tokens"
+
+[admin]
+key_sha256 = {q(admin_digest)}
 {tenants}"""
 
 
@@ -259,8 +272,18 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else 0.0
 
 
+@dataclass(frozen=True)
+class Observed:
+    stack: Stack
+    prom: Prometheus
+    prom_log: str
+    # The gateway's scrape target: its `instance` label.
+    instance: str
+    spillway_bin: Path
+
+
 @pytest.fixture
-def observed(tmp_path: Path) -> Iterator[tuple[Stack, Prometheus, str]]:
+def observed(tmp_path: Path) -> Iterator[Observed]:
     """A simulator, a gateway and a Prometheus scraping it; stopped at the end."""
     prometheus_bin = _prometheus_bin()
     spillway_bin = _binary("SPILLWAY_BIN", "target/debug/spillway")
@@ -271,7 +294,7 @@ def observed(tmp_path: Path) -> Iterator[tuple[Stack, Prometheus, str]]:
         port = _free_port()
         config = tmp_path / "prometheus-test.toml"
         digests = {name: _key_digest(spillway_bin, key) for name, key in TENANT_KEYS.items()}
-        config.write_text(_overlay(sim_url, port, digests))
+        config.write_text(_overlay(sim_url, port, digests, _key_digest(spillway_bin, ADMIN_KEY)))
         gateway, url = _start_gateway(spillway_bin, config, port, tmp_path)
         cleanup.callback(gateway.stop)
 
@@ -301,7 +324,8 @@ def observed(tmp_path: Path) -> Iterator[tuple[Stack, Prometheus, str]]:
 
         prom.wait_for("answer on GET /-/ready", ready)
         stack = Stack(url=url, sim_url=sim_url, key=TENANT_KEYS["search"], upstream_token=UPSTREAM_TOKEN)
-        yield stack, Prometheus(prom_url), (tmp_path / "prometheus.stderr").as_posix()
+        yield Observed(stack, Prometheus(prom_url), (tmp_path / "prometheus.stderr").as_posix(),
+                       f"127.0.0.1:{port}", spillway_bin)
 
 
 # ----------------------------------------------------------------- the load
@@ -343,26 +367,37 @@ def _next_scrape() -> None:
     time.sleep(1.2)
 
 
-def _run_batch(stack: Stack, key: str, items: int = 3, timeout: float = 30.0) -> None:
-    """Submits a batch and waits for it to end; nothing if the gateway has no batch API."""
+def _run_batch(
+    stack: Stack, key: str, items: int = 3, timeout: float = 30.0,
+    while_running: Optional[Callable[[], bool]] = None,
+) -> None:
+    """Submits a batch and waits for it to end; nothing if the gateway has no batch API.
+
+    `while_running` is called while the batch is in progress until it returns
+    True; the test fails if the batch ends first.
+    """
     body = {"requests": [{"custom_id": f"item-{i}", "params": _message()} for i in range(items)]}
     status, raw = _post(stack, key, body, path="/v1/messages/batches")
     if status in (404, 405):
         return
     assert status == 200, f"creating a batch: {status} {raw[:500]!r}"
     batch_id = json.loads(raw)["id"]
+    watched = while_running is None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         req = urllib.request.Request(f"{stack.url}/v1/messages/batches/{batch_id}", headers={"x-api-key": key})
         with _opener.open(req, timeout=10) as resp:
             batch = json.loads(resp.read())
         if batch["processing_status"] == "ended":
+            assert watched, f"batch {batch_id} ended before what was to be seen while it ran: {batch}"
             return
+        if not watched:
+            watched = while_running()
         time.sleep(0.2)
     pytest.fail(f"batch {batch_id} did not end within {timeout:.0f} s: {batch}")
 
 
-def drive_load(stack: Stack) -> None:
+def drive_load(stack: Stack, while_batch_runs: Optional[Callable[[], bool]] = None) -> None:
     keys = list(TENANT_KEYS.values())
     # Unary calls and streams from both tenants. With one request's worth
     # of tokens per region, "most headroom" sends every other request to
@@ -413,9 +448,13 @@ def drive_load(stack: Stack) -> None:
     # max_tokens alone never refuses.)
     status, body = _post(stack, keys[0], _message(text="x" * 40_000))
     assert status == 400, f"a prompt over the budget: {status} {body[:500]!r}"
-    # A small batch, where the gateway runs batches: batch-priority waits,
-    # batch progress.
-    _run_batch(stack, keys[1])
+    # A batch, where the gateway runs batches: batch-priority waits, and,
+    # slowed down to last a few scrapes, the oldest batch's progress and ETA.
+    for region in ("us-central1", "europe-west4"):
+        stack.sim("POST", "/_sim/faults", {"region": region, "kind": {"type": "delay", "first_token_ms": 500},
+                                           "remaining": 16})
+    _run_batch(stack, keys[1], items=16, while_running=while_batch_runs)
+    stack.sim("DELETE", "/_sim/faults")
     # An auth-failure spike: wrong and missing keys, over 60 in a few seconds
     # (the alert's threshold is 0.2/s over 5 minutes).
     bad = ["sk-spw-not-a-key", None, "sk-spw-also-wrong"] * 27
@@ -431,6 +470,22 @@ def drive_load(stack: Stack) -> None:
     assert b"api_error" in body, body[:500]
 
 
+def operate(stack: Stack, spillway_bin: Path) -> None:
+    """What an operator does: `spillway status` (the real command, polling the
+    admin API), then every region drained."""
+    for _ in range(3):
+        out = subprocess.run(
+            [str(spillway_bin), "status", "--once", "--url", stack.url, "--admin-key", ADMIN_KEY],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode == 0 and HAIKU in out.stdout, (out.returncode, out.stdout, out.stderr)
+    for region in ("us-central1", "europe-west4"):
+        req = urllib.request.Request(f"{stack.url}/admin/regions/{region}/drain", data=b"", method="POST",
+                                     headers={"x-api-key": ADMIN_KEY})
+        with _opener.open(req, timeout=10) as resp:
+            assert resp.status == 200, resp.status
+
+
 # ----------------------------------------------------------------- the test
 
 
@@ -444,12 +499,38 @@ def _wait_until(prom: Prometheus, expr: str, what: str, timeout: float = SCRAPE_
     pytest.fail(f"Prometheus never saw {what} ({expr}) within {timeout:.0f} s")
 
 
-def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
-    stack, prom, prom_log = observed
+BATCH_PROGRESS = "spillway_batch_oldest_"
+
+
+def test_every_dashboard_and_rule_expression_has_data(observed: Observed) -> None:
+    stack, prom, prom_log = observed.stack, observed.prom, observed.prom_log
+    # (A regex in PromQL; the dots of the address match themselves too.)
+    scope = {"$instance": observed.instance}
     started = time.monotonic()
     # A scrape before the load, so counters start from their zero.
     _wait_until(prom, 'up{job="spillway"} == 1', "the gateway up")
-    drive_load(stack)
+
+    # The batch-progress panels have data only while a batch runs: each of
+    # their expressions must return some while the load's batch does.
+    progress = [(where, substitute(expr, scope)) for where, expr in dashboard_expressions(DASHBOARDS / "spillway.json")
+                if BATCH_PROGRESS in expr]
+    assert progress, "no batch-progress panel in the dashboard"
+    seen_running: set[str] = set()
+
+    def batch_panels_have_data() -> bool:
+        for where, expr in progress:
+            ok, result = prom.query(expr)
+            if ok and result:
+                seen_running.add(where)
+        return len(seen_running) == len(progress)
+
+    drive_load(stack, while_batch_runs=batch_panels_have_data)
+    # The batch's progress, as Prometheus saw it: the oldest batch had 16
+    # requests, and none once it ended.
+    _wait_until(prom, f'max_over_time(sum without (status) ({BATCH_PROGRESS}requests)[1m:1s]) == 16',
+                "the oldest batch's 16 requests")
+    _wait_until(prom, f'{BATCH_PROGRESS}age_seconds == 0', "no batch in progress after the batch")
+    operate(stack, observed.spillway_bin)
 
     # What the load was for, as Prometheus saw it.
     for expr, what in [
@@ -464,6 +545,11 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         # Some request waited over 100 ms for quota.
         ('sum(spillway_queue_wait_seconds_count) - sum(spillway_queue_wait_seconds_bucket{le="0.1"}) > 0',
          "a queue wait"),
+        # `spillway status` read the quotas three times, and its calls are
+        # counted apart from model requests.
+        ('spillway_http_requests_total{surface="admin",route="/admin/quotas",status="200"} >= 3',
+         "spillway status's admin calls"),
+        ('sum(spillway_region_drained) >= 2', "the drained regions"),
     ]:
         _wait_until(prom, expr, what)
     # Two more scrapes and rule evaluations after the last event, so rates
@@ -473,7 +559,8 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
     checks: list[tuple[str, str]] = []  # (where, expr) that must return data
     parse_only: list[tuple[str, str]] = []  # (where, expr) that must only parse
     for where, expr in dashboard_expressions(DASHBOARDS / "spillway.json"):
-        checks.append((where, substitute(expr)))
+        if BATCH_PROGRESS not in expr:
+            checks.append((where, substitute(expr, scope)))
     for where, expr, is_alert in rule_expressions():
         if is_alert:
             parse_only.append((where, expr))
@@ -481,7 +568,7 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         else:
             checks.append((where, expr))
 
-    failures = []
+    failures = [f"{where}: no data while the batch ran" for where, _ in progress if where not in seen_running]
     for where, expr in parse_only:
         ok, result = prom.query(expr)
         if not ok:
@@ -493,9 +580,15 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
         elif not result:
             failures.append(f"{where}: returned nothing\n    {expr}")
 
+    # No admin, health or scrape call was counted as a model request: the
+    # only model-less samples are model requests refused before forwarding.
+    ok, phantom = prom.query('spillway_requests_total{model="-",outcome!~"unauthenticated|invalid|too_large"}')
+    if not ok or phantom:
+        failures.append(f"model-less requests counted that are no model requests: {phantom}")
+
     # The dashboard's variables list values.
     for name, selector, label in template_queries(DASHBOARDS / "spillway.json"):
-        status, body = prom.api(f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)})
+        status, body = prom.api(f"/api/v1/label/{label}/values", **{"match[]": substitute(selector, scope)})
         if status != 200 or not body.get("data"):
             failures.append(f"variable ${name}: label_values({selector}, {label}) lists nothing: {status} {body}")
 
@@ -517,6 +610,8 @@ def test_every_dashboard_and_rule_expression_has_data(observed) -> None:
                 "the setup-error alert")
 
     # The auth-failure spike made its alert pending (it fires after its `for:`).
+    _wait_until(prom, 'ALERTS{alertname="SpillwayModelUnavailable",model="claude-3-haiku@20240307"}',
+                "the model-unavailable alert pending after every region was drained")
     status, alerts = prom.api("/api/v1/alerts")
     active = {(a["labels"]["alertname"], a["state"]) for a in alerts["data"]["alerts"]}
     if not any(name == "SpillwayAuthFailureSpike" for name, _ in active):
