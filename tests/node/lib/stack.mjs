@@ -73,7 +73,7 @@ export function binary(envVar, defaultPath) {
   }
   if (!ok) {
     throw new Error(
-      `${envVar}: ${p} not found; run \`cargo build --bins\` in ${REPO} first, ` +
+      `${envVar}: ${p} not found; run \`cargo build -p spillway -p spillway-sim\` in ${REPO} first, ` +
         `or point ${envVar} at the binary`,
     );
   }

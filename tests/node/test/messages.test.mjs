@@ -32,7 +32,7 @@ after(async () => {
 }, { timeout: 30_000 });
 beforeEach(async () => {
   await stack.sim('DELETE', '/_sim/faults');
-});
+}, { timeout: 10_000 });
 
 // --- helpers -----------------------------------------------------------------
 
