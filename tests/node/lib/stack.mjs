@@ -19,6 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import Anthropic from '@anthropic-ai/sdk';
 import { AnthropicVertex } from '@anthropic-ai/vertex-sdk';
+import { OAuth2Client } from 'google-auth-library';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const CLIENT_KEY = 'sk-spw-sdk-tests-0123456789abcdefghijklmnopqrstuv';
@@ -304,6 +305,17 @@ export function bearerAuthClient(key) {
   return { getRequestHeaders: async () => new Headers({ Authorization: `Bearer ${key}` }) };
 }
 
+/**
+ * The README's form: google-auth-library's own OAuth2Client holding the
+ * Spillway key as its access token (no expiry, no refresh token: it sends
+ * `authorization: Bearer KEY` as is).
+ */
+export function keyAsAccessToken(key) {
+  const client = new OAuth2Client();
+  client.setCredentials({ access_token: key });
+  return client;
+}
+
 /** An SDK client of `kind` ('anthropic' | 'vertex') pointed at the gateway, authenticating with `key`. */
 export function makeClient(kind, stack, { key = stack.key, ...options } = {}) {
   if (kind === 'vertex') {
@@ -311,7 +323,7 @@ export function makeClient(kind, stack, { key = stack.key, ...options } = {}) {
       baseURL: `${stack.url}/v1`,
       region: 'us-east5',
       projectId: 'some-project',
-      authClient: bearerAuthClient(key),
+      authClient: keyAsAccessToken(key),
       ...options,
     });
   }

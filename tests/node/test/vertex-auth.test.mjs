@@ -3,8 +3,12 @@
 // The client takes its credentials only from Google auth: `authClient` (any
 // object with an async `getRequestHeaders()`), `googleAuth`, or Application
 // Default Credentials. Its `accessToken` option is stored but never sent,
-// so the Spillway key goes in an `authClient` that returns it as a bearer.
-// These tests pin what the README says about it, for the pinned version.
+// so the Spillway key goes in an `authClient` that returns it as a bearer:
+// google-auth-library's own `OAuth2Client` holding the key as its access
+// token (what the README shows: it type-checks as the `AuthClient` the
+// option is declared as), or, in plain JavaScript, any object with
+// `getRequestHeaders`. These tests pin what the README says, for the pinned
+// versions.
 
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
@@ -12,6 +16,7 @@ import { after, before, describe, it } from 'node:test';
 import Anthropic from '@anthropic-ai/sdk';
 import { AnthropicVertex } from '@anthropic-ai/vertex-sdk';
 import { VERSION as VERTEX_SDK_VERSION } from '@anthropic-ai/vertex-sdk/version';
+import { OAuth2Client } from 'google-auth-library';
 
 import { HAIKU, HAIKU_ANTHROPIC, ask, bearerAuthClient, startStack, upstreamTotal } from '../lib/stack.mjs';
 
@@ -49,7 +54,7 @@ async function rejection(promise) {
 }
 
 describe(`AnthropicVertex ${VERTEX_SDK_VERSION}`, () => {
-  it('authClient returning the key as a bearer: served', TEST, async () => {
+  it('authClient = { getRequestHeaders } returning the key as a bearer: served', TEST, async () => {
     const calls = [];
     const authClient = {
       getRequestHeaders: async () => {
@@ -66,6 +71,24 @@ describe(`AnthropicVertex ${VERTEX_SDK_VERSION}`, () => {
     // What went upstream is the gateway's own token, not the client's key.
     const last = (await stack.sim('GET', '/_sim/requests')).at(-1);
     assert.equal(last.authorization, `Bearer ${stack.upstreamToken}`);
+  });
+
+  it("authClient = google-auth-library's OAuth2Client with the key as access token (the README's form)", TEST, async () => {
+    const authClient = new OAuth2Client();
+    authClient.setCredentials({ access_token: stack.key });
+    const client = vertex({ authClient });
+    assert.equal(client.accessToken, null);
+    const message = await create(client);
+    assert.equal(message.model, HAIKU_ANTHROPIC);
+    assert.equal(message.usage.output_tokens, 3);
+    const stream = client.messages.stream({ model: HAIKU, max_tokens: 64, messages: ask(4) });
+    const deltas = [];
+    stream.on('text', (d) => deltas.push(d));
+    const final = await stream.finalMessage();
+    assert.equal(final.usage.output_tokens, 4);
+    assert.equal(deltas.join(''), final.content[0].text);
+    const counted = await client.messages.countTokens({ model: HAIKU, messages: ask(3) });
+    assert.equal(counted.input_tokens, message.usage.input_tokens);
   });
 
   it('authClient with a wrong key: AuthenticationError, nothing upstream', TEST, async () => {
