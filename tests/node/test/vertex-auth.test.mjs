@@ -123,8 +123,10 @@ describe(`AnthropicVertex ${VERTEX_SDK_VERSION}`, () => {
     assert.match(error.message, /\.get is not a function/);
   });
 
-  it('has no batches (Vertex has no Message Batches API in the SDK)', TEST, () => {
+  it('has no batches and no models (the Anthropic client has them)', TEST, () => {
     const client = vertex({ authClient: bearerAuthClient(stack.key) });
     assert.equal(client.messages.batches, undefined);
+    assert.equal(client.models, undefined);
+    assert.equal(typeof client.messages.countTokens, 'function');
   });
 });
