@@ -91,10 +91,18 @@ export function binaries() {
 // --- processes ------------------------------------------------------------------
 
 const running = new Set();
-// If the test process dies with children still up, do not leave them behind.
-process.on('exit', () => {
+// If the test process ends with children still up (a failed hook, a timeout,
+// Ctrl-C, the runner going away), do not leave them behind.
+const killChildren = () => {
   for (const child of running) child.kill('SIGKILL');
-});
+};
+process.on('exit', killChildren);
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(signal, () => {
+    killChildren();
+    process.kill(process.pid, signal); // then die of it, as without this handler
+  });
+}
 
 class Proc {
   constructor(name, argv, dir) {
