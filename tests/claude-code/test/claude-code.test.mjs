@@ -9,12 +9,13 @@
 //
 // Each test runs `claude -p` once against a simulator and gateway of its
 // own (fresh quota windows: one Claude Code turn on the demo's Claude 3
-// Haiku reserves most of a region's 50,000 tokens a minute) and checks:
-// exit 0; the answer is the simulator's (its lorem-ipsum words, as many as
-// SIM_OUTPUT_TOKENS in the prompt asks); the gateway served it as the
-// test's tenant (`spillway_requests_total`); the simulator got exactly that
-// one call, with the gateway's upstream bearer and not the client key
-// anywhere in what it recorded.
+// Haiku reserves most of a region's 50,000 tokens a minute). A served turn
+// (`servesOneTurn`) must show: exit 0; the simulator's answer (its
+// lorem-ipsum words, as many as SIM_OUTPUT_TOKENS in the prompt asks); the
+// gateway serving it as the test's tenant (`spillway_requests_total`); the
+// simulator getting exactly that one call, with the gateway's upstream
+// bearer and not the client key anywhere in what it recorded. Two more: a
+// 429 of Spillway's own that Claude Code retries through, and a wrong key.
 
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
@@ -114,6 +115,29 @@ describe('Claude Code through Spillway on the demo models', () => {
         }),
       ));
   }
+
+  it("Vertex's 429 in both regions: Spillway's own 429 and retry-after, which Claude Code honours", TEST, () =>
+    withStack({}, async (stack) => {
+      // Each Haiku region refuses once with Vertex's quota 429; told by
+      // `x-spillway-max-wait-ms: 0` (a second custom header) not to wait,
+      // Spillway answers 429 with retry-after, and Claude Code retries.
+      for (const region of ['us-central1', 'europe-west4']) {
+        await stack.sim('POST', '/_sim/faults', {
+          region,
+          model: DEMO_HAIKU.vertex,
+          kind: { type: 'status', status: 429 },
+          remaining: 1,
+        });
+      }
+      const env = vertexEnv(stack, { model: DEMO_HAIKU.vertex });
+      env.ANTHROPIC_CUSTOM_HEADERS += '\nx-spillway-max-wait-ms: 0';
+      const run = await runClaude('Say hello. SIM_OUTPUT_TOKENS=4', env);
+      assert.equal(run.code, 0, shown(run));
+      assert.equal(run.result?.result, answerOf(4), shown(run));
+      assert.deepEqual(await stack.tenantRequests(), { ok: 1, rejected: 1 });
+      const statuses = (await stack.sim('GET', '/_sim/requests')).map((c) => c.status);
+      assert.deepEqual(statuses, [429, 429, 200]);
+    }));
 
   it('a wrong key is refused by the gateway and never reaches upstream', TEST, () =>
     withStack({}, async (stack) => {
