@@ -10,6 +10,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { track } from './children.mjs';
+
 const HERE = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const PACKAGE = '@anthropic-ai/claude-code';
 
@@ -96,13 +98,15 @@ export function runClaude(prompt, env, { timeoutMs = INVOCATION_TIMEOUT_MS } = {
   const started = Date.now();
   return new Promise((resolve) => {
     const [file, ...args] = claudeCommand();
-    const child = spawn(file, [...args, '-p', prompt, '--output-format', 'json'], {
-      cwd,
-      env: fullEnv,
-      stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: timeoutMs,
-      killSignal: 'SIGKILL',
-    });
+    const child = track(
+      spawn(file, [...args, '-p', prompt, '--output-format', 'json'], {
+        cwd,
+        env: fullEnv,
+        stdio: ['ignore', 'pipe', 'pipe'],
+        timeout: timeoutMs,
+        killSignal: 'SIGKILL',
+      }),
+    );
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));

@@ -20,6 +20,8 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
+import { track } from './children.mjs';
+
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const TENANT = 'claude-code';
 export const CLIENT_KEY = 'sk-spw-claude-code-0123456789abcdefghijklmnopqrs';
@@ -42,12 +44,6 @@ function binary(envVar, defaultPath) {
   return p;
 }
 
-const running = new Set();
-// If the test process dies with children still up, do not leave them behind.
-process.on('exit', () => {
-  for (const child of running) child.kill('SIGKILL');
-});
-
 class Proc {
   constructor(name, argv, dir, env = {}) {
     this.name = name;
@@ -58,20 +54,18 @@ class Proc {
     const err = openSync(this.stderrPath, 'w');
     // The environment's SPILLWAY__* variables would override the test config.
     const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SPILLWAY__')));
-    this.child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', out, err], env: { ...base, ...env } });
+    this.child = track(spawn(argv[0], argv.slice(1), { stdio: ['ignore', out, err], env: { ...base, ...env } }));
     closeSync(out);
     closeSync(err);
     this.exitCode = undefined;
     this.exited = new Promise((resolve) => {
       const done = (code) => {
         this.exitCode = code;
-        running.delete(this.child);
         resolve();
       };
       this.child.once('exit', (code, signal) => done(code ?? signal));
       this.child.once('error', (e) => done(`spawn error: ${e.message}`));
     });
-    running.add(this.child);
   }
 
   stdout() {
