@@ -39,7 +39,7 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def _binary(env_var: str, default: str) -> Path:
     path = Path(os.environ.get(env_var) or REPO / default)
     if not path.is_file():
-        pytest.exit(f"{env_var}: {path} not found; run `cargo build --bins` first", returncode=2)
+        pytest.exit(f"{env_var}: {path} not found; run `cargo build -p spillway -p spillway-sim` first", returncode=2)
     return path
 
 
