@@ -9,29 +9,25 @@
 
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 
 import Anthropic from '@anthropic-ai/sdk';
 
-import { HAIKU, SONNET, makeClient, startStack } from '../lib/stack.mjs';
+import { HAIKU, SONNET, makeClient } from '../lib/stack.mjs';
+import { rejection, stackForFile } from '../lib/testing.mjs';
 
 const TEST = { timeout: 60_000 };
 const DAY_MS = 24 * 3600 * 1000;
 
-let stack;
+// Shorter retry backoff than the default (1 s doubling): the errored Sonnet
+// item of the first test is tried max_item_attempts (5) times, and at the
+// default backoff that alone takes about 14 s. Batch admissions are still
+// paced at the quota's refill interval (1 s at 60 requests/min), so it takes
+// about 4 s.
 let client;
-before(async () => {
-  // Shorter retry backoff than the default (1 s doubling): the errored
-  // Sonnet item of the first test is tried max_item_attempts (5) times, and
-  // at the default backoff that alone takes about 14 s. Batch admissions are
-  // still paced at the quota's refill interval (1 s at 60 requests/min), so
-  // it takes about 4 s.
-  stack = await startStack({ batch: { retry_base_ms: 50, retry_max_ms: 200 } });
-  client = makeClient('anthropic', stack);
-}, { timeout: 60_000 });
-after(async () => {
-  await stack?.stop();
-}, { timeout: 30_000 });
+const stack = stackForFile({ batch: { retry_base_ms: 50, retry_max_ms: 200 } }, (s) => {
+  client = makeClient('anthropic', s);
+});
 
 function request(customId, { model = HAIKU, outputTokens = 3 } = {}) {
   return {
@@ -58,15 +54,6 @@ async function results(id) {
   const out = [];
   for await (const line of await client.messages.batches.results(id)) out.push(line);
   return out;
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (e) {
-    return e;
-  }
-  assert.fail('expected the call to fail');
 }
 
 describe('messages.batches', () => {

@@ -7,11 +7,12 @@
 // that make upstream answer 429 use stacks of their own (rate-limit.test.mjs).
 
 import assert from 'node:assert/strict';
-import { after, before, beforeEach, describe, it } from 'node:test';
+import { beforeEach, describe, it } from 'node:test';
 
 import Anthropic from '@anthropic-ai/sdk';
 
-import { CLIENTS, HAIKU, HAIKU_ANTHROPIC, SONNET, ask, makeClient, startStack, upstreamTotal } from '../lib/stack.mjs';
+import { CLIENTS, HAIKU, HAIKU_ANTHROPIC, SONNET, ask, makeClient, upstreamTotal } from '../lib/stack.mjs';
+import { rejection, stackForFile } from '../lib/testing.mjs';
 
 const TEST = { timeout: 30_000 };
 const STREAM_EVENT_TYPES = [
@@ -23,13 +24,7 @@ const STREAM_EVENT_TYPES = [
   'message_stop',
 ];
 
-let stack;
-before(async () => {
-  stack = await startStack();
-}, { timeout: 60_000 });
-after(async () => {
-  await stack?.stop();
-}, { timeout: 30_000 });
+const stack = stackForFile();
 beforeEach(async () => {
   await stack.sim('DELETE', '/_sim/faults');
 }, { timeout: 10_000 });
@@ -74,16 +69,6 @@ function assertApiError(error, ErrorClass, status, errorType) {
   assert.equal(error.error.error.type, errorType);
   assert.ok(error.error.error.message, 'an error message');
   assert.match(error.requestID ?? '', /^req_/);
-}
-
-/** The error `promise` rejects with (fails if it resolves). */
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (e) {
-    return e;
-  }
-  assert.fail('expected the call to fail');
 }
 
 // --- success paths -------------------------------------------------------------

@@ -11,24 +11,19 @@
 // versions.
 
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 
 import Anthropic from '@anthropic-ai/sdk';
 import { AnthropicVertex } from '@anthropic-ai/vertex-sdk';
 import { VERSION as VERTEX_SDK_VERSION } from '@anthropic-ai/vertex-sdk/version';
 import { OAuth2Client } from 'google-auth-library';
 
-import { HAIKU, HAIKU_ANTHROPIC, ask, bearerAuthClient, startStack, upstreamTotal } from '../lib/stack.mjs';
+import { HAIKU, HAIKU_ANTHROPIC, ask, bearerAuthClient, upstreamTotal } from '../lib/stack.mjs';
+import { rejection, stackForFile } from '../lib/testing.mjs';
 
 const TEST = { timeout: 30_000 };
 
-let stack;
-before(async () => {
-  stack = await startStack();
-}, { timeout: 60_000 });
-after(async () => {
-  await stack?.stop();
-}, { timeout: 30_000 });
+const stack = stackForFile();
 
 function vertex(options) {
   return new AnthropicVertex({
@@ -42,15 +37,6 @@ function vertex(options) {
 
 function create(client) {
   return client.messages.create({ model: HAIKU, max_tokens: 64, messages: ask(3) });
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (e) {
-    return e;
-  }
-  assert.fail('expected the call to fail');
 }
 
 describe(`AnthropicVertex ${VERTEX_SDK_VERSION}`, () => {
