@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, free_port, succeeded};
+use support::binary::{batch, free_port, metrics_text, succeeded, write_config};
 use support::postgres::TempDatabase;
 
 mod support;
@@ -43,20 +43,8 @@ impl Replica {
     fn start(name: &'static str, dir: &Path, sim_url: &str, postgres_url: &str) -> Self {
         let port = free_port();
         let config = dir.join(format!("spillway-{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[server]
-listen = "127.0.0.1:{port}"
-auth = "none"
-[upstream]
-project = "replicas-test"
-regional_url = "{sim_url}"
-global_url = "{sim_url}"
-auth = "static"
-token = "{TOKEN}"
-[models."claude-3-haiku@20240307"]
+        let extra = format!(
+            r#"[models."claude-3-haiku@20240307"]
 regions = [{{ name = "us-central1", requests_per_min = 600, tokens_per_min = 10000000 }}]
 [batch]
 store = "postgres"
@@ -66,9 +54,8 @@ concurrency = {CONCURRENCY}
 lease_secs = 3
 poll_ms = 100
 "#
-            ),
-        )
-        .unwrap();
+        );
+        write_config(&config, port, sim_url, "replicas-test", TOKEN, "", &extra);
         let log = dir.join(format!("spillway-{name}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
@@ -121,15 +108,9 @@ poll_ms = 100
     /// Batch items this replica finished (`spillway_batch_items_completed_total`,
     /// all results).
     async fn completed(&self, http: &reqwest::Client) -> u64 {
-        let text = http
-            .get(format!("{}/metrics", self.url))
-            .send()
+        metrics_text(http, &self.url)
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
+            .lines()
             .filter(|l| l.starts_with("spillway_batch_items_completed_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, free_port, succeeded, wait_healthy};
+use support::binary::{batch, free_port, succeeded, wait_healthy, write_config};
 
 mod support;
 
@@ -44,31 +44,25 @@ async fn sigkill_mid_batch_then_restart_gives_exactly_one_result_per_custom_id()
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let config = dir.path().join("spillway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:{port}"
-auth = "none"
-[upstream]
-project = "restart-test"
-regional_url = "{sim}"
-global_url = "{sim}"
-auth = "static"
-token = "{TOKEN}"
-[models."claude-3-haiku@20240307"]
+    let extra = format!(
+        r#"[models."claude-3-haiku@20240307"]
 regions = [{{ name = "us-central1", requests_per_min = 1200, tokens_per_min = 10000000 }}]
 [batch]
 sqlite_path = "{db}"
 concurrency = 16
 lease_secs = 30
 "#,
-            sim = sim.base_url(),
-            db = db.display()
-        ),
-    )
-    .unwrap();
+        db = db.display()
+    );
+    write_config(
+        &config,
+        port,
+        &sim.base_url(),
+        "restart-test",
+        TOKEN,
+        "",
+        &extra,
+    );
     let log = dir.path().join("spillway.log");
     let http = spillway_gateway::tls::http_client();
 

@@ -7,6 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use support::binary::metrics_text;
+
+mod support;
+
 struct Demo {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -120,14 +124,7 @@ async fn load_traffic_is_counted_per_tenant_and_drains_a_batch() {
     let ended = demo.line(120, |l| l.contains(" ended: "));
     assert!(ended.ends_with("6/6 items done"), "{ended}");
 
-    let metrics = spillway_gateway::tls::http_client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&spillway_gateway::tls::http_client(), &url).await;
     for tenant in ["chat", "search", "reports"] {
         let ok = metrics.lines().any(|l| {
             l.starts_with("spillway_requests_total{")

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, SimHandle, Simulator};
-use support::binary::{free_port, serve, wait_healthy};
+use support::binary::{free_port, serve, wait_healthy, write_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,30 +40,20 @@ impl Running {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("spillway.toml");
-        std::fs::write(
+        let server = format!("log_format = \"json\"\n{server}");
+        let batch = format!(
+            "[batch]\nsqlite_path = \"{db}\"\n{rest}\n",
+            db = dir.path().join("batches.sqlite3").display(),
+        );
+        write_config(
             &config,
-            format!(
-                r#"
-[server]
-listen = "127.0.0.1:{port}"
-auth = "none"
-log_format = "json"
-{server}
-[upstream]
-project = "hardening"
-regional_url = "{sim}"
-global_url = "{sim}"
-auth = "static"
-token = "{TOKEN}"
-[batch]
-sqlite_path = "{db}"
-{rest}
-"#,
-                sim = sim.base_url(),
-                db = dir.path().join("batches.sqlite3").display(),
-            ),
-        )
-        .unwrap();
+            port,
+            &sim.base_url(),
+            "hardening",
+            TOKEN,
+            &server,
+            &batch,
+        );
         let log = dir.path().join("spillway.log");
         let mut child = serve(&config, &log);
         let url = format!("http://127.0.0.1:{port}");

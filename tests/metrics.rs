@@ -151,7 +151,7 @@ async fn a_stream_is_counted_once_with_its_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_ops_calls_are_not_model_requests() {
     use spillway_gateway::auth::hash_key;
-    use support::binary::{free_port, serve, wait_healthy};
+    use support::binary::{free_port, metrics_text, serve, wait_healthy, write_config};
 
     const ADMIN: &str = "sk-spw-admin-metrics-test";
     let mut sim_config = spillway_sim::SimConfig::vertex_defaults();
@@ -163,27 +163,16 @@ async fn admin_and_ops_calls_are_not_model_requests() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let config = dir.path().join("spillway.toml");
-    std::fs::write(
+    let admin = format!("[admin]\nkey_sha256 = \"{}\"\n", hash_key(ADMIN));
+    write_config(
         &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:{port}"
-auth = "none"
-[upstream]
-project = "metrics-test"
-regional_url = "{sim}"
-global_url = "{sim}"
-auth = "static"
-token = "{UPSTREAM_TOKEN}"
-[admin]
-key_sha256 = "{digest}"
-"#,
-            sim = sim.base_url(),
-            digest = hash_key(ADMIN),
-        ),
-    )
-    .unwrap();
+        port,
+        &sim.base_url(),
+        "metrics-test",
+        UPSTREAM_TOKEN,
+        "",
+        &admin,
+    );
     let log = dir.path().join("spillway.log");
     let http = spillway_gateway::tls::http_client();
     let mut gateway = serve(&config, &log);
@@ -198,10 +187,7 @@ key_sha256 = "{digest}"
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", logs());
-    let scrape = || {
-        let get = http.get(format!("{url}/metrics"));
-        async move { get.send().await.unwrap().text().await.unwrap() }
-    };
+    let scrape = || metrics_text(&http, &url);
     let model_requests = |text: &str| -> Vec<String> {
         text.lines()
             .filter(|l| l.starts_with("spillway_requests_total"))

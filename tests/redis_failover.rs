@@ -26,7 +26,7 @@ use std::time::Duration;
 use redis_server::RedisServer;
 use serde_json::json;
 use spillway_sim::{SimConfig, SimHandle, SimModel, SimRegion, Simulator};
-use support::binary::free_port;
+use support::binary::{free_port, write_config};
 use support::tally::Tally;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
@@ -59,20 +59,8 @@ impl Replica {
                 )
             })
             .join(", ");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[server]
-listen = "127.0.0.1:{port}"
-auth = "none"
-[upstream]
-project = "failover-test"
-regional_url = "{sim_url}"
-global_url = "{sim_url}"
-auth = "static"
-token = "{TOKEN}"
-[quota]
+        let extra = format!(
+            r#"[quota]
 store = "redis"
 redis_url = "{redis_url}"
 replicas = {REPLICAS}
@@ -83,10 +71,9 @@ regions = [{regions}]
 [batch]
 enabled = false
 "#,
-                window = WINDOW.as_secs(),
-            ),
-        )
-        .unwrap();
+            window = WINDOW.as_secs(),
+        );
+        write_config(&config, port, sim_url, "failover-test", TOKEN, "", &extra);
         let log = dir.join(format!("spillway-{name}.log"));
         let child = support::binary::serve(&config, &log);
         Self {

@@ -1,7 +1,9 @@
-//! Driving the real `spillway` binary as a subprocess: free ports, waiting
-//! for health, and reading a batch back over HTTP.
+//! Driving the real `spillway` binary as a subprocess: its config file,
+//! free ports, waiting for health, and reading a batch and the metrics back
+//! over HTTP.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,39 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Writes a `spillway serve` config to `path`: listening on
+/// `127.0.0.1:{port}` with no client auth plus the `server` keys, in front
+/// of the simulator at `sim_url` (regional and global) with the static
+/// upstream `token`, then the `extra` TOML (tables of the test's own).
+pub fn write_config(
+    path: &Path,
+    port: u16,
+    sim_url: &str,
+    project: &str,
+    token: &str,
+    server: &str,
+    extra: &str,
+) {
+    std::fs::write(
+        path,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+auth = "none"
+{server}
+[upstream]
+project = "{project}"
+regional_url = "{sim_url}"
+global_url = "{sim_url}"
+auth = "static"
+token = "{token}"
+{extra}"#
+        ),
+    )
+    .unwrap();
 }
 
 /// Waits until `GET {url}/healthz` answers 200; fails if the process exits.
@@ -42,6 +77,12 @@ pub async fn batch(http: &reqwest::Client, url: &str, id: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// `GET {url}/metrics`, as text.
+pub async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
+    let response = http.get(format!("{url}/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
 }
 
 pub fn succeeded(b: &Value) -> u64 {
