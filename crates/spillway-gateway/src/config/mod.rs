@@ -1263,18 +1263,23 @@ key_sha256 = "short"
 
         // With the enum fixed, the range rule speaks.
         std::fs::write(&file, "[quota]\nheadroom = 1.5\n").unwrap();
-        let err = Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).unwrap_err();
+        let err =
+            Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("quota.headroom: 1.5 is not in (0, 1]: it is the fraction of each quota Spillway plans to use (0.9 leaves 10% to others) (set in {f})")
         );
         for ok in ["1.0", "0.5", "1"] {
             std::fs::write(&file, format!("[quota]\nheadroom = {ok}\n")).unwrap();
-            assert!(Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).is_ok());
+            assert!(
+                Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).is_ok()
+            );
         }
         for bad in ["0", "-1", "0.0"] {
             std::fs::write(&file, format!("[quota]\nheadroom = {bad}\n")).unwrap();
-            assert!(Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).is_err());
+            assert!(
+                Settings::load_layers(&[DEMO_TOML], std::slice::from_ref(&file), env(&[])).is_err()
+            );
         }
     }
 
