@@ -26,12 +26,25 @@ use spillway_gateway::Gateway;
 use spillway_sim::{SimConfig, Simulator};
 
 /// What `spillway demo` was asked for.
+#[derive(Debug, clap::Args)]
 pub struct DemoArgs {
+    /// Where the gateway listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where the simulator listens (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
     pub sim_listen: SocketAddr,
+    /// The admin API's key for this run; unset, a new one is printed.
+    #[arg(long, env = "SPILLWAY_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Send bounded synthetic traffic from three tenants (and a batch).
+    #[arg(long)]
     pub load: bool,
+    /// How long `--load` sends, in seconds.
+    #[arg(long, default_value_t = 120, requires = "load")]
     pub load_secs: u64,
+    /// Items in the batch `--load` submits.
+    #[arg(long, default_value_t = load::BATCH_ITEMS, requires = "load")]
     pub load_batch_items: usize,
 }
 

@@ -12,7 +12,6 @@
 //! - `spillway hash-key [KEY]`: the SHA-256 digest to put in config for a
 //!   client key (a fresh key is generated when none is given).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,26 +46,7 @@ enum Command {
         config: Vec<PathBuf>,
     },
     /// Run the gateway in front of a simulated Vertex AI (no Google account needed).
-    Demo {
-        /// Where the gateway listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Where the simulator listens (port 0: any free port).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        sim_listen: SocketAddr,
-        /// The admin API's key for this run; unset, a new one is printed.
-        #[arg(long, env = "SPILLWAY_ADMIN_KEY", hide_env_values = true)]
-        admin_key: Option<String>,
-        /// Send bounded synthetic traffic from three tenants (and a batch).
-        #[arg(long)]
-        load: bool,
-        /// How long `--load` sends, in seconds.
-        #[arg(long, default_value_t = 120, requires = "load")]
-        load_secs: u64,
-        /// Items in the batch `--load` submits.
-        #[arg(long, default_value_t = demo::load::BATCH_ITEMS, requires = "load")]
-        load_batch_items: usize,
-    },
+    Demo(demo::DemoArgs),
     /// Validate a config file and print the effective config, secrets redacted.
     CheckConfig { file: PathBuf },
     /// Show the live quota table from a running gateway's admin API.
@@ -105,23 +85,7 @@ fn main() -> ExitCode {
             let settings = Settings::load(&config)?;
             serve(settings, config).await
         }),
-        Command::Demo {
-            listen,
-            sim_listen,
-            admin_key,
-            load,
-            load_secs,
-            load_batch_items,
-        } => run(|| {
-            demo::run(demo::DemoArgs {
-                listen,
-                sim_listen,
-                admin_key,
-                load,
-                load_secs,
-                load_batch_items,
-            })
-        }),
+        Command::Demo(args) => run(|| demo::run(args)),
         Command::Batch(args) => run(|| batch_cli::run(args)),
         Command::Status {
             url,

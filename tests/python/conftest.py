@@ -187,7 +187,11 @@ def _start_gateway(spillway_bin: Path, config: Path, port: int, log_dir: Path) -
         [str(spillway_bin), "serve", "--config", str(REPO / "config/demo.toml"), "--config", str(config)],
         log_dir,
     )
-    url = f"http://127.0.0.1:{port}"
+    return gateway, wait_healthy(gateway, f"http://127.0.0.1:{port}")
+
+
+def wait_healthy(process: Process, url: str) -> str:
+    """Waits until `GET {url}/healthz` answers 200 (failing with the process's output if not); returns `url`."""
 
     def healthy() -> Optional[str]:
         try:
@@ -196,7 +200,7 @@ def _start_gateway(spillway_bin: Path, config: Path, port: int, log_dir: Path) -
             return None
         return url if status == 200 else None
 
-    return gateway, gateway.wait_for("answer on GET /healthz", healthy)
+    return process.wait_for("answer on GET /healthz", healthy)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from conftest import REPO, Process, _binary, _free_port, http_json
+from conftest import REPO, Process, _binary, _free_port, wait_healthy
 
 README = REPO / "README.md"
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip:\s*(?P<reason>\S.*?)\s*-->")
@@ -97,17 +97,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     work = tmp_path_factory.mktemp("readme-demo")
     port = _free_port()
     proc = Process("spillway-demo", [str(spillway), "demo", "--listen", f"127.0.0.1:{port}"], work)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> Optional[str]:
-        try:
-            status, _ = http_json("GET", f"{url}/healthz")
-        except OSError:
-            return None
-        return url if status == 200 else None
-
     try:
-        proc.wait_for("answer on GET /healthz", healthy)
+        url = wait_healthy(proc, f"http://127.0.0.1:{port}")
         yield DemoRun(url=url, port=port)
     finally:
         proc.stop()
