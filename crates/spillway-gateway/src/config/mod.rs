@@ -497,7 +497,6 @@ impl Settings {
             .build()
             .and_then(|merged| merged.try_deserialize())
             .map_err(|e| ConfigError::Unreadable(e.to_string()))?;
-        let layers = Layers::new(overlays, files, &env_vars);
         let mut problems = Problems::default();
         let settings = layers::read_settings(&tree, &mut problems);
         if let Some((settings, unread)) = &settings {
@@ -510,10 +509,14 @@ impl Settings {
             }
             problems.extend(checked);
         }
-        problems.attribute(|key| layers.origin_of(key));
         match settings {
             Some((settings, _)) if problems.is_empty() => Ok(settings),
-            _ => Err(ConfigError::Invalid(problems)),
+            _ => {
+                // Only a refused config needs its layers read apart again.
+                let layers = Layers::new(overlays, files, &env_vars);
+                problems.attribute(|key| layers.origin_of(key));
+                Err(ConfigError::Invalid(problems))
+            }
         }
     }
 
