@@ -5,6 +5,7 @@
 //! spillway-bench mixed-workload [--windows 6] [--overload 3] [--seed 1] [--json]
 //! spillway-bench shares-replicas [--replicas 3] [--per-window 12] [--weight 3]
 //! spillway-bench soak [-n 9000] [--duration-secs 300] [--smoke]
+//! spillway-bench cost [--secs 10] [--conns 50] [--rounds 3] [--log info]
 //! ```
 //!
 //! `open-streams` opens N concurrent streaming Messages requests, each on its
@@ -25,6 +26,10 @@
 //! for minutes, with the simulator and the clients (`soak-client`, this
 //! binary again) in processes of their own, and reports the gateway's
 //! memory, descriptors and gauges before, during and after (see `soak`).
+//!
+//! `cost` measures what one request costs the release gateway (CPU per
+//! request, added latency, closed-loop throughput) beside the direct path,
+//! against a canned upstream (`canned-upstream`, see `cost`).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +38,10 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use children::mib;
+
+mod children;
+mod cost;
 mod mixed;
 mod shares_replicas;
 mod soak;
@@ -112,6 +121,11 @@ enum Command {
     /// The soak's client process (started by `soak`).
     #[command(hide = true)]
     SoakClient(soak_client::Args),
+    /// Gateway CPU per request, added latency and closed-loop throughput,
+    /// each beside the direct path, against the canned upstream.
+    Cost(cost::Args),
+    /// The cheapest Vertex that answers like one (started by `cost`).
+    CannedUpstream(cost::canned::Args),
 }
 
 /// `VmRSS` and `VmHWM` in KiB.
@@ -127,10 +141,6 @@ fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
             .with_context(|| format!("{name} missing in /proc/{pid}/status"))
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 fn report(label: &str, pid: u32) -> anyhow::Result<()> {
@@ -324,5 +334,11 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(soak_client::run(args.into())),
+        Command::Cost(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.driver_threads.max(1))
+            .enable_all()
+            .build()?
+            .block_on(cost::run(args)),
+        Command::CannedUpstream(args) => cost::canned::run(args),
     }
 }

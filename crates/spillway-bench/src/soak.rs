@@ -44,15 +44,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+use crate::children::{
+    free_port, log_file, mib, open_file_limits, proc_figures, spawn, stop, wait_http, Proc,
+    TICKS_PER_SEC,
+};
 
 const HAIKU: &str = "claude-3-haiku@20240307";
 const REGIONS: [&str; 2] = ["us-central1", "europe-west4"];
@@ -117,65 +121,6 @@ impl Args {
         }
         self
     }
-}
-
-/// One process's figures at one moment.
-#[derive(Debug, Clone, Copy, Default)]
-struct Proc {
-    rss_kib: u64,
-    hwm_kib: u64,
-    fds: u64,
-    /// utime + stime, in clock ticks.
-    cpu_ticks: u64,
-}
-
-/// Linux's `USER_HZ` (fixed at 100 for userspace since 2.6).
-const TICKS_PER_SEC: f64 = 100.0;
-
-fn proc_figures(pid: u32) -> anyhow::Result<Proc> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("listing /proc/{pid}/fd"))?
-        .count() as u64;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses:
-    // state is field 3, utime 14 and stime 15.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let cpu_ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Ok(Proc {
-        rss_kib: field("VmRSS:"),
-        hwm_kib: field("VmHWM:"),
-        fds,
-        cpu_ticks,
-    })
-}
-
-/// The soft and hard `Max open files` of a process.
-fn open_file_limits(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/limits"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .map(|l| {
-                    let v: Vec<&str> = l.split_whitespace().collect();
-                    format!("{}/{}", v.get(3).unwrap_or(&"?"), v.get(4).unwrap_or(&"?"))
-                })
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 /// A Prometheus text exposition, as (name, labels, value) lines.
@@ -251,74 +196,6 @@ struct Sample {
 struct Children {
     sim: Child,
     gateway: Option<Child>,
-}
-
-async fn stop(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-    }
-    let _ = child.kill().await;
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Starts `bin args` with its soft open-file limit raised to the hard one.
-fn spawn(
-    bin: &Path,
-    args: &[String],
-    env: &[(&str, &str)],
-    stdout: Stdio,
-    stderr: Stdio,
-) -> anyhow::Result<Child> {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@""#)
-        .arg(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .with_context(|| format!("starting {}", bin.display()))
-}
-
-fn log_file(out: &Path, name: &str) -> anyhow::Result<Stdio> {
-    let f = std::fs::File::create(out.join(name))
-        .with_context(|| format!("creating {}", out.join(name).display()))?;
-    Ok(Stdio::from(f))
-}
-
-async fn wait_http(http: &reqwest::Client, url: &str, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("{url}: the process exited early ({status}); see its log");
-        }
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{url} did not answer within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn sim_toml() -> String {
@@ -431,10 +308,6 @@ fn print_sample(s: &Sample) {
         mib(s.sim.rss_kib),
         s.sim.fds,
     );
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
