@@ -24,6 +24,7 @@ use spillway_gateway::Gateway;
 mod allocator;
 mod batch_cli;
 mod demo;
+mod json_log;
 mod status;
 
 #[derive(Parser)]
@@ -146,13 +147,18 @@ fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking::Wor
         // The default (128k lines) preallocates ~4 MiB; 16k lines is still
         // seconds of full-rate access logs.
         .buffered_lines_limit(16 * 1024)
-        .finish(std::io::stderr());
+        // Buffered: the worker flushes each time it has drained what is
+        // queued, so a burst of lines costs one write(2), not one per line.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi);
     let installed = match format {
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder.event_format(json_log::JsonLines).try_init(),
         LogFormat::Human => builder.try_init(),
     };
     installed.is_ok().then_some(guard)

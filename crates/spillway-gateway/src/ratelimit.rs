@@ -19,46 +19,73 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: impl ToString) {
     }
 }
 
+/// The three headers of one limit: names checked at compile time, not per
+/// request (these headers are on every answer).
+struct LimitHeaders {
+    limit: HeaderName,
+    remaining: HeaderName,
+    reset: HeaderName,
+}
+
+impl LimitHeaders {
+    const fn named(limit: &'static str, remaining: &'static str, reset: &'static str) -> Self {
+        Self {
+            limit: HeaderName::from_static(limit),
+            remaining: HeaderName::from_static(remaining),
+            reset: HeaderName::from_static(reset),
+        }
+    }
+
+    fn put(&self, headers: &mut HeaderMap, limit: u64, used: u64, reset: &HeaderValue) {
+        headers.insert(self.limit.clone(), HeaderValue::from(limit));
+        headers.insert(
+            self.remaining.clone(),
+            HeaderValue::from(limit.saturating_sub(used)),
+        );
+        headers.insert(self.reset.clone(), reset.clone());
+    }
+}
+
+const REQUESTS: LimitHeaders = LimitHeaders::named(
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+);
+const TOKENS: LimitHeaders = LimitHeaders::named(
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+);
+const INPUT_TOKENS: LimitHeaders = LimitHeaders::named(
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+);
+const OUTPUT_TOKENS: LimitHeaders = LimitHeaders::named(
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+);
+
 /// Adds the `anthropic-ratelimit-*` headers for the budget a request used.
 pub fn add_budget_headers(headers: &mut HeaderMap, view: &BudgetView) {
     let reset = rfc3339(SystemTime::now() + view.empty_at.saturating_sub(view.now));
-    let limits = view.limits;
-    put(
+    let Ok(reset) = HeaderValue::try_from(reset) else {
+        return;
+    };
+    let (limits, usage) = (view.limits, view.usage);
+    REQUESTS.put(
         headers,
-        "anthropic-ratelimit-requests-limit",
-        limits.requests,
+        u64::from(limits.requests),
+        u64::from(usage.requests),
+        &reset,
     );
-    put(
-        headers,
-        "anthropic-ratelimit-requests-remaining",
-        limits.requests.saturating_sub(view.usage.requests),
-    );
-    put(headers, "anthropic-ratelimit-requests-reset", &reset);
-    let tokens = limits.token_capacity();
-    put(headers, "anthropic-ratelimit-tokens-limit", tokens);
-    put(
-        headers,
-        "anthropic-ratelimit-tokens-remaining",
-        tokens.saturating_sub(view.usage.tokens()),
-    );
-    put(headers, "anthropic-ratelimit-tokens-reset", &reset);
+    TOKENS.put(headers, limits.token_capacity(), usage.tokens(), &reset);
     if let Some(input) = limits.input_tokens {
-        put(headers, "anthropic-ratelimit-input-tokens-limit", input);
-        put(
-            headers,
-            "anthropic-ratelimit-input-tokens-remaining",
-            input.saturating_sub(view.usage.input),
-        );
-        put(headers, "anthropic-ratelimit-input-tokens-reset", &reset);
+        INPUT_TOKENS.put(headers, input, usage.input, &reset);
     }
     if let Some(output) = limits.output_tokens {
-        put(headers, "anthropic-ratelimit-output-tokens-limit", output);
-        put(
-            headers,
-            "anthropic-ratelimit-output-tokens-remaining",
-            output.saturating_sub(view.usage.output),
-        );
-        put(headers, "anthropic-ratelimit-output-tokens-reset", &reset);
+        OUTPUT_TOKENS.put(headers, output, usage.output, &reset);
     }
 }
 

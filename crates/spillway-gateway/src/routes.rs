@@ -157,7 +157,11 @@ impl Caller {
 /// Prepares and forwards one call for model `name`, and renders the result.
 async fn forward(state: &AppState, name: &str, request: CallRequest) -> Result<Response, ApiError> {
     let call = state.forwarder.prepare(name, request)?;
-    Ok(render(state.forwarder.forward(call).await))
+    // Boxed here, once: the call's future is ~10 KiB, and every layer
+    // above (handler, middleware, router) would otherwise hold it inline
+    // and copy it each time it is moved into a box of its own.
+    let forwarded = Box::pin(state.forwarder.forward(call)).await;
+    Ok(render(forwarded))
 }
 
 /// A forwarded call as an HTTP response, carrying its record for the

@@ -76,6 +76,12 @@ pub struct Args {
     /// Worker threads of the load driver.
     #[arg(long, default_value_t = 1)]
     pub driver_threads: usize,
+    /// Pin the gateway to these CPUs (`taskset -c` syntax, e.g. `1`), to
+    /// keep it apart from the driver and the upstream: run this command
+    /// itself under `taskset -c 0` then. Its tokio runtime sizes itself to
+    /// the CPUs it is given.
+    #[arg(long)]
+    pub gateway_cpus: Option<String>,
     /// The gateway binary (default: `spillway` beside this one).
     #[arg(long)]
     pub spillway: Option<PathBuf>,
@@ -268,17 +274,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let port = free_port()?;
     std::fs::write(out.join("cost.toml"), gateway_toml(port, upstream))?;
-    let mut gateway_args = vec![
+    let mut gateway_args = vec![];
+    let gateway_bin = match &args.gateway_cpus {
+        Some(cpus) => {
+            gateway_args.extend([
+                "-c".to_string(),
+                cpus.clone(),
+                spillway.to_string_lossy().into_owned(),
+            ]);
+            PathBuf::from("taskset")
+        }
+        None => spillway.clone(),
+    };
+    gateway_args.extend([
         "serve".to_string(),
         "--config".into(),
         out.join("cost.toml").to_string_lossy().into_owned(),
-    ];
+    ]);
     if let Some(extra) = &args.config {
         gateway_args.push("--config".into());
         gateway_args.push(extra.to_string_lossy().into_owned());
     }
     let mut gateway_child = spawn(
-        &spillway,
+        &gateway_bin,
         &gateway_args,
         &[("RUST_LOG", args.log.as_str())],
         Stdio::null(),
@@ -322,8 +340,12 @@ async fn measure_all(bench: &Bench) -> anyhow::Result<(String, serde_json::Value
     let mut figures = serde_json::Map::new();
     let _ = writeln!(
         md,
-        "rounds: {}, {} s each after {} s warm-up; gateway RUST_LOG={}\n",
-        args.rounds, args.secs, args.warmup_secs, args.log
+        "rounds: {}, {} s each after {} s warm-up; gateway RUST_LOG={}; gateway CPUs: {}\n",
+        args.rounds,
+        args.secs,
+        args.warmup_secs,
+        args.log,
+        args.gateway_cpus.as_deref().unwrap_or("any")
     );
     if args.parts.iter().any(|p| p == "latency") {
         for stream in [false, true] {
