@@ -5,7 +5,7 @@
 //! running as processes of their own.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,17 @@ pub(crate) async fn wait_http(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The output folder a benchmark was given, or a new one under the temp
+/// dir named for the benchmark and this process; created either way.
+pub(crate) fn out_dir(given: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
+    let out = match given {
+        Some(d) => d.to_path_buf(),
+        None => std::env::temp_dir().join(format!("spillway-{name}-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(out)
 }
 
 pub(crate) fn mib(kib: u64) -> f64 {

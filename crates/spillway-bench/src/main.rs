@@ -33,7 +33,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -128,23 +128,12 @@ enum Command {
     CannedUpstream(cost::canned::Args),
 }
 
-/// `VmRSS` and `VmHWM` in KiB.
-fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{name} missing in /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 fn report(label: &str, pid: u32) -> anyhow::Result<()> {
-    let (rss, hwm) = memory_kib(pid)?;
+    let children::Proc {
+        rss_kib: rss,
+        hwm_kib: hwm,
+        ..
+    } = children::proc_figures(pid)?;
     println!(
         "{label}: VmRSS {rss} KiB ({:.1} MiB), VmHWM {hwm} KiB ({:.1} MiB)",
         mib(rss),

@@ -54,8 +54,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
 use crate::children::{
-    free_port, log_file, mib, open_file_limits, proc_figures, spawn, stop, wait_http, GatewayToml,
-    Proc, HAIKU, HUGE_TPM, TICKS_PER_SEC,
+    free_port, log_file, mib, open_file_limits, out_dir, proc_figures, spawn, stop, wait_http,
+    GatewayToml, Proc, HAIKU, HUGE_TPM, TICKS_PER_SEC,
 };
 
 const REGIONS: [&str; 2] = ["us-central1", "europe-west4"];
@@ -307,11 +307,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let out = match &args.out {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("spillway-soak-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out_dir(args.out.as_deref(), "soak")?;
     println!("soak: output in {}", out.display());
 
     let http = spillway_gateway::tls::http_client_builder()

@@ -39,7 +39,8 @@ use serde_json::json;
 use tokio::process::Child;
 
 use crate::children::{
-    free_port, log_file, proc_figures, spawn, stop, wait_http, GatewayToml, HAIKU, TICKS_PER_SEC,
+    free_port, log_file, out_dir, proc_figures, spawn, stop, wait_http, GatewayToml, HAIKU,
+    TICKS_PER_SEC,
 };
 
 pub mod canned;
@@ -126,6 +127,7 @@ impl Bench {
     fn target(&self, via_gateway: bool, stream: bool) -> Target {
         let stream_field = if stream { r#","stream":true"# } else { "" };
         let messages = r#""messages":[{"role":"user","content":"Hello, Claude"}]"#;
+        let must_contain = stream.then_some(&b"message_stop"[..]);
         if via_gateway {
             Target {
                 addr: self.gateway,
@@ -134,7 +136,7 @@ impl Bench {
                     r#"{{"model":"{HAIKU}","max_tokens":64{stream_field},{messages}}}"#
                 )),
                 authorization: None,
-                must_contain: stream.then_some(&b"message_stop"[..]),
+                must_contain,
             }
         } else {
             let op = if stream {
@@ -149,7 +151,7 @@ impl Bench {
                     r#"{{"anthropic_version":"vertex-2023-10-16","max_tokens":64{stream_field},{messages}}}"#
                 )),
                 authorization: Some(format!("Bearer {UPSTREAM_TOKEN}")),
-                must_contain: stream.then_some(&b"message_stop"[..]),
+                must_contain,
             }
         }
     }
@@ -229,11 +231,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             spillway.display()
         );
     }
-    let out = match &args.out {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("spillway-cost-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out_dir(args.out.as_deref(), "cost")?;
 
     let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut upstream_child = spawn(
