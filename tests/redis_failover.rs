@@ -18,7 +18,6 @@ mod redis_server;
 mod support;
 
 use std::path::Path;
-use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +25,8 @@ use std::time::Duration;
 use redis_server::RedisServer;
 use serde_json::json;
 use spillway_sim::{SimConfig, SimHandle, SimModel, SimRegion, Simulator};
-use support::binary::{free_port, write_config};
+use support::arrivals::busiest_window;
+use support::replica::Replica;
 use support::tally::Tally;
 
 const HAIKU: &str = "claude-3-haiku@20240307";
@@ -40,27 +40,15 @@ const BUDGET: usize = 60;
 /// Requests offered per window, over both regions: twice the budget.
 const OFFERED_PER_WINDOW: usize = BUDGET * REGIONS.len() * 2;
 
-/// A `spillway serve` process, SIGKILLed when dropped (also on a failed
-/// assertion).
-struct Replica {
-    url: String,
-    log: std::path::PathBuf,
-    child: Child,
-}
-
-impl Replica {
-    fn start(name: usize, dir: &Path, sim_url: &str, redis_url: &str) -> Self {
-        let port = free_port();
-        let config = dir.join(format!("spillway-{name}.toml"));
-        let regions = REGIONS
-            .map(|r| {
-                format!(
-                    "{{ name = \"{r}\", requests_per_min = {BUDGET}, tokens_per_min = 10000000 }}"
-                )
-            })
-            .join(", ");
-        let extra = format!(
-            r#"[quota]
+/// Replica `i`: Redis-shared budgets of `BUDGET` per region, no batches.
+fn replica(i: usize, dir: &Path, sim_url: &str, redis_url: &str) -> Replica {
+    let regions = REGIONS
+        .map(|r| {
+            format!("{{ name = \"{r}\", requests_per_min = {BUDGET}, tokens_per_min = 10000000 }}")
+        })
+        .join(", ");
+    let extra = format!(
+        r#"[quota]
 store = "redis"
 redis_url = "{redis_url}"
 replicas = {REPLICAS}
@@ -71,46 +59,17 @@ regions = [{regions}]
 [batch]
 enabled = false
 "#,
-            window = WINDOW.as_secs(),
-        );
-        write_config(&config, port, sim_url, "failover-test", TOKEN, "", &extra);
-        let log = dir.join(format!("spillway-{name}.log"));
-        let child = support::binary::serve(&config, &log);
-        Self {
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-            child,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_healthy(&mut self, http: &reqwest::Client) {
-        support::binary::wait_healthy(http, &self.url, &mut self.child).await;
-    }
-
-    async fn metric(&self, http: &reqwest::Client, name: &str) -> Option<f64> {
-        let text = http
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        window = WINDOW.as_secs(),
+    );
+    Replica::start(
+        &i.to_string(),
+        dir,
+        sim_url,
+        "failover-test",
+        TOKEN,
+        "",
+        &extra,
+    )
 }
 
 async fn simulator() -> SimHandle {
@@ -176,22 +135,6 @@ fn in_current_window(sim: &SimHandle) -> usize {
         .count()
 }
 
-/// The most arrivals any window of length `WINDOW` holds: a count only
-/// changes as a window's edge crosses an arrival, so windows starting at
-/// arrivals cover them all.
-fn busiest_window(arrivals: &[tokio::time::Instant]) -> usize {
-    arrivals
-        .iter()
-        .map(|&start| {
-            arrivals
-                .iter()
-                .filter(|&&t| t >= start && t < start + WINDOW)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_failover_at_the_worst_moment_admits_at_most_five_percent_over_any_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +142,7 @@ async fn a_redis_failover_at_the_worst_moment_admits_at_most_five_percent_over_a
     let sim = simulator().await;
     let http = spillway_gateway::tls::http_client();
     let mut replicas: Vec<Replica> = (0..REPLICAS)
-        .map(|i| Replica::start(i, dir.path(), &sim.base_url(), &redis.url()))
+        .map(|i| replica(i, dir.path(), &sim.base_url(), &redis.url()))
         .collect();
     for r in &mut replicas {
         r.wait_healthy(&http).await;
@@ -244,7 +187,7 @@ async fn a_redis_failover_at_the_worst_moment_admits_at_most_five_percent_over_a
     let allowed = BUDGET * 105 / 100;
     let busiest: Vec<usize> = REGIONS
         .iter()
-        .map(|r| busiest_window(&sim.arrivals(r, HAIKU)))
+        .map(|r| busiest_window(&sim.arrivals(r, HAIKU), WINDOW))
         .collect();
     println!(
         "failover with {at_kill} of {} in the window: {} served, {} refused by Spillway, {} failed; \

@@ -5,8 +5,10 @@
 
 #![allow(dead_code)]
 
+pub mod arrivals;
 pub mod binary;
 pub mod postgres;
+pub mod replica;
 pub mod tally;
 
 use std::collections::HashMap;
