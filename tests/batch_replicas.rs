@@ -7,18 +7,18 @@
 //! custom_id. Items that B had in flight at the kill are sent upstream again
 //! (at least once), which the test measures and prints rather than forbids.
 //!
-//! The process helpers mirror tests/batch_restart.rs, plus a guard that
-//! kills the replicas if an assertion fails.
+//! The replicas are `support::replica::Replica`s, killed by their guards if
+//! an assertion fails.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, free_port, metrics_text, succeeded, write_config};
+use support::binary::{batch, succeeded};
 use support::postgres::TempDatabase;
+use support::replica::Replica;
 
 mod support;
 
@@ -30,21 +30,11 @@ const CONCURRENCY: u64 = 16;
 /// The whole scenario, from the first start to the end of the batch.
 const TIME_BOX: Duration = Duration::from_secs(60);
 
-/// A `spillway serve` process, SIGKILLed when dropped (also on a failed
-/// assertion).
-struct Replica {
-    name: &'static str,
-    url: String,
-    log: std::path::PathBuf,
-    child: Child,
-}
-
-impl Replica {
-    fn start(name: &'static str, dir: &Path, sim_url: &str, postgres_url: &str) -> Self {
-        let port = free_port();
-        let config = dir.join(format!("spillway-{name}.toml"));
-        let extra = format!(
-            r#"[models."claude-3-haiku@20240307"]
+/// Replica `name`: one region, the batch store in PostgreSQL with short
+/// leases.
+fn replica(name: &str, dir: &Path, sim_url: &str, postgres_url: &str) -> Replica {
+    let extra = format!(
+        r#"[models."claude-3-haiku@20240307"]
 regions = [{{ name = "us-central1", requests_per_min = 600, tokens_per_min = 10000000 }}]
 [batch]
 store = "postgres"
@@ -54,78 +44,16 @@ concurrency = {CONCURRENCY}
 lease_secs = 3
 poll_ms = 100
 "#
-        );
-        write_config(&config, port, sim_url, "replicas-test", TOKEN, "", &extra);
-        let log = dir.join(format!("spillway-{name}.log"));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
-        command
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file);
-        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
-            command.env_remove(var);
-        }
-        Self {
-            name,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-            child: command.spawn().expect("spillway starts"),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_healthy(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "replica {} exited early: {status}\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica {} did not become healthy\n{}",
-                self.name,
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Batch items this replica finished (`spillway_batch_items_completed_total`,
-    /// all results).
-    async fn completed(&self, http: &reqwest::Client) -> u64 {
-        metrics_text(http, &self.url)
-            .await
-            .lines()
-            .filter(|l| l.starts_with("spillway_batch_items_completed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    );
+    Replica::start(name, dir, sim_url, "replicas-test", TOKEN, "", &extra)
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Batch items `replica` finished (`spillway_batch_items_completed_total`,
+/// all results).
+async fn completed(replica: &Replica, http: &reqwest::Client) -> u64 {
+    replica
+        .metric_sum(http, "spillway_batch_items_completed_total")
+        .await as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,9 +89,9 @@ async fn scenario(postgres_url: String) {
     let dir = tempfile::tempdir().unwrap();
     let http = spillway_gateway::tls::http_client();
     // A first, so the tables exist before B connects (both would manage).
-    let mut a = Replica::start("a", dir.path(), &sim.base_url(), &postgres_url);
+    let mut a = replica("a", dir.path(), &sim.base_url(), &postgres_url);
     a.wait_healthy(&http).await;
-    let mut b = Replica::start("b", dir.path(), &sim.base_url(), &postgres_url);
+    let mut b = replica("b", dir.path(), &sim.base_url(), &postgres_url);
     b.wait_healthy(&http).await;
 
     let requests: Vec<Value> = (0..ITEMS)
@@ -192,7 +120,7 @@ async fn scenario(postgres_url: String) {
     // of it, well before the end.
     let deadline = started + TIME_BOX;
     let (done_a, done_b, before_kill) = loop {
-        let (done_a, done_b) = (a.completed(&http).await, b.completed(&http).await);
+        let (done_a, done_b) = (completed(&a, &http).await, completed(&b, &http).await);
         let bt = batch(&http, &a.url, &id).await;
         if done_a >= 5 && done_b >= 5 {
             break (done_a, done_b, bt);
@@ -253,7 +181,7 @@ async fn scenario(postgres_url: String) {
     assert!(sent >= ITEMS as u64);
     let resent = sent - ITEMS as u64;
     assert!(resent <= CONCURRENCY, "{resent} sent again");
-    let done_a_end = a.completed(&http).await;
+    let done_a_end = completed(&a, &http).await;
     eprintln!(
         "B killed after A finished {done_a} and B {done_b} items ({} results, {sent_at_kill} upstream calls); \
          A finished {done_a_end} in all; {resent} of {ITEMS} items sent upstream again; {:.1} s",

@@ -45,8 +45,31 @@ impl Replica {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until `/healthz` answers 200; fails, with the log, if the
+    /// process exits or takes over 30 s.
     pub async fn wait_healthy(&mut self, http: &reqwest::Client) {
-        super::binary::wait_healthy(http, &self.url, &mut self.child).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "replica {} exited early: {status}\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} did not become healthy\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Whether `/readyz` answers 200 now.
