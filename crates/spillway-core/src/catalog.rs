@@ -141,6 +141,9 @@ pub struct ModelSpec {
     /// input-token quota (older models do, current ones do not); settlement
     /// charges input accordingly.
     pub cache_reads_count: bool,
+    /// What Vertex bills for the model's tokens, where configured; `None`:
+    /// the model has no spend (none is made up).
+    pub prices: Option<crate::spend::ModelPrices>,
 }
 
 impl ModelSpec {
@@ -348,6 +351,7 @@ mod tests {
                 .collect(),
             quota_group: id.into(),
             cache_reads_count: default_cache_reads_count(id),
+            prices: None,
         }
     }
 

@@ -23,6 +23,8 @@
 //!   held over the window while demand exceeds it.
 //! - [`ledger`]: one (region, model) budget as a reservation log that is
 //!   never over quota in any window and can be settled to actual usage.
+//! - [`spend`]: what a request cost, from its tokens and the model's
+//!   prices, in exact integer picodollars; UTC days and months; spend caps.
 
 pub mod adaptive;
 pub mod catalog;
@@ -32,6 +34,7 @@ pub mod keys;
 pub mod learn;
 pub mod ledger;
 pub mod shares;
+pub mod spend;
 pub mod store;
 
 pub use catalog::{

@@ -212,6 +212,7 @@ mod tests {
             regions: Vec::new(),
             quota_group: "claude-3-haiku@20240307".into(),
             cache_reads_count: true,
+            prices: None,
         }
     }
 
