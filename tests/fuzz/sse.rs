@@ -193,6 +193,7 @@ fn decode(bytes: &[u8]) -> Cut {
         output_tokens: u[1],
         cache_creation_input_tokens: u[2],
         cache_read_input_tokens: u[3],
+        cache_creation_1h_input_tokens: 0,
     });
     Cut {
         stream: stream.to_vec(),
@@ -385,6 +386,11 @@ fn unary_bytes(bytes: &[u8]) -> TestCaseResult {
         output_tokens: count("output_tokens"),
         cache_creation_input_tokens: count("cache_creation_input_tokens"),
         cache_read_input_tokens: count("cache_read_input_tokens"),
+        cache_creation_1h_input_tokens: usage
+            .get("cache_creation")
+            .and_then(|c| c.get("ephemeral_1h_input_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
     };
     ensure(got == want, || {
         format!("{got:?}, the body carries {want:?}")

@@ -2,7 +2,9 @@
 //!
 //! A unary Message carries `usage: {input_tokens, output_tokens, cache_creation_input_tokens,
 //! cache_read_input_tokens, ...}` (reference §1.3); total input is
-//! `input + cache_creation + cache_read`.
+//! `input + cache_creation + cache_read`. Newer answers split the cache writes by TTL in
+//! `usage.cache_creation: {ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}`; the 1-hour
+//! part is kept ([`Usage::cache_creation_1h_input_tokens`]) because it is billed at another price.
 //!
 //! In a stream (§1.4), `message_start.message.usage` carries the input (and cache) counts plus a
 //! small provisional `output_tokens`; each later `message_delta.usage` is **cumulative**, and newer
@@ -33,6 +35,10 @@ pub struct Usage {
     pub cache_creation_input_tokens: u64,
     /// Input tokens read from the prompt cache.
     pub cache_read_input_tokens: u64,
+    /// Of `cache_creation_input_tokens`, those written with the 1-hour TTL
+    /// (`usage.cache_creation.ephemeral_1h_input_tokens`; 0 when the answer
+    /// does not split its writes, which then all have the 5-minute TTL).
+    pub cache_creation_1h_input_tokens: u64,
 }
 
 impl Usage {
@@ -47,6 +53,12 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.total_input().saturating_add(self.output_tokens)
     }
+
+    /// Cache writes with the 5-minute TTL: the writes not reported as 1-hour ones.
+    pub fn cache_creation_5m_input_tokens(&self) -> u64 {
+        self.cache_creation_input_tokens
+            .saturating_sub(self.cache_creation_1h_input_tokens)
+    }
 }
 
 /// Usage fields as they appear on the wire; each optional and lenient (a non-integer is ignored).
@@ -56,6 +68,8 @@ struct WireUsage {
     output_tokens: Option<Value>,
     cache_creation_input_tokens: Option<Value>,
     cache_read_input_tokens: Option<Value>,
+    /// `{ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}`: the writes by TTL.
+    cache_creation: Option<Value>,
 }
 
 impl WireUsage {
@@ -76,6 +90,14 @@ impl WireUsage {
             &mut u.cache_read_input_tokens,
             &self.cache_read_input_tokens,
         );
+        if let Some(v) = self
+            .cache_creation
+            .as_ref()
+            .and_then(|split| split.get("ephemeral_1h_input_tokens"))
+            .and_then(Value::as_u64)
+        {
+            u.cache_creation_1h_input_tokens = v;
+        }
     }
 }
 
@@ -237,8 +259,10 @@ mod tests {
             output_tokens: 5,
             cache_creation_input_tokens: 3,
             cache_read_input_tokens: 2,
+            cache_creation_1h_input_tokens: 1,
         };
         assert_eq!(u.total_input(), 15);
+        assert_eq!(u.cache_creation_5m_input_tokens(), 2);
         assert_eq!(u.total(), 20);
         let big = Usage {
             input_tokens: u64::MAX,
@@ -264,6 +288,19 @@ mod tests {
         assert_eq!(usage_from_message_body(b"{\"type\":\"message\"}"), None);
         assert_eq!(usage_from_message_body(b"not json"), None);
         assert_eq!(usage_from_message_body(b"[]"), None);
+        // Cache writes split by TTL: the 1-hour part is kept.
+        assert_eq!(
+            usage_from_message_body(
+                br#"{"usage":{"input_tokens":5,"cache_creation_input_tokens":30,"cache_creation":{"ephemeral_5m_input_tokens":10,"ephemeral_1h_input_tokens":20},"output_tokens":2}}"#
+            ),
+            Some(Usage {
+                input_tokens: 5,
+                output_tokens: 2,
+                cache_creation_input_tokens: 30,
+                cache_creation_1h_input_tokens: 20,
+                ..Usage::default()
+            })
+        );
         // Extra and odd fields are tolerated.
         assert_eq!(
             usage_from_message_body(
@@ -294,7 +331,8 @@ mod tests {
                 input_tokens: 120,
                 output_tokens: 25,
                 cache_creation_input_tokens: 7,
-                cache_read_input_tokens: 9
+                cache_read_input_tokens: 9,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert!(s.saw_message_start());

@@ -28,6 +28,7 @@ fn expected_usage() -> Usage {
         output_tokens: 27,
         cache_creation_input_tokens: 0,
         cache_read_input_tokens: 0,
+        cache_creation_1h_input_tokens: 0,
     }
 }
 
