@@ -224,26 +224,36 @@ impl Period {
         }
     }
 
-    /// The period of this kind that contains `unix_ms`.
-    pub fn containing(self, unix_ms: i64) -> Span {
+    /// The bounds `[start_ms, end_ms)` of the period of this kind that
+    /// contains `unix_ms` (no allocation: for the request path).
+    pub fn bounds(self, unix_ms: i64) -> (i64, i64) {
         let day = unix_ms.div_euclid(DAY_MS);
-        let (y, m, d) = civil_from_days(day);
         match self {
-            Period::Day => Span {
-                period: self,
-                key: format!("{y:04}-{m:02}-{d:02}"),
-                start_ms: day * DAY_MS,
-                end_ms: (day + 1) * DAY_MS,
-            },
+            Period::Day => (day * DAY_MS, (day + 1) * DAY_MS),
             Period::Month => {
+                let (y, m, _) = civil_from_days(day);
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                Span {
-                    period: self,
-                    key: format!("{y:04}-{m:02}"),
-                    start_ms: days_from_civil(y, m, 1) * DAY_MS,
-                    end_ms: days_from_civil(ny, nm, 1) * DAY_MS,
-                }
+                (
+                    days_from_civil(y, m, 1) * DAY_MS,
+                    days_from_civil(ny, nm, 1) * DAY_MS,
+                )
             }
+        }
+    }
+
+    /// The period of this kind that contains `unix_ms`, with its name.
+    pub fn containing(self, unix_ms: i64) -> Span {
+        let (start_ms, end_ms) = self.bounds(unix_ms);
+        let (y, m, d) = civil_from_days(start_ms.div_euclid(DAY_MS));
+        let key = match self {
+            Period::Day => format!("{y:04}-{m:02}-{d:02}"),
+            Period::Month => format!("{y:04}-{m:02}"),
+        };
+        Span {
+            period: self,
+            key,
+            start_ms,
+            end_ms,
         }
     }
 }

@@ -5,7 +5,8 @@
 //!   bucket group: a lineage on `global`/`us`/`eu`, else a model id) —
 //!   configured, effective (headroom and learning applied), used and in
 //!   flight, cooldown, drained, and the queues of the models drawing on it.
-//! - `GET /admin/tenants`: tenants and their policy (never their keys).
+//! - `GET /admin/tenants`: tenants and their policy (never their keys), and
+//!   each one's spend today and this month (UTC) beside its spend caps.
 //! - `GET /admin/shares`: who is using each model's pool — per tenant the
 //!   pool fraction held in the window, asked for, and its weighted share
 //!   (1 while uncontended); what batch holds and interactive asks for.
@@ -166,10 +167,18 @@ pub struct TenantView {
     pub regions: Vec<String>,
     pub requests_per_min: Option<u32>,
     pub tokens_per_min: Option<u64>,
+    /// Spent in the current UTC day and month, US dollars: the fleet's
+    /// totals as the spend store last said, plus this replica's since.
+    pub spend_usd_today: f64,
+    pub spend_usd_month: f64,
+    pub spend_cap_usd_per_day: Option<f64>,
+    pub spend_cap_usd_per_month: Option<f64>,
 }
 
 pub async fn tenants(State(state): State<Arc<AppState>>) -> Json<Vec<TenantView>> {
+    use spillway_core::spend::{usd_of_nanodollars, Period};
     let keys = state.keys.current();
+    let spend = &state.spend;
     let mut views: Vec<TenantView> = keys
         .tenants()
         .map(|t| TenantView {
@@ -179,8 +188,29 @@ pub async fn tenants(State(state): State<Arc<AppState>>) -> Json<Vec<TenantView>
             regions: t.policy.regions.clone(),
             requests_per_min: t.policy.requests_per_min,
             tokens_per_min: t.policy.tokens_per_min,
+            spend_usd_today: usd_of_nanodollars(spend.spent(&t.name, Period::Day)),
+            spend_usd_month: usd_of_nanodollars(spend.spent(&t.name, Period::Month)),
+            spend_cap_usd_per_day: t.policy.spend_caps.per_day.map(usd_of_nanodollars),
+            spend_cap_usd_per_month: t.policy.spend_caps.per_month.map(usd_of_nanodollars),
         })
         .collect();
+    // Without client auth, requests are the anonymous tenant's.
+    if state.settings.server.auth == crate::config::ClientAuth::None
+        && !views.iter().any(|v| v.name == "anonymous")
+    {
+        views.push(TenantView {
+            name: "anonymous".into(),
+            weight: 1.0,
+            max_wait_ms: None,
+            regions: Vec::new(),
+            requests_per_min: None,
+            tokens_per_min: None,
+            spend_usd_today: usd_of_nanodollars(spend.spent("anonymous", Period::Day)),
+            spend_usd_month: usd_of_nanodollars(spend.spent("anonymous", Period::Month)),
+            spend_cap_usd_per_day: None,
+            spend_cap_usd_per_month: None,
+        });
+    }
     views.sort_by(|a, b| a.name.cmp(&b.name));
     Json(views)
 }
@@ -335,6 +365,7 @@ pub async fn reload(state: &AppState, settings: Settings) {
     let ring =
         KeyRing::from_settings(&settings).with_failure_counter(state.metrics.auth_failures.clone());
     state.keys.replace(ring);
+    state.spend.track(&crate::spend::tenants_of(&settings));
     let Ok(catalog) = settings.catalog() else {
         tracing::error!("reload: the new model catalog is invalid; budgets unchanged");
         return;

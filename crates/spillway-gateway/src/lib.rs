@@ -36,6 +36,7 @@ pub mod routes;
 pub mod scheduler;
 pub mod server;
 pub mod snapshots;
+pub mod spend;
 pub mod state;
 pub mod tenants;
 pub mod tls;

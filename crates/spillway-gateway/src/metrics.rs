@@ -15,13 +15,18 @@
 //! - **State**, read at scrape time from the quota store and the
 //!   scheduler (budget limits, usage, cooldowns, queue depth) so the request
 //!   path pays nothing for them.
+//! - **Spend**: `spillway_spend_usd_total{tenant,model,traffic}`, what this
+//!   replica's requests cost (an event counter, in dollars), and at scrape
+//!   time each tenant's spend today and this month as the spend store
+//!   knows it for the whole fleet (`spillway_tenant_spend_usd{tenant,period}`),
+//!   beside its caps.
 //!
 //! Names follow Prometheus conventions: `spillway_` prefix, `_total` for
 //! counters, base units (`_seconds`, tokens).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use spillway_core::shares::TenantShare;
 use spillway_core::store::BudgetState;
@@ -83,6 +88,23 @@ pub struct Metrics {
     batch_items_completed: IntCounterVec,
     batch_oldest_age: Gauge,
     batch_oldest_requests: IntGaugeVec,
+    pub spend_usd: CounterVec,
+    pub spend_cap_refusals: IntCounterVec,
+    pub spend_store_degraded: IntGauge,
+    pub spend_store_errors: IntCounter,
+    tenant_spend: GaugeVec,
+    tenant_spend_cap: GaugeVec,
+}
+
+/// One tenant's spend at scrape time, US dollars: the fleet's totals as
+/// the spend store last said, plus this replica's since.
+#[derive(Debug, Clone, Default)]
+pub struct TenantSpendSample {
+    pub tenant: String,
+    pub day_usd: f64,
+    pub month_usd: f64,
+    pub cap_day_usd: Option<f64>,
+    pub cap_month_usd: Option<f64>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -159,6 +181,8 @@ pub struct Snapshot<'a> {
     pub batches: Option<BatchSnapshot>,
     /// Each requester's pool: tenants, batch held, interactive demand.
     pub shares: &'a [(QuotaGroup, Vec<TenantShare>, f64, f64)],
+    /// Each tenant's spend today and this month.
+    pub spend: Vec<TenantSpendSample>,
 }
 
 impl Metrics {
@@ -235,6 +259,24 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            spend_usd: {
+                let c = CounterVec::new(Opts::new("spillway_spend_usd_total", "What requests served by this replica cost, in US dollars: their actual usage (input, output, cache writes, cache reads) at the model's configured prices where it was served, by tenant, model and traffic (interactive, batch). Models without prices are not counted."), &["tenant", "model", "traffic"]).expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            spend_cap_refusals: counter(&r, "spillway_spend_cap_refusals_total", "Requests refused (429) because their tenant's spend reached its cap, by period (day, month).", &["tenant", "period"]),
+            spend_store_degraded: {
+                let g = IntGauge::new("spillway_spend_store_degraded", "1 while the spend store does not answer: spend caps count this replica's spend on top of the last totals read.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            spend_store_errors: {
+                let c = IntCounter::new("spillway_spend_store_errors_total", "Spend syncs that failed (the store did not answer or refused); the spend is written at the next one.").expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            tenant_spend: gauge(&r, "spillway_tenant_spend_usd", "Each tenant's spend in the current UTC period (day, month), US dollars, for the whole fleet as the spend store knows it plus this replica's spend since its last sync (the same on every replica, within a sync).", &["tenant", "period"]),
+            tenant_spend_cap: gauge(&r, "spillway_tenant_spend_cap_usd", "Each tenant's spend cap per UTC period (day, month), US dollars; absent when it has none.", &["tenant", "period"]),
             batch_oldest_requests: int_gauge(&r, "spillway_batch_oldest_requests", "Requests of the oldest batch in progress by status (processing, succeeded, errored, canceled, expired), as its request_counts; all 0 when no batch is in progress. ETA: processing over the rate of spillway_batch_items_completed_total.", &["status"]),
             registry: r,
         }
@@ -383,6 +425,27 @@ impl Metrics {
                 counter.inc_by(total.saturating_sub(counter.get()));
             }
         }
+        for t in &snapshot.spend {
+            for (period, spent, cap) in [
+                ("day", t.day_usd, t.cap_day_usd),
+                ("month", t.month_usd, t.cap_month_usd),
+            ] {
+                self.tenant_spend
+                    .with_label_values(&[&t.tenant, period])
+                    .set(spent);
+                match cap {
+                    Some(cap) => self
+                        .tenant_spend_cap
+                        .with_label_values(&[&t.tenant, period])
+                        .set(cap),
+                    None => {
+                        let _ = self
+                            .tenant_spend_cap
+                            .remove_label_values(&[&t.tenant, period]);
+                    }
+                }
+            }
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -474,6 +537,13 @@ mod tests {
                 0.25,
                 2.0,
             )],
+            spend: vec![TenantSpendSample {
+                tenant: "t".into(),
+                day_usd: 1.25,
+                month_usd: 3.5,
+                cap_day_usd: Some(50.0),
+                cap_month_usd: None,
+            }],
         });
         for needle in [
             "spillway_requests_total{model=\"m\",outcome=\"ok\",tenant=\"t\"} 1",
@@ -485,8 +555,12 @@ mod tests {
             "spillway_cooldown_seconds{model=\"m\",region=\"us-central1\"} 1.5",
             "spillway_queue_depth{model=\"m\",priority=\"batch\"} 5",
             "spillway_build_info{version=",
+            "spillway_tenant_spend_usd{period=\"day\",tenant=\"t\"} 1.25",
+            "spillway_tenant_spend_usd{period=\"month\",tenant=\"t\"} 3.5",
+            "spillway_tenant_spend_cap_usd{period=\"day\",tenant=\"t\"} 50",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        assert!(!text.contains("spillway_tenant_spend_cap_usd{period=\"month\""));
     }
 }

@@ -5,8 +5,8 @@
 //!   makes them (model, region, attempts, estimate, waits, outcome). It is
 //!   plain data; nothing is logged while the call runs.
 //! - [`Observer::record`] is the one place a request's outcome becomes its
-//!   log line (`spillway::request`) and its outcome counters and token
-//!   totals. Per-attempt events (admissions, spillovers, upstream statuses,
+//!   log line (`spillway::request`) and its outcome counters, token
+//!   totals and spend (`spend`: priced from the usage, counted once). Per-attempt events (admissions, spillovers, upstream statuses,
 //!   stream opens) are counted by the observer's other methods as they
 //!   happen, because a dashboard wants them before the request ends.
 //! - [`observe_requests`] is the outermost HTTP layer. It gives every
@@ -45,6 +45,7 @@ use crate::answer::StreamEnd;
 use crate::metrics::{status_label, Metrics};
 use crate::request_id::{new_request_id, RequestId};
 use crate::scheduler::Priority;
+use crate::spend::Spend;
 
 /// The facts of one forwarded call, gathered while it runs.
 #[derive(Debug, Clone)]
@@ -68,6 +69,8 @@ pub struct Trace {
     /// The outcome label once the forwarder knows it (`ok`, `rejected`,
     /// `invalid`, `upstream_error`, ...); a stream's comes at its end.
     pub outcome: &'static str,
+    /// Interactive or batch: the `traffic` of its spend.
+    pub priority: Priority,
 }
 
 impl Trace {
@@ -85,6 +88,7 @@ impl Trace {
             queue_wait: Duration::ZERO,
             upstream_latency: Duration::ZERO,
             outcome: "error",
+            priority: Priority::Interactive,
         }
     }
 }
@@ -117,11 +121,17 @@ pub enum RequestRecord {
 #[derive(Clone)]
 pub struct Observer {
     metrics: Arc<Metrics>,
+    spend: Arc<Spend>,
 }
 
 impl Observer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Arc<Metrics>, spend: Arc<Spend>) -> Self {
+        Self { metrics, spend }
+    }
+
+    /// Spend per tenant, which [`Observer::record`] adds each request to.
+    pub fn spend(&self) -> &Arc<Spend> {
+        &self.spend
     }
 
     /// The one place a request's outcome is logged and counted.
@@ -148,6 +158,17 @@ impl Observer {
             by_tenant("input", usage.total_input());
             by_tenant("output", usage.output_tokens);
         }
+        // What it cost, once: this is the one place a request is recorded.
+        let cost = (usage.total() > 0 && !trace.region.is_empty())
+            .then(|| {
+                let traffic = match trace.priority {
+                    Priority::Interactive => "interactive",
+                    Priority::Batch => "batch",
+                };
+                self.spend
+                    .record_usage(&trace.tenant, &trace.model, &trace.region, traffic, &usage)
+            })
+            .flatten();
         tracing::info!(
             target: "spillway::request",
             request_id = %trace.request_id,
@@ -163,6 +184,9 @@ impl Observer {
             reserved_output_tokens = trace.estimated.output,
             input_tokens = usage.total_input(),
             output_tokens = usage.output_tokens,
+            cache_read_tokens = usage.cache_read_input_tokens,
+            cache_write_tokens = usage.cache_creation_input_tokens,
+            cost_usd = cost.map_or(0.0, |c| c.usd()),
             queue_wait_ms = trace.queue_wait.as_secs_f64() * 1000.0,
             upstream_latency_ms = trace.upstream_latency.as_secs_f64() * 1000.0,
             latency_ms = trace.started.elapsed().as_secs_f64() * 1000.0,

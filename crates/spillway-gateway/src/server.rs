@@ -105,17 +105,44 @@ async fn metrics_handler(
         }),
     });
     let shares = scheduler.shares();
+    let spend = spend_samples(&state);
     let no_budgets = Vec::new();
     let text = state.metrics.render(Snapshot {
         budgets: budgets.as_ref().map_or(&no_budgets, |b| &b.value),
         queues,
         batches: batch_counts,
         shares: &shares,
+        spend,
     });
     (
         [(http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         text,
     )
+}
+
+/// Each tracked tenant's spend and caps, in dollars, for a scrape.
+fn spend_samples(state: &AppState) -> Vec<crate::metrics::TenantSpendSample> {
+    use spillway_core::spend::usd_of_nanodollars;
+    let keys = state.keys.current();
+    state
+        .spend
+        .totals()
+        .into_iter()
+        .map(|t| {
+            let caps = keys
+                .tenants()
+                .find(|k| k.name == t.tenant)
+                .map(|k| k.policy.spend_caps)
+                .unwrap_or_default();
+            crate::metrics::TenantSpendSample {
+                tenant: t.tenant.to_string(),
+                day_usd: usd_of_nanodollars(t.day),
+                month_usd: usd_of_nanodollars(t.month),
+                cap_day_usd: caps.per_day.map(usd_of_nanodollars),
+                cap_month_usd: caps.per_month.map(usd_of_nanodollars),
+            }
+        })
+        .collect()
 }
 
 /// A gateway ready to serve.
@@ -179,13 +206,6 @@ impl Gateway {
         let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
             .map_err(StartError::Config)?;
-        let forwarder = Arc::new(Forwarder::new(
-            &settings,
-            catalog,
-            store,
-            providers,
-            Arc::clone(&metrics),
-        ));
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
@@ -194,6 +214,15 @@ impl Gateway {
         } else {
             None
         };
+        let spend = Arc::new(open_spend(&settings, &catalog, batches.as_deref(), &metrics)?);
+        let forwarder = Arc::new(Forwarder::new(
+            &settings,
+            catalog,
+            store,
+            providers,
+            Arc::clone(&metrics),
+            Arc::clone(&spend),
+        ));
         let state = AppState {
             settings,
             forwarder,
@@ -201,9 +230,30 @@ impl Gateway {
             admin_key_digest,
             metrics,
             batches,
+            spend,
             snapshots: Default::default(),
             started: tokio::time::Instant::now(),
         };
+        let tenants = crate::spend::tenants_of(&state.settings);
+        state.spend.track(&tenants);
+        for tenant in &tenants {
+            for model in state.forwarder.catalog().models() {
+                if state.spend.has_prices(&model.id) {
+                    for traffic in ["interactive", "batch"] {
+                        state
+                            .metrics
+                            .spend_usd
+                            .with_label_values(&[tenant, model.id.as_str(), traffic]);
+                    }
+                }
+            }
+        }
+        if !state.spend.sync().await {
+            tracing::warn!(
+                store = state.spend.store_kind(),
+                "spend totals could not be read at start: caps count only what this replica spends until the store answers"
+            );
+        }
         Ok(Self {
             state: Arc::new(state),
         })
@@ -318,6 +368,13 @@ impl Gateway {
             let life = life.clone();
             tokio::spawn(batches.run(forwarder, keys, async move { life.closing().await }))
         });
+        // Spend is written to its store and read back every spend.sync_ms.
+        let spend_sync = tokio::spawn({
+            let spend = Arc::clone(&state.spend);
+            let every = Duration::from_millis(state.settings.spend.sync_ms);
+            let life = life.clone();
+            async move { spend.run(every, async move { life.closing().await }).await }
+        });
         let cut = crate::connections::serve(
             listener,
             self.router(),
@@ -333,6 +390,14 @@ impl Gateway {
             }
         }
         let unsettled = state.forwarder.settled(SETTLE_AT_EXIT).await;
+        // Every request is recorded by now: write the last spend.
+        spend_sync.abort();
+        if tokio::time::timeout(SPEND_AT_EXIT, state.spend.sync())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown: the last spend sync did not finish in time; up to one sync of this replica's spend is not in the store");
+        }
         phases.abort();
         if cut > 0 || unsettled > 0 {
             tracing::warn!(
@@ -351,3 +416,46 @@ impl Gateway {
 /// (`connections::FLUSH_AFTER_STOP`): for the batch runner, then settlements.
 const RUNNER_STOP: Duration = Duration::from_millis(250);
 const SETTLE_AT_EXIT: Duration = Duration::from_millis(150);
+const SPEND_AT_EXIT: Duration = Duration::from_millis(300);
+
+/// Spend per tenant over the store the gateway already has: the quota
+/// store's Redis when shared, else the batch store's database, else memory.
+/// Its totals are read once before serving, so a restarted replica knows
+/// what its tenants spent today before it admits anything.
+fn open_spend(
+    settings: &Settings,
+    catalog: &spillway_core::Catalog,
+    batches: Option<&crate::batch::BatchService>,
+    metrics: &Arc<Metrics>,
+) -> Result<crate::spend::Spend, StartError> {
+    use crate::spend::{MemorySpendStore, RedisSpendStore, SpendStore};
+    let store: Arc<dyn SpendStore> = match (settings.quota.store, batches) {
+        (crate::config::QuotaStoreKind::Redis, _) => {
+            let q = &settings.quota;
+            let redis = spillway_redis::RedisSpend::new(
+                &q.redis_url,
+                &q.redis_key_prefix,
+                Duration::from_millis(q.redis_timeout_ms.max(1000)),
+            )
+            .map_err(|e| StartError::Config(format!("quota.redis_url: {e}")))?;
+            Arc::new(RedisSpendStore(redis))
+        }
+        (_, Some(batches)) => Arc::new(crate::batch::store::BatchSpendStore(Arc::clone(
+            batches.store(),
+        ))),
+        (_, None) => Arc::new(MemorySpendStore::default()),
+    };
+    let prices = catalog
+        .models()
+        .iter()
+        .filter_map(|m| Some((m.id.clone(), m.prices?)))
+        .collect();
+    Ok(crate::spend::Spend::new(
+        prices,
+        store,
+        crate::spend::SpendClock::new(),
+        Arc::clone(metrics),
+    ))
+}
+
+

@@ -19,6 +19,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Batch jobs (store and runner); `None` when `batch.enabled = false`.
     pub batches: Option<Arc<BatchService>>,
+    /// Spend per tenant (the observer records into it, caps read it).
+    pub spend: Arc<crate::spend::Spend>,
     /// Store-backed state for operators, readable while a store is down.
     pub snapshots: crate::snapshots::Snapshots,
     pub started: tokio::time::Instant,

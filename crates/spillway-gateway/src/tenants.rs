@@ -1,5 +1,7 @@
 //! What each tenant may do: its share of contended quota, how long its
-//! requests wait by default, where its data may go, and optional caps.
+//! requests wait by default, where its data may go, and optional caps
+//! (requests and tokens per minute here; spend per day and month are
+//! counted in `spend`).
 //!
 //! Identity comes from `auth`; this is policy. Caps use governor: per
 //! tenant, across all regions, a plain "at most N per minute" is exactly
@@ -50,6 +52,8 @@ pub struct TenantPolicy {
     /// The configured caps, for display.
     pub requests_per_min: Option<u32>,
     pub tokens_per_min: Option<u64>,
+    /// Spend caps per UTC day and month (`spend`), in nanodollars.
+    pub spend_caps: spillway_core::spend::SpendCaps,
     requests_cap: Option<DefaultDirectRateLimiter>,
     tokens_cap: Option<(DefaultDirectRateLimiter, u64)>,
 }
@@ -62,6 +66,7 @@ impl Default for TenantPolicy {
             regions: Vec::new(),
             requests_per_min: None,
             tokens_per_min: None,
+            spend_caps: Default::default(),
             requests_cap: None,
             tokens_cap: None,
         }
@@ -80,6 +85,7 @@ impl TenantPolicy {
             regions: t.regions.clone(),
             requests_per_min: t.requests_per_min,
             tokens_per_min: t.tokens_per_min,
+            spend_caps: t.spend_caps(),
             requests_cap: t
                 .requests_per_min
                 .and_then(|n| per_minute(u64::from(n)))
@@ -138,6 +144,8 @@ mod tests {
             regions: vec!["europe-west4".into()],
             requests_per_min: requests,
             tokens_per_min: tokens,
+            spend_cap_usd_per_day: None,
+            spend_cap_usd_per_month: None,
         }
     }
 

@@ -23,11 +23,15 @@
 //! measured on every reply), so `QuotaStore::now()` is coherent with the
 //! times functions return and the local fallback counts on the same clock.
 //!
+//! [`RedisSpend`] keeps tenants' spend totals (per UTC day and month) in
+//! the same Redis: plain integer keys, one script call per sync.
+//!
 //! [`QuotaStore`]: spillway_core::store::QuotaStore
 
 mod failover;
 mod lease;
 mod resilient;
+mod spend;
 mod store;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -39,6 +43,7 @@ use spillway_core::store::{BudgetConfig, Clock};
 
 pub use lease::LeaseCounters;
 pub use resilient::{ResilientStore, StoreMetrics};
+pub use spend::{RedisSpend, SpendAdd};
 pub use store::RedisStore;
 
 /// What a Redis store needs to know.

@@ -16,7 +16,10 @@
 //!
 //! Tables: `spillway_batches` (one row per batch, with its counters) and
 //! `spillway_batch_items` (one row per request: params, state, attempts,
-//! lease, and the result once there is one). An item moves
+//! lease, and the result once there is one); and, because this is the
+//! durable store the gateway already has, `spillway_spend` (one row per
+//! tenant and UTC period: its spend in nanodollars, upserted by each sync
+//! of `spend`; a few rows a tenant a day, never purged). An item moves
 //! `pending → running → succeeded | errored`, or back to `pending` (retry,
 //! lost lease), or from `pending` to `canceled | expired`. Every move that
 //! ends an item also bumps its batch's counter in the same transaction, and
@@ -236,6 +239,15 @@ pub trait BatchStore: Send + Sync + 'static {
     /// Bytes the store takes (SQLite: file pages; PostgreSQL: the two tables
     /// with their indexes and TOAST), for sizing; not read on scrapes.
     fn size_bytes(&self) -> StoreFuture<'_, i64>;
+    /// Tenants' spend (`spend`), in `spillway_spend`: adds each
+    /// `(tenant, period, nanodollars)` (upserted) and returns the totals of
+    /// `reads` after the adds, in one transaction.
+    fn spend_sync<'a>(
+        &'a self,
+        adds: &'a [(String, String, i64)],
+        reads: &'a [(String, String)],
+        now: i64,
+    ) -> StoreFuture<'a, Vec<i64>>;
 }
 
 const BATCH_COLUMNS: &str = "seq, id, tenant, status, created_at, expires_at, ended_at, cancel_initiated_at, archived_at, total, n_succeeded, n_errored, n_canceled, n_expired";
@@ -274,6 +286,10 @@ mod sql {
         "SELECT seq FROM spillway_batches WHERE status = 'staging' AND created_at < $1 LIMIT 100";
     pub const BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM spillway_batches WHERE status <> 'staging' GROUP BY status";
     pub const OPEN_BATCHES: &str = "SELECT seq, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling')";
+    pub const SPEND_ADD: &str = "INSERT INTO spillway_spend (tenant, period, nanodollars, updated_at) VALUES ($1, $2, $3, $4) \
+        ON CONFLICT (tenant, period) DO UPDATE SET nanodollars = spillway_spend.nanodollars + excluded.nanodollars, updated_at = excluded.updated_at";
+    pub const SPEND_READ: &str =
+        "SELECT nanodollars FROM spillway_spend WHERE tenant = $1 AND period = $2";
     /// The claim without its locking clause; `{lock}` is replaced per backend.
     pub const CLAIM: &str = "UPDATE spillway_batch_items SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
         WHERE (batch_seq, idx) IN ( \
@@ -377,6 +393,28 @@ CREATE INDEX spillway_items_open ON spillway_batch_items (batch_seq, idx) WHERE 
 CREATE INDEX spillway_items_running ON spillway_batch_items (lease_owner) WHERE state = 'running';
 ";
 
+/// Spend per tenant and UTC period (`day:2026-11-27`, `month:2026-11`),
+/// nanodollars.
+const SQLITE_SPEND_SCHEMA: &str = "
+CREATE TABLE spillway_spend (
+    tenant TEXT NOT NULL,
+    period TEXT NOT NULL,
+    nanodollars INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, period)
+);
+";
+
+const POSTGRES_SPEND_SCHEMA: &str = "
+CREATE TABLE spillway_spend (
+    tenant TEXT NOT NULL,
+    period TEXT NOT NULL,
+    nanodollars BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (tenant, period)
+);
+";
+
 /// Keeps tokio's paused test clock from jumping while held.
 ///
 /// SQLite work runs on sqlx's own worker thread, outside tokio: on a paused
@@ -463,7 +501,10 @@ impl SqliteStore {
         };
         let _hold = HoldClock::new();
         let write = pool(1, options.clone());
-        migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
+        migrator(vec![
+            migration(1, "batches", SQLITE_SCHEMA),
+            migration(2, "spend", SQLITE_SPEND_SCHEMA),
+        ])
             .run(&write)
             .await?;
         // A memory database is one connection's; on disk, readers run beside the writer.
@@ -531,7 +572,10 @@ impl PgStore {
             .await?;
         // sqlx's migrator takes an advisory lock: replicas starting together
         // apply the schema once.
-        migrator(vec![migration(1, "batches", POSTGRES_SCHEMA)])
+        migrator(vec![
+            migration(1, "batches", POSTGRES_SCHEMA),
+            migration(2, "spend", POSTGRES_SPEND_SCHEMA),
+        ])
             .run(&pool)
             .await?;
         Ok(Self {
@@ -1143,8 +1187,81 @@ macro_rules! sql_store {
                     self.file_bytes().await
                 })
             }
+
+            fn spend_sync<'a>(
+                &'a self,
+                adds: &'a [(String, String, i64)],
+                reads: &'a [(String, String)],
+                now: i64,
+            ) -> StoreFuture<'a, Vec<i64>> {
+                Box::pin(async move {
+                    let _hold = self.hold();
+                    let mut tx = self.write.begin().await?;
+                    for (tenant, period, n) in adds {
+                        sqlx::query(sql::SPEND_ADD)
+                            .bind(tenant)
+                            .bind(period)
+                            .bind(*n)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let mut totals = Vec::with_capacity(reads.len());
+                    for (tenant, period) in reads {
+                        let total: Option<i64> = sqlx::query_scalar(sql::SPEND_READ)
+                            .bind(tenant)
+                            .bind(period)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        totals.push(total.unwrap_or(0));
+                    }
+                    tx.commit().await?;
+                    Ok(totals)
+                })
+            }
         }
     };
+}
+
+/// The batch store's database as the spend store (`spend`).
+pub struct BatchSpendStore(pub std::sync::Arc<dyn BatchStore>);
+
+impl crate::spend::SpendStore for BatchSpendStore {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    fn sync<'a>(
+        &'a self,
+        adds: &'a [(crate::spend::SpendRow, u64)],
+        reads: &'a [crate::spend::SpendRow],
+    ) -> crate::spend::SpendFuture<'a, Vec<u64>> {
+        let adds: Vec<(String, String, i64)> = adds
+            .iter()
+            .map(|(r, n)| {
+                (
+                    r.tenant.to_string(),
+                    r.period.clone(),
+                    i64::try_from(*n).unwrap_or(i64::MAX),
+                )
+            })
+            .collect();
+        let reads: Vec<(String, String)> = reads
+            .iter()
+            .map(|r| (r.tenant.to_string(), r.period.clone()))
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Box::pin(async move {
+            let totals = self
+                .0
+                .spend_sync(&adds, &reads, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(totals.into_iter().map(|t| t.max(0) as u64).collect())
+        })
+    }
 }
 
 sql_store!(SqliteStore, sqlx::Sqlite, "sqlite");

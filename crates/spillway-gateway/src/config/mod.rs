@@ -64,6 +64,89 @@ pub struct Settings {
     /// Keyed by tenant name.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSettings>,
+    /// How spend is kept (`spend`): prices are per model, caps per tenant.
+    #[serde(default)]
+    pub spend: SpendSettings,
+}
+
+/// `[spend]`: how often each replica writes its tenants' spend to the store
+/// and reads everyone's back (the spend store is the quota store's Redis
+/// with `quota.store = "redis"`, else the batch store's database).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpendSettings {
+    /// Milliseconds between syncs with the store. A cap sees other
+    /// replicas' spend at most about this late.
+    pub sync_ms: u64,
+}
+
+impl Default for SpendSettings {
+    fn default() -> Self {
+        Self { sync_ms: 1000 }
+    }
+}
+
+/// `[models."ID".prices]`: what Vertex bills for the model, in US dollars
+/// per million tokens. Cache prices left out follow Anthropic's published
+/// rule: 5-minute writes 1.25× input, 1-hour writes 2×, reads 0.1×.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSettings {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cache_write_per_mtok: Option<f64>,
+    pub cache_write_1h_per_mtok: Option<f64>,
+    pub cache_read_per_mtok: Option<f64>,
+    /// What regional and multi-region endpoints cost above `global`, as a
+    /// fraction (Vertex: 0.1 for Claude 4.5 and later models).
+    #[serde(default)]
+    pub regional_premium: f64,
+}
+
+impl PriceSettings {
+    /// Each price by its key, the cache prices filled in by the rule.
+    fn by_key(&self) -> [(&'static str, f64); 5] {
+        let input = self.input_per_mtok;
+        [
+            ("input_per_mtok", input),
+            ("output_per_mtok", self.output_per_mtok),
+            (
+                "cache_write_per_mtok",
+                self.cache_write_per_mtok.unwrap_or(input * 1.25),
+            ),
+            (
+                "cache_write_1h_per_mtok",
+                self.cache_write_1h_per_mtok.unwrap_or(input * 2.0),
+            ),
+            (
+                "cache_read_per_mtok",
+                self.cache_read_per_mtok.unwrap_or(input * 0.1),
+            ),
+        ]
+    }
+
+    /// The prices, or the key of the first that is not a price.
+    pub fn model_prices(&self) -> Result<spillway_core::spend::ModelPrices, &'static str> {
+        use spillway_core::spend::{ModelPrices, Price, Prices};
+        let mut prices = [Price::default(); 5];
+        for (slot, (key, usd)) in prices.iter_mut().zip(self.by_key()) {
+            *slot = Price::from_usd_per_mtok(usd).ok_or(key)?;
+        }
+        if !(0.0..=1.0).contains(&self.regional_premium) {
+            return Err("regional_premium");
+        }
+        let [input, output, cache_write_5m, cache_write_1h, cache_read] = prices;
+        Ok(ModelPrices::with_regional_premium(
+            Prices {
+                input,
+                output,
+                cache_write_5m,
+                cache_write_1h,
+                cache_read,
+            },
+            self.regional_premium,
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -420,6 +503,9 @@ pub struct ModelSettings {
     /// Whether cache reads count toward the input-token quota; unset: by
     /// model family (`claude-3-*` but 3.7: yes; later models: no).
     pub cache_reads_count: Option<bool>,
+    /// What Vertex bills for the model; unset: the model has no spend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<PriceSettings>,
 }
 
 fn default_context_window() -> u64 {
@@ -457,6 +543,24 @@ pub struct TenantSettings {
     /// Optional caps on what this tenant may use, across all regions.
     pub requests_per_min: Option<u32>,
     pub tokens_per_min: Option<u64>,
+    /// Optional spend caps in US dollars per UTC day and per UTC month: a
+    /// request arriving once the tenant's spend reached one gets 429 until
+    /// the period ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_cap_usd_per_day: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_cap_usd_per_month: Option<f64>,
+}
+
+impl TenantSettings {
+    /// The spend caps in nanodollars (validated positive).
+    pub fn spend_caps(&self) -> spillway_core::spend::SpendCaps {
+        use spillway_core::spend::nanodollars_of_usd;
+        spillway_core::spend::SpendCaps {
+            per_day: self.spend_cap_usd_per_day.and_then(nanodollars_of_usd),
+            per_month: self.spend_cap_usd_per_month.and_then(nanodollars_of_usd),
+        }
+    }
 }
 
 fn default_weight() -> f64 {
@@ -717,6 +821,22 @@ impl Settings {
             for (j, region) in model.regions.iter().enumerate() {
                 self.check_location(&format!("{key}.regions[{j}]"), region, p);
             }
+            if let Some(Err(field)) = model.prices.as_ref().map(PriceSettings::model_prices) {
+                p.add(
+                    format!("{key}.prices.{field}"),
+                    if field == "regional_premium" {
+                        "must be a fraction from 0 to 1 (0.1: regional endpoints cost 10% more than global)".to_string()
+                    } else {
+                        format!(
+                            "must be a price in US dollars per million tokens, from 0 to {} (a cache price left out is derived from input_per_mtok)",
+                            spillway_core::spend::Price::MAX_USD_PER_MTOK
+                        )
+                    },
+                );
+            }
+        }
+        if !(50..=60_000).contains(&self.spend.sync_ms) {
+            p.add("spend.sync_ms", "must be from 50 to 60000 milliseconds");
         }
         // The catalog repeats some of the checks above; its own (names used
         // twice, buckets that disagree) are worth reading only without them.
@@ -758,6 +878,23 @@ impl Settings {
             }
             if tenant.requests_per_min == Some(0) || tenant.tokens_per_min == Some(0) {
                 p.add(format!("tenants.{name}"), "caps must be positive");
+            }
+            for (field, cap) in [
+                ("spend_cap_usd_per_day", tenant.spend_cap_usd_per_day),
+                ("spend_cap_usd_per_month", tenant.spend_cap_usd_per_month),
+            ] {
+                let Some(cap) = cap else { continue };
+                if !(cap.is_finite() && cap > 0.0 && cap < 1e9) {
+                    p.add(
+                        format!("tenants.{name}.{field}"),
+                        format!("{cap} is not a positive amount of US dollars (leave it out for no cap)"),
+                    );
+                } else if !self.models.values().any(|m| m.prices.is_some()) {
+                    p.add(
+                        format!("tenants.{name}.{field}"),
+                        "no model has prices, so nothing would count toward this cap: give models their [models.\"ID\".prices]",
+                    );
+                }
             }
             for region in &tenant.regions {
                 if !is_region_name(region) {
@@ -858,6 +995,10 @@ impl Settings {
                 cache_reads_count: m
                     .cache_reads_count
                     .unwrap_or_else(|| spillway_core::catalog::default_cache_reads_count(id)),
+                prices: m
+                    .prices
+                    .as_ref()
+                    .and_then(|p| p.model_prices().ok()),
                 id: id.as_str().into(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,

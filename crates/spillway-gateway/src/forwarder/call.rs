@@ -1,7 +1,7 @@
 //! Preparing a call: the one place a client's request becomes something the
 //! forwarder can admit — its model resolved, the locations it may use, and
 //! the charge it reserves — and where the checks that refuse it before
-//! anything is spent live.
+//! anything is spent live (the tenant's spend caps among them).
 //!
 //! Interactive requests (from `routes`) and batch items (validated at
 //! submit by `batch::api`, sent later by `batch::runner`) are prepared here
@@ -185,9 +185,18 @@ impl Forwarder {
             .collect()
     }
 
-    /// The tenant's own caps, on the planned charge.
+    /// The tenant's own caps: its spend per day and month first (a request
+    /// refused there takes nothing from the rate caps), then the rate caps
+    /// on the planned charge.
     pub(super) fn check_caps(&self, call: &Call<'_>, plan: &Plan) -> Result<(), ForwardError> {
         let tenant = &call.request.tenant;
+        self.observer
+            .spend()
+            .check(&tenant.name, &tenant.policy.spend_caps)
+            .map_err(|refusal| ForwardError::RateLimited {
+                message: refusal.message,
+                retry_after: refusal.retry_after,
+            })?;
         tenant
             .policy
             .check_caps(plan.charge.total())

@@ -131,6 +131,7 @@ impl Forwarder {
         store: Arc<dyn QuotaStore>,
         providers: Providers,
         metrics: Arc<Metrics>,
+        spend: Arc<crate::spend::Spend>,
     ) -> Self {
         let groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
         let reserve = InteractiveReserve {
@@ -149,7 +150,7 @@ impl Forwarder {
                 Quantile::new(quota.estimate_margin).unwrap_or_default(),
             ),
             policy: ForwardPolicy::from_settings(settings),
-            observer: Observer::new(metrics),
+            observer: Observer::new(metrics, spend),
             catalog,
             scheduler,
             providers,
@@ -218,6 +219,7 @@ impl Forwarder {
             Arc::clone(&r.tenant.name),
             call.model.id.clone(),
         );
+        trace.priority = r.priority;
         let result = match call.request.op {
             Operation::CountTokens => self.count_tokens(call, &mut trace).await,
             Operation::Messages => self.messages(call, &mut trace).await,
