@@ -1,5 +1,7 @@
-//! `spillway status`: the live quota table, from the admin API, refreshed
-//! in the terminal.
+//! `spillway status`: the live quota table, who holds each pool, and each
+//! tenant's spend today and this month against its caps, from the admin
+//! API (`/admin/quotas`, `/admin/shares`, `/admin/tenants`), refreshed in
+//! the terminal.
 
 use std::time::Duration;
 
@@ -48,6 +50,48 @@ struct Pool {
     interactive_held: f64,
     batch_held: f64,
     tenants: Vec<TenantShare>,
+}
+
+/// A tenant's spend (from `/admin/tenants`).
+#[derive(Debug, Deserialize)]
+struct TenantSpend {
+    name: String,
+    #[serde(default)]
+    spend_usd_today: f64,
+    #[serde(default)]
+    spend_usd_month: f64,
+    spend_cap_usd_per_day: Option<f64>,
+    spend_cap_usd_per_month: Option<f64>,
+}
+
+/// Spend per tenant today and this month (UTC), against its caps.
+fn render_spend(tenants: &[TenantSpend]) -> String {
+    if tenants.is_empty() {
+        return String::new();
+    }
+    let money = |usd: f64| format!("${usd:.2}");
+    let against = |spent: f64, cap: Option<f64>| match cap {
+        Some(cap) if cap > 0.0 => format!(
+            "{:>11} / {:<11} {:>4.0}%",
+            money(spent),
+            money(cap),
+            spent / cap * 100.0
+        ),
+        _ => format!("{:>11} / {:<11} {:>5}", money(spent), "-", ""),
+    };
+    let mut out = format!(
+        "\n{:<20} {:>31} {:>31}\n",
+        "TENANT", "SPEND TODAY / CAP (UTC)", "THIS MONTH / CAP"
+    );
+    for t in tenants {
+        out.push_str(&format!(
+            "{:<20} {:>31} {:>31}\n",
+            t.name,
+            against(t.spend_usd_today, t.spend_cap_usd_per_day),
+            against(t.spend_usd_month, t.spend_cap_usd_per_month)
+        ));
+    }
+    out
 }
 
 /// Who is using each model's pool (from `/admin/shares`).
@@ -169,7 +213,18 @@ pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> an
             Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
             _ => Vec::new(),
         };
-        let table = render(&quotas) + &render_shares(&pools);
+        let tenants_endpoint = format!("{}/admin/tenants", url.trim_end_matches('/'));
+        // An older gateway reports no spend: the fields default to 0.
+        let tenants: Vec<TenantSpend> = match client
+            .get(&tenants_endpoint)
+            .header("x-api-key", &admin_key)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let table = render(&quotas) + &render_shares(&pools) + &render_spend(&tenants);
         if once {
             print!("{table}");
             return Ok(());
@@ -183,6 +238,33 @@ pub async fn watch(url: String, admin_key: String, once: bool, every: u64) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spend_shows_each_tenant_against_its_caps() {
+        let tenants: Vec<TenantSpend> = serde_json::from_value(serde_json::json!([
+            {"name": "search", "spend_usd_today": 12.5, "spend_usd_month": 310.0,
+             "spend_cap_usd_per_day": 50.0, "spend_cap_usd_per_month": 1000.0},
+            {"name": "reports", "spend_usd_today": 0.0312, "spend_usd_month": 1.0,
+             "spend_cap_usd_per_day": null, "spend_cap_usd_per_month": null},
+        ]))
+        .unwrap();
+        let table = render_spend(&tenants);
+        let lines: Vec<&str> = table.lines().filter(|l| !l.is_empty()).collect();
+        assert!(lines[0].starts_with("TENANT") && lines[0].contains("SPEND TODAY"), "{table}");
+        assert!(
+            lines[1].starts_with("search")
+                && lines[1].contains("$12.50 / $50.00")
+                && lines[1].contains("25%")
+                && lines[1].contains("$310.00 / $1000.00")
+                && lines[1].contains("31%"),
+            "{table}"
+        );
+        assert!(
+            lines[2].starts_with("reports") && lines[2].contains("$0.03 / -"),
+            "{table}"
+        );
+        assert_eq!(render_spend(&[]), "");
+    }
 
     #[test]
     fn shares_show_who_holds_each_pool() {

@@ -1455,6 +1455,78 @@ key_sha256 = "short"
     }
 
     #[test]
+    fn prices_and_spend_caps_are_read_and_checked() {
+        use spillway_core::spend::{Price, Tokens};
+        let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let haiku = catalog.resolve("claude-3-haiku@20240307").unwrap().model;
+        let prices = haiku.prices.expect("the defaults carry list prices");
+        assert_eq!(prices.global.input, Price(250_000));
+        assert_eq!(prices.global.cache_read, Price(30_000));
+        assert_eq!(prices.regional, prices.global, "no regional premium on Claude 3");
+        let sonnet = catalog.resolve("claude-3-sonnet@20240229").unwrap().model;
+        let p = sonnet.prices.unwrap().global;
+        // Cache prices left out follow the rule: 1.25x, 2x, 0.1x input.
+        assert_eq!(
+            (p.cache_write_5m, p.cache_write_1h, p.cache_read),
+            (Price(3_750_000), Price(6_000_000), Price(300_000))
+        );
+        let extra = r#"
+[models."claude-sonnet-4-5@20250929"]
+regions = [{ name = "global" }, { name = "us-east5" }]
+prices = { input_per_mtok = 3.0, output_per_mtok = 15.0, regional_premium = 0.1 }
+[models."claude-opus-4-1@20250805"]
+regions = [{ name = "us-east5" }]
+[tenants.a]
+key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+spend_cap_usd_per_day = 50.0
+spend_cap_usd_per_month = 1000
+"#;
+        let s = Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let s45 = catalog.resolve("claude-sonnet-4-5@20250929").unwrap().model;
+        let one_m_out = Tokens {
+            output: 1_000_000,
+            ..Tokens::default()
+        };
+        let p = s45.prices.unwrap();
+        assert_eq!(p.at("global").cost(&one_m_out).usd(), 15.0);
+        assert_eq!(p.at("us-east5").cost(&one_m_out).usd(), 16.5);
+        let opus = catalog.resolve("claude-opus-4-1@20250805").unwrap().model;
+        assert_eq!(opus.prices, None, "no prices: no spend, none made up");
+        let caps = s.tenants["a"].spend_caps();
+        assert_eq!(caps.per_day, Some(50_000_000_000));
+        assert_eq!(caps.per_month, Some(1_000_000_000_000));
+
+        let load = |extra: &str| {
+            Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[]))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load("[models.\"claude-3-haiku@20240307\".prices]\ninput_per_mtok = -1\noutput_per_mtok = 1\n");
+        assert!(
+            err.starts_with("models.\"claude-3-haiku@20240307\".prices.input_per_mtok: must be a price in US dollars per million tokens"),
+            "{err}"
+        );
+        let err = load("[models.\"claude-3-haiku@20240307\".prices]\nregional_premium = 2\n");
+        assert!(
+            err.starts_with("models.\"claude-3-haiku@20240307\".prices.regional_premium: must be a fraction"),
+            "{err}"
+        );
+        let err = load("[models.\"claude-3-haiku@20240307\".prices]\ninput_cost = 1\n");
+        assert!(err.contains("prices.input_cost: unknown key (known here: input_per_mtok, "), "{err}");
+        let err = load("[tenants.b]\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nspend_cap_usd_per_day = 0\n");
+        assert!(
+            err.starts_with("tenants.b.spend_cap_usd_per_day: 0 is not a positive amount of US dollars"),
+            "{err}"
+        );
+        let err = load("[spend]\nsync_ms = 10\n");
+        assert!(err.starts_with("spend.sync_ms: must be from 50 to 60000"), "{err}");
+        let err = load("[spend]\nflush_ms = 10\n");
+        assert!(err.starts_with("spend.flush_ms: unknown key (known here: sync_ms)"), "{err}");
+    }
+
+    #[test]
     fn redaction_hides_the_upstream_token() {
         let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
         let shown = s.redacted_toml();
