@@ -42,9 +42,16 @@ impl Harness {
 
     /// Like [`Harness::start_with`], with an overlay that may depend on the
     /// simulator's URL.
-    pub async fn start_custom(
+    pub async fn start_custom(sim_config: SimConfig, overlay: impl FnOnce(&str) -> String) -> Self {
+        Self::start_hooked(sim_config, overlay, |_| {}).await
+    }
+
+    /// Like [`Harness::start_custom`], with `hook` run on the gateway before
+    /// it serves (to set its spend clock, say).
+    pub async fn start_hooked(
         mut sim_config: SimConfig,
         overlay: impl FnOnce(&str) -> String,
+        hook: impl FnOnce(&Gateway),
     ) -> Self {
         sim_config.bearer_token = Some(UPSTREAM_TOKEN.into());
         let sim = Simulator::start(sim_config, "127.0.0.1:0".parse().unwrap())
@@ -63,6 +70,7 @@ impl Harness {
         let settings =
             Settings::load_layers(&[DEMO_TOML, overlay], &[], Some(env)).expect("valid config");
         let gateway = Gateway::new(settings).await.expect("gateway starts");
+        hook(&gateway);
         let listener = gateway.bind().await.expect("binds");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

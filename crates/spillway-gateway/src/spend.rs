@@ -46,7 +46,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -283,6 +283,8 @@ pub struct Spend {
     prices: HashMap<ModelId, ModelPrices>,
     store: Arc<dyn SpendStore>,
     clock: SpendClock,
+    /// Added to the clock ([`Spend::set_now_ms`]; 0 in production).
+    clock_shift_ms: AtomicI64,
     book: Mutex<HashMap<Arc<str>, TenantBook>>,
     /// One sync at a time (the loop, and the last one at shutdown).
     syncing: tokio::sync::Mutex<()>,
@@ -302,6 +304,7 @@ impl Spend {
             prices,
             store,
             clock,
+            clock_shift_ms: AtomicI64::new(0),
             book: Mutex::default(),
             syncing: tokio::sync::Mutex::new(()),
             degraded: AtomicBool::new(false),
@@ -313,8 +316,17 @@ impl Spend {
         self.store.kind()
     }
 
+    /// Unix milliseconds on the spend clock.
     pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
+        self.clock.now_ms() + self.clock_shift_ms.load(Ordering::Relaxed)
+    }
+
+    /// Makes the spend clock read `unix_ms` now (it goes on following
+    /// tokio's from there): for tests that need a given day, such as the
+    /// last of a month. Nothing in the gateway calls it.
+    pub fn set_now_ms(&self, unix_ms: i64) {
+        self.clock_shift_ms
+            .store(unix_ms - self.clock.now_ms(), Ordering::Relaxed);
     }
 
     pub fn has_prices(&self, model: &ModelId) -> bool {
@@ -560,9 +572,9 @@ fn refusal(tenant: &str, reached: CapReached, now_ms: i64) -> SpendRefusal {
     };
     let wait_ms = (reached.resets_at_ms - now_ms).max(1);
     let message = format!(
-        "tenant {tenant} has reached its {kind} spend cap of ${:.2} (spent ${:.2} {when}); it resets at {} (retry-after {} s)",
-        usd_of_nanodollars(reached.cap),
-        usd_of_nanodollars(reached.spent),
+        "tenant {tenant} has reached its {kind} spend cap of {} (spent {} {when}); it resets at {} (retry-after {} s)",
+        dollars(reached.cap),
+        dollars(reached.spent),
         crate::rfc3339::format_unix_millis(reached.resets_at_ms, false),
         (wait_ms as u64).div_ceil(1000),
     );
@@ -570,6 +582,16 @@ fn refusal(tenant: &str, reached: CapReached, now_ms: i64) -> SpendRefusal {
         reached,
         message,
         retry_after: Duration::from_millis(wait_ms as u64),
+    }
+}
+
+/// `$12.50`; below a dollar to the hundredth of a cent (`$0.0125`).
+fn dollars(nanodollars: u64) -> String {
+    let usd = usd_of_nanodollars(nanodollars);
+    if usd >= 1.0 || nanodollars == 0 {
+        format!("${usd:.2}")
+    } else {
+        format!("${usd:.4}")
     }
 }
 
