@@ -5,9 +5,9 @@ budget), a `prometheus` on a free loopback port scraping the gateway's
 `/metrics` every second and evaluating dashboards/recording.yml and
 dashboards/alerts.yml every second, and a short load that makes every panel
 have something to show: spillover, a fallback after an injected upstream 429,
-requests waiting for quota, streams, two tenants, auth failures, a batch
-long enough to watch, `spillway status` polling the admin API, and every
-region drained at the end.
+requests waiting for quota, streams, two tenants (one with spend caps), auth
+failures, a batch long enough to watch, `spillway status` polling the admin
+API, and every region drained at the end.
 
 Then every PromQL expression of dashboards/spillway.json (template variables
 substituted: `$job` and `$instance` by the gateway's own, so a selector that
@@ -211,7 +211,12 @@ def _overlay(sim_url: str, port: int, digests: dict[str, str], admin_digest: str
     scheduler only waits for room it can see coming within the deadline, from
     the window sliding: a 2-second window makes that soon."""
     q = json.dumps
-    tenants = "".join(f"\n[tenants.{name}]\nkey_sha256 = {q(d)}\n" for name, d in digests.items())
+    # `search` has spend caps far above what the load spends, so the cap
+    # series and the spend panels have data and nothing is refused for spend.
+    caps = {"search": "spend_cap_usd_per_day = 1000.0\nspend_cap_usd_per_month = 20000.0\n"}
+    tenants = "".join(
+        f"\n[tenants.{name}]\nkey_sha256 = {q(d)}\n{caps.get(name, '')}" for name, d in digests.items()
+    )
     return f"""
 [server]
 listen = {q(f"127.0.0.1:{port}")}
@@ -479,6 +484,8 @@ def operate(stack: Stack, spillway_bin: Path) -> None:
             capture_output=True, text=True, timeout=30,
         )
         assert out.returncode == 0 and HAIKU in out.stdout, (out.returncode, out.stdout, out.stderr)
+        # The spend table: each tenant today against its cap.
+        assert "SPEND TODAY" in out.stdout and "/ $1000.00" in out.stdout, out.stdout
     for region in ("us-central1", "europe-west4"):
         req = urllib.request.Request(f"{stack.url}/admin/regions/{region}/drain", data=b"", method="POST",
                                      headers={"x-api-key": ADMIN_KEY})
@@ -550,6 +557,10 @@ def test_every_dashboard_and_rule_expression_has_data(observed: Observed) -> Non
         ('spillway_http_requests_total{surface="admin",route="/admin/quotas",status="200"} >= 3',
          "spillway status's admin calls"),
         ('sum(spillway_region_drained) >= 2', "the drained regions"),
+        # What the load cost at Haiku's list prices, interactive and batch.
+        ('sum(spillway_spend_usd_total{traffic="interactive"}) > 0', "interactive spend"),
+        ('sum(spillway_spend_usd_total{traffic="batch"}) > 0', "batch spend"),
+        ('spillway_tenant_spend_usd{tenant="search",period="day"} > 0', "a tenant's spend today"),
     ]:
         _wait_until(prom, expr, what)
     # Two more scrapes and rule evaluations after the last event, so rates

@@ -248,6 +248,17 @@ impl Gateway {
                 }
             }
         }
+        // Refusals start at zero for every capped period, so the first shows in rate().
+        for tenant in state.keys.current().tenants() {
+            for period in spillway_core::spend::Period::ALL {
+                if tenant.policy.spend_caps.of(period).is_some() {
+                    state
+                        .metrics
+                        .spend_cap_refusals
+                        .with_label_values(&[&tenant.name, period.name()]);
+                }
+            }
+        }
         if !state.spend.sync().await {
             tracing::warn!(
                 store = state.spend.store_kind(),
