@@ -248,6 +248,11 @@ impl Gateway {
                 }
             }
         }
+        if state.spend.store_kind() == "memory"
+            && state.settings.tenants.values().any(|t| !t.spend_caps().is_empty())
+        {
+            tracing::warn!("spend caps are kept in memory only (batch.enabled = false and quota.store = \"memory\"): a restart starts every tenant's day and month from zero");
+        }
         // Refusals start at zero for every capped period, so the first shows in rate().
         for tenant in state.keys.current().tenants() {
             for period in spillway_core::spend::Period::ALL {
