@@ -61,7 +61,8 @@ fn spend_series(tenant: &str, traffic: &str) -> String {
 #[tokio::test(start_paused = true)]
 async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_batch_items() {
     let h = Harness::start("[quota]\ntokens_per_min = 10000000\n").await;
-    let prompt = "Summarise the report SIM_CACHE_READ=40 SIM_CACHE_WRITE=12 SIM_OUTPUT_TOKENS=30 \
+    // Cache reads, writes and (4 of the 12) 1-hour writes, each at its price.
+    let prompt = "Summarise the report SIM_CACHE_READ=40 SIM_CACHE_WRITE=12 SIM_CACHE_WRITE_1H=4 SIM_OUTPUT_TOKENS=30 \
                   lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor \
                   incididunt ut labore et dolore magna aliqua";
     let mut interactive = 0.0;
@@ -73,6 +74,7 @@ async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_b
     let usage = &body["usage"];
     assert!(usage["cache_read_input_tokens"].as_u64().unwrap() > 0, "{body}");
     assert!(usage["cache_creation_input_tokens"].as_u64().unwrap() > 0, "{body}");
+    assert_eq!(usage["cache_creation"]["ephemeral_1h_input_tokens"], 4, "{body}");
     interactive += priced(usage);
 
     // A stream: input and cache from message_start, output from the last
@@ -85,6 +87,7 @@ async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_b
     let last = &events.iter().rev().find(|(n, _)| n == "message_delta").unwrap().1;
     usage["output_tokens"] = last["usage"]["output_tokens"].clone();
     assert_eq!(usage["output_tokens"], 30, "{events:?}");
+    assert_eq!(usage["cache_creation"]["ephemeral_1h_input_tokens"], 4, "{events:?}");
     interactive += priced(&usage);
 
     // Uncached, plain.

@@ -78,6 +78,12 @@ pub struct SpendRow {
 pub trait SpendStore: Send + Sync + 'static {
     /// `memory`, `redis`, `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
+    /// Whether other replicas write to it too (Redis, PostgreSQL). A store
+    /// only this process writes (SQLite, memory) is read once, at start:
+    /// after that a sync only writes, and only when there is spend to write.
+    fn shared(&self) -> bool {
+        true
+    }
     /// Adds each `(row, nanodollars)` and returns the totals of `reads`
     /// after the adds, in order: atomically per row.
     fn sync<'a>(
@@ -89,11 +95,35 @@ pub trait SpendStore: Send + Sync + 'static {
 
 /// Totals in this process only (no batch store, no Redis; tests).
 #[derive(Default)]
-pub struct MemorySpendStore(Mutex<HashMap<(Arc<str>, String), u64>>);
+pub struct MemorySpendStore {
+    totals: Mutex<HashMap<(Arc<str>, String), u64>>,
+    /// Stands for a store several `Spend`s share (tests of replicas).
+    shared: bool,
+}
+
+impl MemorySpendStore {
+    /// A store that several `Spend`s use as replicas use Redis (tests).
+    pub fn shared_by_replicas() -> Self {
+        Self {
+            shared: true,
+            ..Self::default()
+        }
+    }
+
+    /// The total of `tenant` in `period` (`day:2026-11-27`).
+    pub fn total(&self, tenant: &str, period: &str) -> Option<u64> {
+        let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        totals.get(&(Arc::from(tenant), period.to_string())).copied()
+    }
+}
 
 impl SpendStore for MemorySpendStore {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
     }
 
     fn sync<'a>(
@@ -101,7 +131,7 @@ impl SpendStore for MemorySpendStore {
         adds: &'a [(SpendRow, u64)],
         reads: &'a [SpendRow],
     ) -> SpendFuture<'a, Vec<u64>> {
-        let mut totals = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         for (row, n) in adds {
             let t = totals
                 .entry((Arc::clone(&row.tenant), row.period.clone()))
@@ -288,6 +318,8 @@ pub struct Spend {
     book: Mutex<HashMap<Arc<str>, TenantBook>>,
     /// One sync at a time (the loop, and the last one at shutdown).
     syncing: tokio::sync::Mutex<()>,
+    /// The store's totals have been read once.
+    loaded: AtomicBool,
     degraded: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -307,6 +339,7 @@ impl Spend {
             clock_shift_ms: AtomicI64::new(0),
             book: Mutex::default(),
             syncing: tokio::sync::Mutex::new(()),
+            loaded: AtomicBool::new(false),
             degraded: AtomicBool::new(false),
             metrics,
         }
@@ -475,6 +508,14 @@ impl Spend {
                 }
             }
         }
+        if adds.is_empty() && !self.store.shared() && self.loaded.load(Ordering::Relaxed) {
+            // Nobody else writes there: this book is the store's state.
+            let mut book = self.lock();
+            for t in book.values_mut() {
+                t.spans.retain(|(_, _, end, _)| *end > now);
+            }
+            return true;
+        }
         let answer = match tokio::time::timeout(SYNC_TIMEOUT, self.store.sync(&adds, &reads)).await
         {
             Ok(Ok(totals)) if totals.len() == reads.len() => Ok(totals),
@@ -522,6 +563,7 @@ impl Spend {
         }
         match answer {
             Ok(_) => {
+                self.loaded.store(true, Ordering::Relaxed);
                 self.metrics.spend_store_degraded.set(0);
                 if self.degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!(
@@ -703,7 +745,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn syncs_share_totals_between_replicas_and_keep_spend_through_failures() {
         let start = days_from_civil(2026, 11, 27) * DAY;
-        let store: Arc<MemorySpendStore> = Arc::default();
+        let store = Arc::new(MemorySpendStore::shared_by_replicas());
         let a = spend_at(start, store.clone());
         let b = spend_at(start, store.clone());
         let tenant: Arc<str> = "t".into();
@@ -749,6 +791,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_store_only_this_process_writes_is_read_once_and_written_when_there_is_spend() {
+        struct Counting(std::sync::atomic::AtomicU32, MemorySpendStore);
+        impl SpendStore for Counting {
+            fn kind(&self) -> &'static str {
+                "sqlite"
+            }
+            fn shared(&self) -> bool {
+                false
+            }
+            fn sync<'a>(
+                &'a self,
+                adds: &'a [(SpendRow, u64)],
+                reads: &'a [SpendRow],
+            ) -> SpendFuture<'a, Vec<u64>> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                self.1.sync(adds, reads)
+            }
+        }
+        let store = Arc::new(Counting(Default::default(), MemorySpendStore::default()));
+        let s = spend_at(days_from_civil(2026, 11, 27) * DAY, store.clone());
+        let tenant: Arc<str> = "t".into();
+        s.track([&tenant]);
+        for _ in 0..3 {
+            assert!(s.sync().await);
+        }
+        assert_eq!(store.0.load(Ordering::Relaxed), 1, "read at start only");
+        s.add(&tenant, 9);
+        assert!(s.sync().await && s.sync().await);
+        assert_eq!(store.0.load(Ordering::Relaxed), 2, "written once");
+        assert_eq!(store.1.total("t", "day:2026-11-27"), Some(9));
+        assert_eq!(s.spent("t", Period::Day), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn spend_before_midnight_is_written_to_its_own_day() {
         let start = days_from_civil(2026, 11, 27) * DAY + DAY - 1000;
         let store: Arc<MemorySpendStore> = Arc::default();
@@ -758,14 +834,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         s.add(&tenant, 3);
         assert!(s.sync().await);
-        let read = |period: &str| {
-            store
-                .0
-                .lock()
-                .unwrap()
-                .get(&(Arc::clone(&tenant), period.to_string()))
-                .copied()
-        };
+        let read = |period: &str| store.total("t", period);
         assert_eq!(read("day:2026-11-27"), Some(7));
         assert_eq!(read("day:2026-11-28"), Some(3));
         assert_eq!(read("month:2026-11"), Some(10));

@@ -75,6 +75,7 @@ impl PromptCache {
                 input_tokens: total - read - write,
                 cache_creation_input_tokens: write,
                 cache_read_input_tokens: read,
+                cache_creation_1h_input_tokens: 0,
             },
             keys: cacheable.iter().map(|(fp, _)| *fp).collect(),
         }

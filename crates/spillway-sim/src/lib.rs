@@ -56,7 +56,8 @@
 //! `n`-token answer (capped by `max_tokens`); otherwise the answer has
 //! [`SimConfig::default_output_tokens`] tokens. `SIM_CACHE_READ=<r>` and
 //! `SIM_CACHE_WRITE=<w>` there make `r` (`w`) of the prompt's tokens cache
-//! reads (writes) in the reported usage ([`message`]). Time uses
+//! reads (writes) in the reported usage, and `SIM_CACHE_WRITE_1H=<h>` makes
+//! `h` of the writes 1-hour ones (`usage.cache_creation`) ([`message`]). Time uses
 //! `tokio::time::Instant`, so tests may run on tokio's paused clock.
 //!
 //! ## Quota buckets in a test

@@ -23,6 +23,10 @@
 //!   reads, reported in `usage.cache_read_input_tokens`;
 //! * `SIM_CACHE_WRITE=<w>` makes `w` of them cache writes, reported in
 //!   `usage.cache_creation_input_tokens`;
+//! * `SIM_CACHE_WRITE_1H=<h>` makes `h` of those writes 1-hour ones: the
+//!   usage then also carries `cache_creation: {ephemeral_5m_input_tokens,
+//!   ephemeral_1h_input_tokens}`, as Vertex's does for writes with
+//!   `ttl: "1h"` (billed at another price);
 //!
 //! and `usage.input_tokens` is what is left, so the three always add up to
 //! the prompt's token count (reads are taken first, each figure is capped by
@@ -174,6 +178,30 @@ pub struct InputUsage {
     pub cache_creation_input_tokens: u64,
     /// `usage.cache_read_input_tokens`: read from the cache.
     pub cache_read_input_tokens: u64,
+    /// Of the writes, those with the 1-hour TTL
+    /// (`usage.cache_creation.ephemeral_1h_input_tokens`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_creation_1h_input_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `usage.cache_creation`: the writes by TTL, sent only when some are 1-hour ones.
+#[derive(Serialize)]
+pub(crate) struct CacheCreation {
+    pub ephemeral_5m_input_tokens: u64,
+    pub ephemeral_1h_input_tokens: u64,
+}
+
+impl CacheCreation {
+    pub(crate) fn of(writes: u64, writes_1h: u64) -> Option<Self> {
+        (writes_1h > 0).then(|| Self {
+            ephemeral_5m_input_tokens: writes - writes_1h,
+            ephemeral_1h_input_tokens: writes_1h,
+        })
+    }
 }
 
 impl InputUsage {
@@ -210,6 +238,9 @@ pub fn plan_input(body: &Value, total: u64) -> InputUsage {
         input_tokens: total - read - write,
         cache_creation_input_tokens: write,
         cache_read_input_tokens: read,
+        cache_creation_1h_input_tokens: directive(body, "SIM_CACHE_WRITE_1H=")
+            .unwrap_or(0)
+            .min(write),
     }
 }
 
@@ -220,6 +251,8 @@ pub(crate) struct Usage {
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub output_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_creation: Option<CacheCreation>,
 }
 
 #[derive(Serialize)]
@@ -261,6 +294,10 @@ pub fn message_json_with_input(model: &str, input: InputUsage, plan: OutputPlan)
             cache_creation_input_tokens: input.cache_creation_input_tokens,
             cache_read_input_tokens: input.cache_read_input_tokens,
             output_tokens: plan.tokens,
+            cache_creation: CacheCreation::of(
+                input.cache_creation_input_tokens,
+                input.cache_creation_1h_input_tokens,
+            ),
         },
     };
     serde_json::to_vec(&msg).unwrap_or_default()
@@ -330,7 +367,8 @@ mod tests {
             InputUsage {
                 input_tokens: 15,
                 cache_creation_input_tokens: 5,
-                cache_read_input_tokens: 30
+                cache_read_input_tokens: 30,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         // Capped: reads first, writes get what is left.
@@ -339,12 +377,32 @@ mod tests {
             InputUsage {
                 input_tokens: 0,
                 cache_creation_input_tokens: 10,
-                cache_read_input_tokens: 40
+                cache_read_input_tokens: 40,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert_eq!(
             plan_input(&body("SIM_CACHE_READ=99999999999999999999999"), 7).cache_read_input_tokens,
             7
+        );
+        // 1-hour writes are a part of the writes, and split out in the body.
+        let hour = plan_input(&body("SIM_CACHE_WRITE=8 SIM_CACHE_WRITE_1H=3"), 50);
+        assert_eq!(
+            (hour.cache_creation_input_tokens, hour.cache_creation_1h_input_tokens),
+            (8, 3)
+        );
+        let v: Value = serde_json::from_slice(&message_json_with_input(
+            "claude-sonnet-4-6",
+            hour,
+            OutputPlan {
+                tokens: 1,
+                stop_reason: "end_turn",
+            },
+        ))
+        .unwrap();
+        assert_eq!(
+            v["usage"]["cache_creation"],
+            json!({"ephemeral_5m_input_tokens": 5, "ephemeral_1h_input_tokens": 3})
         );
         let u = plan_input(&body("SIM_CACHE_READ=30 SIM_CACHE_WRITE=5"), 50);
         assert_eq!(u.counted(true), 50);

@@ -349,6 +349,7 @@ async fn model_route(
         input_tokens: input.input_tokens,
         cache_creation_input_tokens: input.cache_creation_input_tokens,
         cache_read_input_tokens: input.cache_read_input_tokens,
+        cache_creation_1h_input_tokens: input.cache_creation_1h_input_tokens,
         output_tokens: out.tokens,
         stop_reason: out.stop_reason,
         emit_vertex_event: st.emit_vertex_event,

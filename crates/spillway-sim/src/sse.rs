@@ -66,6 +66,8 @@ pub struct StreamPlan {
     pub cache_creation_input_tokens: u64,
     /// `cache_read_input_tokens` reported in `message_start`.
     pub cache_read_input_tokens: u64,
+    /// Of the writes, the 1-hour ones (`usage.cache_creation`, when not 0).
+    pub cache_creation_1h_input_tokens: u64,
     /// Output tokens (= text deltas).
     pub output_tokens: u64,
     /// `end_turn` or `max_tokens`.
@@ -217,6 +219,10 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
                             cache_creation_input_tokens: self.plan.cache_creation_input_tokens,
                             cache_read_input_tokens: self.plan.cache_read_input_tokens,
                             output_tokens: 1 + self.plan.input_tokens % 4,
+                            cache_creation: message::CacheCreation::of(
+                                self.plan.cache_creation_input_tokens,
+                                self.plan.cache_creation_1h_input_tokens,
+                            ),
                         },
                     },
                 })
@@ -391,6 +397,7 @@ mod tests {
             input_tokens: 16,
             cache_creation_input_tokens: 0,
             cache_read_input_tokens: 0,
+            cache_creation_1h_input_tokens: 0,
             output_tokens: n,
             stop_reason: "end_turn",
             emit_vertex_event: vertex_event,

@@ -1231,6 +1231,11 @@ impl crate::spend::SpendStore for BatchSpendStore {
         self.0.kind()
     }
 
+    /// PostgreSQL is shared by replicas; a SQLite file is one process's.
+    fn shared(&self) -> bool {
+        self.0.kind() == "postgres"
+    }
+
     fn sync<'a>(
         &'a self,
         adds: &'a [(crate::spend::SpendRow, u64)],
