@@ -250,7 +250,10 @@ mod tests {
         .unwrap();
         let table = render_spend(&tenants);
         let lines: Vec<&str> = table.lines().filter(|l| !l.is_empty()).collect();
-        assert!(lines[0].starts_with("TENANT") && lines[0].contains("SPEND TODAY"), "{table}");
+        assert!(
+            lines[0].starts_with("TENANT") && lines[0].contains("SPEND TODAY"),
+            "{table}"
+        );
         assert!(
             lines[1].starts_with("search")
                 && lines[1].contains("$12.50 / $50.00")

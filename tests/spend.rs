@@ -55,7 +55,9 @@ fn message(text: &str, max_tokens: u64, stream: bool) -> Value {
 }
 
 fn spend_series(tenant: &str, traffic: &str) -> String {
-    format!("spillway_spend_usd_total{{model=\"{HAIKU}\",tenant=\"{tenant}\",traffic=\"{traffic}\"}}")
+    format!(
+        "spillway_spend_usd_total{{model=\"{HAIKU}\",tenant=\"{tenant}\",traffic=\"{traffic}\"}}"
+    )
 }
 
 #[tokio::test(start_paused = true)]
@@ -68,26 +70,47 @@ async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_b
     let mut interactive = 0.0;
 
     // Unary.
-    let r = h.post_json("/v1/messages", &message(prompt, 64, false)).await;
+    let r = h
+        .post_json("/v1/messages", &message(prompt, 64, false))
+        .await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     let usage = &body["usage"];
-    assert!(usage["cache_read_input_tokens"].as_u64().unwrap() > 0, "{body}");
-    assert!(usage["cache_creation_input_tokens"].as_u64().unwrap() > 0, "{body}");
-    assert_eq!(usage["cache_creation"]["ephemeral_1h_input_tokens"], 4, "{body}");
+    assert!(
+        usage["cache_read_input_tokens"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+    assert!(
+        usage["cache_creation_input_tokens"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+    assert_eq!(
+        usage["cache_creation"]["ephemeral_1h_input_tokens"], 4,
+        "{body}"
+    );
     interactive += priced(usage);
 
     // A stream: input and cache from message_start, output from the last
     // message_delta.
-    let r = h.post_json("/v1/messages", &message(prompt, 64, true)).await;
+    let r = h
+        .post_json("/v1/messages", &message(prompt, 64, true))
+        .await;
     assert_eq!(r.status(), 200);
     let events = read_events(r).await;
     let start = &events.iter().find(|(n, _)| n == "message_start").unwrap().1;
     let mut usage = start["message"]["usage"].clone();
-    let last = &events.iter().rev().find(|(n, _)| n == "message_delta").unwrap().1;
+    let last = &events
+        .iter()
+        .rev()
+        .find(|(n, _)| n == "message_delta")
+        .unwrap()
+        .1;
     usage["output_tokens"] = last["usage"]["output_tokens"].clone();
     assert_eq!(usage["output_tokens"], 30, "{events:?}");
-    assert_eq!(usage["cache_creation"]["ephemeral_1h_input_tokens"], 4, "{events:?}");
+    assert_eq!(
+        usage["cache_creation"]["ephemeral_1h_input_tokens"], 4,
+        "{events:?}"
+    );
     interactive += priced(&usage);
 
     // Uncached, plain.
@@ -169,7 +192,10 @@ async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_b
     }
     // A model without prices would have no series; an unpriced count_tokens
     // costs nothing.
-    let before = series_value(&h.metrics().await, &spend_series("anonymous", "interactive"));
+    let before = series_value(
+        &h.metrics().await,
+        &spend_series("anonymous", "interactive"),
+    );
     let r = h
         .post_json(
             "/v1/messages/count_tokens",
@@ -177,7 +203,10 @@ async fn spend_is_the_reported_usage_at_the_model_prices_for_unary_streams_and_b
         )
         .await;
     assert_eq!(r.status(), 200);
-    let after = series_value(&h.metrics().await, &spend_series("anonymous", "interactive"));
+    let after = series_value(
+        &h.metrics().await,
+        &spend_series("anonymous", "interactive"),
+    );
     assert_eq!(before, after, "count_tokens is free");
 }
 
@@ -198,14 +227,22 @@ async fn expensive(h: &Harness, key: &str) -> reqwest::Response {
     h.http
         .post(format!("{}/v1/messages", h.url))
         .header("x-api-key", key)
-        .json(&message("SIM_OUTPUT_TOKENS=10000 write at length", 10_000, false))
+        .json(&message(
+            "SIM_OUTPUT_TOKENS=10000 write at length",
+            10_000,
+            false,
+        ))
         .send()
         .await
         .unwrap()
 }
 
 fn retry_after(r: &reqwest::Response) -> u64 {
-    r.headers()["retry-after"].to_str().unwrap().parse().unwrap()
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A gateway whose spend clock reads `unix_ms` when it starts serving.
@@ -239,7 +276,11 @@ async fn a_daily_cap_refuses_naming_it_until_utc_midnight_and_no_cap_is_unlimite
         ),
         "{message}"
     );
-    assert_eq!(h.sim.total_requests(), sent, "a refused request never reaches Vertex");
+    assert_eq!(
+        h.sim.total_requests(),
+        sent,
+        "a refused request never reaches Vertex"
+    );
 
     // The tenant without a cap is never refused for spend.
     for _ in 0..4 {
@@ -247,11 +288,17 @@ async fn a_daily_cap_refuses_naming_it_until_utc_midnight_and_no_cap_is_unlimite
     }
     let metrics = h.metrics().await;
     assert_eq!(
-        series_value(&metrics, "spillway_spend_cap_refusals_total{period=\"day\",tenant=\"capped\"}"),
+        series_value(
+            &metrics,
+            "spillway_spend_cap_refusals_total{period=\"day\",tenant=\"capped\"}"
+        ),
         1.0
     );
     assert_eq!(
-        series_value(&metrics, "spillway_tenant_spend_cap_usd{period=\"day\",tenant=\"capped\"}"),
+        series_value(
+            &metrics,
+            "spillway_tenant_spend_cap_usd{period=\"day\",tenant=\"capped\"}"
+        ),
         0.02
     );
     assert!(!metrics.contains("spillway_tenant_spend_cap_usd{period=\"day\",tenant=\"free\"}"));
@@ -262,10 +309,22 @@ async fn a_daily_cap_refuses_naming_it_until_utc_midnight_and_no_cap_is_unlimite
     sleep(Duration::from_secs(wait)).await;
     assert_eq!(expensive(&h, CAPPED_KEY).await.status(), 200);
     let metrics = h.metrics().await;
-    let today = series_value(&metrics, "spillway_tenant_spend_usd{period=\"day\",tenant=\"capped\"}");
-    assert!((0.0125..0.013).contains(&today), "the new day holds one request: {today}");
-    let month = series_value(&metrics, "spillway_tenant_spend_usd{period=\"month\",tenant=\"capped\"}");
-    assert!((0.0375..0.039).contains(&month), "the month holds all three: {month}");
+    let today = series_value(
+        &metrics,
+        "spillway_tenant_spend_usd{period=\"day\",tenant=\"capped\"}",
+    );
+    assert!(
+        (0.0125..0.013).contains(&today),
+        "the new day holds one request: {today}"
+    );
+    let month = series_value(
+        &metrics,
+        "spillway_tenant_spend_usd{period=\"month\",tenant=\"capped\"}",
+    );
+    assert!(
+        (0.0375..0.039).contains(&month),
+        "the month holds all three: {month}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

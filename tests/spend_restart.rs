@@ -122,7 +122,15 @@ async fn a_daily_cap_survives_sigkill_and_sigterm_restarts_with_the_sqlite_store
     let log = dir.path().join("spillway.log");
     let store = format!("[batch]\nsqlite_path = \"{}\"", db.display());
     let http = spillway_gateway::tls::http_client();
-    write_config(&config, port, &sim.base_url(), "spend-restart", TOKEN, "", &extra(&store, 100));
+    write_config(
+        &config,
+        port,
+        &sim.base_url(),
+        "spend-restart",
+        TOKEN,
+        "",
+        &extra(&store, 100),
+    );
 
     let mut gateway = serve(&config, &log);
     wait_healthy(&http, &url, &mut gateway).await;
@@ -143,7 +151,15 @@ async fn a_daily_cap_survives_sigkill_and_sigterm_restarts_with_the_sqlite_store
     gateway.kill().unwrap();
     gateway.wait().unwrap();
     // This time only the shutdown writes the spend (no sync within a minute).
-    write_config(&config, port, &sim.base_url(), "spend-restart", TOKEN, "", &extra(&store, 60_000));
+    write_config(
+        &config,
+        port,
+        &sim.base_url(),
+        "spend-restart",
+        TOKEN,
+        "",
+        &extra(&store, 60_000),
+    );
     let mut gateway = serve(&config, &log);
     wait_healthy(&http, &url, &mut gateway).await;
     let sent = sim.total_requests();
@@ -203,7 +219,17 @@ async fn two_replicas_share_one_cap_in_redis_and_a_restarted_one_keeps_it() {
         redis.url()
     );
     let extra = extra(&store, 100);
-    let start = |name: &str| Replica::start(name, dir.path(), &sim.base_url(), "spend-redis", TOKEN, "", &extra);
+    let start = |name: &str| {
+        Replica::start(
+            name,
+            dir.path(),
+            &sim.base_url(),
+            "spend-redis",
+            TOKEN,
+            "",
+            &extra,
+        )
+    };
     let mut a = start("a");
     let mut b = start("b");
     a.wait_healthy(&http).await;
@@ -226,7 +252,10 @@ async fn two_replicas_share_one_cap_in_redis_and_a_restarted_one_keeps_it() {
         )),
         "{message}"
     );
-    assert_eq!(redis_total(&redis, "capped").await, (spent * 1e9).round() as i64);
+    assert_eq!(
+        redis_total(&redis, "capped").await,
+        (spent * 1e9).round() as i64
+    );
     // The other tenant is not capped, on either replica.
     assert_eq!(expensive(&http, &b.url, FREE_KEY).await.status(), 200);
 

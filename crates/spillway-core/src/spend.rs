@@ -204,7 +204,7 @@ pub fn usd_of_nanodollars(nanodollars: u64) -> f64 {
 /// US dollars as nanodollars (for configured caps), or `None` if negative
 /// or not finite.
 pub fn nanodollars_of_usd(usd: f64) -> Option<u64> {
-    (usd.is_finite() && usd >= 0.0 && usd < 9.0e9).then(|| (usd * 1e9).round() as u64)
+    (usd.is_finite() && (0.0..9.0e9).contains(&usd)).then(|| (usd * 1e9).round() as u64)
 }
 
 /// A UTC calendar period spend is counted in.

@@ -214,7 +214,12 @@ impl Gateway {
         } else {
             None
         };
-        let spend = Arc::new(open_spend(&settings, &catalog, batches.as_deref(), &metrics)?);
+        let spend = Arc::new(open_spend(
+            &settings,
+            &catalog,
+            batches.as_deref(),
+            &metrics,
+        )?);
         let forwarder = Arc::new(Forwarder::new(
             &settings,
             catalog,
@@ -240,16 +245,21 @@ impl Gateway {
             for model in state.forwarder.catalog().models() {
                 if state.spend.has_prices(&model.id) {
                     for traffic in ["interactive", "batch"] {
-                        state
-                            .metrics
-                            .spend_usd
-                            .with_label_values(&[tenant, model.id.as_str(), traffic]);
+                        state.metrics.spend_usd.with_label_values(&[
+                            tenant,
+                            model.id.as_str(),
+                            traffic,
+                        ]);
                     }
                 }
             }
         }
         if state.spend.store_kind() == "memory"
-            && state.settings.tenants.values().any(|t| !t.spend_caps().is_empty())
+            && state
+                .settings
+                .tenants
+                .values()
+                .any(|t| !t.spend_caps().is_empty())
         {
             tracing::warn!("spend caps are kept in memory only (batch.enabled = false and quota.store = \"memory\"): a restart starts every tenant's day and month from zero");
         }
@@ -406,14 +416,16 @@ impl Gateway {
             }
         }
         let unsettled = state.forwarder.settled(SETTLE_AT_EXIT).await;
-        // Every request is recorded by now: write the last spend.
-        spend_sync.abort();
+        // Every request is recorded by now: write the last spend. (The loop
+        // stopped at closing; a sync of its still running is waited for, never
+        // cut, so nothing it was writing is lost or written twice.)
         if tokio::time::timeout(SPEND_AT_EXIT, state.spend.sync())
             .await
             .is_err()
         {
             tracing::warn!("shutdown: the last spend sync did not finish in time; up to one sync of this replica's spend is not in the store");
         }
+        spend_sync.abort();
         phases.abort();
         if cut > 0 || unsettled > 0 {
             tracing::warn!(
@@ -473,5 +485,3 @@ fn open_spend(
         Arc::clone(metrics),
     ))
 }
-
-

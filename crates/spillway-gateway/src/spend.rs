@@ -113,7 +113,9 @@ impl MemorySpendStore {
     /// The total of `tenant` in `period` (`day:2026-11-27`).
     pub fn total(&self, tenant: &str, period: &str) -> Option<u64> {
         let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-        totals.get(&(Arc::from(tenant), period.to_string())).copied()
+        totals
+            .get(&(Arc::from(tenant), period.to_string()))
+            .copied()
     }
 }
 
@@ -519,11 +521,7 @@ impl Spend {
         let answer = match tokio::time::timeout(SYNC_TIMEOUT, self.store.sync(&adds, &reads)).await
         {
             Ok(Ok(totals)) if totals.len() == reads.len() => Ok(totals),
-            Ok(Ok(totals)) => Err(format!(
-                "{} totals for {} rows",
-                totals.len(),
-                reads.len()
-            )),
+            Ok(Ok(totals)) => Err(format!("{} totals for {} rows", totals.len(), reads.len())),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!("no answer within {SYNC_TIMEOUT:?}")),
         };
@@ -781,7 +779,11 @@ mod tests {
         c.add(&tenant, 1000);
         assert!(!c.sync().await);
         assert_eq!(c.metrics.spend_store_degraded.get(), 1);
-        assert_eq!(c.spent("t", Period::Day), 1000, "its own spend still counts");
+        assert_eq!(
+            c.spent("t", Period::Day),
+            1000,
+            "its own spend still counts"
+        );
         failing.0.store(false, Ordering::Relaxed);
         assert!(c.sync().await);
         assert_eq!(c.spent("t", Period::Day), 1105);

@@ -388,7 +388,10 @@ mod tests {
         // 1-hour writes are a part of the writes, and split out in the body.
         let hour = plan_input(&body("SIM_CACHE_WRITE=8 SIM_CACHE_WRITE_1H=3"), 50);
         assert_eq!(
-            (hour.cache_creation_input_tokens, hour.cache_creation_1h_input_tokens),
+            (
+                hour.cache_creation_input_tokens,
+                hour.cache_creation_1h_input_tokens
+            ),
             (8, 3)
         );
         let v: Value = serde_json::from_slice(&message_json_with_input(

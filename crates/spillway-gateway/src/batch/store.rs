@@ -505,8 +505,8 @@ impl SqliteStore {
             migration(1, "batches", SQLITE_SCHEMA),
             migration(2, "spend", SQLITE_SPEND_SCHEMA),
         ])
-            .run(&write)
-            .await?;
+        .run(&write)
+        .await?;
         // A memory database is one connection's; on disk, readers run beside the writer.
         let read = if memory {
             write.clone()
@@ -576,8 +576,8 @@ impl PgStore {
             migration(1, "batches", POSTGRES_SCHEMA),
             migration(2, "spend", POSTGRES_SPEND_SCHEMA),
         ])
-            .run(&pool)
-            .await?;
+        .run(&pool)
+        .await?;
         Ok(Self {
             read: pool.clone(),
             write: pool,

@@ -995,10 +995,7 @@ impl Settings {
                 cache_reads_count: m
                     .cache_reads_count
                     .unwrap_or_else(|| spillway_core::catalog::default_cache_reads_count(id)),
-                prices: m
-                    .prices
-                    .as_ref()
-                    .and_then(|p| p.model_prices().ok()),
+                prices: m.prices.as_ref().and_then(|p| p.model_prices().ok()),
                 id: id.as_str().into(),
                 aliases: m.aliases.clone(),
                 context_window: m.context_window,
@@ -1463,7 +1460,10 @@ key_sha256 = "short"
         let prices = haiku.prices.expect("the defaults carry list prices");
         assert_eq!(prices.global.input, Price(250_000));
         assert_eq!(prices.global.cache_read, Price(30_000));
-        assert_eq!(prices.regional, prices.global, "no regional premium on Claude 3");
+        assert_eq!(
+            prices.regional, prices.global,
+            "no regional premium on Claude 3"
+        );
         let sonnet = catalog.resolve("claude-3-sonnet@20240229").unwrap().model;
         let p = sonnet.prices.unwrap().global;
         // Cache prices left out follow the rule: 1.25x, 2x, 0.1x input.
@@ -1510,20 +1510,33 @@ spend_cap_usd_per_month = 1000
         );
         let err = load("[models.\"claude-3-haiku@20240307\".prices]\nregional_premium = 2\n");
         assert!(
-            err.starts_with("models.\"claude-3-haiku@20240307\".prices.regional_premium: must be a fraction"),
+            err.starts_with(
+                "models.\"claude-3-haiku@20240307\".prices.regional_premium: must be a fraction"
+            ),
             "{err}"
         );
         let err = load("[models.\"claude-3-haiku@20240307\".prices]\ninput_cost = 1\n");
-        assert!(err.contains("prices.input_cost: unknown key (known here: input_per_mtok, "), "{err}");
+        assert!(
+            err.contains("prices.input_cost: unknown key (known here: input_per_mtok, "),
+            "{err}"
+        );
         let err = load("[tenants.b]\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nspend_cap_usd_per_day = 0\n");
         assert!(
-            err.starts_with("tenants.b.spend_cap_usd_per_day: 0 is not a positive amount of US dollars"),
+            err.starts_with(
+                "tenants.b.spend_cap_usd_per_day: 0 is not a positive amount of US dollars"
+            ),
             "{err}"
         );
         let err = load("[spend]\nsync_ms = 10\n");
-        assert!(err.starts_with("spend.sync_ms: must be from 50 to 60000"), "{err}");
+        assert!(
+            err.starts_with("spend.sync_ms: must be from 50 to 60000"),
+            "{err}"
+        );
         let err = load("[spend]\nflush_ms = 10\n");
-        assert!(err.starts_with("spend.flush_ms: unknown key (known here: sync_ms)"), "{err}");
+        assert!(
+            err.starts_with("spend.flush_ms: unknown key (known here: sync_ms)"),
+            "{err}"
+        );
     }
 
     #[test]
