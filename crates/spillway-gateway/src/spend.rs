@@ -378,6 +378,11 @@ impl Spend {
         let now = self.now_ms();
         let mut book = self.lock();
         for tenant in tenants {
+            if !book.contains_key(&**tenant) {
+                // A tenant new here (a reload) may have spent before: read
+                // the store again, even one only this process writes.
+                self.loaded.store(false, Ordering::Relaxed);
+            }
             let t = book.entry(Arc::clone(tenant)).or_default();
             for period in Period::ALL {
                 t.entry(period, now);
