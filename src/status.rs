@@ -69,7 +69,14 @@ fn render_spend(tenants: &[TenantSpend]) -> String {
     if tenants.is_empty() {
         return String::new();
     }
-    let money = |usd: f64| format!("${usd:.2}");
+    // Below a dollar, to the hundredth of a cent: a test load's spend shows.
+    let money = |usd: f64| {
+        if usd >= 1.0 || usd == 0.0 {
+            format!("${usd:.2}")
+        } else {
+            format!("${usd:.4}")
+        }
+    };
     let against = |spent: f64, cap: Option<f64>| match cap {
         Some(cap) if cap > 0.0 => format!(
             "{:>11} / {:<11} {:>4.0}%",
@@ -263,7 +270,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            lines[2].starts_with("reports") && lines[2].contains("$0.03 / -"),
+            lines[2].starts_with("reports") && lines[2].contains("$0.0312 / -"),
             "{table}"
         );
         assert_eq!(render_spend(&[]), "");
