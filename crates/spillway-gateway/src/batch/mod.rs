@@ -99,6 +99,13 @@ pub enum BatchError {
     Store(#[from] sqlx::Error),
     #[error("batch store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The SQLite file could not be opened or prepared: the path says
+    /// where (a read-only root filesystem, a missing volume).
+    #[error("batch store: opening the SQLite database {path}: {source}")]
+    OpenSqlite {
+        path: String,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("reading the request body: {0}")]
     Body(String),
     /// The client was too slow sending its upload.
@@ -148,7 +155,7 @@ impl From<BatchError> for crate::error::ApiError {
                     retry_after: std::time::Duration::from_secs(5),
                 }
             }
-            e @ (BatchError::Store(_) | BatchError::Migrate(_)) => {
+            e @ (BatchError::Store(_) | BatchError::Migrate(_) | BatchError::OpenSqlite { .. }) => {
                 tracing::error!(error = %e, "batch store failure");
                 ApiError::Internal("the batch store failed; see the Spillway log".into())
             }

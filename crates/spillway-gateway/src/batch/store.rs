@@ -465,7 +465,11 @@ impl SqliteStore {
         let write = pool(1, options.clone());
         migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
             .run(&write)
-            .await?;
+            .await
+            .map_err(|source| BatchError::OpenSqlite {
+                path: path.to_string(),
+                source,
+            })?;
         // A memory database is one connection's; on disk, readers run beside the writer.
         let read = if memory {
             write.clone()
@@ -1149,3 +1153,23 @@ macro_rules! sql_store {
 
 sql_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 sql_store!(PgStore, sqlx::Postgres, "postgres");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_file_that_cannot_be_opened_is_named_in_the_error() {
+        // A directory where the file should be: SQLite cannot open it, as
+        // with a read-only root filesystem and no volume mounted.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        let error = SqliteStore::open(path).await.err().expect("refused");
+        assert!(matches!(error, BatchError::OpenSqlite { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(path) && message.contains("unable to open database file"),
+            "{message}"
+        );
+    }
+}
