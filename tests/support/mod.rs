@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod certs;
 pub mod postgres;
 pub mod tally;
 
