@@ -35,6 +35,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamInitError),
     #[error("batch store: {0}")]
     Batch(String),
+    #[error("quota store: {0}")]
+    QuotaStore(String),
     #[error("listener TLS: {0}")]
     Tls(#[from] crate::listener_tls::TlsSetupError),
     #[error("cannot listen on {addr}: {source}")]
@@ -142,6 +144,8 @@ impl Gateway {
         settings
             .validate()
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // The stores' TLS clients take the process's provider: *ring*.
+        crate::tls::install_crypto_provider();
         let catalog = settings
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
@@ -185,7 +189,7 @@ impl Gateway {
             .and_then(|d| <[u8; 32]>::try_from(d).ok());
         let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
-            .map_err(StartError::Config)?;
+            .map_err(StartError::QuotaStore)?;
         let forwarder = Arc::new(Forwarder::new(
             &settings,
             catalog,
@@ -196,7 +200,11 @@ impl Gateway {
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
-                .map_err(|e| StartError::Batch(e.to_string()))?;
+                .map_err(|e| {
+                    // Store errors name the batch store already.
+                    let text = e.to_string();
+                    StartError::Batch(text.strip_prefix("batch store: ").unwrap_or(&text).into())
+                })?;
             Some(Arc::new(service))
         } else {
             None

@@ -97,6 +97,9 @@ pub enum BatchError {
     UnsupportedMediaType(String),
     #[error("batch store: {0}")]
     Store(#[from] sqlx::Error),
+    /// The server's TLS certificate was not trusted (at connect).
+    #[error("{0}")]
+    Untrusted(String),
     #[error("batch store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("reading the request body: {0}")]
@@ -148,7 +151,7 @@ impl From<BatchError> for crate::error::ApiError {
                     retry_after: std::time::Duration::from_secs(5),
                 }
             }
-            e @ (BatchError::Store(_) | BatchError::Migrate(_)) => {
+            e @ (BatchError::Store(_) | BatchError::Migrate(_) | BatchError::Untrusted(_)) => {
                 tracing::error!(error = %e, "batch store failure");
                 ApiError::Internal("the batch store failed; see the Spillway log".into())
             }

@@ -23,9 +23,11 @@ use spillway_core::ledger::Limits;
 use spillway_core::{Catalog, CatalogError, ModelSpec, QuotaGroup, RegionBudget, VERTEX_PROVIDER};
 
 mod layers;
+mod postgres_tls;
 mod problems;
 mod shared_quota;
 use layers::Layers;
+pub use postgres_tls::postgres_root_cert;
 pub use problems::{Problem, Problems};
 pub use shared_quota::QuotaStoreKind;
 
@@ -232,9 +234,14 @@ pub struct QuotaDefaults {
     /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
     #[serde(default)]
     pub store: QuotaStoreKind,
-    /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted).
+    /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted);
+    /// `rediss://` for TLS.
     #[serde(default)]
     pub redis_url: String,
+    /// A PEM file of CA certificates trusted for a `rediss://` server, in
+    /// addition to the system's roots.
+    #[serde(default)]
+    pub redis_ca_file: String,
     #[serde(default = "shared_quota::default_key_prefix")]
     pub redis_key_prefix: String,
     /// Longest wait for Redis on the admission path before failing over.
@@ -389,6 +396,7 @@ impl BatchSettings {
                     "batch.store is \"postgres\": give a postgres://user@host/database URL",
                 );
             }
+            BatchStoreKind::Postgres => postgres_tls::check(&self.postgres_url, p),
             _ => {}
         }
         if self.concurrency == 0 || self.concurrency >= max_queue {
@@ -1554,6 +1562,43 @@ key_sha256 = "short"
         );
         let err = load(&format!("[tenants.a]\nclient_cert_sha256 = [\"{fp}\"]\n"));
         assert!(err.starts_with("tenants.a.client_cert_sha256: client certificates are only asked for with server.tls_client_ca"), "{err}");
+    }
+
+    #[test]
+    fn rediss_is_verified_and_its_ca_file_needs_it() {
+        let load = |extra: &str| {
+            Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[]))
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let redis = "[quota]\nstore = \"redis\"\n";
+        assert_eq!(
+            load(&format!("{redis}redis_url = \"rediss://r:6380\"\n")),
+            ""
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"rediss://r:6380/#insecure\"\n"
+        ));
+        assert!(
+            err.starts_with("quota.redis_url: rediss:// URLs take no #fragment"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"redis://r:6379\"\nredis_ca_file = \"/ca.pem\"\n"
+        ));
+        assert!(
+            err.starts_with("quota.redis_ca_file: is only used with"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"rediss://r:6380\"\nredis_ca_file = \"/nonexistent/ca.pem\"\n"
+        ));
+        assert!(err.starts_with("quota.redis_ca_file: cannot read"), "{err}");
+        let err = load("[batch]\nstore = \"postgres\"\npostgres_url = \"postgres://db/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n");
+        assert!(
+            err.starts_with("batch.postgres_url: sslrootcert names \"/nonexistent/ca.pem\""),
+            "{err}"
+        );
     }
 
     #[test]
