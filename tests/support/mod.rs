@@ -7,6 +7,7 @@
 
 pub mod arrivals;
 pub mod binary;
+pub mod certs;
 pub mod postgres;
 pub mod replica;
 pub mod tally;

@@ -46,11 +46,11 @@ pub async fn require_admin(
             .into_response();
     };
     let Some(presented) = presented_key(request.headers()) else {
-        return ApiError::Unauthenticated("missing admin key").into_response();
+        return ApiError::Unauthenticated("missing admin key".into()).into_response();
     };
     if !key_matches(presented, &expected) {
         state.metrics.auth_failures.inc();
-        return ApiError::Unauthenticated("invalid admin key").into_response();
+        return ApiError::Unauthenticated("invalid admin key".into()).into_response();
     }
     next.run(request).await
 }
@@ -335,6 +335,7 @@ pub async fn reload(state: &AppState, settings: Settings) {
     let ring =
         KeyRing::from_settings(&settings).with_failure_counter(state.metrics.auth_failures.clone());
     state.keys.replace(ring);
+    reload_listener_tls(state, &settings).await;
     let Ok(catalog) = settings.catalog() else {
         tracing::error!("reload: the new model catalog is invalid; budgets unchanged");
         return;
@@ -359,4 +360,30 @@ pub async fn reload(state: &AppState, settings: Settings) {
         }
     }
     tracing::info!(tenants = settings.tenants.len(), "configuration reloaded");
+}
+
+/// SIGHUP and the listener's TLS: the certificate files are read again (a
+/// new pair serves new connections); other TLS settings need a restart.
+async fn reload_listener_tls(state: &AppState, settings: &Settings) {
+    let (was, now) = (&state.settings.server, &settings.server);
+    if was.tls_client_ca != now.tls_client_ca || was.client_cert != now.client_cert {
+        tracing::warn!(
+            "reload: server.tls_client_ca and server.client_cert take effect at the next restart"
+        );
+    }
+    match &state.listener_tls {
+        Some(tls) => {
+            if !tls.serves(now) {
+                tracing::warn!("reload: server.tls_cert / tls_key name other files (or none): restart to use them; the configured files are read again");
+            }
+            let tls = Arc::clone(tls);
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+        }
+        None if now.tls() => {
+            tracing::warn!(
+                "reload: TLS on the listener (server.tls_cert) takes effect at the next restart"
+            );
+        }
+        None => {}
+    }
 }

@@ -24,6 +24,7 @@ pub mod estimates;
 pub mod forwarder;
 pub mod ids;
 pub mod lifecycle;
+pub mod listener_tls;
 pub mod metrics;
 pub mod models;
 pub mod observer;

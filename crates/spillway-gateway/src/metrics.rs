@@ -63,6 +63,7 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub open_connections: IntGauge,
     pub connections_refused: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     state_age: GaugeVec,
     // State, refreshed at scrape time.
     budget_limit: GaugeVec,
@@ -216,7 +217,8 @@ impl Metrics {
                 g
             },
             state_age: gauge(&r, "spillway_state_age_seconds", "Age of the store-backed state in this scrape (budgets from the quota store, batch counts from the batch store): it grows while a store does not answer, and the last values are served.", &["source"]),
-            connections_refused: counter(&r, "spillway_connections_refused_total", "Client connections ended by Spillway before a request could be served, by reason: connection_limit (503), header_timeout (408, or closed when idle), malformed (400/414/431 from the HTTP parser).", &["reason"]),
+            connections_refused: counter(&r, "spillway_connections_refused_total", "Client connections ended by Spillway before a request could be served, by reason: connection_limit (503), header_timeout (408, or closed when idle), malformed (400/414/431 from the HTTP parser); on a TLS listener also tls_handshake (failed: no or an untrusted client certificate, no common protocol), tls_timeout (not done within server.header_read_timeout_ms) and plain_http (400: plain HTTP sent to the TLS port).", &["reason"]),
+            tls_reloads: counter(&r, "spillway_tls_certificate_reloads_total", "Listener certificate files that changed (seen every server.tls_reload_ms, or on SIGHUP), by outcome: loaded (in force for new connections) or refused (did not load; the certificate in use was kept).", &["outcome"]),
             budget_limit: gauge(&r, "spillway_budget_limit", "Configured quota per window (requests or tokens).", &["region", "model", "resource"]),
             budget_effective: gauge(&r, "spillway_budget_effective", "Quota admission uses now: headroom and learning from upstream 429s applied.", &["region", "model", "resource"]),
             budget_used: gauge(&r, "spillway_budget_used", "Spent in the current window, reservations included.", &["region", "model", "resource"]),

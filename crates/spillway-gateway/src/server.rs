@@ -35,6 +35,10 @@ pub enum StartError {
     Upstream(#[from] UpstreamInitError),
     #[error("batch store: {0}")]
     Batch(String),
+    #[error("quota store: {0}")]
+    QuotaStore(String),
+    #[error("listener TLS: {0}")]
+    Tls(#[from] crate::listener_tls::TlsSetupError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -140,6 +144,8 @@ impl Gateway {
         settings
             .validate()
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // The stores' TLS clients take the process's provider: *ring*.
+        crate::tls::install_crypto_provider();
         let catalog = settings
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
@@ -170,6 +176,11 @@ impl Gateway {
                 })
                 .collect::<Vec<_>>(),
         );
+        let listener_tls = crate::listener_tls::ListenerTls::from_settings(
+            &settings.server,
+            Some(metrics.tls_reloads.clone()),
+        )?
+        .map(Arc::new);
         let keys = Arc::new(Keys::new(
             KeyRing::from_settings(&settings).with_failure_counter(metrics.auth_failures.clone()),
         ));
@@ -178,7 +189,7 @@ impl Gateway {
             .and_then(|d| <[u8; 32]>::try_from(d).ok());
         let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
-            .map_err(StartError::Config)?;
+            .map_err(StartError::QuotaStore)?;
         let forwarder = Arc::new(Forwarder::new(
             &settings,
             catalog,
@@ -189,7 +200,11 @@ impl Gateway {
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
-                .map_err(|e| StartError::Batch(e.to_string()))?;
+                .map_err(|e| {
+                    // Store errors name the batch store already.
+                    let text = e.to_string();
+                    StartError::Batch(text.strip_prefix("batch store: ").unwrap_or(&text).into())
+                })?;
             Some(Arc::new(service))
         } else {
             None
@@ -203,6 +218,7 @@ impl Gateway {
             batches,
             snapshots: Default::default(),
             started: tokio::time::Instant::now(),
+            listener_tls,
         };
         Ok(Self {
             state: Arc::new(state),
@@ -228,6 +244,11 @@ impl Gateway {
                 service: state.batches.clone(),
                 forwarder: Arc::clone(&state.forwarder),
                 listen: state.settings.server.listen,
+                scheme: if state.listener_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
             })))
             .route_layer(middleware::from_fn_with_state(
                 state.keys.clone(),
@@ -318,12 +339,25 @@ impl Gateway {
             let life = life.clone();
             tokio::spawn(batches.run(forwarder, keys, async move { life.closing().await }))
         });
+        // New certificate files are picked up for new connections until
+        // the listener closes.
+        if let (Some(tls), reload_ms) = (&state.listener_tls, server.tls_reload_ms) {
+            if reload_ms > 0 {
+                let life = life.clone();
+                tokio::spawn(
+                    Arc::clone(tls).watch(Duration::from_millis(reload_ms), async move {
+                        life.closing().await
+                    }),
+                );
+            }
+        }
         let cut = crate::connections::serve(
             listener,
             self.router(),
             server,
             life.clone(),
             Arc::clone(&state.metrics),
+            state.listener_tls.clone(),
         )
         .await;
         if let Some(runner) = runner {

@@ -22,4 +22,6 @@ pub struct AppState {
     /// Store-backed state for operators, readable while a store is down.
     pub snapshots: crate::snapshots::Snapshots,
     pub started: tokio::time::Instant,
+    /// The listener's TLS (certificate in force, reloads); `None`: plain HTTP.
+    pub listener_tls: Option<Arc<crate::listener_tls::ListenerTls>>,
 }

@@ -54,6 +54,8 @@ pub struct BatchApi {
     pub forwarder: Arc<Forwarder>,
     /// `server.listen`, the default base of `results_url`.
     pub listen: std::net::SocketAddr,
+    /// `https` on a TLS listener, else `http`.
+    pub scheme: &'static str,
 }
 
 /// The batch routes (mounted behind client auth by the server).
@@ -73,7 +75,7 @@ fn service(state: &BatchApi) -> Result<&Arc<BatchService>, ApiError> {
 }
 
 fn base_url(state: &BatchApi, service: &BatchService, headers: &HeaderMap) -> String {
-    service.base_url(state.listen, headers)
+    service.base_url(state.scheme, state.listen, headers)
 }
 
 fn checked_id(id: &str) -> Result<&str, ApiError> {

@@ -97,6 +97,9 @@ pub enum BatchError {
     UnsupportedMediaType(String),
     #[error("batch store: {0}")]
     Store(#[from] sqlx::Error),
+    /// The server's TLS certificate was not trusted (at connect).
+    #[error("{0}")]
+    Untrusted(String),
     #[error("batch store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The SQLite file could not be opened or prepared: the path says
@@ -155,7 +158,10 @@ impl From<BatchError> for crate::error::ApiError {
                     retry_after: std::time::Duration::from_secs(5),
                 }
             }
-            e @ (BatchError::Store(_) | BatchError::Migrate(_) | BatchError::OpenSqlite { .. }) => {
+            e @ (BatchError::Store(_)
+            | BatchError::Migrate(_)
+            | BatchError::OpenSqlite { .. }
+            | BatchError::Untrusted(_)) => {
                 tracing::error!(error = %e, "batch store failure");
                 ApiError::Internal("the batch store failed; see the Spillway log".into())
             }

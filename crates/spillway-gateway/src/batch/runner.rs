@@ -162,20 +162,25 @@ impl BatchService {
     /// The base of `results_url`: `batch.public_url` if set, else the
     /// configured listen address, else (listening on an unspecified address
     /// or port 0) the `Host` the client used.
-    pub fn base_url(&self, listen: std::net::SocketAddr, headers: &HeaderMap) -> String {
+    pub fn base_url(
+        &self,
+        scheme: &str,
+        listen: std::net::SocketAddr,
+        headers: &HeaderMap,
+    ) -> String {
         if !self.settings.public_url.is_empty() {
             return self.settings.public_url.trim_end_matches('/').to_string();
         }
         if !listen.ip().is_unspecified() && listen.port() != 0 {
-            return format!("http://{listen}");
+            return format!("{scheme}://{listen}");
         }
         match headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .filter(|h| h.parse::<http::uri::Authority>().is_ok())
         {
-            Some(host) => format!("http://{host}"),
-            None => format!("http://{listen}"),
+            Some(host) => format!("{scheme}://{host}"),
+            None => format!("{scheme}://{listen}"),
         }
     }
 

@@ -512,6 +512,47 @@ impl SqliteStore {
     }
 }
 
+/// The connect options `url` gives, with libpq's TLS rules, and the server
+/// as `host:port` (never the credentials) for messages.
+///
+/// `sslmode` means what it means to libpq: `disable`; `prefer` (the
+/// default: TLS if the server offers it, unverified); `require` (TLS,
+/// unverified — unless `sslrootcert` is given, when libpq verifies the CA,
+/// and so does this); `verify-ca` (the chain to `sslrootcert` or the
+/// system's roots); `verify-full` (and the host name). A connection that
+/// is not verified, to a host that is not this machine, is logged once as
+/// a warning.
+fn pg_tls(url: &str) -> Result<(sqlx::postgres::PgConnectOptions, String), BatchError> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let mut options = PgConnectOptions::from_str(url)?;
+    let root_cert = crate::config::postgres_root_cert(url);
+    if matches!(options.get_ssl_mode(), PgSslMode::Require) && root_cert.is_some() {
+        options = options.ssl_mode(PgSslMode::VerifyCa);
+    }
+    let server = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    let local = options.get_socket().is_some()
+        || options.get_host().starts_with('/')
+        || options.get_host() == "localhost"
+        || options
+            .get_host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let mode = options.get_ssl_mode();
+    if !local && !matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull) {
+        tracing::warn!(
+            server = %server,
+            sslmode = ?mode,
+            "batch store: the PostgreSQL server is not verified; add sslmode=verify-full&sslrootcert=CA.pem to batch.postgres_url"
+        );
+    }
+    Ok((options, server))
+}
+
 /// The shared store for several replicas.
 /// How long a PostgreSQL call waits for a connection before it fails.
 pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -523,16 +564,25 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Connects (TLS as the URL's `sslmode` says, see [`pg_tls`]) and
+    /// creates the schema if needed. A server certificate that is not
+    /// trusted fails at once with [`BatchError::Untrusted`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, BatchError> {
-        use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-        let options = PgConnectOptions::from_str(url)?;
+        use sqlx::postgres::PgPoolOptions;
+        let (options, server) = pg_tls(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast while PostgreSQL is unreachable: the batch API
             // answers 503 with retry-after within 2 s (`BatchError`).
             .acquire_timeout(PG_ACQUIRE_TIMEOUT)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| match crate::tls::certificate_problem(&e) {
+                Some(problem) => BatchError::Untrusted(format!(
+                    "PostgreSQL at {server}: the server's TLS certificate was not trusted ({problem}); sslrootcert in batch.postgres_url must name the CA that signed it (verify-full also checks the host name)"
+                )),
+                None => BatchError::Store(e),
+            })?;
         // sqlx's migrator takes an advisory lock: replicas starting together
         // apply the schema once.
         migrator(vec![migration(1, "batches", POSTGRES_SCHEMA)])
