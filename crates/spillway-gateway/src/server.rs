@@ -50,33 +50,7 @@ async fn metrics_handler(
 ) -> impl axum::response::IntoResponse {
     let scheduler = state.forwarder.scheduler();
     let budgets = crate::admin::read_budgets(&state).await;
-    let batches = match &state.batches {
-        Some(service) => {
-            let service = Arc::clone(service);
-            let read = state
-                .snapshots
-                .batches
-                .read(
-                    move || async move {
-                        service
-                            .snapshot()
-                            .await
-                            .inspect_err(
-                                |e| tracing::warn!(error = %e, "metrics: cannot read batch state"),
-                            )
-                            .ok()
-                    },
-                    crate::snapshots::READ_WAIT,
-                )
-                .await;
-            state.metrics.state_age(
-                "batch_store",
-                crate::snapshots::age_secs(&read, state.started),
-            );
-            read
-        }
-        None => None,
-    };
+    let batches = crate::admin::read_batches(&state).await;
     let queues = state
         .forwarder
         .catalog()
@@ -202,6 +176,7 @@ impl Gateway {
             metrics,
             batches,
             snapshots: Default::default(),
+            feed: Default::default(),
             started: tokio::time::Instant::now(),
         };
         Ok(Self {
@@ -241,6 +216,8 @@ impl Gateway {
             )
             .route("/admin/tenants", get(crate::admin::tenants))
             .route("/admin/shares", get(crate::admin::shares))
+            .route("/admin/overview", get(crate::overview::overview))
+            .route("/admin/events", get(crate::overview::events))
             .route("/admin/regions/{region}/drain", post(crate::admin::drain))
             .route(
                 "/admin/regions/{region}/undrain",
