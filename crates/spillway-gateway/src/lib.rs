@@ -13,6 +13,7 @@
 //! once at start; [`server`] puts it all together.
 
 pub mod admin;
+pub mod admin_page;
 pub mod answer;
 pub mod auth;
 pub mod batch;

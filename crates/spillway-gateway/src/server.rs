@@ -3,7 +3,8 @@
 //! The layering, outermost first: the observer (request id, one record per
 //! request) → client limits (head size, body pacing) → the shutdown cut →
 //! (for API routes) client auth → handler. Health endpoints sit outside
-//! auth so probes need no key. Connections themselves (how many, header
+//! auth so probes need no key; so do the live page's static files
+//! (`admin_page`), which hold no data. Connections themselves (how many, header
 //! timeouts, shutdown) are `connections`' business. Each surface's handlers get the state
 //! they need (`AppState`, or the batch API's own `BatchApi`), so no module
 //! below this one needs to know how the gateway is put together.
@@ -233,6 +234,8 @@ impl Gateway {
             .route("/metrics", get(metrics_handler))
             .merge(api)
             .merge(admin)
+            // The live page and its assets: public, they hold no data.
+            .merge(crate::admin_page::routes())
             // The matched route template, for the observer's HTTP counter.
             .route_layer(middleware::from_fn(crate::observer::note_route))
             .fallback(routes::not_found)
