@@ -405,6 +405,8 @@
   // --- one frame ------------------------------------------------------------
 
   let lastFrameAt = 0;
+  /** The last frame, or the start of the connection waiting for one. */
+  let lastActivity = 0;
   let frames = 0;
 
   function render(o) {
@@ -420,6 +422,7 @@
       `Frame of ${o.generated_at} · budgets ${age} · headroom ${pct(o.headroom)} · a frame a second from GET /admin/events`,
     );
     lastFrameAt = Date.now();
+    lastActivity = lastFrameAt;
     frames += 1;
     const dash = $('dashboard');
     dash.dataset.generatedAtMs = String(o.generated_at_ms);
@@ -477,7 +480,12 @@
   }
 
   async function fetchOverview(key) {
-    const res = await fetch('overview', { headers: authHeaders(key), cache: 'no-store', credentials: 'omit' });
+    const res = await fetch('overview', {
+      headers: authHeaders(key),
+      cache: 'no-store',
+      credentials: 'omit',
+      signal: AbortSignal.timeout(STALE_MS * 2),
+    });
     if (!res.ok) throw await refused(res);
     return res.json();
   }
@@ -526,6 +534,7 @@
     let backoff = BACKOFF_MIN_MS;
     while (session === current) {
       current.controller = new AbortController();
+      lastActivity = Date.now();
       if (liveState !== 'live') setLive('connecting', 'Connecting…');
       try {
         const how = await readFeed(current.key, current.controller.signal);
@@ -590,7 +599,10 @@
       input.value = '';
       start(key, first);
     } catch (e) {
-      showError(e instanceof TypeError ? `Cannot reach the gateway (${e.message}).` : e.message);
+      let message = e.message;
+      if (e instanceof TypeError) message = `Cannot reach the gateway (${e.message}).`;
+      if (e.name === 'TimeoutError') message = `The gateway did not answer within ${duration(STALE_MS * 2)}.`;
+      showError(message);
       input.select();
     } finally {
       button.disabled = false;
@@ -599,10 +611,13 @@
 
   // --- start ------------------------------------------------------------------
 
+  /** A feed that went quiet (or a connection that never answered) is dropped and made again. */
   function watchdog() {
-    if (session && liveState === 'live' && Date.now() - lastFrameAt > STALE_MS) {
-      setLive('stale', `No update for ${duration(Date.now() - lastFrameAt)}; reconnecting…`);
-      if (session.controller) session.controller.abort();
+    const controller = session && session.controller;
+    const quiet = Date.now() - lastActivity;
+    if (controller && !controller.signal.aborted && quiet > STALE_MS) {
+      setLive('stale', `No update for ${duration(quiet)}; reconnecting…`);
+      controller.abort();
     }
     paintLive();
   }
