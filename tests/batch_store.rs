@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use spillway_gateway::batch::store::{
-    BatchStore, DeleteOutcome, Finish, NewBatch, NewItem, PageQuery, PgStore, SqliteStore,
+    BatchStore, DeleteOutcome, Finish, NewBatch, NewItem, OpenBatch, PageQuery, PgStore,
+    SqliteStore,
 };
 use spillway_gateway::batch::ProcessingStatus;
 use support::postgres::TempDatabase;
@@ -112,6 +113,34 @@ async fn contract(store: Arc<dyn BatchStore>) {
         (a.counts.succeeded, a.counts.errored, a.counts.processing),
         (1, 1, 8)
     );
+    // The live page's list of open batches, counts as they are.
+    let open = s.stats().await.unwrap().open;
+    let listed = |o: &[OpenBatch]| -> Vec<(String, String, String, i64, i64, i64)> {
+        o.iter()
+            .map(|b| {
+                let p = &b.progress;
+                (
+                    b.id.clone(),
+                    b.tenant.clone(),
+                    b.status.clone(),
+                    p.total,
+                    p.succeeded + p.errored,
+                    p.processing(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        listed(&open),
+        [(
+            "msgbatch_a".into(),
+            "t".into(),
+            "in_progress".into(),
+            10,
+            2,
+            8
+        )]
+    );
 
     // Release: back to pending at not_before; a refund keeps the attempt count.
     assert!(s
@@ -187,6 +216,11 @@ async fn contract(store: Arc<dyn BatchStore>) {
     assert_eq!(b.status, ProcessingStatus::Canceling);
     assert_eq!((b.counts.canceled, b.counts.processing), (4, 2));
     assert_eq!(b.cancel_initiated_at, Some(T0 + 2));
+    let open = s.stats().await.unwrap().open;
+    assert_eq!(
+        listed(&open),
+        [("msgbatch_b".into(), "t".into(), "canceling".into(), 6, 0, 2)]
+    );
     assert!(s
         .claim("o7", T0 + 3, T0 + 60_000, 10)
         .await

@@ -13,6 +13,7 @@
 //! once at start; [`server`] puts it all together.
 
 pub mod admin;
+pub mod admin_page;
 pub mod answer;
 pub mod auth;
 pub mod batch;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod estimates;
+pub mod feed;
 pub mod forwarder;
 pub mod ids;
 pub mod lifecycle;
@@ -28,6 +30,7 @@ pub mod listener_tls;
 pub mod metrics;
 pub mod models;
 pub mod observer;
+pub mod overview;
 pub mod passthrough;
 pub mod quota_store;
 pub mod ratelimit;

@@ -3,7 +3,8 @@
 //! The layering, outermost first: the observer (request id, one record per
 //! request) → client limits (head size, body pacing) → the shutdown cut →
 //! (for API routes) client auth → handler. Health endpoints sit outside
-//! auth so probes need no key. Connections themselves (how many, header
+//! auth so probes need no key; so do the live page's static files
+//! (`admin_page`), which hold no data. Connections themselves (how many, header
 //! timeouts, shutdown) are `connections`' business. Each surface's handlers get the state
 //! they need (`AppState`, or the batch API's own `BatchApi`), so no module
 //! below this one needs to know how the gateway is put together.
@@ -54,33 +55,7 @@ async fn metrics_handler(
 ) -> impl axum::response::IntoResponse {
     let scheduler = state.forwarder.scheduler();
     let budgets = crate::admin::read_budgets(&state).await;
-    let batches = match &state.batches {
-        Some(service) => {
-            let service = Arc::clone(service);
-            let read = state
-                .snapshots
-                .batches
-                .read(
-                    move || async move {
-                        service
-                            .snapshot()
-                            .await
-                            .inspect_err(
-                                |e| tracing::warn!(error = %e, "metrics: cannot read batch state"),
-                            )
-                            .ok()
-                    },
-                    crate::snapshots::READ_WAIT,
-                )
-                .await;
-            state.metrics.state_age(
-                "batch_store",
-                crate::snapshots::age_secs(&read, state.started),
-            );
-            read
-        }
-        None => None,
-    };
+    let batches = crate::admin::read_batches(&state).await;
     let queues = state
         .forwarder
         .catalog()
@@ -217,6 +192,7 @@ impl Gateway {
             metrics,
             batches,
             snapshots: Default::default(),
+            feed: Default::default(),
             started: tokio::time::Instant::now(),
             listener_tls,
         };
@@ -262,6 +238,8 @@ impl Gateway {
             )
             .route("/admin/tenants", get(crate::admin::tenants))
             .route("/admin/shares", get(crate::admin::shares))
+            .route("/admin/overview", get(crate::overview::overview))
+            .route("/admin/events", get(crate::overview::events))
             .route("/admin/regions/{region}/drain", post(crate::admin::drain))
             .route(
                 "/admin/regions/{region}/undrain",
@@ -277,6 +255,8 @@ impl Gateway {
             .route("/metrics", get(metrics_handler))
             .merge(api)
             .merge(admin)
+            // The live page and its assets: public, they hold no data.
+            .merge(crate::admin_page::routes())
             // The matched route template, for the observer's HTTP counter.
             .route_layer(middleware::from_fn(crate::observer::note_route))
             .fallback(routes::not_found)

@@ -35,6 +35,9 @@
 //!   batch request only when no interactive request of its model is waiting,
 //!   so interactive traffic is delayed by at most the batch requests already
 //!   admitted, and idle quota is used by the batch.
+//! - [`progress`]: the open batches' recent completion rate (from the
+//!   store's counters, so the fleet's) and each one's ETA in claim order,
+//!   for the live page.
 //!
 //! # Guarantees
 //!
@@ -71,6 +74,7 @@
 
 pub mod api;
 pub mod jsonl;
+pub mod progress;
 pub mod runner;
 pub mod store;
 

@@ -71,6 +71,8 @@ pub struct BatchSnapshot {
     pub open_items: i64,
     /// The oldest batch in progress, if any: the one being worked on.
     pub oldest_running: Option<super::store::BatchProgress>,
+    /// The first unfinished batches, in the runner's claim order.
+    pub open: Vec<super::store::OpenBatch>,
 }
 
 /// The batch store, the runner's state and the clock, shared by the API
@@ -89,6 +91,8 @@ pub struct BatchService {
     /// a crash count again).
     attempts: AtomicI64,
     pacer: Pacer,
+    /// Recent looks at the open batches, for their rate and ETAs.
+    progress: super::progress::Rates,
 }
 
 impl BatchService {
@@ -132,11 +136,17 @@ impl BatchService {
             completed: Completed::default(),
             attempts: AtomicI64::new(0),
             pacer: Pacer::default(),
+            progress: Default::default(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn BatchStore> {
         &self.store
+    }
+
+    /// The open batches' completion rate, from the looks taken so far.
+    pub fn progress(&self) -> &super::progress::Rates {
+        &self.progress
     }
 
     pub fn settings(&self) -> &BatchSettings {
@@ -198,6 +208,7 @@ impl BatchService {
             ],
             open_items: stats.open_items,
             oldest_running: stats.oldest_running,
+            open: stats.open,
         })
     }
 

@@ -125,6 +125,24 @@ pub struct StoreStats {
     /// The oldest batch still `in_progress` (first created; the runner
     /// claims items in batch order, so it is the one being worked on).
     pub oldest_running: Option<BatchProgress>,
+    /// The first [`OPEN_LISTED`] unfinished batches (`in_progress` or
+    /// `canceling`) in the order the runner claims their items (by
+    /// sequence), for the live page's progress and ETA.
+    pub open: Vec<OpenBatch>,
+}
+
+/// How many unfinished batches [`StoreStats::open`] lists: enough for an
+/// operator's page, bounded whatever the backlog.
+pub const OPEN_LISTED: usize = 20;
+
+/// An unfinished batch, as the live page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBatch {
+    pub id: String,
+    pub tenant: String,
+    /// `in_progress` or `canceling`.
+    pub status: String,
+    pub progress: BatchProgress,
 }
 
 /// One batch's progress, as its `request_counts`.
@@ -273,7 +291,7 @@ mod sql {
     pub const STALE_UPLOADS: &str =
         "SELECT seq FROM spillway_batches WHERE status = 'staging' AND created_at < $1 LIMIT 100";
     pub const BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM spillway_batches WHERE status <> 'staging' GROUP BY status";
-    pub const OPEN_BATCHES: &str = "SELECT seq, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling')";
+    pub const OPEN_BATCHES: &str = "SELECT seq, id, tenant, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling') ORDER BY seq";
     /// The claim without its locking clause; `{lock}` is replaced per backend.
     pub const CLAIM: &str = "UPDATE spillway_batch_items SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
         WHERE (batch_seq, idx) IN ( \
@@ -1167,6 +1185,7 @@ macro_rules! sql_store {
                     let mut open_items = 0;
                     // (created_at, seq) of the oldest in-progress batch.
                     let mut oldest: Option<((i64, i64), BatchProgress)> = None;
+                    let mut listed = Vec::new();
                     for row in &open {
                         let progress = BatchProgress {
                             created_at: row.try_get("created_at")?,
@@ -1182,11 +1201,20 @@ macro_rules! sql_store {
                         if status == "in_progress" && oldest.is_none_or(|(k, _)| key < k) {
                             oldest = Some((key, progress));
                         }
+                        if listed.len() < OPEN_LISTED {
+                            listed.push(OpenBatch {
+                                id: row.try_get("id")?,
+                                tenant: row.try_get("tenant")?,
+                                status,
+                                progress,
+                            });
+                        }
                     }
                     Ok(StoreStats {
                         batches,
                         open_items,
                         oldest_running: oldest.map(|(_, p)| p),
+                        open: listed,
                     })
                 })
             }
