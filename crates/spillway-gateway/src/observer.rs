@@ -468,13 +468,12 @@ pub async fn observe_requests(
             }
             if let (Some(telemetry), Some(span)) = (observer.telemetry(), span) {
                 if span.sampled() {
-                    let route = response.extensions().get::<MatchedPath>();
                     telemetry.http_done(
                         &span,
                         HttpFacts {
                             method: &method,
                             path: &path,
-                            route: route.map(|r| r.as_str()),
+                            route: route.as_ref().map(|r| r.as_str()),
                             status: response.status().as_u16(),
                             request_id: request_id.as_str(),
                             model_request: surface == Surface::Model,
