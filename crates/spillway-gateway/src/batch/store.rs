@@ -1174,3 +1174,71 @@ macro_rules! sql_store {
 
 sql_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 sql_store!(PgStore, sqlx::Postgres, "postgres");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by a build before migration 2 opens, upgraded: its
+    /// batches are kept (with no trace context) and new ones store theirs.
+    #[tokio::test]
+    async fn a_version_1_database_gains_the_traceparent_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite3");
+        let path = path.to_str().unwrap();
+        {
+            use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap();
+            migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at, total) VALUES ('msgbatch_old', 't', 'in_progress', 0, 9000000000000, 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO spillway_batch_items (batch_seq, idx, custom_id, params) VALUES (1, 0, 'a', '{}')")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(path).await.unwrap();
+        let claimed = store.claim("o", 1, 2, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_id, "msgbatch_old");
+        assert_eq!(claimed[0].batch_traceparent, None);
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let seq = store
+            .create(&NewBatch {
+                id: "msgbatch_new".into(),
+                tenant: "t".into(),
+                created_at: 1,
+                expires_at: 9_000_000_000_000,
+                traceparent: Some(traceparent.into()),
+            })
+            .await
+            .unwrap();
+        let item = NewItem {
+            custom_id: "b".into(),
+            params: "{}".into(),
+        };
+        store
+            .insert_items(seq, 0, std::slice::from_ref(&item))
+            .await
+            .unwrap();
+        store.activate(seq, 1).await.unwrap();
+        let claimed = store.claim("o", 2, 3, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_traceparent.as_deref(), Some(traceparent));
+    }
+}
