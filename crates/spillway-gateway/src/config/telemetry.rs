@@ -138,6 +138,14 @@ impl TelemetrySettings {
 
 fn check_endpoint(url: &str, p: &mut Problems) {
     let key = "telemetry.otlp_endpoint";
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if authority.split('/').next().is_some_and(|a| a.contains('@')) {
+        // Never echo it: the user part is a credential.
+        return p.add(
+            key,
+            "must not carry credentials (user:password@): put them in telemetry.headers, which are redacted",
+        );
+    }
     let parsed = match url.parse::<http::Uri>() {
         Ok(parsed) => parsed,
         Err(e) => return p.add(key, format!("{url:?} is not a URL: {e}")),
@@ -225,6 +233,14 @@ mod tests {
             );
         }
         assert!(!found.iter().any(|p| p.contains("s3cret")), "{found:#?}");
+        let with_user = TelemetrySettings {
+            otlp_endpoint: "https://user:hunter2@collector:4318".into(),
+            ..TelemetrySettings::default()
+        };
+        let found = problems(&with_user);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].starts_with("telemetry.otlp_endpoint: must not carry credentials"));
+        assert!(!found[0].contains("hunter2"));
     }
 
     #[test]
