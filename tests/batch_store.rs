@@ -27,6 +27,7 @@ async fn new_batch(store: &dyn BatchStore, tenant: &str, id: &str, n: usize, at:
             tenant: tenant.into(),
             created_at: at,
             expires_at: at + DAY,
+            traceparent: None,
         })
         .await
         .unwrap();
@@ -53,6 +54,7 @@ async fn contract(store: Arc<dyn BatchStore>) {
             tenant: "t".into(),
             created_at: T0,
             expires_at: T0 + DAY,
+            traceparent: None,
         })
         .await
         .unwrap();
@@ -345,11 +347,46 @@ async fn contract(store: Arc<dyn BatchStore>) {
         tenant: "t".into(),
         created_at: T0,
         expires_at: T0 + DAY,
+        traceparent: None,
     })
     .await
     .unwrap();
     let report = s.maintain(T0 + 30 * DAY, 0, T0 + 1).await.unwrap();
     assert_eq!(report.dropped_uploads, 1);
+
+    // The creating request's trace context comes back with each claimed
+    // item (traces link items to it); a batch without one has none.
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let seq = s
+        .create(&NewBatch {
+            id: "msgbatch_traced".into(),
+            tenant: "t".into(),
+            created_at: T0,
+            expires_at: T0 + 40 * DAY,
+            traceparent: Some(traceparent.into()),
+        })
+        .await
+        .unwrap();
+    let item = NewItem {
+        custom_id: "only".into(),
+        params: "{}".into(),
+    };
+    s.insert_items(seq, 0, std::slice::from_ref(&item))
+        .await
+        .unwrap();
+    s.activate(seq, 1).await.unwrap();
+    let claimed = s
+        .claim("o", T0 + 30 * DAY, T0 + 31 * DAY, 10)
+        .await
+        .unwrap();
+    let traced: Vec<_> = claimed
+        .iter()
+        .map(|i| (i.batch_id.as_str(), i.batch_traceparent.as_deref()))
+        .collect();
+    assert!(
+        traced.contains(&("msgbatch_traced", Some(traceparent))),
+        "{traced:?}"
+    );
 }
 
 /// Several claimers at once never get the same item.

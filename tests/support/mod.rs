@@ -78,6 +78,13 @@ impl Harness {
         }
     }
 
+    /// Signals the gateway to shut down (as SIGTERM would).
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub fn vertex_url(&self, model: &str, action: &str) -> String {
         format!(
             "{}/v1/projects/client-project/locations/us-east5/publishers/anthropic/models/{model}:{action}",

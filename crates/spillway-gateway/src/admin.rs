@@ -398,6 +398,11 @@ pub async fn reload(state: &AppState, settings: Settings) {
             }
         }
     }
+    if settings.telemetry != state.settings.telemetry {
+        tracing::warn!(
+            "reload: [telemetry] changed; the trace exporter keeps its settings until a restart"
+        );
+    }
     tracing::info!(tenants = settings.tenants.len(), "configuration reloaded");
 }
 

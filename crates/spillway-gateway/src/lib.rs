@@ -41,6 +41,7 @@ pub mod scheduler;
 pub mod server;
 pub mod snapshots;
 pub mod state;
+pub mod telemetry;
 pub mod tenants;
 pub mod tls;
 pub mod upstream;

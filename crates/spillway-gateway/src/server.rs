@@ -165,13 +165,12 @@ impl Gateway {
         let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
             .map_err(StartError::QuotaStore)?;
-        let forwarder = Arc::new(Forwarder::new(
-            &settings,
-            catalog,
-            store,
-            providers,
-            Arc::clone(&metrics),
-        ));
+        let telemetry = crate::telemetry::Telemetry::start(&settings, &catalog, &metrics)
+            .map_err(StartError::Config)?;
+        let forwarder = Arc::new(
+            Forwarder::new(&settings, catalog, store, providers, Arc::clone(&metrics))
+                .with_telemetry(telemetry),
+        );
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
@@ -305,10 +304,18 @@ impl Gateway {
         let state = &self.state;
         let life = state.forwarder.lifecycle().clone();
         let server = &state.settings.server;
+        let grace = Duration::from_millis(server.shutdown_grace_ms);
+        // When the signal came: what is left of the grace bounds the last
+        // trace export.
+        let signalled = Arc::new(std::sync::OnceLock::new());
         let phases = tokio::spawn({
             let life = life.clone();
             let delay = Duration::from_millis(server.shutdown_delay_ms);
-            let grace = Duration::from_millis(server.shutdown_grace_ms);
+            let signalled = Arc::clone(&signalled);
+            let shutdown = async move {
+                shutdown.await;
+                let _ = signalled.set(tokio::time::Instant::now());
+            };
             async move { life.run(shutdown, delay, grace).await }
         });
         // Batch items run beside the server; the runner stops claiming and
@@ -347,6 +354,15 @@ impl Gateway {
             }
         }
         let unsettled = state.forwarder.settled(SETTLE_AT_EXIT).await;
+        if let Some(telemetry) = state.forwarder.observer().telemetry() {
+            // Within the grace and its second, whatever the collector does.
+            let exit_by = signalled.get().map_or_else(
+                || tokio::time::Instant::now() + TRACES_AT_EXIT,
+                |at| *at + grace + EXIT_AFTER_GRACE,
+            );
+            let left = exit_by.saturating_duration_since(tokio::time::Instant::now());
+            telemetry.shutdown(left.max(TRACES_AT_EXIT_MIN)).await;
+        }
         phases.abort();
         if cut > 0 || unsettled > 0 {
             tracing::warn!(
@@ -365,3 +381,9 @@ impl Gateway {
 /// (`connections::FLUSH_AFTER_STOP`): for the batch runner, then settlements.
 const RUNNER_STOP: Duration = Duration::from_millis(250);
 const SETTLE_AT_EXIT: Duration = Duration::from_millis(150);
+/// The last trace export: what is left of the grace and its second (less a
+/// margin for the exit itself), or this long when no signal came (the
+/// server's future ended otherwise), and never less than the minimum.
+const EXIT_AFTER_GRACE: Duration = Duration::from_millis(950);
+const TRACES_AT_EXIT: Duration = Duration::from_millis(500);
+const TRACES_AT_EXIT_MIN: Duration = Duration::from_millis(20);

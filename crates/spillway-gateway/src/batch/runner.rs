@@ -549,6 +549,11 @@ impl BatchService {
             priority: Priority::Batch,
             tenant,
             request_id: RequestId::from(request_id.to_string()),
+            // A trace of its own, linked to the request that created the batch.
+            span: forwarder
+                .observer()
+                .telemetry()
+                .map(|t| t.batch_item(&item.batch_id, item.batch_traceparent.as_deref())),
         };
         Ok(forwarder.prepare(name, request)?)
     }

@@ -21,6 +21,11 @@
 //! lost lease), or from `pending` to `canceled | expired`. Every move that
 //! ends an item also bumps its batch's counter in the same transaction, and
 //! the batch ends in that transaction when its counters add up.
+//!
+//! Migrations (sqlx's, embedded, one list per backend): 1 is the schema
+//! above; 2 adds `spillway_batches.traceparent`, the W3C context of the
+//! request that created the batch, which its items' trace spans link to
+//! (`telemetry`; NULL when traces were off).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -42,6 +47,8 @@ pub struct NewBatch {
     pub tenant: String,
     pub created_at: i64,
     pub expires_at: i64,
+    /// The creating request's span, as a W3C `traceparent` (traces on).
+    pub traceparent: Option<String>,
 }
 
 /// One validated request of a batch.
@@ -69,6 +76,8 @@ pub struct ClaimedItem {
     pub params: String,
     /// Attempts so far, this one included.
     pub attempts: i64,
+    /// The `traceparent` of the request that created the batch, if stored.
+    pub batch_traceparent: Option<String>,
 }
 
 /// How an item ended.
@@ -260,7 +269,7 @@ const BATCH_COLUMNS: &str = "seq, id, tenant, status, created_at, expires_at, en
 
 /// Statements shared by both backends.
 mod sql {
-    pub const INSERT_BATCH: &str = "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at) VALUES ($1, $2, 'staging', $3, $4) RETURNING seq";
+    pub const INSERT_BATCH: &str = "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at, traceparent) VALUES ($1, $2, 'staging', $3, $4, $5) RETURNING seq";
     pub const ACTIVATE: &str = "UPDATE spillway_batches SET status = 'in_progress', total = $2 WHERE seq = $1 AND status = 'staging'";
     pub const DELETE_ITEMS: &str = "DELETE FROM spillway_batch_items WHERE batch_seq = $1";
     pub const DELETE_BATCH: &str = "DELETE FROM spillway_batches WHERE seq = $1";
@@ -268,7 +277,8 @@ mod sql {
         "SELECT seq FROM spillway_batches WHERE tenant = $1 AND id = $2 AND status <> 'staging'";
     pub const STATUS_OF: &str = "SELECT seq, status FROM spillway_batches WHERE tenant = $1 AND id = $2 AND status <> 'staging'";
     pub const RESULTS: &str = "SELECT idx, custom_id, state, result FROM spillway_batch_items WHERE batch_seq = $1 AND idx > $2 ORDER BY idx LIMIT $3";
-    pub const BATCH_META: &str = "SELECT id, tenant FROM spillway_batches WHERE seq = $1";
+    pub const BATCH_META: &str =
+        "SELECT id, tenant, traceparent FROM spillway_batches WHERE seq = $1";
     pub const COMPLETE_ITEM: &str = "UPDATE spillway_batch_items SET state = $4, result = $5, lease_owner = NULL, lease_until = NULL WHERE batch_seq = $1 AND idx = $2 AND state = 'running' AND lease_owner = $3";
     pub const COUNT_SUCCEEDED: &str = "UPDATE spillway_batches SET n_succeeded = n_succeeded + 1, result_bytes = result_bytes + $2 WHERE seq = $1";
     pub const COUNT_ERRORED: &str = "UPDATE spillway_batches SET n_errored = n_errored + 1, result_bytes = result_bytes + $2 WHERE seq = $1";
@@ -317,6 +327,18 @@ fn migrator(migrations: Vec<Migration>) -> Migrator {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
     }
+}
+
+/// Migration 2, the same on both backends: the creating request's trace
+/// context (nullable: batches from before, or with traces off, have none).
+const ADD_TRACEPARENT: &str = "ALTER TABLE spillway_batches ADD COLUMN traceparent TEXT";
+
+/// Every migration of a backend, in order.
+fn migrations(schema: &'static str) -> Vec<Migration> {
+    vec![
+        migration(1, "batches", schema),
+        migration(2, "batch traceparent", ADD_TRACEPARENT),
+    ]
 }
 
 const SQLITE_SCHEMA: &str = "
@@ -481,7 +503,7 @@ impl SqliteStore {
         };
         let _hold = HoldClock::new();
         let write = pool(1, options.clone());
-        migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
+        migrator(migrations(SQLITE_SCHEMA))
             .run(&write)
             .await
             .map_err(|source| BatchError::OpenSqlite {
@@ -603,9 +625,7 @@ impl PgStore {
             })?;
         // sqlx's migrator takes an advisory lock: replicas starting together
         // apply the schema once.
-        migrator(vec![migration(1, "batches", POSTGRES_SCHEMA)])
-            .run(&pool)
-            .await?;
+        migrator(migrations(POSTGRES_SCHEMA)).run(&pool).await?;
         Ok(Self {
             read: pool.clone(),
             write: pool,
@@ -732,6 +752,7 @@ macro_rules! sql_store {
                         .bind(&batch.tenant)
                         .bind(batch.created_at)
                         .bind(batch.expires_at)
+                        .bind(&batch.traceparent)
                         .fetch_one(&self.write)
                         .await?;
                     Ok(seq)
@@ -991,7 +1012,7 @@ macro_rules! sql_store {
                         .bind(limit)
                         .fetch_all(&self.write)
                         .await?;
-                    let mut meta: Vec<(i64, String, String)> = Vec::new();
+                    let mut meta: Vec<(i64, String, String, Option<String>)> = Vec::new();
                     let mut items = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let batch_seq: i64 = row.try_get("batch_seq")?;
@@ -1000,9 +1021,14 @@ macro_rules! sql_store {
                                 .bind(batch_seq)
                                 .fetch_one(&self.read)
                                 .await?;
-                            meta.push((batch_seq, m.try_get("id")?, m.try_get("tenant")?));
+                            meta.push((
+                                batch_seq,
+                                m.try_get("id")?,
+                                m.try_get("tenant")?,
+                                m.try_get("traceparent")?,
+                            ));
                         }
-                        let (_, batch_id, tenant) =
+                        let (_, batch_id, tenant, traceparent) =
                             meta.iter().find(|m| m.0 == batch_seq).expect("just added");
                         items.push(ClaimedItem {
                             key: ItemKey {
@@ -1014,6 +1040,7 @@ macro_rules! sql_store {
                             custom_id: row.try_get("custom_id")?,
                             params: row.try_get("params")?,
                             attempts: row.try_get("attempts")?,
+                            batch_traceparent: traceparent.clone(),
                         });
                     }
                     items.sort_by_key(|i| (i.key.batch_seq, i.key.idx));
@@ -1249,5 +1276,68 @@ mod tests {
             message.contains(path) && message.contains("unable to open database file"),
             "{message}"
         );
+    }
+
+    /// A store written by a build before migration 2 opens, upgraded: its
+    /// batches are kept (with no trace context) and new ones store theirs.
+    #[tokio::test]
+    async fn a_version_1_database_gains_the_traceparent_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite3");
+        let path = path.to_str().unwrap();
+        {
+            use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap();
+            migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at, total) VALUES ('msgbatch_old', 't', 'in_progress', 0, 9000000000000, 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO spillway_batch_items (batch_seq, idx, custom_id, params) VALUES (1, 0, 'a', '{}')")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(path).await.unwrap();
+        let claimed = store.claim("o", 1, 2, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_id, "msgbatch_old");
+        assert_eq!(claimed[0].batch_traceparent, None);
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let seq = store
+            .create(&NewBatch {
+                id: "msgbatch_new".into(),
+                tenant: "t".into(),
+                created_at: 1,
+                expires_at: 9_000_000_000_000,
+                traceparent: Some(traceparent.into()),
+            })
+            .await
+            .unwrap();
+        let item = NewItem {
+            custom_id: "b".into(),
+            params: "{}".into(),
+        };
+        store
+            .insert_items(seq, 0, std::slice::from_ref(&item))
+            .await
+            .unwrap();
+        store.activate(seq, 1).await.unwrap();
+        let claimed = store.claim("o", 2, 3, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_traceparent.as_deref(), Some(traceparent));
     }
 }

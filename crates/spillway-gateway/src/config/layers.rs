@@ -23,11 +23,11 @@ use serde_json::Value;
 use super::problems::{steps, teach, Problems, Step};
 use super::{
     AdminSettings, BatchSettings, ModelSettings, QuotaDefaults, SchedulerSettings, ServerSettings,
-    Settings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
+    Settings, TelemetrySettings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
 };
 
 /// The top-level tables a configuration may have.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
     "upstream",
     "quota",
@@ -36,6 +36,7 @@ const SECTIONS: [&str; 8] = [
     "batch",
     "models",
     "tenants",
+    "telemetry",
 ];
 
 /// Where a layer came from, for messages.
@@ -267,6 +268,7 @@ pub(super) fn read_settings(
     let scheduler: Option<SchedulerSettings> = section(tree, "scheduler", problems, &mut unread);
     let admin: AdminSettings = optional(tree, "admin", problems, &mut unread);
     let batch: BatchSettings = optional(tree, "batch", problems, &mut unread);
+    let telemetry: TelemetrySettings = optional(tree, "telemetry", problems, &mut unread);
     let models: BTreeMap<String, ModelSettings> = entries(
         tree,
         "models",
@@ -290,6 +292,7 @@ pub(super) fn read_settings(
         batch,
         models,
         tenants,
+        telemetry,
     };
     Some((settings, unread))
 }

@@ -9,7 +9,8 @@
 //! `layers`). `serve`, `check-config` and a SIGHUP reload all load through
 //! [`Settings::load_layers`], so they report the same.
 //!
-//! Secrets (the upstream static token) never leave this module unredacted:
+//! Secrets (the upstream static token, the batch store's and Redis's URLs,
+//! the trace exporter's headers) never leave this module unredacted:
 //! [`Settings::redacted_toml`] is what `spillway check-config` prints.
 
 use std::collections::BTreeMap;
@@ -26,10 +27,12 @@ mod layers;
 mod postgres_tls;
 mod problems;
 mod shared_quota;
+mod telemetry;
 use layers::Layers;
 pub use postgres_tls::postgres_root_cert;
 pub use problems::{Problem, Problems};
 pub use shared_quota::QuotaStoreKind;
+pub use telemetry::TelemetrySettings;
 
 /// The defaults shipped with Spillway, embedded so the binary needs no files.
 pub const DEFAULT_TOML: &str = include_str!("../../../../config/default.toml");
@@ -66,6 +69,9 @@ pub struct Settings {
     /// Keyed by tenant name.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSettings>,
+    /// OpenTelemetry traces (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -795,6 +801,7 @@ impl Settings {
             );
         }
         self.batch.check(self.scheduler.max_queue, p);
+        self.telemetry.check(p);
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 p.add("tenants", "a tenant name must not be empty");
@@ -987,6 +994,7 @@ impl Settings {
         if !shown.admin.key_sha256.is_empty() {
             shown.admin.key_sha256 = format!("{}…", &shown.admin.key_sha256[..8]);
         }
+        shown.telemetry = shown.telemetry.redacted();
         for tenant in shown.tenants.values_mut() {
             // A digest is not the key, but showing all of it helps nobody.
             if !tenant.key_sha256.is_empty() {
@@ -1607,5 +1615,56 @@ key_sha256 = "short"
         let shown = s.redacted_toml();
         assert!(!shown.contains("demo-upstream-token"));
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn telemetry_comes_from_files_and_the_environment_with_its_headers_redacted() {
+        let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
+        assert!(!s.telemetry.enabled(), "off by default");
+        let s = Settings::load_layers(
+            &[DEMO_TOML, "[telemetry]\nsample_ratio = 0.25\n"],
+            &[],
+            env(&[
+                (
+                    "SPILLWAY__TELEMETRY__OTLP_ENDPOINT",
+                    "http://127.0.0.1:4318",
+                ),
+                (
+                    "SPILLWAY__TELEMETRY__HEADERS__AUTHORIZATION",
+                    "Bearer otel-s3cret",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(s.telemetry.enabled());
+        assert_eq!(s.telemetry.sample_ratio, 0.25);
+        assert_eq!(s.telemetry.traces_url(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(s.telemetry.headers["authorization"], "Bearer otel-s3cret");
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("otel-s3cret"), "{shown}");
+        assert!(shown.contains("[telemetry"), "{shown}");
+        let err = Settings::load_layers(
+            &[DEMO_TOML],
+            &[],
+            env(&[("SPILLWAY__TELEMETRY__SAMPLE_RATIO", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("telemetry.sample_ratio: 2 is not a fraction")
+                && err.contains("SPILLWAY__TELEMETRY__SAMPLE_RATIO"),
+            "{err}"
+        );
+        let err = Settings::load_layers(
+            &[DEMO_TOML, "[telemetry]\nendpoint = \"x\"\n"],
+            &[],
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("telemetry.endpoint") && err.contains("otlp_endpoint"),
+            "{err}"
+        );
     }
 }
