@@ -5,7 +5,8 @@
 //!   tokens a minute per region and model), so what Spillway does about
 //!   them is real: nothing here is mocked on Spillway's side.
 //! - The admin API is on, with a key made for this run (or
-//!   `$SPILLWAY_ADMIN_KEY`), and the demo prints a `spillway status` line
+//!   `$SPILLWAY_ADMIN_KEY`), and the demo prints the live page's URL
+//!   (`/admin/`, where that key signs in) and a `spillway status` line
 //!   that works as pasted.
 //! - `--load` adds bounded synthetic traffic from three tenants (see
 //!   [`load`]): enough to fill Haiku's budgets in both its regions, queue,
@@ -105,7 +106,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  curl -s {url}/v1/messages -H 'content-type: application/json' \\\n    -d '{{\"model\":\"claude-3-haiku@20240307\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello, Claude\"}}]}}'"
     );
-    println!("Watch the budgets live (the admin key is this run's own):");
+    println!("Watch the budgets live in a browser: {url}/admin/");
+    println!("  sign in there with this run's admin key: {admin_key}");
+    println!("or in a terminal (the admin key is this run's own):");
     println!("  {exe} status --url {url} --admin-key {admin_key}");
     if !args.load {
         println!("Add --load for synthetic traffic that fills, spills, queues, refuses and drains a batch.");

@@ -168,7 +168,12 @@ async fn serve(settings: Settings, files: Vec<PathBuf>) -> anyhow::Result<()> {
     let _flush_logs = init_logging(settings.server.log_format);
     let gateway = Gateway::new(settings).await?;
     let listener = gateway.bind().await?;
-    tracing::info!(addr = %listener.local_addr()?, "spillway listening");
+    let scheme = if gateway.state().listener_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(addr = %listener.local_addr()?, scheme, "spillway listening");
     reload_on_sighup(&gateway, files);
     gateway.serve(listener, shutdown_signal()).await?;
     Ok(())

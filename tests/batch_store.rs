@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use spillway_gateway::batch::store::{
-    BatchStore, DeleteOutcome, Finish, NewBatch, NewItem, PageQuery, PgStore, SqliteStore,
+    BatchStore, DeleteOutcome, Finish, NewBatch, NewItem, OpenBatch, PageQuery, PgStore,
+    SqliteStore,
 };
 use spillway_gateway::batch::ProcessingStatus;
 use support::postgres::TempDatabase;
@@ -26,6 +27,7 @@ async fn new_batch(store: &dyn BatchStore, tenant: &str, id: &str, n: usize, at:
             tenant: tenant.into(),
             created_at: at,
             expires_at: at + DAY,
+            traceparent: None,
         })
         .await
         .unwrap();
@@ -52,6 +54,7 @@ async fn contract(store: Arc<dyn BatchStore>) {
             tenant: "t".into(),
             created_at: T0,
             expires_at: T0 + DAY,
+            traceparent: None,
         })
         .await
         .unwrap();
@@ -111,6 +114,34 @@ async fn contract(store: Arc<dyn BatchStore>) {
     assert_eq!(
         (a.counts.succeeded, a.counts.errored, a.counts.processing),
         (1, 1, 8)
+    );
+    // The live page's list of open batches, counts as they are.
+    let open = s.stats().await.unwrap().open;
+    let listed = |o: &[OpenBatch]| -> Vec<(String, String, String, i64, i64, i64)> {
+        o.iter()
+            .map(|b| {
+                let p = &b.progress;
+                (
+                    b.id.clone(),
+                    b.tenant.clone(),
+                    b.status.clone(),
+                    p.total,
+                    p.succeeded + p.errored,
+                    p.processing(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        listed(&open),
+        [(
+            "msgbatch_a".into(),
+            "t".into(),
+            "in_progress".into(),
+            10,
+            2,
+            8
+        )]
     );
 
     // Release: back to pending at not_before; a refund keeps the attempt count.
@@ -187,6 +218,11 @@ async fn contract(store: Arc<dyn BatchStore>) {
     assert_eq!(b.status, ProcessingStatus::Canceling);
     assert_eq!((b.counts.canceled, b.counts.processing), (4, 2));
     assert_eq!(b.cancel_initiated_at, Some(T0 + 2));
+    let open = s.stats().await.unwrap().open;
+    assert_eq!(
+        listed(&open),
+        [("msgbatch_b".into(), "t".into(), "canceling".into(), 6, 0, 2)]
+    );
     assert!(s
         .claim("o7", T0 + 3, T0 + 60_000, 10)
         .await
@@ -311,11 +347,46 @@ async fn contract(store: Arc<dyn BatchStore>) {
         tenant: "t".into(),
         created_at: T0,
         expires_at: T0 + DAY,
+        traceparent: None,
     })
     .await
     .unwrap();
     let report = s.maintain(T0 + 30 * DAY, 0, T0 + 1).await.unwrap();
     assert_eq!(report.dropped_uploads, 1);
+
+    // The creating request's trace context comes back with each claimed
+    // item (traces link items to it); a batch without one has none.
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let seq = s
+        .create(&NewBatch {
+            id: "msgbatch_traced".into(),
+            tenant: "t".into(),
+            created_at: T0,
+            expires_at: T0 + 40 * DAY,
+            traceparent: Some(traceparent.into()),
+        })
+        .await
+        .unwrap();
+    let item = NewItem {
+        custom_id: "only".into(),
+        params: "{}".into(),
+    };
+    s.insert_items(seq, 0, std::slice::from_ref(&item))
+        .await
+        .unwrap();
+    s.activate(seq, 1).await.unwrap();
+    let claimed = s
+        .claim("o", T0 + 30 * DAY, T0 + 31 * DAY, 10)
+        .await
+        .unwrap();
+    let traced: Vec<_> = claimed
+        .iter()
+        .map(|i| (i.batch_id.as_str(), i.batch_traceparent.as_deref()))
+        .collect();
+    assert!(
+        traced.contains(&("msgbatch_traced", Some(traceparent))),
+        "{traced:?}"
+    );
 }
 
 /// Several claimers at once never get the same item.

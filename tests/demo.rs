@@ -1,6 +1,6 @@
 //! `spillway demo`, as a newcomer runs it: the real binary, its printed
-//! `spillway status` line run as printed, and `--load` traffic counted per
-//! tenant.
+//! `spillway status` line run as printed, its printed live page and key,
+//! and `--load` traffic counted per tenant.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -109,6 +109,39 @@ fn the_printed_status_line_works_as_pasted() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// The printed live page answers, and the printed key opens its data.
+#[tokio::test]
+async fn the_printed_page_url_serves_the_page_and_its_key_signs_in() {
+    let demo = Demo::start(&[]);
+    let prefix = "Watch the budgets live in a browser: ";
+    let page = demo.line(30, |l| l.starts_with(prefix))[prefix.len()..].to_owned();
+    let prefix = "  sign in there with this run's admin key: ";
+    let key = demo.line(5, |l| l.starts_with(prefix))[prefix.len()..].to_owned();
+    assert!(
+        page.starts_with("http://127.0.0.1:") && page.ends_with("/admin/"),
+        "{page}"
+    );
+    let http = spillway_gateway::tls::http_client();
+    let r = http.get(&page).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("content-security-policy"));
+    assert!(r.text().await.unwrap().contains("id=\"signin\""));
+    let overview = |key: String| {
+        http.get(format!("{page}overview"))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+    };
+    let r = overview(key).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["budgets"].as_array().is_some_and(|b| !b.is_empty()),
+        "{body}"
+    );
+    let r = overview("sk-spw-not-this-one".into()).await.unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,6 +211,14 @@ if ! rootfs=$(pm mount "$cid" 2>"$work/mount.err"); then
 fi
 echo "rootfs: $rootfs"
 [[ -x $rootfs${argv[0]} ]] || die "${argv[0]} is not in the image's rootfs"
+# Nothing in the image but the volume is the user's or writable by it,
+# so even a container run without --read-only cannot change its files.
+foreign=$(find "$rootfs" -mindepth 1 \( -uid "$uid" -o -gid "$gid" -o \( -perm -o+w ! -type l \) \) \
+  ! -path "$rootfs/var/lib/spillway" ! -path "$rootfs/tmp" -printf '%M %U:%G /%P\n')
+[[ -z $foreign ]] || die "paths in the image that $uid owns or may write, besides /var/lib/spillway and /tmp: $foreign"
+echo "$(find "$rootfs" -mindepth 1 | wc -l) paths: all root's and not world-writable, but /var/lib/spillway ($(stat -c '%u:%g %a' "$rootfs/var/lib/spillway")) and /tmp ($(stat -c '%a' "$rootfs/tmp"))"
+[[ $(stat -c '%u:%g' "$rootfs/var/lib/spillway") == "$uid:$gid" ]] || die "/var/lib/spillway is not $uid:$gid"
+ok "file ownership: only the volume /var/lib/spillway is $uid's; nothing else is writable by it"
 home=$(awk -F: -v u="$uid" '$3 == u {print $6}' "$rootfs/etc/passwd")
 [[ -n $home ]] || die "uid $uid is not in the image's /etc/passwd"
 # What a runtime adds to the container's own layer before it starts it:
@@ -355,7 +363,9 @@ unshare --mount --propagation private --pid --fork --kill-child=SIGKILL \
       touch "$ro/dev/$d"
       mount --bind "/dev/$d" "$ro/dev/$d"
     done
-    for f in hosts resolv.conf; do mount --bind -o ro "/etc/$f" "$ro/etc/$f"; done
+    for f in hosts resolv.conf; do
+      if [ -e "/etc/$f" ]; then mount --bind -o ro "/etc/$f" "$ro/etc/$f"; fi
+    done
     mount --bind -o ro "$bundle_src" "$ro$bundle"
     sep=$(printf "%s\n" "$@" | grep -nx -- "--" | head -n1 | cut -d: -f1)
     envs=("${@:1:sep-1}"); cmd=("${@:sep+1}")

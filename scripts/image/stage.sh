@@ -34,6 +34,7 @@
 #                                     for deployments to mount over
 #     usr/share/doc/*/copyright       licences of the shipped Debian libraries
 #     tmp/                            1777, a mount point for a tmpfs
+#     var/lib/                        root's: the parent of the volume
 #   data/                   copied to /var/lib/spillway, owned by 65532 (the VOLUME)
 #   build-args              VERSION=, REVISION=, CREATED=, SOURCE= for the labels
 set -euo pipefail
@@ -56,15 +57,18 @@ case $ctx in
 esac
 
 rm -rf "$ctx"
+# rootfs/var/lib: root's, so that the COPY --chown of data/ creates only
+# /var/lib/spillway as the user's (a parent it had to create would be the
+# user's too).
 mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/etc/spillway" \
-  "$ctx/rootfs/tmp" "$ctx/data" "$debug_dir"
+  "$ctx/rootfs/tmp" "$ctx/rootfs/var/lib" "$ctx/data" "$debug_dir"
 root=$ctx/rootfs
 chmod 0755 "$ctx/data"
 chmod 1777 "$root/tmp"
 
-# The binary: debug info (line tables, ~70 MB) split off into
-# $debug_dir/spillway.debug, which the stripped copy names in a
-# .gnu_debuglink, so `gdb` (or `addr2line -e spillway.debug`) finds file and
+# The binary: its debug info (line tables: 47 of the release binary's 67 MB)
+# split off into $debug_dir/spillway.debug, which the stripped copy names in
+# a .gnu_debuglink, so `gdb` (or `addr2line -e spillway.debug`) finds file and
 # line for an address from a core dump or a backtrace of the image's binary.
 objcopy --only-keep-debug "$bin" "$debug_dir/spillway.debug"
 objcopy --strip-debug --add-gnu-debuglink="$debug_dir/spillway.debug" "$bin" "$root/usr/local/bin/spillway"

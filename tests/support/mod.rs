@@ -7,6 +7,7 @@
 
 pub mod arrivals;
 pub mod binary;
+pub mod certs;
 pub mod postgres;
 pub mod replica;
 pub mod tally;
@@ -82,6 +83,13 @@ impl Harness {
             url,
             http: spillway_gateway::tls::http_client(),
             stop: Some(stop),
+        }
+    }
+
+    /// Signals the gateway to shut down (as SIGTERM would).
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 

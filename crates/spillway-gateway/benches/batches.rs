@@ -198,6 +198,7 @@ async fn store_cost(name: &str, store: Arc<dyn BatchStore>, n: usize) {
             tenant: "bench".into(),
             created_at: 0,
             expires_at: i64::MAX / 2,
+            traceparent: None,
         })
         .await
         .unwrap();

@@ -16,6 +16,9 @@
 //!   raised the quota); `name` is a model (standing for its bucket in that
 //!   location) or a bucket group. Learning starts over from the new value.
 //! - SIGHUP (see [`reload`]): re-read the config files, keep the ledgers.
+//! - `GET /admin/overview` and `GET /admin/events` (the live page's data,
+//!   all of the above in one object, once or every second) are
+//!   `overview`'s; the page itself, `admin_page`'s.
 //!
 //! Everything here sits behind the admin key (`admin.key_sha256`), checked
 //! like client keys: by SHA-256 digest, in constant time. With no admin key
@@ -47,11 +50,11 @@ pub async fn require_admin(
             .into_response();
     };
     let Some(presented) = presented_key(request.headers()) else {
-        return ApiError::Unauthenticated("missing admin key").into_response();
+        return ApiError::Unauthenticated("missing admin key".into()).into_response();
     };
     if !key_matches(presented, &expected) {
         state.metrics.auth_failures.inc();
-        return ApiError::Unauthenticated("invalid admin key").into_response();
+        return ApiError::Unauthenticated("invalid admin key".into()).into_response();
     }
     next.run(request).await
 }
@@ -127,34 +130,66 @@ pub(crate) async fn read_budgets(
     read
 }
 
-pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
+/// Batch counts, fresh or (while the batch store is slow) the last read;
+/// its age goes to `spillway_state_age_seconds{source="batch_store"}`.
+/// `None` with batches off, or before the store ever answered.
+pub(crate) async fn read_batches(
+    state: &AppState,
+) -> Option<Arc<crate::snapshots::Stamped<crate::batch::BatchSnapshot>>> {
+    let service = Arc::clone(state.batches.as_ref()?);
+    let read = state
+        .snapshots
+        .batches
+        .read(
+            move || async move {
+                service
+                    .snapshot()
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot read batch state"))
+                    .ok()
+            },
+            crate::snapshots::READ_WAIT,
+        )
+        .await;
+    state.metrics.state_age(
+        "batch_store",
+        crate::snapshots::age_secs(&read, state.started),
+    );
+    read
+}
+
+/// One budget as `/admin/quotas` shows it, its queues read now.
+pub(crate) fn quota_view(state: &AppState, b: &spillway_core::store::BudgetState) -> QuotaView {
     let scheduler = state.forwarder.scheduler();
-    let catalog = state.forwarder.catalog();
+    // A bucket's waiters are those of every model drawing on it.
+    let (queued_interactive, queued_batch) = state
+        .forwarder
+        .catalog()
+        .requesters_of(&b.group, &b.region)
+        .into_iter()
+        .map(|requester| scheduler.queue_depth(requester))
+        .fold((0, 0), |(i, b), (qi, qb)| (i + qi, b + qb));
+    QuotaView {
+        model: b.group.to_string(),
+        region: b.region.to_string(),
+        configured: b.configured.into(),
+        effective: b.effective.into(),
+        used: b.usage.into(),
+        in_flight: b.in_flight.into(),
+        cooldown_ms: b.cooldown_remaining.as_millis() as u64,
+        drained: b.drained,
+        queued_interactive,
+        queued_batch,
+    }
+}
+
+pub async fn quotas(State(state): State<Arc<AppState>>) -> Json<Vec<QuotaView>> {
     let states = read_budgets(&state).await;
     Json(
         states
             .iter()
             .flat_map(|s| s.value.iter())
-            .map(|b| {
-                // A bucket's waiters are those of every model drawing on it.
-                let (queued_interactive, queued_batch) = catalog
-                    .requesters_of(&b.group, &b.region)
-                    .into_iter()
-                    .map(|requester| scheduler.queue_depth(requester))
-                    .fold((0, 0), |(i, b), (qi, qb)| (i + qi, b + qb));
-                QuotaView {
-                    model: b.group.to_string(),
-                    region: b.region.to_string(),
-                    configured: b.configured.into(),
-                    effective: b.effective.into(),
-                    used: b.usage.into(),
-                    in_flight: b.in_flight.into(),
-                    cooldown_ms: b.cooldown_remaining.as_millis() as u64,
-                    drained: b.drained,
-                    queued_interactive,
-                    queued_batch,
-                }
-            })
+            .map(|b| quota_view(&state, b))
             .collect(),
     )
 }
@@ -234,8 +269,9 @@ pub struct TenantShareView {
     pub share: f64,
 }
 
-pub async fn shares(State(state): State<Arc<AppState>>) -> Json<Vec<ShareView>> {
-    let views = state
+/// Every model's pool as its users hold it now.
+pub(crate) fn share_views(state: &AppState) -> Vec<ShareView> {
+    state
         .forwarder
         .scheduler()
         .shares()
@@ -257,8 +293,11 @@ pub async fn shares(State(state): State<Arc<AppState>>) -> Json<Vec<ShareView>> 
                     .collect(),
             },
         )
-        .collect();
-    Json(views)
+        .collect()
+}
+
+pub async fn shares(State(state): State<Arc<AppState>>) -> Json<Vec<ShareView>> {
+    Json(share_views(&state))
 }
 
 #[derive(Debug, Serialize)]
@@ -366,6 +405,7 @@ pub async fn reload(state: &AppState, settings: Settings) {
         KeyRing::from_settings(&settings).with_failure_counter(state.metrics.auth_failures.clone());
     state.keys.replace(ring);
     state.spend.track(&crate::spend::tenants_of(&settings));
+    reload_listener_tls(state, &settings).await;
     let Ok(catalog) = settings.catalog() else {
         tracing::error!("reload: the new model catalog is invalid; budgets unchanged");
         return;
@@ -389,5 +429,36 @@ pub async fn reload(state: &AppState, settings: Settings) {
             }
         }
     }
+    if settings.telemetry != state.settings.telemetry {
+        tracing::warn!(
+            "reload: [telemetry] changed; the trace exporter keeps its settings until a restart"
+        );
+    }
     tracing::info!(tenants = settings.tenants.len(), "configuration reloaded");
+}
+
+/// SIGHUP and the listener's TLS: the certificate files are read again (a
+/// new pair serves new connections); other TLS settings need a restart.
+async fn reload_listener_tls(state: &AppState, settings: &Settings) {
+    let (was, now) = (&state.settings.server, &settings.server);
+    if was.tls_client_ca != now.tls_client_ca || was.client_cert != now.client_cert {
+        tracing::warn!(
+            "reload: server.tls_client_ca and server.client_cert take effect at the next restart"
+        );
+    }
+    match &state.listener_tls {
+        Some(tls) => {
+            if !tls.serves(now) {
+                tracing::warn!("reload: server.tls_cert / tls_key name other files (or none): restart to use them; the configured files are read again");
+            }
+            let tls = Arc::clone(tls);
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+        }
+        None if now.tls() => {
+            tracing::warn!(
+                "reload: TLS on the listener (server.tls_cert) takes effect at the next restart"
+            );
+        }
+        None => {}
+    }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use spillway_core::store::BudgetView;
-use spillway_vertex::{UpstreamError, Usage};
+use spillway_vertex::{StopReason, UpstreamError, Usage};
 
 use crate::passthrough::SsePassthrough;
 
@@ -50,18 +50,36 @@ pub enum Answer {
 }
 
 /// How a stream ended, readable once it has: the usage seen and the outcome
-/// label for the request log.
+/// label for the request log (and why the model stopped, for its span).
 #[derive(Debug, Clone, Default)]
-pub struct StreamEnd(Arc<Mutex<Option<(Usage, &'static str)>>>);
+pub struct StreamEnd(Arc<Mutex<Option<Ended>>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    usage: Usage,
+    outcome: &'static str,
+    stop_reason: Option<StopReason>,
+}
 
 impl StreamEnd {
-    pub(crate) fn set(&self, usage: Usage, outcome: &'static str) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((usage, outcome));
+    pub(crate) fn set(&self, usage: Usage, outcome: &'static str, stop_reason: Option<StopReason>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ended {
+            usage,
+            outcome,
+            stop_reason,
+        });
     }
 
     /// The usage and outcome, once the stream has ended.
     pub fn get(&self) -> Option<(Usage, &'static str)> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        let ended = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ended.map(|e| (e.usage, e.outcome))
+    }
+
+    /// The stop reason of the stream's last `message_delta`, once it has ended.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        let ended = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ended.and_then(|e| e.stop_reason)
     }
 }
 

@@ -11,6 +11,15 @@
 //!
 //! The key is consumed here: the headers that carried it are removed from
 //! the request, so nothing downstream (logs, the upstream call) can see it.
+//!
+//! A TLS client certificate is a credential too (`listener_tls`): the
+//! accept loop attaches the verified certificate's SHA-256 to each request,
+//! and a tenant listing it in `client_cert_sha256` is found the same way a
+//! key is, by digest with a constant-time check. A key that authenticates
+//! names the tenant (it is the per-request credential; a shared proxy's
+//! certificate must not override it); otherwise a mapped certificate does,
+//! whatever key came with it (the SDKs insist on sending some key). A
+//! certificate that maps to no tenant, with no valid key, is a 401.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +31,9 @@ use http::header::AUTHORIZATION;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ClientAuth, Settings};
+use crate::config::{parse_fingerprint, ClientAuth, Settings};
 use crate::error::ApiError;
+use crate::listener_tls::ClientCertificate;
 use crate::tenants::{Tenant, TenantPolicy};
 
 /// Hex SHA-256 of a client key, the form stored in config.
@@ -36,35 +46,47 @@ pub fn new_client_key() -> String {
     crate::ids::random_id("sk-spw-", 40)
 }
 
-/// The configured keys, by digest.
+/// The configured credentials: keys by digest, client certificates by
+/// fingerprint.
 #[derive(Debug, Clone)]
 pub struct KeyRing {
     mode: ClientAuth,
+    tenants: Vec<Tenant>,
     by_digest: HashMap<[u8; 32], Tenant>,
+    by_certificate: HashMap<[u8; 32], Tenant>,
     anonymous: Tenant,
     failures: Option<prometheus::IntCounter>,
 }
 
 impl KeyRing {
     pub fn from_settings(settings: &Settings) -> Self {
-        let by_digest = settings
-            .tenants
-            .iter()
-            .filter_map(|(name, tenant)| {
-                let bytes: [u8; 32] = hex::decode(&tenant.key_sha256).ok()?.try_into().ok()?;
-                let tenant = Tenant {
-                    name: Arc::from(name.as_str()),
-                    policy: Arc::new(TenantPolicy::from_settings(tenant)),
-                };
-                Some((bytes, tenant))
-            })
-            .collect();
-        Self {
+        let mut ring = Self {
             mode: settings.server.auth,
-            by_digest,
+            tenants: Vec::new(),
+            by_digest: HashMap::new(),
+            by_certificate: HashMap::new(),
             anonymous: Tenant::anonymous(),
             failures: None,
+        };
+        for (name, configured) in &settings.tenants {
+            let tenant = Tenant {
+                name: Arc::from(name.as_str()),
+                policy: Arc::new(TenantPolicy::from_settings(configured)),
+            };
+            let key = hex::decode(&configured.key_sha256)
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok());
+            if let Some(digest) = key {
+                ring.by_digest.insert(digest, tenant.clone());
+            }
+            for fingerprint in &configured.client_cert_sha256 {
+                if let Some(fingerprint) = parse_fingerprint(fingerprint) {
+                    ring.by_certificate.insert(fingerprint, tenant.clone());
+                }
+            }
+            ring.tenants.push(tenant);
         }
+        ring
     }
 
     /// Counts refused keys in `counter`.
@@ -74,10 +96,10 @@ impl KeyRing {
     }
 
     /// The tenant that submitted work earlier under `name`, as configured
-    /// now: a keyed tenant, or the anonymous one while client auth is off.
+    /// now: a configured tenant, or the anonymous one while client auth is off.
     pub fn tenant_named(&self, name: &str) -> Option<Tenant> {
-        let keyed = self.by_digest.values().find(|t| &*t.name == name);
-        keyed.cloned().or_else(|| {
+        let configured = self.tenants.iter().find(|t| &*t.name == name);
+        configured.cloned().or_else(|| {
             (self.mode == ClientAuth::None && *self.anonymous.name == *name)
                 .then(|| self.anonymous.clone())
         })
@@ -85,7 +107,7 @@ impl KeyRing {
 
     /// Every configured tenant.
     pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
-        self.by_digest.values()
+        self.tenants.iter()
     }
 
     /// Finds the tenant a presented key belongs to.
@@ -93,6 +115,23 @@ impl KeyRing {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let (stored, tenant) = self.by_digest.get_key_value(&digest)?;
         bool::from(stored.ct_eq(&digest)).then_some(tenant)
+    }
+
+    /// Finds the tenant a verified client certificate belongs to.
+    pub fn authenticate_certificate(&self, certificate: &ClientCertificate) -> Option<&Tenant> {
+        let (stored, tenant) = self.by_certificate.get_key_value(&certificate.sha256)?;
+        bool::from(stored.ct_eq(&certificate.sha256)).then_some(tenant)
+    }
+
+    /// The tenant a request's credentials name: a key that authenticates,
+    /// else a mapped certificate (see the module docs).
+    fn identify(
+        &self,
+        key: Option<&str>,
+        certificate: Option<&ClientCertificate>,
+    ) -> Option<&Tenant> {
+        key.and_then(|k| self.authenticate(k))
+            .or_else(|| certificate.and_then(|c| self.authenticate_certificate(c)))
     }
 }
 
@@ -140,32 +179,36 @@ pub async fn require_tenant(
     next: Next,
 ) -> Response {
     let keys = keys.current();
+    let certificate = request.extensions().get::<ClientCertificate>().copied();
+    let key = presented_key(request.headers());
+    let found = keys.identify(key, certificate.as_ref());
     let tenant = match keys.mode {
-        // No key is required, but a configured tenant's key still names
-        // its tenant: the demo's synthetic tenants, or a team trying its
-        // key against a local gateway, are counted as who they are.
-        ClientAuth::None => presented_key(request.headers())
-            .and_then(|k| keys.authenticate(k))
-            .unwrap_or(&keys.anonymous)
-            .clone(),
-        ClientAuth::ApiKey => {
-            let found = presented_key(request.headers()).and_then(|k| keys.authenticate(k));
-            match found {
-                Some(tenant) => tenant.clone(),
-                None => {
-                    let problem = if presented_key(request.headers()).is_some() {
-                        "invalid x-api-key"
-                    } else {
-                        "missing API key: send it as x-api-key or Authorization: Bearer"
-                    };
-                    tracing::info!(problem, "client authentication failed");
-                    if let Some(failures) = &keys.failures {
-                        failures.inc();
+        // No key is required, but a configured tenant's key (or
+        // certificate) still names its tenant: the demo's synthetic
+        // tenants, or a team trying its key against a local gateway, are
+        // counted as who they are.
+        ClientAuth::None => found.unwrap_or(&keys.anonymous).clone(),
+        ClientAuth::ApiKey => match found {
+            Some(tenant) => tenant.clone(),
+            None => {
+                let problem: std::borrow::Cow<'static, str> = match (certificate, key) {
+                    (Some(c), _) => format!(
+                        "the client certificate (sha256 {}) is not mapped to a tenant (tenants.NAME.client_cert_sha256), and no valid API key was sent",
+                        c.fingerprint()
+                    )
+                    .into(),
+                    (None, Some(_)) => "invalid x-api-key".into(),
+                    (None, None) => {
+                        "missing API key: send it as x-api-key or Authorization: Bearer".into()
                     }
-                    return ApiError::Unauthenticated(problem).into_response();
+                };
+                tracing::info!(problem = %problem, "client authentication failed");
+                if let Some(failures) = &keys.failures {
+                    failures.inc();
                 }
+                return ApiError::Unauthenticated(problem).into_response();
             }
-        }
+        },
     };
     let headers = request.headers_mut();
     headers.remove("x-api-key");
@@ -180,22 +223,45 @@ mod tests {
     use http::HeaderMap;
 
     fn ring(keys: &[(&str, &str)]) -> KeyRing {
+        let by_digest: HashMap<[u8; 32], Tenant> = keys
+            .iter()
+            .map(|(name, key)| {
+                let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+                let tenant = Tenant {
+                    name: Arc::from(*name),
+                    policy: Arc::default(),
+                };
+                (d, tenant)
+            })
+            .collect();
         KeyRing {
             mode: ClientAuth::ApiKey,
-            by_digest: keys
-                .iter()
-                .map(|(name, key)| {
-                    let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-                    let tenant = Tenant {
-                        name: Arc::from(*name),
-                        policy: Arc::default(),
-                    };
-                    (d, tenant)
-                })
-                .collect(),
+            tenants: by_digest.values().cloned().collect(),
+            by_certificate: HashMap::new(),
+            by_digest,
             anonymous: Tenant::anonymous(),
             failures: None,
         }
+    }
+
+    #[test]
+    fn a_valid_key_names_the_tenant_before_a_certificate() {
+        let mut keys = ring(&[("a", "key-a"), ("b", "key-b")]);
+        let cert = ClientCertificate { sha256: [7; 32] };
+        let b = keys.authenticate("key-b").unwrap().clone();
+        keys.by_certificate.insert(cert.sha256, b);
+        assert_eq!(
+            &*keys.identify(Some("key-a"), Some(&cert)).unwrap().name,
+            "a"
+        );
+        assert_eq!(
+            &*keys.identify(Some("wrong"), Some(&cert)).unwrap().name,
+            "b"
+        );
+        assert_eq!(&*keys.identify(None, Some(&cert)).unwrap().name, "b");
+        let unmapped = ClientCertificate { sha256: [8; 32] };
+        assert!(keys.identify(None, Some(&unmapped)).is_none());
+        assert!(keys.identify(Some("wrong"), None).is_none());
     }
 
     #[test]

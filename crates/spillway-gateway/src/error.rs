@@ -22,7 +22,7 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
-    Unauthenticated(&'static str),
+    Unauthenticated(std::borrow::Cow<'static, str>),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]

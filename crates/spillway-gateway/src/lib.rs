@@ -13,6 +13,7 @@
 //! once at start; [`server`] puts it all together.
 
 pub mod admin;
+pub mod admin_page;
 pub mod answer;
 pub mod auth;
 pub mod batch;
@@ -21,12 +22,15 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod estimates;
+pub mod feed;
 pub mod forwarder;
 pub mod ids;
 pub mod lifecycle;
+pub mod listener_tls;
 pub mod metrics;
 pub mod models;
 pub mod observer;
+pub mod overview;
 pub mod passthrough;
 pub mod quota_store;
 pub mod ratelimit;
@@ -38,6 +42,7 @@ pub mod server;
 pub mod snapshots;
 pub mod spend;
 pub mod state;
+pub mod telemetry;
 pub mod tenants;
 pub mod tls;
 pub mod upstream;

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub open_connections: IntGauge,
     pub connections_refused: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
+    /// Traces (`telemetry`): spans the collector took, and spans dropped.
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
     state_age: GaugeVec,
     // State, refreshed at scrape time.
     budget_limit: GaugeVec,
@@ -215,6 +219,17 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(auth_failures.clone()))
             .expect("unique metric");
+        let trace_spans_exported = IntCounter::new(
+            "spillway_trace_spans_exported_total",
+            "Trace spans the OTLP collector accepted ([telemetry]).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(trace_spans_exported.clone()))
+            .expect("unique metric");
+        let trace_spans_dropped = counter(&r, "spillway_trace_spans_dropped_total", "Trace spans dropped instead of slowing a request, by reason: queue_full (telemetry.queue_size spans were waiting), export_failed (the collector refused, failed or took longer than telemetry.export_timeout_ms), shutdown (still queued when the shutdown grace ran out).", &["reason"]);
+        for reason in ["queue_full", "export_failed", "shutdown"] {
+            trace_spans_dropped.with_label_values(&[reason]);
+        }
         Self {
             requests: counter(&r, "spillway_requests_total", "Model requests (messages, count_tokens, Vertex predict; batch items) by how they ended. Admin, batch-API, catalog, health and metrics calls are not counted here: see spillway_http_requests_total.", &["tenant", "model", "outcome"]),
             http_requests: counter(&r, "spillway_http_requests_total", "Every HTTP request answered, by surface (model, batches, models, admin, ops: health, readiness and metrics; other: no route), route template (\"-\" when none matched) and status.", &["surface", "route", "status"]),
@@ -240,7 +255,10 @@ impl Metrics {
                 g
             },
             state_age: gauge(&r, "spillway_state_age_seconds", "Age of the store-backed state in this scrape (budgets from the quota store, batch counts from the batch store): it grows while a store does not answer, and the last values are served.", &["source"]),
-            connections_refused: counter(&r, "spillway_connections_refused_total", "Client connections ended by Spillway before a request could be served, by reason: connection_limit (503), header_timeout (408, or closed when idle), malformed (400/414/431 from the HTTP parser).", &["reason"]),
+            trace_spans_exported,
+            trace_spans_dropped,
+            connections_refused: counter(&r, "spillway_connections_refused_total", "Client connections ended by Spillway before a request could be served, by reason: connection_limit (503), header_timeout (408, or closed when idle), malformed (400/414/431 from the HTTP parser); on a TLS listener also tls_handshake (failed: no or an untrusted client certificate, no common protocol), tls_timeout (not done within server.header_read_timeout_ms) and plain_http (400: plain HTTP sent to the TLS port).", &["reason"]),
+            tls_reloads: counter(&r, "spillway_tls_certificate_reloads_total", "Listener certificate files that changed (seen every server.tls_reload_ms, or on SIGHUP), by outcome: loaded (in force for new connections) or refused (did not load; the certificate in use was kept).", &["outcome"]),
             budget_limit: gauge(&r, "spillway_budget_limit", "Configured quota per window (requests or tokens).", &["region", "model", "resource"]),
             budget_effective: gauge(&r, "spillway_budget_effective", "Quota admission uses now: headroom and learning from upstream 429s applied.", &["region", "model", "resource"]),
             budget_used: gauge(&r, "spillway_budget_used", "Spent in the current window, reservations included.", &["region", "model", "resource"]),

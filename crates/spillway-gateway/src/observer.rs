@@ -24,7 +24,10 @@
 //!   same [`Observer::record`].
 //!
 //! So no request goes unrecorded, none is recorded twice, and inner code
-//! never reaches back to tell an outer layer what it did.
+//! never reaches back to tell an outer layer what it did. With traces on
+//! (`telemetry`), the same moments end each request's spans: the layer
+//! starts a request's span when it arrives, and `record` hands the finished
+//! trace to [`Telemetry`]; with traces off both are a `None`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +49,7 @@ use crate::metrics::{status_label, Metrics};
 use crate::request_id::{new_request_id, RequestId};
 use crate::scheduler::Priority;
 use crate::spend::Spend;
+use crate::telemetry::{CallFacts, CallSpan, HttpFacts, Telemetry};
 
 /// The facts of one forwarded call, gathered while it runs.
 #[derive(Debug, Clone)]
@@ -71,6 +75,9 @@ pub struct Trace {
     pub outcome: &'static str,
     /// Interactive or batch: the `traffic` of its spend.
     pub priority: Priority,
+    /// What this call's spans need (`telemetry`): `None` unless traces are
+    /// on and the request is sampled.
+    pub span: Option<Box<CallSpan>>,
 }
 
 impl Trace {
@@ -89,6 +96,7 @@ impl Trace {
             upstream_latency: Duration::ZERO,
             outcome: "error",
             priority: Priority::Interactive,
+            span: None,
         }
     }
 }
@@ -122,16 +130,31 @@ pub enum RequestRecord {
 pub struct Observer {
     metrics: Arc<Metrics>,
     spend: Arc<Spend>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Observer {
     pub fn new(metrics: Arc<Metrics>, spend: Arc<Spend>) -> Self {
-        Self { metrics, spend }
+        Self {
+            metrics,
+            spend,
+            telemetry: None,
+        }
     }
 
     /// Spend per tenant, which [`Observer::record`] adds each request to.
     pub fn spend(&self) -> &Arc<Spend> {
         &self.spend
+    }
+
+    /// Records spans too (`[telemetry]` on).
+    pub fn with_telemetry(mut self, telemetry: Option<Arc<Telemetry>>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.telemetry.as_ref()
     }
 
     /// The one place a request's outcome is logged and counted.
@@ -192,6 +215,9 @@ impl Observer {
             latency_ms = trace.started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
+        if let (Some(telemetry), Some(span)) = (&self.telemetry, &trace.span) {
+            telemetry.call_done(span, &call_facts(trace, status, &usage));
+        }
     }
 
     /// A request that never became a forwarded call: a model request
@@ -421,6 +447,15 @@ pub async fn observe_requests(
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let surface = Surface::of(&path);
+    // The request's span starts now (traces on, and not health or metrics).
+    let span = match observer.telemetry() {
+        Some(telemetry) if surface != Surface::Ops => {
+            let span = telemetry.incoming(request.headers());
+            request.extensions_mut().insert(span.clone());
+            Some(span)
+        }
+        _ => None,
+    };
     let mut response = next.run(request).await;
     response.headers_mut().insert("request-id", header);
     // The template (`/admin/regions/{region}/drain`), never the raw path:
@@ -456,9 +491,42 @@ pub async fn observe_requests(
                     surface,
                 );
             }
+            if let (Some(telemetry), Some(span)) = (observer.telemetry(), span) {
+                if span.sampled() {
+                    telemetry.http_done(
+                        &span,
+                        HttpFacts {
+                            method: &method,
+                            path: &path,
+                            route: route.as_ref().map(|r| r.as_str()),
+                            status: response.status().as_u16(),
+                            request_id: request_id.as_str(),
+                            model_request: surface == Surface::Model,
+                        },
+                    );
+                }
+            }
         }
     }
     response
+}
+
+/// What a call's span says, from its trace.
+fn call_facts<'a>(trace: &'a Trace, status: u16, usage: &'a Usage) -> CallFacts<'a> {
+    CallFacts {
+        request_id: trace.request_id.as_str(),
+        tenant: &trace.tenant,
+        model: trace.model.as_str(),
+        location: &trace.region,
+        attempts: trace.attempts,
+        queue_wait: trace.queue_wait,
+        content_class: trace.content_class,
+        point_input: trace.point_input,
+        reserved: trace.estimated,
+        outcome: trace.outcome,
+        status,
+        usage,
+    }
 }
 
 /// A streamed body that records its request when it ends or is dropped.
@@ -475,6 +543,9 @@ impl<S> RecordOnEnd<S> {
         if let Some((observer, mut trace, end)) = self.pending.take() {
             let (usage, outcome) = end.get().unwrap_or((Usage::default(), "client_gone"));
             trace.outcome = outcome;
+            if let Some(span) = trace.span.as_mut() {
+                span.stream_ended(end.stop_reason());
+            }
             observer.record(&trace, 200, Some(usage));
         }
     }

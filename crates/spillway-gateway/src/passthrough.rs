@@ -32,7 +32,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use spillway_vertex::{
-    is_vertex_event, sse_error_event, ErrorKind, SseSplitter, StreamUsage, Usage,
+    is_vertex_event, sse_error_event, ErrorKind, SseSplitter, StopReason, StreamUsage, Usage,
 };
 
 /// Largest single SSE event accepted from upstream.
@@ -53,6 +53,8 @@ pub struct StreamOutcome {
     pub upstream_fault: bool,
     /// When the first bytes went to the client.
     pub first_event_at: Option<std::time::Instant>,
+    /// The last `message_delta`'s stop reason, if one came.
+    pub stop_reason: Option<StopReason>,
 }
 
 type UpstreamBytes = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
@@ -105,6 +107,7 @@ impl SsePassthrough {
                 client_gone,
                 upstream_fault,
                 first_event_at: self.first_event_at,
+                stop_reason: self.usage.stop_reason(),
             });
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use spillway_core::adaptive::AdaptiveConfig;
 use spillway_core::store::{BudgetConfig, Clock, MemoryStore, QuotaStore};
 use spillway_core::Catalog;
-use spillway_redis::{RedisSettings, ResilientStore, StoreMetrics};
+use spillway_redis::{RedisSettings, ResilientStore, StoreError, StoreMetrics};
 
 use crate::config::{QuotaDefaults, QuotaStoreKind};
 
@@ -46,7 +46,8 @@ pub fn adaptive_config(q: &QuotaDefaults) -> AdaptiveConfig {
 
 /// Opens the configured store over every bucket of `catalog`, each
 /// (requester, location) pointing at its bucket. A shared store starts degraded (and keeps retrying) if Redis
-/// does not answer, so a replica starts even while Redis is down.
+/// does not answer, so a replica starts even while Redis is down; a
+/// `rediss://` server whose certificate is not trusted stops start-up instead.
 pub async fn open(
     q: &QuotaDefaults,
     catalog: &Catalog,
@@ -78,11 +79,18 @@ pub async fn open(
                 adaptive,
                 budgets,
                 lease: Duration::from_millis(q.redis_lease_ms),
+                ca_file: (!q.redis_ca_file.is_empty())
+                    .then(|| std::path::PathBuf::from(&q.redis_ca_file)),
             };
             let store =
                 ResilientStore::start(&settings, q.replicas, StoreMetrics::new(Some(registry)))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| match e {
+                        StoreError::UntrustedCertificate { .. } => format!(
+                            "{e}; quota.redis_ca_file must name the CA that signed it (trusted beside the system's roots)"
+                        ),
+                        e => e.to_string(),
+                    })?;
             Ok(Arc::new(store))
         }
     }

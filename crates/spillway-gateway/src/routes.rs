@@ -39,6 +39,7 @@ use crate::observer::RequestRecord;
 use crate::request_id::RequestId;
 use crate::scheduler::Priority;
 use crate::state::AppState;
+use crate::telemetry::RequestSpan;
 use crate::tenants::Tenant;
 
 /// Reads and parses a JSON body, enforcing content type and size first.
@@ -128,6 +129,8 @@ struct Caller {
     tenant: Tenant,
     request_id: RequestId,
     headers: HeaderMap,
+    /// The request's span (traces on): the call's spans continue it.
+    span: Option<RequestSpan>,
 }
 
 impl Caller {
@@ -150,6 +153,7 @@ impl Caller {
             priority: Priority::Interactive,
             tenant: self.tenant,
             request_id: self.request_id,
+            span: self.span,
         })
     }
 }
@@ -252,6 +256,7 @@ pub async fn messages(
     State(state): State<Arc<AppState>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
+    span: Option<Extension<RequestSpan>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -259,6 +264,7 @@ pub async fn messages(
         tenant,
         request_id,
         headers,
+        span: span.map(|Extension(s)| s),
     };
     anthropic_surface(state, Operation::Messages, caller, body).await
 }
@@ -267,6 +273,7 @@ pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
+    span: Option<Extension<RequestSpan>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -274,6 +281,7 @@ pub async fn count_tokens(
         tenant,
         request_id,
         headers,
+        span: span.map(|Extension(s)| s),
     };
     anthropic_surface(state, Operation::CountTokens, caller, body).await
 }
@@ -283,6 +291,7 @@ pub async fn vertex_predict(
     State(state): State<Arc<AppState>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
+    span: Option<Extension<RequestSpan>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -299,6 +308,7 @@ pub async fn vertex_predict(
         tenant,
         request_id,
         headers,
+        span: span.map(|Extension(s)| s),
     };
     let path_stream = specifier == Specifier::StreamRawPredict;
     let mut body = read_json(&caller.headers, body, state.settings.server.max_body_bytes).await?;

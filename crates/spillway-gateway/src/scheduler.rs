@@ -94,6 +94,16 @@ pub enum Rejection {
     NeverFits,
 }
 
+/// One requester's queue as operators see it ([`Scheduler::queue_state`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueState {
+    pub interactive: usize,
+    pub batch: usize,
+    /// How long the longest-waiting interactive request has waited so far.
+    pub longest_interactive: Option<Duration>,
+    pub longest_batch: Option<Duration>,
+}
+
 /// Queue position: class, virtual finish tag (as ordered bits), arrival.
 type Ticket = (Priority, u64, u64);
 
@@ -125,6 +135,8 @@ struct Owner {
     tenant: Arc<str>,
     priority: Priority,
     cost: f64,
+    /// When it joined the queue (for operators: the longest wait now).
+    since: Instant,
 }
 
 #[derive(Default)]
@@ -161,6 +173,7 @@ impl WaitQueue {
                 tenant: Arc::clone(&demand.tenant),
                 priority: demand.priority,
                 cost: demand.share_cost,
+                since: Instant::now(),
             },
         );
         ticket
@@ -438,6 +451,27 @@ impl Scheduler {
         })
     }
 
+    /// Requester `group`'s queue for operators: how many wait in each class
+    /// and how long the longest-waiting of each has been there.
+    pub fn queue_state(&self, group: &QuotaGroup) -> QueueState {
+        let mut state = QueueState::default();
+        let Some(queue) = self.queues.get(group) else {
+            return state;
+        };
+        let now = Instant::now();
+        let q = queue.lock();
+        for owner in q.owners.values() {
+            let waited = now.saturating_duration_since(owner.since);
+            let (count, longest) = match owner.priority {
+                Priority::Interactive => (&mut state.interactive, &mut state.longest_interactive),
+                Priority::Batch => (&mut state.batch, &mut state.longest_batch),
+            };
+            *count += 1;
+            *longest = Some(longest.map_or(waited, |l| l.max(waited)));
+        }
+        state
+    }
+
     fn retry_after(&self, retry_at: Duration) -> Duration {
         retry_at.saturating_sub(self.store.now())
     }
@@ -457,6 +491,7 @@ impl Scheduler {
             tenant: Arc::clone(&demand.tenant),
             priority: demand.priority,
             cost: demand.share_cost,
+            since: Instant::now(),
         };
         // Fast path: nobody ahead of us, and within our share.
         let fast = {
@@ -756,6 +791,53 @@ mod tests {
         assert!(
             waited < Duration::from_secs(2),
             "woken by the refund, waited {waited:?}"
+        );
+    }
+
+    /// Operators see how many wait in each class and for how long the
+    /// longest has; a waiter that leaves is no longer counted.
+    #[tokio::test(start_paused = true)]
+    async fn queue_state_counts_waiters_and_their_longest_wait() {
+        let configs = [BudgetConfig {
+            group: S45.into(),
+            bucket: S45.into(),
+            region: "global".into(),
+            limits: Limits::new(1, 1_000),
+        }];
+        let store = MemoryStore::new(
+            TokioClock(Instant::now()),
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &configs,
+        );
+        let scheduler = Arc::new(Scheduler::new(Arc::new(store), &[S45.into()], 8));
+        assert_eq!(scheduler.queue_state(&S45.into()), QueueState::default());
+        let _first = scheduler.admit(&demand(S45)).await.unwrap();
+        let spawn = |priority| {
+            let scheduler = Arc::clone(&scheduler);
+            tokio::spawn(async move {
+                let mut d = demand(S45);
+                d.priority = priority;
+                scheduler.admit(&d).await.is_ok()
+            })
+        };
+        let early = spawn(Priority::Interactive);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let _late = spawn(Priority::Interactive);
+        let _batch = spawn(Priority::Batch);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let state = scheduler.queue_state(&S45.into());
+        assert_eq!((state.interactive, state.batch), (2, 1));
+        assert_eq!(state.longest_interactive, Some(Duration::from_secs(4)));
+        assert_eq!(state.longest_batch, Some(Duration::from_secs(1)));
+        early.abort();
+        let _ = early.await;
+        let state = scheduler.queue_state(&S45.into());
+        assert_eq!(state.interactive, 1);
+        assert_eq!(state.longest_interactive, Some(Duration::from_secs(1)));
+        assert_eq!(
+            scheduler.queue_state(&"unknown".into()),
+            QueueState::default()
         );
     }
 }

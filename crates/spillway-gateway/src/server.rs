@@ -3,7 +3,8 @@
 //! The layering, outermost first: the observer (request id, one record per
 //! request) → client limits (head size, body pacing) → the shutdown cut →
 //! (for API routes) client auth → handler. Health endpoints sit outside
-//! auth so probes need no key. Connections themselves (how many, header
+//! auth so probes need no key; so do the live page's static files
+//! (`admin_page`), which hold no data. Connections themselves (how many, header
 //! timeouts, shutdown) are `connections`' business. Each surface's handlers get the state
 //! they need (`AppState`, or the batch API's own `BatchApi`), so no module
 //! below this one needs to know how the gateway is put together.
@@ -35,6 +36,10 @@ pub enum StartError {
     Upstream(#[from] UpstreamInitError),
     #[error("batch store: {0}")]
     Batch(String),
+    #[error("quota store: {0}")]
+    QuotaStore(String),
+    #[error("listener TLS: {0}")]
+    Tls(#[from] crate::listener_tls::TlsSetupError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -50,33 +55,7 @@ async fn metrics_handler(
 ) -> impl axum::response::IntoResponse {
     let scheduler = state.forwarder.scheduler();
     let budgets = crate::admin::read_budgets(&state).await;
-    let batches = match &state.batches {
-        Some(service) => {
-            let service = Arc::clone(service);
-            let read = state
-                .snapshots
-                .batches
-                .read(
-                    move || async move {
-                        service
-                            .snapshot()
-                            .await
-                            .inspect_err(
-                                |e| tracing::warn!(error = %e, "metrics: cannot read batch state"),
-                            )
-                            .ok()
-                    },
-                    crate::snapshots::READ_WAIT,
-                )
-                .await;
-            state.metrics.state_age(
-                "batch_store",
-                crate::snapshots::age_secs(&read, state.started),
-            );
-            read
-        }
-        None => None,
-    };
+    let batches = crate::admin::read_batches(&state).await;
     let queues = state
         .forwarder
         .catalog()
@@ -167,6 +146,8 @@ impl Gateway {
         settings
             .validate()
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // The stores' TLS clients take the process's provider: *ring*.
+        crate::tls::install_crypto_provider();
         let catalog = settings
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
@@ -197,6 +178,11 @@ impl Gateway {
                 })
                 .collect::<Vec<_>>(),
         );
+        let listener_tls = crate::listener_tls::ListenerTls::from_settings(
+            &settings.server,
+            Some(metrics.tls_reloads.clone()),
+        )?
+        .map(Arc::new);
         let keys = Arc::new(Keys::new(
             KeyRing::from_settings(&settings).with_failure_counter(metrics.auth_failures.clone()),
         ));
@@ -205,11 +191,17 @@ impl Gateway {
             .and_then(|d| <[u8; 32]>::try_from(d).ok());
         let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
+            .map_err(StartError::QuotaStore)?;
+        let telemetry = crate::telemetry::Telemetry::start(&settings, &catalog, &metrics)
             .map_err(StartError::Config)?;
         let batches = if settings.batch.enabled {
             let service = crate::batch::BatchService::open(&settings.batch)
                 .await
-                .map_err(|e| StartError::Batch(e.to_string()))?;
+                .map_err(|e| {
+                    // Store errors name the batch store already.
+                    let text = e.to_string();
+                    StartError::Batch(text.strip_prefix("batch store: ").unwrap_or(&text).into())
+                })?;
             Some(Arc::new(service))
         } else {
             None
@@ -220,14 +212,17 @@ impl Gateway {
             batches.as_deref(),
             &metrics,
         )?);
-        let forwarder = Arc::new(Forwarder::new(
-            &settings,
-            catalog,
-            store,
-            providers,
-            Arc::clone(&metrics),
-            Arc::clone(&spend),
-        ));
+        let forwarder = Arc::new(
+            Forwarder::new(
+                &settings,
+                catalog,
+                store,
+                providers,
+                Arc::clone(&metrics),
+                Arc::clone(&spend),
+            )
+            .with_telemetry(telemetry),
+        );
         let state = AppState {
             settings,
             forwarder,
@@ -237,7 +232,9 @@ impl Gateway {
             batches,
             spend,
             snapshots: Default::default(),
+            feed: Default::default(),
             started: tokio::time::Instant::now(),
+            listener_tls,
         };
         let tenants = crate::spend::tenants_of(&state.settings);
         state.spend.track(&tenants);
@@ -304,6 +301,11 @@ impl Gateway {
                 service: state.batches.clone(),
                 forwarder: Arc::clone(&state.forwarder),
                 listen: state.settings.server.listen,
+                scheme: if state.listener_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
             })))
             .route_layer(middleware::from_fn_with_state(
                 state.keys.clone(),
@@ -317,6 +319,8 @@ impl Gateway {
             )
             .route("/admin/tenants", get(crate::admin::tenants))
             .route("/admin/shares", get(crate::admin::shares))
+            .route("/admin/overview", get(crate::overview::overview))
+            .route("/admin/events", get(crate::overview::events))
             .route("/admin/regions/{region}/drain", post(crate::admin::drain))
             .route(
                 "/admin/regions/{region}/undrain",
@@ -332,6 +336,8 @@ impl Gateway {
             .route("/metrics", get(metrics_handler))
             .merge(api)
             .merge(admin)
+            // The live page and its assets: public, they hold no data.
+            .merge(crate::admin_page::routes())
             // The matched route template, for the observer's HTTP counter.
             .route_layer(middleware::from_fn(crate::observer::note_route))
             .fallback(routes::not_found)
@@ -380,10 +386,18 @@ impl Gateway {
         let state = &self.state;
         let life = state.forwarder.lifecycle().clone();
         let server = &state.settings.server;
+        let grace = Duration::from_millis(server.shutdown_grace_ms);
+        // When the signal came: what is left of the grace bounds the last
+        // trace export.
+        let signalled = Arc::new(std::sync::OnceLock::new());
         let phases = tokio::spawn({
             let life = life.clone();
             let delay = Duration::from_millis(server.shutdown_delay_ms);
-            let grace = Duration::from_millis(server.shutdown_grace_ms);
+            let signalled = Arc::clone(&signalled);
+            let shutdown = async move {
+                shutdown.await;
+                let _ = signalled.set(tokio::time::Instant::now());
+            };
             async move { life.run(shutdown, delay, grace).await }
         });
         // Batch items run beside the server; the runner stops claiming and
@@ -401,12 +415,25 @@ impl Gateway {
             let life = life.clone();
             async move { spend.run(every, async move { life.closing().await }).await }
         });
+        // New certificate files are picked up for new connections until
+        // the listener closes.
+        if let (Some(tls), reload_ms) = (&state.listener_tls, server.tls_reload_ms) {
+            if reload_ms > 0 {
+                let life = life.clone();
+                tokio::spawn(
+                    Arc::clone(tls).watch(Duration::from_millis(reload_ms), async move {
+                        life.closing().await
+                    }),
+                );
+            }
+        }
         let cut = crate::connections::serve(
             listener,
             self.router(),
             server,
             life.clone(),
             Arc::clone(&state.metrics),
+            state.listener_tls.clone(),
         )
         .await;
         if let Some(runner) = runner {
@@ -426,6 +453,15 @@ impl Gateway {
             tracing::warn!("shutdown: the last spend sync did not finish in time; up to one sync of this replica's spend is not in the store");
         }
         spend_sync.abort();
+        if let Some(telemetry) = state.forwarder.observer().telemetry() {
+            // Within the grace and its second, whatever the collector does.
+            let exit_by = signalled.get().map_or_else(
+                || tokio::time::Instant::now() + TRACES_AT_EXIT,
+                |at| *at + grace + EXIT_AFTER_GRACE,
+            );
+            let left = exit_by.saturating_duration_since(tokio::time::Instant::now());
+            telemetry.shutdown(left.max(TRACES_AT_EXIT_MIN)).await;
+        }
         phases.abort();
         if cut > 0 || unsettled > 0 {
             tracing::warn!(
@@ -485,3 +521,9 @@ fn open_spend(
         Arc::clone(metrics),
     ))
 }
+/// The last trace export: what is left of the grace and its second (less a
+/// margin for the exit itself), or this long when no signal came (the
+/// server's future ended otherwise), and never less than the minimum.
+const EXIT_AFTER_GRACE: Duration = Duration::from_millis(950);
+const TRACES_AT_EXIT: Duration = Duration::from_millis(500);
+const TRACES_AT_EXIT_MIN: Duration = Duration::from_millis(20);

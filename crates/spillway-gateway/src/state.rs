@@ -23,5 +23,9 @@ pub struct AppState {
     pub spend: Arc<crate::spend::Spend>,
     /// Store-backed state for operators, readable while a store is down.
     pub snapshots: crate::snapshots::Snapshots,
+    /// The live page's event feed, shared by every viewer.
+    pub feed: Arc<crate::feed::Feed>,
     pub started: tokio::time::Instant,
+    /// The listener's TLS (certificate in force, reloads); `None`: plain HTTP.
+    pub listener_tls: Option<Arc<crate::listener_tls::ListenerTls>>,
 }

@@ -139,6 +139,7 @@ mod tests {
     fn settings(requests: Option<u32>, tokens: Option<u64>) -> TenantSettings {
         TenantSettings {
             key_sha256: "0".repeat(64),
+            client_cert_sha256: Vec::new(),
             weight: 1.0,
             max_wait_ms: None,
             regions: vec!["europe-west4".into()],

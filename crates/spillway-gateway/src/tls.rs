@@ -7,6 +7,11 @@
 //! provider before its first client is built, and panics without one; so
 //! every HTTP client in the workspace, tests included, comes from
 //! [`http_client_builder`], which installs it first.
+//!
+//! The stores' TLS (`rediss://`, PostgreSQL's `sslmode`) uses the same
+//! provider. A server certificate a store's client does not trust is a
+//! setup error, not an outage: [`certificate_problem`] finds rustls's
+//! verdict in a client's error so start-up can stop and say so.
 
 use std::sync::Once;
 
@@ -30,6 +35,12 @@ pub fn http_client() -> reqwest::Client {
     http_client_builder()
         .build()
         .expect("rustls with ring initializes")
+}
+
+/// rustls's reason for refusing a server's certificate, if that is what
+/// `error` (from any store's client) comes down to.
+pub fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    spillway_redis::certificate_problem(error)
 }
 
 #[cfg(test)]

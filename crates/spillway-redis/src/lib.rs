@@ -33,6 +33,7 @@ mod lease;
 mod resilient;
 mod spend;
 mod store;
+mod tls;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub use lease::LeaseCounters;
 pub use resilient::{ResilientStore, StoreMetrics};
 pub use spend::{RedisSpend, SpendAdd};
 pub use store::RedisStore;
+pub use tls::certificate_problem;
 
 /// What a Redis store needs to know.
 #[derive(Debug, Clone)]
@@ -63,6 +65,9 @@ pub struct RedisSettings {
     /// How long a lease lets this replica admit without asking Redis
     /// (`lease.rs`); zero: every admission asks.
     pub lease: Duration,
+    /// For `rediss://`: a PEM file of CA certificates trusted beside the
+    /// system's roots (`tls.rs`). The server's certificate is always verified.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why a Redis call failed.
@@ -75,6 +80,14 @@ pub enum StoreError {
     Redis(redis::RedisError),
     /// A script answered something unexpected.
     Protocol(String),
+    /// TLS could not be set up (the CA file).
+    Tls(String),
+    /// The server's TLS certificate was not trusted: a setup error, not an
+    /// outage (the gateway refuses to start on it rather than retrying).
+    UntrustedCertificate {
+        server: String,
+        problem: String,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -84,6 +97,11 @@ impl std::fmt::Display for StoreError {
             StoreError::Timeout => write!(f, "Redis did not answer in time"),
             StoreError::Redis(e) => write!(f, "Redis: {e}"),
             StoreError::Protocol(e) => write!(f, "unexpected script reply: {e}"),
+            StoreError::Tls(e) => write!(f, "TLS: {e}"),
+            StoreError::UntrustedCertificate { server, problem } => write!(
+                f,
+                "Redis at {server}: the server's TLS certificate was not trusted ({problem})"
+            ),
         }
     }
 }
@@ -126,6 +144,18 @@ impl Clock for ServerClock {
     fn now(&self) -> Duration {
         let us = system_us() + self.offset_us.load(Ordering::Relaxed);
         Duration::from_micros(us.max(0) as u64)
+    }
+}
+
+impl StoreError {
+    /// What about the server's certificate the client did not trust, if
+    /// that is why a connection failed.
+    pub fn certificate_problem(&self) -> Option<String> {
+        match self {
+            StoreError::Redis(e) => tls::certificate_problem(e),
+            StoreError::UntrustedCertificate { problem, .. } => Some(problem.clone()),
+            _ => None,
+        }
     }
 }
 

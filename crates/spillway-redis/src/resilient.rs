@@ -238,6 +238,14 @@ impl ResilientStore {
                     "quota store: shared budgets in Redis"
                 );
             }
+            // A certificate the client does not trust fails every time:
+            // refuse to start rather than share nothing, silently.
+            Err(e) if e.certificate_problem().is_some() => {
+                return Err(StoreError::UntrustedCertificate {
+                    server: store.inner.redis.server(),
+                    problem: e.certificate_problem().unwrap_or_default(),
+                });
+            }
             Err(e) => store.inner.fail("connect", &e),
         }
         let weak = Arc::downgrade(&store.inner);

@@ -232,7 +232,19 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: LeaseCounters,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let client = match &settings.ca_file {
+            Some(ca_file) if settings.url.starts_with("rediss://") => {
+                let roots = crate::tls::roots_with(ca_file).map_err(StoreError::Tls)?;
+                redis::Client::build_with_tls(
+                    settings.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(roots),
+                    },
+                )?
+            }
+            _ => redis::Client::open(settings.url.as_str())?,
+        };
         let p = &settings.key_prefix;
         let mut requesters: HashMap<QuotaGroup, Vec<Slot>> = HashMap::new();
         let mut buckets: Vec<Arc<Bucket>> = Vec::new();
@@ -316,6 +328,11 @@ impl RedisStore {
                 own: OwnGrants::default(),
             }),
         })
+    }
+
+    /// `host:port` (or the socket path) of the server, without credentials.
+    pub fn server(&self) -> String {
+        self.client.get_connection_info().addr.to_string()
     }
 
     /// Connects and measures the server clock.

@@ -31,6 +31,7 @@ fn settings(url: &str) -> RedisSettings {
             limits: Limits::new(30, 1_000_000),
         }],
         lease: Duration::ZERO,
+        ca_file: None,
     }
 }
 

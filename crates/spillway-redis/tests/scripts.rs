@@ -40,6 +40,7 @@ fn settings(url: &str, window: Duration, limits: Limits) -> RedisSettings {
             })
             .to_vec(),
         lease: Duration::ZERO,
+        ca_file: None,
     }
 }
 

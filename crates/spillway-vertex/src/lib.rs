@@ -43,4 +43,7 @@ pub use error::{error_body, normalize_upstream_error, sse_error_event, ErrorKind
 pub use model_id::{anthropic_to_vertex_id, is_valid_model_id, vertex_to_anthropic_id};
 pub use request::{parse_body, to_vertex_body, validate, Operation, RequestError, RequestSummary};
 pub use sse::{SseError, SseEvent, SseSplitter};
-pub use usage::{is_vertex_event, usage_from_message_body, StreamUsage, Usage};
+pub use usage::{
+    is_vertex_event, message_end_from_body, usage_from_message_body, MessageEnd, StopReason,
+    StreamUsage, Usage,
+};

@@ -18,6 +18,10 @@
 //!
 //! Only `message_start`, `message_delta` and `error` are JSON-parsed (`message_stop` needs no
 //! parse); deltas, which are most of the stream, are skipped by name.
+//!
+//! The same parses read why the model stopped ([`StopReason`]): a unary Message's top-level
+//! `stop_reason`, or `delta.stop_reason` of a stream's `message_delta` (the last one present
+//! wins). Traces report it as `gen_ai.response.finish_reasons`.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -59,6 +63,64 @@ impl Usage {
         self.cache_creation_input_tokens
             .saturating_sub(self.cache_creation_1h_input_tokens)
     }
+}
+
+/// Why the model stopped writing: Anthropic's `stop_reason`. Known values are kept as
+/// themselves; anything newer is [`StopReason::Other`], so the set stays small and `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndTurn,
+    MaxTokens,
+    StopSequence,
+    ToolUse,
+    PauseTurn,
+    Refusal,
+    ModelContextWindowExceeded,
+    /// A value this parser does not know (reported as `other`).
+    Other,
+}
+
+impl StopReason {
+    /// The reason as Anthropic spells it (`other` for an unknown one).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EndTurn => "end_turn",
+            Self::MaxTokens => "max_tokens",
+            Self::StopSequence => "stop_sequence",
+            Self::ToolUse => "tool_use",
+            Self::PauseTurn => "pause_turn",
+            Self::Refusal => "refusal",
+            Self::ModelContextWindowExceeded => "model_context_window_exceeded",
+            Self::Other => "other",
+        }
+    }
+
+    /// The reason named by a wire value.
+    pub fn from_wire(value: &str) -> Self {
+        match value {
+            "end_turn" => Self::EndTurn,
+            "max_tokens" => Self::MaxTokens,
+            "stop_sequence" => Self::StopSequence,
+            "tool_use" => Self::ToolUse,
+            "pause_turn" => Self::PauseTurn,
+            "refusal" => Self::Refusal,
+            "model_context_window_exceeded" => Self::ModelContextWindowExceeded,
+            _ => Self::Other,
+        }
+    }
+
+    /// A `stop_reason` field: `None` when absent, `null` or not a string.
+    fn from_field(value: Option<&Value>) -> Option<Self> {
+        value.and_then(Value::as_str).map(Self::from_wire)
+    }
+}
+
+/// What a unary Message body says about its end: its usage and its stop reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageEnd {
+    /// `None` if the body is unparseable or has no `usage` object.
+    pub usage: Option<Usage>,
+    pub stop_reason: Option<StopReason>,
 }
 
 /// Usage fields as they appear on the wire; each optional and lenient (a non-integer is ignored).
@@ -104,6 +166,23 @@ impl WireUsage {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<WireUsage>,
+    /// A unary Message's `stop_reason` (lenient: any JSON).
+    #[serde(default)]
+    stop_reason: Option<Value>,
+}
+
+/// A stream's `message_delta`: cumulative usage and, in `delta`, the stop reason.
+#[derive(Deserialize)]
+struct MessageDelta {
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    delta: Option<DeltaStop>,
+}
+
+#[derive(Deserialize)]
+struct DeltaStop {
+    #[serde(default)]
+    stop_reason: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -131,10 +210,22 @@ struct TypeOnly {
 
 /// Usage from a unary Message body; `None` if the body is unparseable or has no `usage` object.
 pub fn usage_from_message_body(body: &[u8]) -> Option<Usage> {
-    let parsed: WithUsage = serde_json::from_slice(body).ok()?;
-    let mut u = Usage::default();
-    parsed.usage?.apply(&mut u);
-    Some(u)
+    message_end_from_body(body).usage
+}
+
+/// Usage and stop reason from a unary Message body, in one parse.
+pub fn message_end_from_body(body: &[u8]) -> MessageEnd {
+    let Ok(parsed) = serde_json::from_slice::<WithUsage>(body) else {
+        return MessageEnd::default();
+    };
+    MessageEnd {
+        usage: parsed.usage.map(|wire| {
+            let mut u = Usage::default();
+            wire.apply(&mut u);
+            u
+        }),
+        stop_reason: StopReason::from_field(parsed.stop_reason.as_ref()),
+    }
 }
 
 /// The data's JSON `type`, for events without an `event:` name.
@@ -158,6 +249,7 @@ pub struct StreamUsage {
     usage: Usage,
     saw_start: bool,
     completed: bool,
+    stop_reason: Option<StopReason>,
     error: Option<(String, String)>,
 }
 
@@ -193,9 +285,13 @@ impl StreamUsage {
                 }
             }
             "message_delta" => {
-                if let Ok(delta) = serde_json::from_str::<WithUsage>(&ev.data) {
+                if let Ok(delta) = serde_json::from_str::<MessageDelta>(&ev.data) {
                     if let Some(wire) = delta.usage {
                         wire.apply(&mut self.usage);
+                    }
+                    let stop = delta.delta.and_then(|d| d.stop_reason);
+                    if let Some(reason) = StopReason::from_field(stop.as_ref()) {
+                        self.stop_reason = Some(reason);
                     }
                 }
             }
@@ -230,6 +326,11 @@ impl StreamUsage {
     /// True once `message_stop` was seen.
     pub fn completed(&self) -> bool {
         self.completed
+    }
+
+    /// The stop reason of the last `message_delta` that carried one.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason
     }
 
     /// The in-stream error's `(type, message)`, if one arrived. A malformed error event is
@@ -337,6 +438,61 @@ mod tests {
         );
         assert!(s.saw_message_start());
         assert!(!s.completed());
+    }
+
+    #[test]
+    fn stop_reasons_from_bodies_and_deltas() {
+        let body =
+            br#"{"type":"message","content":[],"stop_reason":"end_turn","stop_sequence":null,
+ "usage":{"input_tokens":16,"output_tokens":24}}"#;
+        let end = message_end_from_body(body);
+        assert_eq!(end.stop_reason, Some(StopReason::EndTurn));
+        assert_eq!(end.usage.map(|u| u.output_tokens), Some(24));
+        // Absent, null, odd or unknown values.
+        assert_eq!(message_end_from_body(br#"{"usage":{}}"#).stop_reason, None);
+        assert_eq!(
+            message_end_from_body(br#"{"stop_reason":null}"#).stop_reason,
+            None
+        );
+        assert_eq!(
+            message_end_from_body(br#"{"stop_reason":7}"#).stop_reason,
+            None
+        );
+        assert_eq!(
+            message_end_from_body(br#"{"stop_reason":"something_new"}"#),
+            MessageEnd {
+                usage: None,
+                stop_reason: Some(StopReason::Other)
+            }
+        );
+        assert_eq!(message_end_from_body(b"not json"), MessageEnd::default());
+        for reason in [
+            StopReason::EndTurn,
+            StopReason::MaxTokens,
+            StopReason::StopSequence,
+            StopReason::ToolUse,
+            StopReason::PauseTurn,
+            StopReason::Refusal,
+            StopReason::ModelContextWindowExceeded,
+        ] {
+            assert_eq!(StopReason::from_wire(reason.as_str()), reason);
+        }
+
+        let mut s = StreamUsage::new();
+        s.observe(&ev(Some("message_start"), r#"{"type":"message_start","message":{"stop_reason":null,"usage":{"input_tokens":3,"output_tokens":1}}}"#));
+        assert_eq!(s.stop_reason(), None);
+        s.observe(&ev(
+            Some("message_delta"),
+            r#"{"type":"message_delta","delta":{"stop_reason":"max_tokens","stop_sequence":null},"usage":{"output_tokens":5}}"#,
+        ));
+        assert_eq!(s.stop_reason(), Some(StopReason::MaxTokens));
+        // A later delta without one keeps it; Vertex's padded JSON parses too.
+        s.observe(&ev(
+            None,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":6}}          "#,
+        ));
+        assert_eq!(s.stop_reason(), Some(StopReason::MaxTokens));
+        assert_eq!(s.usage().output_tokens, 6);
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::error::ApiError;
 use crate::forwarder::{CallRequest, Forwarder};
 use crate::request_id::RequestId;
 use crate::scheduler::Priority;
+use crate::telemetry::RequestSpan;
 use crate::tenants::Tenant;
 
 /// A batch expires this long after it was created.
@@ -54,6 +55,8 @@ pub struct BatchApi {
     pub forwarder: Arc<Forwarder>,
     /// `server.listen`, the default base of `results_url`.
     pub listen: std::net::SocketAddr,
+    /// `https` on a TLS listener, else `http`.
+    pub scheme: &'static str,
 }
 
 /// The batch routes (mounted behind client auth by the server).
@@ -73,7 +76,7 @@ fn service(state: &BatchApi) -> Result<&Arc<BatchService>, ApiError> {
 }
 
 fn base_url(state: &BatchApi, service: &BatchService, headers: &HeaderMap) -> String {
-    service.base_url(state.listen, headers)
+    service.base_url(state.scheme, state.listen, headers)
 }
 
 fn checked_id(id: &str) -> Result<&str, ApiError> {
@@ -134,6 +137,7 @@ fn validate_item(
         priority: Priority::Batch,
         tenant: tenant.clone(),
         request_id: RequestId::from("batch-validation".to_string()),
+        span: None,
     };
     let call = state
         .forwarder
@@ -178,10 +182,13 @@ pub async fn create(
     State(state): State<Arc<BatchApi>>,
     Extension(tenant): Extension<Tenant>,
     Extension(request_id): Extension<RequestId>,
+    span: Option<Extension<RequestSpan>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let result = create_batch(&state, &tenant, &headers, body).await;
+    // Stored with the batch: its items' spans link to this request's.
+    let traceparent = span.map(|Extension(span)| span.traceparent());
+    let result = create_batch(&state, &tenant, &headers, body, traceparent).await;
     let outcome = match &result {
         Ok(id) => id.clone(),
         Err(e) => format!("rejected: {e}"),
@@ -195,6 +202,7 @@ async fn create_batch(
     tenant: &Tenant,
     headers: &HeaderMap,
     body: Body,
+    traceparent: Option<String>,
 ) -> Result<String, ApiError> {
     let service = service(state)?;
     let settings = service.settings();
@@ -225,6 +233,7 @@ async fn create_batch(
         tenant: tenant.name.to_string(),
         created_at: now,
         expires_at: now + EXPIRY_MS,
+        traceparent,
     };
     let store = Arc::clone(service.store());
     let seq = store.create(&batch).await.map_err(ApiError::from)?;

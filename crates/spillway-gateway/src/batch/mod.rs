@@ -35,6 +35,9 @@
 //!   batch request only when no interactive request of its model is waiting,
 //!   so interactive traffic is delayed by at most the batch requests already
 //!   admitted, and idle quota is used by the batch.
+//! - [`progress`]: the open batches' recent completion rate (from the
+//!   store's counters, so the fleet's) and each one's ETA in claim order,
+//!   for the live page.
 //!
 //! # Guarantees
 //!
@@ -71,6 +74,7 @@
 
 pub mod api;
 pub mod jsonl;
+pub mod progress;
 pub mod runner;
 pub mod store;
 
@@ -97,8 +101,18 @@ pub enum BatchError {
     UnsupportedMediaType(String),
     #[error("batch store: {0}")]
     Store(#[from] sqlx::Error),
+    /// The server's TLS certificate was not trusted (at connect).
+    #[error("{0}")]
+    Untrusted(String),
     #[error("batch store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The SQLite file could not be opened or prepared: the path says
+    /// where (a read-only root filesystem, a missing volume).
+    #[error("batch store: opening the SQLite database {path}: {source}")]
+    OpenSqlite {
+        path: String,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("reading the request body: {0}")]
     Body(String),
     /// The client was too slow sending its upload.
@@ -148,7 +162,10 @@ impl From<BatchError> for crate::error::ApiError {
                     retry_after: std::time::Duration::from_secs(5),
                 }
             }
-            e @ (BatchError::Store(_) | BatchError::Migrate(_)) => {
+            e @ (BatchError::Store(_)
+            | BatchError::Migrate(_)
+            | BatchError::OpenSqlite { .. }
+            | BatchError::Untrusted(_)) => {
                 tracing::error!(error = %e, "batch store failure");
                 ApiError::Internal("the batch store failed; see the Spillway log".into())
             }

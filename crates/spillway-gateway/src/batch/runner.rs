@@ -71,6 +71,8 @@ pub struct BatchSnapshot {
     pub open_items: i64,
     /// The oldest batch in progress, if any: the one being worked on.
     pub oldest_running: Option<super::store::BatchProgress>,
+    /// The first unfinished batches, in the runner's claim order.
+    pub open: Vec<super::store::OpenBatch>,
 }
 
 /// The batch store, the runner's state and the clock, shared by the API
@@ -89,6 +91,8 @@ pub struct BatchService {
     /// a crash count again).
     attempts: AtomicI64,
     pacer: Pacer,
+    /// Recent looks at the open batches, for their rate and ETAs.
+    progress: super::progress::Rates,
 }
 
 impl BatchService {
@@ -132,11 +136,17 @@ impl BatchService {
             completed: Completed::default(),
             attempts: AtomicI64::new(0),
             pacer: Pacer::default(),
+            progress: Default::default(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn BatchStore> {
         &self.store
+    }
+
+    /// The open batches' completion rate, from the looks taken so far.
+    pub fn progress(&self) -> &super::progress::Rates {
+        &self.progress
     }
 
     pub fn settings(&self) -> &BatchSettings {
@@ -162,20 +172,25 @@ impl BatchService {
     /// The base of `results_url`: `batch.public_url` if set, else the
     /// configured listen address, else (listening on an unspecified address
     /// or port 0) the `Host` the client used.
-    pub fn base_url(&self, listen: std::net::SocketAddr, headers: &HeaderMap) -> String {
+    pub fn base_url(
+        &self,
+        scheme: &str,
+        listen: std::net::SocketAddr,
+        headers: &HeaderMap,
+    ) -> String {
         if !self.settings.public_url.is_empty() {
             return self.settings.public_url.trim_end_matches('/').to_string();
         }
         if !listen.ip().is_unspecified() && listen.port() != 0 {
-            return format!("http://{listen}");
+            return format!("{scheme}://{listen}");
         }
         match headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .filter(|h| h.parse::<http::uri::Authority>().is_ok())
         {
-            Some(host) => format!("http://{host}"),
-            None => format!("http://{listen}"),
+            Some(host) => format!("{scheme}://{host}"),
+            None => format!("{scheme}://{listen}"),
         }
     }
 
@@ -193,6 +208,7 @@ impl BatchService {
             ],
             open_items: stats.open_items,
             oldest_running: stats.oldest_running,
+            open: stats.open,
         })
     }
 
@@ -533,6 +549,11 @@ impl BatchService {
             priority: Priority::Batch,
             tenant,
             request_id: RequestId::from(request_id.to_string()),
+            // A trace of its own, linked to the request that created the batch.
+            span: forwarder
+                .observer()
+                .telemetry()
+                .map(|t| t.batch_item(&item.batch_id, item.batch_traceparent.as_deref())),
         };
         Ok(forwarder.prepare(name, request)?)
     }

@@ -24,6 +24,11 @@
 //! lost lease), or from `pending` to `canceled | expired`. Every move that
 //! ends an item also bumps its batch's counter in the same transaction, and
 //! the batch ends in that transaction when its counters add up.
+//!
+//! Migrations (sqlx's, embedded, one list per backend): 1 is the schema
+//! above; 2 adds `spillway_batches.traceparent`, the W3C context of the
+//! request that created the batch, which its items' trace spans link to
+//! (`telemetry`; NULL when traces were off).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -45,6 +50,8 @@ pub struct NewBatch {
     pub tenant: String,
     pub created_at: i64,
     pub expires_at: i64,
+    /// The creating request's span, as a W3C `traceparent` (traces on).
+    pub traceparent: Option<String>,
 }
 
 /// One validated request of a batch.
@@ -72,6 +79,8 @@ pub struct ClaimedItem {
     pub params: String,
     /// Attempts so far, this one included.
     pub attempts: i64,
+    /// The `traceparent` of the request that created the batch, if stored.
+    pub batch_traceparent: Option<String>,
 }
 
 /// How an item ended.
@@ -128,6 +137,24 @@ pub struct StoreStats {
     /// The oldest batch still `in_progress` (first created; the runner
     /// claims items in batch order, so it is the one being worked on).
     pub oldest_running: Option<BatchProgress>,
+    /// The first [`OPEN_LISTED`] unfinished batches (`in_progress` or
+    /// `canceling`) in the order the runner claims their items (by
+    /// sequence), for the live page's progress and ETA.
+    pub open: Vec<OpenBatch>,
+}
+
+/// How many unfinished batches [`StoreStats::open`] lists: enough for an
+/// operator's page, bounded whatever the backlog.
+pub const OPEN_LISTED: usize = 20;
+
+/// An unfinished batch, as the live page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBatch {
+    pub id: String,
+    pub tenant: String,
+    /// `in_progress` or `canceling`.
+    pub status: String,
+    pub progress: BatchProgress,
 }
 
 /// One batch's progress, as its `request_counts`.
@@ -254,7 +281,7 @@ const BATCH_COLUMNS: &str = "seq, id, tenant, status, created_at, expires_at, en
 
 /// Statements shared by both backends.
 mod sql {
-    pub const INSERT_BATCH: &str = "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at) VALUES ($1, $2, 'staging', $3, $4) RETURNING seq";
+    pub const INSERT_BATCH: &str = "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at, traceparent) VALUES ($1, $2, 'staging', $3, $4, $5) RETURNING seq";
     pub const ACTIVATE: &str = "UPDATE spillway_batches SET status = 'in_progress', total = $2 WHERE seq = $1 AND status = 'staging'";
     pub const DELETE_ITEMS: &str = "DELETE FROM spillway_batch_items WHERE batch_seq = $1";
     pub const DELETE_BATCH: &str = "DELETE FROM spillway_batches WHERE seq = $1";
@@ -262,7 +289,8 @@ mod sql {
         "SELECT seq FROM spillway_batches WHERE tenant = $1 AND id = $2 AND status <> 'staging'";
     pub const STATUS_OF: &str = "SELECT seq, status FROM spillway_batches WHERE tenant = $1 AND id = $2 AND status <> 'staging'";
     pub const RESULTS: &str = "SELECT idx, custom_id, state, result FROM spillway_batch_items WHERE batch_seq = $1 AND idx > $2 ORDER BY idx LIMIT $3";
-    pub const BATCH_META: &str = "SELECT id, tenant FROM spillway_batches WHERE seq = $1";
+    pub const BATCH_META: &str =
+        "SELECT id, tenant, traceparent FROM spillway_batches WHERE seq = $1";
     pub const COMPLETE_ITEM: &str = "UPDATE spillway_batch_items SET state = $4, result = $5, lease_owner = NULL, lease_until = NULL WHERE batch_seq = $1 AND idx = $2 AND state = 'running' AND lease_owner = $3";
     pub const COUNT_SUCCEEDED: &str = "UPDATE spillway_batches SET n_succeeded = n_succeeded + 1, result_bytes = result_bytes + $2 WHERE seq = $1";
     pub const COUNT_ERRORED: &str = "UPDATE spillway_batches SET n_errored = n_errored + 1, result_bytes = result_bytes + $2 WHERE seq = $1";
@@ -285,7 +313,7 @@ mod sql {
     pub const STALE_UPLOADS: &str =
         "SELECT seq FROM spillway_batches WHERE status = 'staging' AND created_at < $1 LIMIT 100";
     pub const BY_STATUS: &str = "SELECT status, COUNT(*) AS n FROM spillway_batches WHERE status <> 'staging' GROUP BY status";
-    pub const OPEN_BATCHES: &str = "SELECT seq, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling')";
+    pub const OPEN_BATCHES: &str = "SELECT seq, id, tenant, status, created_at, total, n_succeeded, n_errored, n_canceled, n_expired FROM spillway_batches WHERE status IN ('in_progress', 'canceling') ORDER BY seq";
     pub const SPEND_ADD: &str = "INSERT INTO spillway_spend (tenant, period, nanodollars, updated_at) VALUES ($1, $2, $3, $4) \
         ON CONFLICT (tenant, period) DO UPDATE SET nanodollars = spillway_spend.nanodollars + excluded.nanodollars, updated_at = excluded.updated_at";
     pub const SPEND_READ: &str =
@@ -315,6 +343,19 @@ fn migrator(migrations: Vec<Migration>) -> Migrator {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
     }
+}
+
+/// Migration 2, the same on both backends: the creating request's trace
+/// context (nullable: batches from before, or with traces off, have none).
+const ADD_TRACEPARENT: &str = "ALTER TABLE spillway_batches ADD COLUMN traceparent TEXT";
+
+/// Every migration of a backend, in order.
+fn migrations(schema: &'static str) -> Vec<Migration> {
+    vec![
+        migration(1, "batches", schema),
+        migration(2, "batch traceparent", ADD_TRACEPARENT),
+        migration(3, "spend", SPEND_SCHEMA),
+    ]
 }
 
 const SQLITE_SCHEMA: &str = "
@@ -394,18 +435,9 @@ CREATE INDEX spillway_items_running ON spillway_batch_items (lease_owner) WHERE 
 ";
 
 /// Spend per tenant and UTC period (`day:2026-11-27`, `month:2026-11`),
-/// nanodollars.
-const SQLITE_SPEND_SCHEMA: &str = "
-CREATE TABLE spillway_spend (
-    tenant TEXT NOT NULL,
-    period TEXT NOT NULL,
-    nanodollars INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, period)
-);
-";
-
-const POSTGRES_SPEND_SCHEMA: &str = "
+/// nanodollars. One text for both backends: SQLite gives `BIGINT` integer
+/// affinity.
+const SPEND_SCHEMA: &str = "
 CREATE TABLE spillway_spend (
     tenant TEXT NOT NULL,
     period TEXT NOT NULL,
@@ -501,12 +533,13 @@ impl SqliteStore {
         };
         let _hold = HoldClock::new();
         let write = pool(1, options.clone());
-        migrator(vec![
-            migration(1, "batches", SQLITE_SCHEMA),
-            migration(2, "spend", SQLITE_SPEND_SCHEMA),
-        ])
-        .run(&write)
-        .await?;
+        migrator(migrations(SQLITE_SCHEMA))
+            .run(&write)
+            .await
+            .map_err(|source| BatchError::OpenSqlite {
+                path: path.to_string(),
+                source,
+            })?;
         // A memory database is one connection's; on disk, readers run beside the writer.
         let read = if memory {
             write.clone()
@@ -549,6 +582,47 @@ impl SqliteStore {
     }
 }
 
+/// The connect options `url` gives, with libpq's TLS rules, and the server
+/// as `host:port` (never the credentials) for messages.
+///
+/// `sslmode` means what it means to libpq: `disable`; `prefer` (the
+/// default: TLS if the server offers it, unverified); `require` (TLS,
+/// unverified — unless `sslrootcert` is given, when libpq verifies the CA,
+/// and so does this); `verify-ca` (the chain to `sslrootcert` or the
+/// system's roots); `verify-full` (and the host name). A connection that
+/// is not verified, to a host that is not this machine, is logged once as
+/// a warning.
+fn pg_tls(url: &str) -> Result<(sqlx::postgres::PgConnectOptions, String), BatchError> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let mut options = PgConnectOptions::from_str(url)?;
+    let root_cert = crate::config::postgres_root_cert(url);
+    if matches!(options.get_ssl_mode(), PgSslMode::Require) && root_cert.is_some() {
+        options = options.ssl_mode(PgSslMode::VerifyCa);
+    }
+    let server = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    let local = options.get_socket().is_some()
+        || options.get_host().starts_with('/')
+        || options.get_host() == "localhost"
+        || options
+            .get_host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let mode = options.get_ssl_mode();
+    if !local && !matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull) {
+        tracing::warn!(
+            server = %server,
+            sslmode = ?mode,
+            "batch store: the PostgreSQL server is not verified; add sslmode=verify-full&sslrootcert=CA.pem to batch.postgres_url"
+        );
+    }
+    Ok((options, server))
+}
+
 /// The shared store for several replicas.
 /// How long a PostgreSQL call waits for a connection before it fails.
 pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -560,24 +634,28 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Connects (TLS as the URL's `sslmode` says, see [`pg_tls`]) and
+    /// creates the schema if needed. A server certificate that is not
+    /// trusted fails at once with [`BatchError::Untrusted`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, BatchError> {
-        use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-        let options = PgConnectOptions::from_str(url)?;
+        use sqlx::postgres::PgPoolOptions;
+        let (options, server) = pg_tls(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast while PostgreSQL is unreachable: the batch API
             // answers 503 with retry-after within 2 s (`BatchError`).
             .acquire_timeout(PG_ACQUIRE_TIMEOUT)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| match crate::tls::certificate_problem(&e) {
+                Some(problem) => BatchError::Untrusted(format!(
+                    "PostgreSQL at {server}: the server's TLS certificate was not trusted ({problem}); sslrootcert in batch.postgres_url must name the CA that signed it (verify-full also checks the host name)"
+                )),
+                None => BatchError::Store(e),
+            })?;
         // sqlx's migrator takes an advisory lock: replicas starting together
         // apply the schema once.
-        migrator(vec![
-            migration(1, "batches", POSTGRES_SCHEMA),
-            migration(2, "spend", POSTGRES_SPEND_SCHEMA),
-        ])
-        .run(&pool)
-        .await?;
+        migrator(migrations(POSTGRES_SCHEMA)).run(&pool).await?;
         Ok(Self {
             read: pool.clone(),
             write: pool,
@@ -704,6 +782,7 @@ macro_rules! sql_store {
                         .bind(&batch.tenant)
                         .bind(batch.created_at)
                         .bind(batch.expires_at)
+                        .bind(&batch.traceparent)
                         .fetch_one(&self.write)
                         .await?;
                     Ok(seq)
@@ -963,7 +1042,7 @@ macro_rules! sql_store {
                         .bind(limit)
                         .fetch_all(&self.write)
                         .await?;
-                    let mut meta: Vec<(i64, String, String)> = Vec::new();
+                    let mut meta: Vec<(i64, String, String, Option<String>)> = Vec::new();
                     let mut items = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let batch_seq: i64 = row.try_get("batch_seq")?;
@@ -972,9 +1051,14 @@ macro_rules! sql_store {
                                 .bind(batch_seq)
                                 .fetch_one(&self.read)
                                 .await?;
-                            meta.push((batch_seq, m.try_get("id")?, m.try_get("tenant")?));
+                            meta.push((
+                                batch_seq,
+                                m.try_get("id")?,
+                                m.try_get("tenant")?,
+                                m.try_get("traceparent")?,
+                            ));
                         }
-                        let (_, batch_id, tenant) =
+                        let (_, batch_id, tenant, traceparent) =
                             meta.iter().find(|m| m.0 == batch_seq).expect("just added");
                         items.push(ClaimedItem {
                             key: ItemKey {
@@ -986,6 +1070,7 @@ macro_rules! sql_store {
                             custom_id: row.try_get("custom_id")?,
                             params: row.try_get("params")?,
                             attempts: row.try_get("attempts")?,
+                            batch_traceparent: traceparent.clone(),
                         });
                     }
                     items.sort_by_key(|i| (i.key.batch_seq, i.key.idx));
@@ -1157,6 +1242,7 @@ macro_rules! sql_store {
                     let mut open_items = 0;
                     // (created_at, seq) of the oldest in-progress batch.
                     let mut oldest: Option<((i64, i64), BatchProgress)> = None;
+                    let mut listed = Vec::new();
                     for row in &open {
                         let progress = BatchProgress {
                             created_at: row.try_get("created_at")?,
@@ -1172,11 +1258,20 @@ macro_rules! sql_store {
                         if status == "in_progress" && oldest.is_none_or(|(k, _)| key < k) {
                             oldest = Some((key, progress));
                         }
+                        if listed.len() < OPEN_LISTED {
+                            listed.push(OpenBatch {
+                                id: row.try_get("id")?,
+                                tenant: row.try_get("tenant")?,
+                                status,
+                                progress,
+                            });
+                        }
                     }
                     Ok(StoreStats {
                         batches,
                         open_items,
                         oldest_running: oldest.map(|(_, p)| p),
+                        open: listed,
                     })
                 })
             }
@@ -1271,3 +1366,86 @@ impl crate::spend::SpendStore for BatchSpendStore {
 
 sql_store!(SqliteStore, sqlx::Sqlite, "sqlite");
 sql_store!(PgStore, sqlx::Postgres, "postgres");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_file_that_cannot_be_opened_is_named_in_the_error() {
+        // A directory where the file should be: SQLite cannot open it, as
+        // with a read-only root filesystem and no volume mounted.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        let error = SqliteStore::open(path).await.err().expect("refused");
+        assert!(matches!(error, BatchError::OpenSqlite { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(path) && message.contains("unable to open database file"),
+            "{message}"
+        );
+    }
+
+    /// A store written by a build before migration 2 opens, upgraded: its
+    /// batches are kept (with no trace context) and new ones store theirs.
+    #[tokio::test]
+    async fn a_version_1_database_gains_the_traceparent_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite3");
+        let path = path.to_str().unwrap();
+        {
+            use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap();
+            migrator(vec![migration(1, "batches", SQLITE_SCHEMA)])
+                .run(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO spillway_batches (id, tenant, status, created_at, expires_at, total) VALUES ('msgbatch_old', 't', 'in_progress', 0, 9000000000000, 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO spillway_batch_items (batch_seq, idx, custom_id, params) VALUES (1, 0, 'a', '{}')")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(path).await.unwrap();
+        let claimed = store.claim("o", 1, 2, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_id, "msgbatch_old");
+        assert_eq!(claimed[0].batch_traceparent, None);
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let seq = store
+            .create(&NewBatch {
+                id: "msgbatch_new".into(),
+                tenant: "t".into(),
+                created_at: 1,
+                expires_at: 9_000_000_000_000,
+                traceparent: Some(traceparent.into()),
+            })
+            .await
+            .unwrap();
+        let item = NewItem {
+            custom_id: "b".into(),
+            params: "{}".into(),
+        };
+        store
+            .insert_items(seq, 0, std::slice::from_ref(&item))
+            .await
+            .unwrap();
+        store.activate(seq, 1).await.unwrap();
+        let claimed = store.claim("o", 2, 3, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].batch_traceparent.as_deref(), Some(traceparent));
+    }
+}

@@ -23,11 +23,11 @@ use serde_json::Value;
 use super::problems::{steps, teach, Problems, Step};
 use super::{
     AdminSettings, BatchSettings, ModelSettings, QuotaDefaults, SchedulerSettings, ServerSettings,
-    Settings, SpendSettings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
+    Settings, SpendSettings, TelemetrySettings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
 };
 
 /// The top-level tables a configuration may have.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "upstream",
     "quota",
@@ -37,6 +37,7 @@ const SECTIONS: [&str; 9] = [
     "models",
     "tenants",
     "spend",
+    "telemetry",
 ];
 
 /// Where a layer came from, for messages.
@@ -269,6 +270,7 @@ pub(super) fn read_settings(
     let admin: AdminSettings = optional(tree, "admin", problems, &mut unread);
     let batch: BatchSettings = optional(tree, "batch", problems, &mut unread);
     let spend: SpendSettings = optional(tree, "spend", problems, &mut unread);
+    let telemetry: TelemetrySettings = optional(tree, "telemetry", problems, &mut unread);
     let models: BTreeMap<String, ModelSettings> = entries(
         tree,
         "models",
@@ -293,6 +295,7 @@ pub(super) fn read_settings(
         models,
         tenants,
         spend,
+        telemetry,
     };
     Some((settings, unread))
 }

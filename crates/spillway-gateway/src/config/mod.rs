@@ -9,7 +9,8 @@
 //! `layers`). `serve`, `check-config` and a SIGHUP reload all load through
 //! [`Settings::load_layers`], so they report the same.
 //!
-//! Secrets (the upstream static token) never leave this module unredacted:
+//! Secrets (the upstream static token, the batch store's and Redis's URLs,
+//! the trace exporter's headers) never leave this module unredacted:
 //! [`Settings::redacted_toml`] is what `spillway check-config` prints.
 
 use std::collections::BTreeMap;
@@ -23,11 +24,15 @@ use spillway_core::ledger::Limits;
 use spillway_core::{Catalog, CatalogError, ModelSpec, QuotaGroup, RegionBudget, VERTEX_PROVIDER};
 
 mod layers;
+mod postgres_tls;
 mod problems;
 mod shared_quota;
+mod telemetry;
 use layers::Layers;
+pub use postgres_tls::postgres_root_cert;
 pub use problems::{Problem, Problems};
 pub use shared_quota::QuotaStoreKind;
+pub use telemetry::TelemetrySettings;
 
 /// The defaults shipped with Spillway, embedded so the binary needs no files.
 pub const DEFAULT_TOML: &str = include_str!("../../../../config/default.toml");
@@ -67,6 +72,9 @@ pub struct Settings {
     /// How spend is kept (`spend`): prices are per model, caps per tenant.
     #[serde(default)]
     pub spend: SpendSettings,
+    /// OpenTelemetry traces (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
 }
 
 /// `[spend]`: how often each replica writes its tenants' spend to the store
@@ -195,6 +203,48 @@ pub struct ServerSettings {
     /// after the delay, in-flight cut after the grace (both from the signal).
     pub shutdown_delay_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// TLS on the listener (`listener_tls`): PEM certificate chain and
+    /// private key, both or neither; empty: plain HTTP.
+    #[serde(default)]
+    pub tls_cert: String,
+    #[serde(default)]
+    pub tls_key: String,
+    /// How often the certificate files are read for a change (a new pair
+    /// is loaded for new connections); 0: only on SIGHUP.
+    #[serde(default = "default_tls_reload_ms")]
+    pub tls_reload_ms: u64,
+    /// PEM CA certificates that client certificates must chain to; empty:
+    /// no client certificates are asked for.
+    #[serde(default)]
+    pub tls_client_ca: String,
+    /// Whether a client certificate is asked for (`optional`) or required
+    /// in the handshake; `none` unless `tls_client_ca` is set.
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+}
+
+fn default_tls_reload_ms() -> u64 {
+    1000
+}
+
+/// Whether the TLS listener asks clients for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertMode {
+    /// Not asked for.
+    #[default]
+    None,
+    /// Asked for; a client without one may still use an API key.
+    Optional,
+    /// The handshake fails without a certificate the CA signed.
+    Required,
+}
+
+impl ServerSettings {
+    /// Whether the listener speaks TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -273,9 +323,14 @@ pub struct QuotaDefaults {
     /// Where the ledgers live: `memory` (one replica) or `redis` (shared).
     #[serde(default)]
     pub store: QuotaStoreKind,
-    /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted).
+    /// `redis://host:port[/db]` when `store = "redis"` (a secret: redacted);
+    /// `rediss://` for TLS.
     #[serde(default)]
     pub redis_url: String,
+    /// A PEM file of CA certificates trusted for a `rediss://` server, in
+    /// addition to the system's roots.
+    #[serde(default)]
+    pub redis_ca_file: String,
     #[serde(default = "shared_quota::default_key_prefix")]
     pub redis_key_prefix: String,
     /// Longest wait for Redis on the admission path before failing over.
@@ -430,6 +485,7 @@ impl BatchSettings {
                     "batch.store is \"postgres\": give a postgres://user@host/database URL",
                 );
             }
+            BatchStoreKind::Postgres => postgres_tls::check(&self.postgres_url, p),
             _ => {}
         }
         if self.concurrency == 0 || self.concurrency >= max_queue {
@@ -531,7 +587,14 @@ pub struct RegionSettings {
 #[serde(deny_unknown_fields)]
 pub struct TenantSettings {
     /// Hex SHA-256 of the client's key; the key itself is never stored.
+    /// Empty: the tenant has no key (it is known by a client certificate).
+    #[serde(default)]
     pub key_sha256: String,
+    /// SHA-256 fingerprints of the client certificates that are this
+    /// tenant (hex, `openssl x509 -fingerprint -sha256` colons allowed),
+    /// over a TLS listener with `server.tls_client_ca`.
+    #[serde(default)]
+    pub client_cert_sha256: Vec<String>,
     /// Share of contended quota relative to other tenants.
     #[serde(default = "default_weight")]
     pub weight: f64,
@@ -678,6 +741,7 @@ impl Settings {
                 "must not exceed server.shutdown_grace_ms (both count from the signal)",
             );
         }
+        check_listener_tls(s, p);
         if self.server.auth == ClientAuth::None && !self.server.listen.ip().is_loopback() {
             p.add(
                 "server.auth",
@@ -857,6 +921,7 @@ impl Settings {
             );
         }
         self.batch.check(self.scheduler.max_queue, p);
+        self.telemetry.check(p);
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 p.add("tenants", "a tenant name must not be empty");
@@ -904,11 +969,50 @@ impl Settings {
                     );
                 }
             }
-            if tenant.key_sha256.len() != 64 || hex::decode(&tenant.key_sha256).is_err() {
+            let certs = &tenant.client_cert_sha256;
+            if tenant.key_sha256.is_empty() && certs.is_empty() {
+                p.add(
+                    format!("tenants.{name}.key_sha256"),
+                    "a tenant needs a credential: key_sha256 (the output of `spillway hash-key`) or client_cert_sha256",
+                );
+            } else if !tenant.key_sha256.is_empty()
+                && (tenant.key_sha256.len() != 64 || hex::decode(&tenant.key_sha256).is_err())
+            {
                 p.add(
                     format!("tenants.{name}.key_sha256"),
                     "must be 64 hex characters (the output of `spillway hash-key`)",
                 );
+            }
+            for (i, fingerprint) in certs.iter().enumerate() {
+                if parse_fingerprint(fingerprint).is_none() {
+                    p.add(
+                        format!("tenants.{name}.client_cert_sha256[{i}]"),
+                        format!("{fingerprint:?} is not a SHA-256 fingerprint: 64 hex characters, colons allowed (`openssl x509 -in client.pem -noout -fingerprint -sha256`)"),
+                    );
+                }
+            }
+            if !certs.is_empty() && self.server.tls_client_ca.is_empty() {
+                p.add(
+                    format!("tenants.{name}.client_cert_sha256"),
+                    "client certificates are only asked for with server.tls_client_ca set: this tenant could never present one",
+                );
+            }
+        }
+        let mut seen: BTreeMap<[u8; 32], &str> = BTreeMap::new();
+        for (name, tenant) in &self.tenants {
+            for fingerprint in tenant
+                .client_cert_sha256
+                .iter()
+                .filter_map(|f| parse_fingerprint(f))
+            {
+                if let Some(other) = seen.insert(fingerprint, name) {
+                    if other != name {
+                        p.add(
+                            format!("tenants.{name}.client_cert_sha256"),
+                            format!("a certificate can be one tenant only: {} is also listed by tenants.{other}", hex::encode(fingerprint)),
+                        );
+                    }
+                }
             }
         }
     }
@@ -1028,12 +1132,75 @@ impl Settings {
         if !shown.admin.key_sha256.is_empty() {
             shown.admin.key_sha256 = format!("{}…", &shown.admin.key_sha256[..8]);
         }
+        shown.telemetry = shown.telemetry.redacted();
         for tenant in shown.tenants.values_mut() {
             // A digest is not the key, but showing all of it helps nobody.
-            tenant.key_sha256 =
-                format!("{}…", &tenant.key_sha256[..8.min(tenant.key_sha256.len())]);
+            if !tenant.key_sha256.is_empty() {
+                tenant.key_sha256 =
+                    format!("{}…", &tenant.key_sha256[..8.min(tenant.key_sha256.len())]);
+            }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// A certificate's SHA-256 fingerprint as configured: 64 hex digits, in
+/// either case, optionally in `openssl`'s colon-separated form.
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let digits: String = text.trim().chars().filter(|c| *c != ':').collect();
+    if digits.len() != 64 {
+        return None;
+    }
+    hex::decode(digits).ok()?.try_into().ok()
+}
+
+/// The `server.tls_*` and `server.client_cert` rules: a certificate and its
+/// key together, readable files, and client certificates only with a CA.
+fn check_listener_tls(s: &ServerSettings, p: &mut Problems) {
+    match (s.tls_cert.is_empty(), s.tls_key.is_empty()) {
+        (false, true) => p.add(
+            "server.tls_key",
+            "server.tls_cert is set: give its private key too (PEM), both or neither",
+        ),
+        (true, false) => p.add(
+            "server.tls_cert",
+            "server.tls_key is set: give the certificate chain too (PEM), both or neither",
+        ),
+        _ => {}
+    }
+    for (key, path) in [
+        ("server.tls_cert", &s.tls_cert),
+        ("server.tls_key", &s.tls_key),
+        ("server.tls_client_ca", &s.tls_client_ca),
+    ] {
+        if !path.is_empty() {
+            if let Err(e) = std::fs::metadata(path).and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("not a file"))
+                }
+            }) {
+                p.add(key, format!("cannot read {path:?}: {e}"));
+            }
+        }
+    }
+    if !s.tls_client_ca.is_empty() && s.tls_cert.is_empty() {
+        p.add(
+            "server.tls_client_ca",
+            "client certificates need TLS on the listener: set server.tls_cert and server.tls_key",
+        );
+    }
+    match (s.client_cert, s.tls_client_ca.is_empty()) {
+        (ClientCertMode::None, false) => p.add(
+            "server.client_cert",
+            "server.tls_client_ca is set but client_cert is \"none\": set \"optional\" (a key or a certificate) or \"required\" (every client presents one)",
+        ),
+        (ClientCertMode::Optional | ClientCertMode::Required, true) => p.add(
+            "server.client_cert",
+            "client certificates are verified against server.tls_client_ca: set it to the PEM file of the CA that signs them",
+        ),
+        _ => {}
     }
 }
 
@@ -1540,10 +1707,190 @@ spend_cap_usd_per_month = 1000
     }
 
     #[test]
+    fn tls_settings_are_checked_together_and_name_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cert.pem");
+        std::fs::write(&file, "x").unwrap();
+        let f = file.display();
+        let load = |extra: &str| {
+            Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[]))
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let err = load(&format!("[server]\ntls_cert = \"{f}\"\n"));
+        assert!(
+            err.starts_with("server.tls_key: server.tls_cert is set"),
+            "{err}"
+        );
+        let err = load("[server]\ntls_key = \"/nonexistent/key.pem\"\n");
+        assert!(
+            err.contains("server.tls_cert: server.tls_key is set"),
+            "{err}"
+        );
+        assert!(
+            err.contains("server.tls_key: cannot read \"/nonexistent/key.pem\""),
+            "{err}"
+        );
+        let both = format!("[server]\ntls_cert = \"{f}\"\ntls_key = \"{f}\"\n");
+        assert_eq!(load(&both), "");
+        let err = load(&format!("{both}client_cert = \"required\"\n"));
+        assert!(
+            err.starts_with(
+                "server.client_cert: client certificates are verified against server.tls_client_ca"
+            ),
+            "{err}"
+        );
+        let err = load(&format!("{both}tls_client_ca = \"{f}\"\n"));
+        assert!(
+            err.starts_with(
+                "server.client_cert: server.tls_client_ca is set but client_cert is \"none\""
+            ),
+            "{err}"
+        );
+        let err = load(&format!("{both}client_cert = \"sometimes\"\n"));
+        assert!(
+            err.contains("\"sometimes\" is not one of none, optional, required"),
+            "{err}"
+        );
+        let mtls = format!("{both}tls_client_ca = \"{f}\"\nclient_cert = \"optional\"\n");
+        assert_eq!(load(&mtls), "");
+        let err = load(&format!(
+            "[server]\ntls_client_ca = \"{f}\"\nclient_cert = \"optional\"\n"
+        ));
+        assert!(
+            err.contains("server.tls_client_ca: client certificates need TLS on the listener"),
+            "{err}"
+        );
+
+        // Tenants: a credential each, fingerprints well-formed and one tenant's.
+        let fp = "AB:".repeat(31) + "AB";
+        let ok = format!("{mtls}[tenants.a]\nclient_cert_sha256 = [\"{fp}\"]\n");
+        let s = Settings::load_layers(&[DEMO_TOML, &ok], &[], env(&[])).unwrap();
+        assert_eq!(
+            parse_fingerprint(&s.tenants["a"].client_cert_sha256[0]),
+            Some([0xab; 32])
+        );
+        assert_eq!(parse_fingerprint(&"ab".repeat(32)), Some([0xab; 32]));
+        assert!(
+            s.redacted_toml().contains(&fp),
+            "fingerprints are not secrets"
+        );
+        let err = load(&format!("{mtls}[tenants.a]\nweight = 2\n"));
+        assert!(
+            err.starts_with("tenants.a.key_sha256: a tenant needs a credential"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{mtls}[tenants.a]\nclient_cert_sha256 = [\"abc\"]\n"
+        ));
+        assert!(
+            err.starts_with(
+                "tenants.a.client_cert_sha256[0]: \"abc\" is not a SHA-256 fingerprint"
+            ),
+            "{err}"
+        );
+        let err = load(&format!("{mtls}[tenants.a]\nclient_cert_sha256 = [\"{fp}\"]\n[tenants.b]\nclient_cert_sha256 = [\"{}\"]\n", "ab".repeat(32)));
+        assert!(
+            err.contains("a certificate can be one tenant only"),
+            "{err}"
+        );
+        let err = load(&format!("[tenants.a]\nclient_cert_sha256 = [\"{fp}\"]\n"));
+        assert!(err.starts_with("tenants.a.client_cert_sha256: client certificates are only asked for with server.tls_client_ca"), "{err}");
+    }
+
+    #[test]
+    fn rediss_is_verified_and_its_ca_file_needs_it() {
+        let load = |extra: &str| {
+            Settings::load_layers(&[DEMO_TOML, extra], &[], env(&[]))
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let redis = "[quota]\nstore = \"redis\"\n";
+        assert_eq!(
+            load(&format!("{redis}redis_url = \"rediss://r:6380\"\n")),
+            ""
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"rediss://r:6380/#insecure\"\n"
+        ));
+        assert!(
+            err.starts_with("quota.redis_url: rediss:// URLs take no #fragment"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"redis://r:6379\"\nredis_ca_file = \"/ca.pem\"\n"
+        ));
+        assert!(
+            err.starts_with("quota.redis_ca_file: is only used with"),
+            "{err}"
+        );
+        let err = load(&format!(
+            "{redis}redis_url = \"rediss://r:6380\"\nredis_ca_file = \"/nonexistent/ca.pem\"\n"
+        ));
+        assert!(err.starts_with("quota.redis_ca_file: cannot read"), "{err}");
+        let err = load("[batch]\nstore = \"postgres\"\npostgres_url = \"postgres://db/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n");
+        assert!(
+            err.starts_with("batch.postgres_url: sslrootcert names \"/nonexistent/ca.pem\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn redaction_hides_the_upstream_token() {
         let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
         let shown = s.redacted_toml();
         assert!(!shown.contains("demo-upstream-token"));
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn telemetry_comes_from_files_and_the_environment_with_its_headers_redacted() {
+        let s = Settings::load_layers(&[DEMO_TOML], &[], env(&[])).unwrap();
+        assert!(!s.telemetry.enabled(), "off by default");
+        let s = Settings::load_layers(
+            &[DEMO_TOML, "[telemetry]\nsample_ratio = 0.25\n"],
+            &[],
+            env(&[
+                (
+                    "SPILLWAY__TELEMETRY__OTLP_ENDPOINT",
+                    "http://127.0.0.1:4318",
+                ),
+                (
+                    "SPILLWAY__TELEMETRY__HEADERS__AUTHORIZATION",
+                    "Bearer otel-s3cret",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(s.telemetry.enabled());
+        assert_eq!(s.telemetry.sample_ratio, 0.25);
+        assert_eq!(s.telemetry.traces_url(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(s.telemetry.headers["authorization"], "Bearer otel-s3cret");
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("otel-s3cret"), "{shown}");
+        assert!(shown.contains("[telemetry"), "{shown}");
+        let err = Settings::load_layers(
+            &[DEMO_TOML],
+            &[],
+            env(&[("SPILLWAY__TELEMETRY__SAMPLE_RATIO", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("telemetry.sample_ratio: 2 is not a fraction")
+                && err.contains("SPILLWAY__TELEMETRY__SAMPLE_RATIO"),
+            "{err}"
+        );
+        let err = Settings::load_layers(
+            &[DEMO_TOML, "[telemetry]\nendpoint = \"x\"\n"],
+            &[],
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("telemetry.endpoint") && err.contains("otlp_endpoint"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The `quota.store`, `quota.redis_*` and `quota.replicas` settings: where
-//! the ledgers live, and the rules a shared store's settings must meet.
+//! the ledgers live, and the rules a shared store's settings must meet
+//! (a `rediss://` server is always verified: no `#insecure`).
 //! Opening the store is `quota_store`'s job.
 
 use serde::{Deserialize, Serialize};
@@ -42,14 +43,27 @@ pub fn check(q: &QuotaDefaults, p: &mut Problems) {
                 "quota.store is \"redis\": must be a redis://host:port[/db] URL (or rediss://, unix://)",
             );
         }
-        if url.starts_with("rediss://") {
+        if url.starts_with("rediss://") && url.contains('#') {
+            // The client's `#insecure` would skip verifying the server.
             p.add(
                 "quota.redis_url",
-                "rediss:// (TLS) is not built in: reach Redis on a private network or through a TLS tunnel",
+                "rediss:// URLs take no #fragment: the server's certificate is always verified (trust a private CA with quota.redis_ca_file)",
             );
-        }
-        if let Err(e) = spillway_redis::check_url(url) {
+        } else if let Err(e) = spillway_redis::check_url(url) {
             p.add("quota.redis_url", format!("not a valid Redis URL: {e}"));
+        }
+    }
+    if !q.redis_ca_file.is_empty() {
+        if q.store != QuotaStoreKind::Redis || !q.redis_url.starts_with("rediss://") {
+            p.add(
+                "quota.redis_ca_file",
+                "is only used with quota.store = \"redis\" and a rediss:// (TLS) redis_url",
+            );
+        } else if let Err(e) = std::fs::metadata(&q.redis_ca_file) {
+            p.add(
+                "quota.redis_ca_file",
+                format!("cannot read {:?}: {e}", q.redis_ca_file),
+            );
         }
     }
     let prefix = &q.redis_key_prefix;

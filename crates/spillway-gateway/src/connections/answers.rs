@@ -10,6 +10,8 @@
 //! carries) and puts an Anthropic-shaped one in their place, so a client
 //! never sees an answer Spillway did not shape. Each is counted in
 //! `spillway_connections_refused_total` and logged once, with its id.
+//! Over TLS the same holds: [`ShapedIo`] sits above the TLS session (it
+//! sees the HTTP bytes) and writes its answers into it ([`Socket`]).
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +22,7 @@ use prometheus::IntCounterVec;
 use spillway_vertex::{error_body, ErrorKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::idle::Watch;
 use crate::request_id::new_request_id;
@@ -76,17 +79,58 @@ fn library_refusal(head: &[u8]) -> Option<(u16, &'static str, &'static str)> {
     (!ours).then_some(refusal)
 }
 
+/// A client connection's byte stream: the TCP socket, or a TLS session
+/// over it. Besides reading and writing, it can hand a short last answer
+/// to the kernel without waiting (the 408 written as a connection drops).
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Writes `answer` (and, for TLS, a close_notify) only as far as the
+    /// send buffer takes it now.
+    fn write_now(&mut self, answer: &[u8]);
+}
+
+impl Socket for TcpStream {
+    fn write_now(&mut self, answer: &[u8]) {
+        let _ = self.try_write(answer);
+    }
+}
+
+impl Socket for TlsStream<TcpStream> {
+    fn write_now(&mut self, answer: &[u8]) {
+        use std::io::Write;
+        /// The socket as `std::io::Write`, never waiting.
+        struct Now<'a>(&'a TcpStream);
+        impl Write for Now<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tcp, session) = self.get_mut();
+        if session.writer().write_all(answer).is_err() {
+            return;
+        }
+        session.send_close_notify();
+        while session.wants_write() {
+            if session.write_tls(&mut Now(tcp)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The client socket as hyper sees it. See the module docs.
-pub(crate) struct ShapedIo {
-    tcp: TcpStream,
+pub(crate) struct ShapedIo<S: Socket = TcpStream> {
+    tcp: S,
     watch: Arc<Watch>,
     refused: IntCounterVec,
     /// A replacement answer still to be written, from this offset.
     pending: Option<(Vec<u8>, usize)>,
 }
 
-impl ShapedIo {
-    pub(crate) fn new(tcp: TcpStream, watch: Arc<Watch>, refused: IntCounterVec) -> Self {
+impl<S: Socket> ShapedIo<S> {
+    pub(crate) fn new(tcp: S, watch: Arc<Watch>, refused: IntCounterVec) -> Self {
         Self {
             tcp,
             watch,
@@ -127,7 +171,7 @@ impl ShapedIo {
     }
 }
 
-impl AsyncRead for ShapedIo {
+impl<S: Socket> AsyncRead for ShapedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -142,7 +186,7 @@ impl AsyncRead for ShapedIo {
     }
 }
 
-impl AsyncWrite for ShapedIo {
+impl<S: Socket> AsyncWrite for ShapedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -203,7 +247,7 @@ impl AsyncWrite for ShapedIo {
     }
 }
 
-impl Drop for ShapedIo {
+impl<S: Socket> Drop for ShapedIo<S> {
     /// hyper closes a connection whose head timed out without answering;
     /// a client that had started a request gets a 408 instead, written
     /// without waiting (a few hundred bytes into an idle send buffer).
@@ -217,7 +261,7 @@ impl Drop for ShapedIo {
                 None,
             );
             tracing::info!(request_id = %id, status = 408, "request head timed out");
-            let _ = self.tcp.try_write(&answer);
+            self.tcp.write_now(&answer);
         }
     }
 }

@@ -36,6 +36,8 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::listener_tls::ClientCertificate;
+
 /// What a connection's task, its socket and its requests share.
 #[derive(Debug)]
 pub(crate) struct Watch {
@@ -158,11 +160,13 @@ impl Drop for InFlight {
     }
 }
 
-/// The router as one connection's hyper service, counting its requests.
+/// The router as one connection's hyper service, counting its requests
+/// and handing each the connection's verified client certificate, if any.
 #[derive(Clone)]
 pub(crate) struct ConnService {
     pub(crate) router: Router,
     pub(crate) watch: Arc<Watch>,
+    pub(crate) peer: Option<ClientCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -170,8 +174,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Error = Infallible;
     type Future = TrackedFuture;
 
-    fn call(&self, request: Request<Incoming>) -> TrackedFuture {
+    fn call(&self, mut request: Request<Incoming>) -> TrackedFuture {
         let guard = InFlight::new(&self.watch);
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(peer);
+        }
         let mut router = self.router.clone();
         TrackedFuture {
             inner: tower_service::Service::call(&mut router, request),

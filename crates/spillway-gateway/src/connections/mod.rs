@@ -19,6 +19,13 @@
 //!   every connection is then told to finish the request in hand and close;
 //!   at *stopped* the cut answers get [`FLUSH_AFTER_STOP`] to be written and
 //!   whatever remains is dropped. [`serve`] returns when no connection is left.
+//! - **Over TLS** (`server.tls_cert`, [`crate::listener_tls`]) the same holds,
+//!   inside the session: the handshake runs in the connection's task, on its
+//!   slot, and must be done within `server.header_read_timeout_ms` of the
+//!   accept; the 503 past the limit is written after a handshake of its own
+//!   (bounded like the plain one); a client that speaks plain HTTP to the
+//!   TLS port gets a plain 400 saying to use `https://`. The verified client
+//!   certificate, if any, goes to every request as a request extension.
 
 pub(crate) mod answers;
 mod idle;
@@ -36,9 +43,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ServerSettings, MAX_HEADERS_LIMIT};
 use crate::lifecycle::Lifecycle;
+use crate::listener_tls::{looks_like_tls, peer_certificate, ClientCertificate, ListenerTls};
 use crate::metrics::Metrics;
-use answers::{raw_answer, ShapedIo};
+use answers::{raw_answer, ShapedIo, Socket};
 use idle::{ConnService, Expiry, Watch};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
 
 /// How long cut answers (a stream's `event: error`, a unary 503) get to
 /// reach their clients once the grace is over.
@@ -116,17 +126,19 @@ struct Shared {
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    tls: Option<Arc<ListenerTls>>,
 }
 
-/// Serves `router` on `listener` until the lifecycle closes, then until the
-/// last connection ends. Returns how many connections were still open when
-/// the grace ran out (and were cut).
+/// Serves `router` on `listener` (over TLS with `tls`) until the lifecycle
+/// closes, then until the last connection ends. Returns how many
+/// connections were still open when the grace ran out (and were cut).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     settings: &ServerSettings,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    tls: Option<Arc<ListenerTls>>,
 ) -> usize {
     let open_files = raise_open_file_limit();
     let limit = max_connections(settings.max_connections, open_files);
@@ -160,6 +172,7 @@ pub async fn serve(
         metrics,
         slots: Arc::new(Semaphore::new(limit)),
         refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+        tls,
     });
     let tasks = TaskTracker::new();
     let mut accept_errors = 0u64;
@@ -212,15 +225,116 @@ pub async fn serve(
 async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePermit) {
     let _slot = slot;
     shared.metrics.open_connections.inc();
+    match &shared.tls {
+        None => serve_io(&shared, tcp, None).await,
+        Some(tls) => {
+            if let Some((stream, peer)) = handshake(&shared, tls, tcp).await {
+                serve_io(&shared, stream, peer).await;
+            }
+        }
+    }
+    shared.metrics.open_connections.dec();
+    // Returning drops the slot.
+}
+
+/// The TLS handshake of a connection, within the head timeout of its
+/// accept; `None` when it failed, timed out, was plain HTTP (answered) or
+/// the listener is closing.
+async fn handshake(
+    shared: &Shared,
+    tls: &ListenerTls,
+    tcp: TcpStream,
+) -> Option<(TlsStream<TcpStream>, Option<ClientCertificate>)> {
+    let refused = |reason: &str| {
+        shared
+            .metrics
+            .connections_refused
+            .with_label_values(&[reason])
+            .inc();
+    };
+    let deadline = tokio::time::Instant::now() + shared.head;
+    let life = &shared.lifecycle;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        _ = life.closing() => return None,
+        peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
+    };
+    match peeked {
+        Err(_) => {
+            refused("tls_timeout");
+            tracing::debug!("TLS handshake: nothing sent within server.header_read_timeout_ms");
+            return None;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => return None,
+        Ok(Ok(_)) if !looks_like_tls(first[0]) => {
+            refused("plain_http");
+            answer_plain_http(tcp).await;
+            return None;
+        }
+        Ok(Ok(_)) => {}
+    }
+    let accepted = tokio::select! {
+        _ = life.closing() => return None,
+        accepted = tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)) => accepted,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let peer = peer_certificate(stream.get_ref().1);
+            Some((stream, peer))
+        }
+        Ok(Err(e)) => {
+            refused("tls_handshake");
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            refused("tls_timeout");
+            tracing::debug!("TLS handshake did not finish within server.header_read_timeout_ms");
+            None
+        }
+    }
+}
+
+/// Plain HTTP on the TLS port: a plain-text 400 that says what to do.
+async fn answer_plain_http(mut tcp: TcpStream) {
+    let (id, answer) = raw_answer(
+        400,
+        "Bad Request",
+        ErrorKind::InvalidRequest,
+        "this port serves HTTPS only: connect with https:// (server.tls_cert is set)",
+        None,
+    );
+    tracing::info!(request_id = %id, "plain HTTP on the TLS listener refused");
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_and_close(&mut tcp, &answer)).await;
+}
+
+/// Writes a whole answer, closes the write side, and reads what the client
+/// still sends, so closing does not reset the connection before it has
+/// read the answer. Callers bound it in time.
+async fn write_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    answer: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(answer).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
+}
+
+/// Serves one connection's HTTP over `io` (TCP, or TLS over it).
+async fn serve_io<S: Socket>(shared: &Shared, io: S, peer: Option<ClientCertificate>) {
     let watch = Arc::new(Watch::default());
     let io = ShapedIo::new(
-        tcp,
+        io,
         Arc::clone(&watch),
         shared.metrics.connections_refused.clone(),
     );
     let service = ConnService {
         router: shared.router.clone(),
         watch: Arc::clone(&watch),
+        peer,
     };
     let conn = shared
         .builder
@@ -258,9 +372,8 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, slot: OwnedSemaphorePer
     if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
-    shared.metrics.open_connections.dec();
     // Returning drops the connection and its socket (see `ShapedIo`'s
-    // Drop, which answers a timed-out head), then the slot.
+    // Drop, which answers a timed-out head).
 }
 
 /// Past the connection limit: a 503 the client can act on, then close.
@@ -273,8 +386,8 @@ fn refuse(shared: &Arc<Shared>, tasks: &TaskTracker, mut tcp: TcpStream) {
     let Ok(turn) = Arc::clone(&shared.refusing).try_acquire_owned() else {
         return; // dropped: closed at once
     };
+    let tls = shared.tls.clone();
     tasks.spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let _turn = turn;
         let (id, answer) = raw_answer(
             503,
@@ -285,13 +398,13 @@ fn refuse(shared: &Arc<Shared>, tasks: &TaskTracker, mut tcp: TcpStream) {
         );
         tracing::warn!(request_id = %id, "connection refused: at server.max_connections");
         let written = tokio::time::timeout(Duration::from_secs(1), async {
-            tcp.write_all(&answer).await?;
-            tcp.shutdown().await?;
-            // Read what the client sent, so closing does not reset the
-            // connection before it has read the answer.
-            let mut sink = [0u8; 4096];
-            while tcp.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
+            match tls {
+                None => write_and_close(&mut tcp, &answer).await,
+                Some(tls) => {
+                    let mut stream = tls.refusing_acceptor().accept(tcp).await?;
+                    write_and_close(&mut stream, &answer).await
+                }
+            }
         })
         .await;
         if let Ok(Err(e)) = written {

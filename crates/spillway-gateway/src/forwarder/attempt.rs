@@ -27,6 +27,7 @@ use crate::answer::{Answer, ForwardError, Served};
 use crate::metrics::status_label;
 use crate::observer::{Admission, Trace};
 use crate::scheduler::{Demand, Rejection};
+use crate::telemetry::AttemptStatus;
 use crate::upstream::{Provider, ProviderRequest};
 
 /// The client's body, encoded for each provider the call may reach. Most
@@ -96,6 +97,16 @@ fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
             Some(Outcome::Unavailable)
         }
         _ => None,
+    }
+}
+
+/// How an attempt answered, for its span.
+fn attempt_status(result: &Result<reqwest::Response, ForwardError>) -> AttemptStatus {
+    match result {
+        Ok(response) => AttemptStatus::Http(response.status().as_u16()),
+        Err(ForwardError::UpstreamTimeout { .. }) => AttemptStatus::Timeout,
+        Err(ForwardError::Credentials) => AttemptStatus::Credentials,
+        Err(_) => AttemptStatus::Transport,
     }
 }
 
@@ -402,6 +413,9 @@ impl Forwarder {
             })
             .await;
         trace.upstream_latency = sent.elapsed();
+        if let Some(span) = trace.span.as_mut() {
+            span.attempted(&trace.region, sent, attempt_status(&result));
+        }
         let status = match &result {
             Ok(response) => status_label(response.status().as_u16()),
             Err(ForwardError::UpstreamTimeout { .. }) => "timeout",

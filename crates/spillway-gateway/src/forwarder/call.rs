@@ -22,6 +22,7 @@ use super::Forwarder;
 use crate::answer::ForwardError;
 use crate::request_id::RequestId;
 use crate::scheduler::Priority;
+use crate::telemetry::RequestSpan;
 use crate::tenants::{CapExceeded, Tenant};
 
 /// What a surface hands the forwarder, the model still named as the client
@@ -45,6 +46,9 @@ pub struct CallRequest {
     pub priority: Priority,
     pub tenant: Tenant,
     pub request_id: RequestId,
+    /// The request's span, when traces are on and it is sampled
+    /// (`telemetry`); the call's trace carries it to the observer.
+    pub span: Option<RequestSpan>,
 }
 
 /// One call, resolved to a configured model.

@@ -50,6 +50,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::observer::{Observer, Trace};
 use crate::scheduler::{Demand, Scheduler};
+use crate::telemetry::{CallSpan, Telemetry};
 use crate::upstream::Providers;
 use tokio_util::task::TaskTracker;
 
@@ -173,6 +174,12 @@ impl Forwarder {
         });
     }
 
+    /// Records spans of every call (`[telemetry]` on).
+    pub fn with_telemetry(mut self, telemetry: Option<Arc<Telemetry>>) -> Self {
+        self.observer = self.observer.with_telemetry(telemetry);
+        self
+    }
+
     pub fn lifecycle(&self) -> &Lifecycle {
         &self.lifecycle
     }
@@ -212,14 +219,26 @@ impl Forwarder {
 
     /// Runs one call to its end (for a stream: to its first byte; the
     /// stream settles itself when it ends).
-    pub async fn forward(self: &Arc<Self>, call: Call<'_>) -> Forwarded {
-        let r = &call.request;
+    pub async fn forward(self: &Arc<Self>, mut call: Call<'_>) -> Forwarded {
+        let r = &mut call.request;
         let mut trace = Trace::new(
             r.request_id.clone(),
             Arc::clone(&r.tenant.name),
             call.model.id.clone(),
         );
         trace.priority = r.priority;
+        if let Some(start) = r.span.take().filter(|s| s.sampled()) {
+            let operation = match r.op {
+                Operation::CountTokens => "count_tokens",
+                Operation::Messages => "chat",
+            };
+            trace.span = Some(Box::new(CallSpan::new(
+                start,
+                operation,
+                r.max_tokens,
+                r.stream,
+            )));
+        }
         let result = match call.request.op {
             Operation::CountTokens => self.count_tokens(call, &mut trace).await,
             Operation::Messages => self.messages(call, &mut trace).await,

@@ -20,7 +20,7 @@ use http::{header, HeaderValue};
 use spillway_core::ledger::Charge;
 use spillway_core::store::{Grant, Outcome};
 use spillway_core::{ModelId, ModelSpec};
-use spillway_vertex::{normalize_upstream_error, usage_from_message_body, Usage};
+use spillway_vertex::{message_end_from_body, normalize_upstream_error, Usage};
 
 use super::call::Plan;
 use super::Forwarder;
@@ -191,7 +191,11 @@ pub(super) async fn unary(
             &body,
         )));
     }
-    let usage = usage_from_message_body(&body);
+    let end = message_end_from_body(&body);
+    let usage = end.usage;
+    if let Some(span) = trace.span.as_mut() {
+        span.body_read(end.stop_reason);
+    }
     if let Some(settle) = settle {
         let settlements = settle.forwarder.settlements.clone();
         settlements.spawn(settle.run(usage, Ending::Complete));
@@ -234,7 +238,7 @@ pub(super) fn stream(
             } else {
                 "stream_error"
             };
-            ended.set(outcome.usage, label);
+            ended.set(outcome.usage, label, outcome.stop_reason);
             let usage = outcome.saw_message_start.then_some(outcome.usage);
             let ending = if outcome.completed {
                 Ending::Complete

@@ -365,7 +365,11 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ForwardError 
         } else {
             "connection error"
         };
-        tracing::warn!(%region, error = %error.without_url(), "upstream transport error");
+        // The causes say what broke (a refused connection, an untrusted
+        // certificate); reqwest's own message is only "error sending
+        // request". None of them carries the URL or a header.
+        let error = error.without_url();
+        tracing::warn!(%region, error = %error, cause = %causes(&error), "upstream transport error");
         ForwardError::UpstreamUnavailable {
             region,
             reason: reason.into(),
@@ -373,9 +377,39 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ForwardError 
     }
 }
 
+/// The chain of `error`'s sources, outermost first, joined by `: `.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = Vec::new();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        chain.push(e.to_string());
+        cause = e.source();
+    }
+    chain.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_name_every_source_outermost_first() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Request(#[source] Connect);
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Connect(#[source] std::io::Error);
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert_eq!(
+            causes(&Request(Connect(io))),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(causes(&std::io::Error::other("alone")), "");
+    }
 
     fn upstream() -> Vertex {
         Vertex {
