@@ -500,6 +500,7 @@ fn open_spend(
                 &q.redis_url,
                 &q.redis_key_prefix,
                 Duration::from_millis(q.redis_timeout_ms.max(1000)),
+                (!q.redis_ca_file.is_empty()).then(|| std::path::Path::new(&q.redis_ca_file)),
             )
             .map_err(|e| StartError::Config(format!("quota.redis_url: {e}")))?;
             Arc::new(RedisSpendStore(redis))

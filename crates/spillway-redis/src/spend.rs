@@ -60,10 +60,16 @@ pub struct RedisSpend {
 
 impl RedisSpend {
     /// Keys are `{key_prefix}spend:…`; every call gives up after `timeout`
-    /// (connecting included). Connects on first use.
-    pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+    /// (connecting included). Connects on first use. `ca_file`: for
+    /// `rediss://`, trusted beside the system's roots, as the quota store does.
+    pub fn new(
+        url: &str,
+        key_prefix: &str,
+        timeout: Duration,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client: crate::store::client(url, ca_file)?,
             conn: Mutex::new(None),
             prefix: format!("{key_prefix}spend:"),
             timeout,

@@ -232,19 +232,7 @@ impl RedisStore {
         settings: &RedisSettings,
         counters: LeaseCounters,
     ) -> Result<Self, StoreError> {
-        let client = match &settings.ca_file {
-            Some(ca_file) if settings.url.starts_with("rediss://") => {
-                let roots = crate::tls::roots_with(ca_file).map_err(StoreError::Tls)?;
-                redis::Client::build_with_tls(
-                    settings.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(roots),
-                    },
-                )?
-            }
-            _ => redis::Client::open(settings.url.as_str())?,
-        };
+        let client = client(&settings.url, settings.ca_file.as_deref())?;
         let p = &settings.key_prefix;
         let mut requesters: HashMap<QuotaGroup, Vec<Slot>> = HashMap::new();
         let mut buckets: Vec<Arc<Bucket>> = Vec::new();
@@ -359,6 +347,27 @@ impl RedisStore {
         *self.lock_conn() = Some(conn);
         Ok(())
     }
+}
+
+/// A client for `url`, trusting `ca_file` beside the system's roots for
+/// `rediss://` (`tls.rs`): the quota store and the spend keys alike.
+pub(crate) fn client(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<redis::Client, StoreError> {
+    Ok(match ca_file {
+        Some(ca_file) if url.starts_with("rediss://") => {
+            let roots = crate::tls::roots_with(ca_file).map_err(StoreError::Tls)?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots),
+                },
+            )?
+        }
+        _ => redis::Client::open(url)?,
+    })
 }
 
 impl Inner {
