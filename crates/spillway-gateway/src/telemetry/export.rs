@@ -69,6 +69,22 @@ impl Queue {
         }
     }
 
+    /// Drops and counts `spans` spans without building them when the
+    /// queue is full or closed: with the collector down the queue stays
+    /// full, so a request then costs what it costs with traces off, not
+    /// the building of spans that would be thrown away.
+    pub(super) fn refuse_unbuilt(&self, spans: u64) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            self.counters.shutdown.inc_by(spans);
+            true
+        } else if self.tx.capacity() == 0 {
+            self.counters.queue_full.inc_by(spans);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Takes no more spans (shutdown).
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);

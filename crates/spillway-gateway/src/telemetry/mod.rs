@@ -238,6 +238,9 @@ impl Telemetry {
     /// Records a finished model request (from the observer): its span and
     /// one per upstream attempt, queued for export.
     pub fn call_done(&self, span: &CallSpan, facts: &CallFacts<'_>) {
+        if self.queue.refuse_unbuilt(1 + span.upstream.len() as u64) {
+            return;
+        }
         let ids = || self.ids.new_span_id();
         let upstream = |location: &str| self.upstreams.get(&(facts.model.into(), location.into()));
         let provider = upstream(facts.location)
@@ -264,6 +267,9 @@ impl Telemetry {
     /// Records a request that was no model call (an API call, or a model
     /// request refused before it became one).
     pub fn http_done(&self, span: &RequestSpan, request: HttpFacts<'_>) {
+        if self.queue.refuse_unbuilt(1) {
+            return;
+        }
         self.queue.push(spans::http_span(
             &self.scope,
             span,
