@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, succeeded};
+use support::binary::{batch, results, succeeded};
 use support::postgres::TempDatabase;
 use support::replica::Replica;
 
@@ -58,15 +58,7 @@ async fn completed(replica: &Replica, http: &reqwest::Client) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_a_batch_and_one_survives_a_sigkill_of_the_other() {
-    let db = TempDatabase::create("spillway_replicas").await;
-    // The scenario runs in its own task so that a failed assertion still
-    // lets the database be dropped (the replicas are killed by their guards
-    // as the task unwinds).
-    let outcome = tokio::spawn(scenario(db.url.clone())).await;
-    db.drop_now().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    TempDatabase::around("spillway_replicas", scenario).await;
 }
 
 async fn scenario(postgres_url: String) {
@@ -154,18 +146,7 @@ async fn scenario(postgres_url: String) {
     };
     assert_eq!(succeeded(&ended), ITEMS as u64, "{ended}");
 
-    let text = http
-        .get(ended["results_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = results(&http, &ended).await;
     assert_eq!(lines.len(), ITEMS, "exactly one result per custom_id");
     let ids: HashSet<String> = lines
         .iter()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, free_port, succeeded, wait_healthy, write_config};
+use support::binary::{batch, free_port, results, succeeded, wait_healthy, write_config};
 
 mod support;
 
@@ -128,18 +128,7 @@ lease_secs = 30
     };
     assert_eq!(succeeded(&ended), ITEMS as u64, "{ended}");
 
-    let text = http
-        .get(ended["results_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = results(&http, &ended).await;
     assert_eq!(lines.len(), ITEMS, "exactly one result per custom_id");
     let ids: HashSet<String> = lines
         .iter()

@@ -37,7 +37,7 @@ use redis_server::RedisServer;
 use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, SimHandle, SimModel, SimRegion, Simulator};
 use support::arrivals::busiest_window;
-use support::binary::{batch, succeeded};
+use support::binary::{batch, results, succeeded};
 use support::postgres::TempDatabase;
 use support::replica::Replica;
 
@@ -250,14 +250,7 @@ async fn traffic(pool: Arc<Pool>, stop: Arc<AtomicBool>, out: Arc<Outcomes>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_traffic_loses_nothing_admitted_and_keeps_every_window_in_budget() {
-    let db = TempDatabase::create("spillway_rolling").await;
-    // In its own task, so a failed assertion still drops the database (the
-    // replicas are killed by their guards as the task unwinds).
-    let outcome = tokio::spawn(scenario(db.url.clone())).await;
-    db.drop_now().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    TempDatabase::around("spillway_rolling", scenario).await;
 }
 
 async fn scenario(pg_url: String) {
@@ -401,18 +394,10 @@ async fn scenario(pg_url: String) {
     assert_eq!(upstream_429s, 0, "no upstream 429 from over-admission");
 
     assert_eq!(succeeded(&ended), BATCH_ITEMS as u64, "{ended}");
-    let text = http
-        .get(ended["results_url"].as_str().unwrap())
-        .send()
+    let ids: Vec<String> = results(&http, &ended)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let ids: Vec<String> = text
-        .lines()
-        .map(|l| {
-            let line: Value = serde_json::from_str(l).unwrap();
+        .iter()
+        .map(|line| {
             assert_eq!(line["result"]["type"], "succeeded", "{line}");
             line["custom_id"].as_str().unwrap().to_string()
         })

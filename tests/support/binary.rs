@@ -85,6 +85,17 @@ pub async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
     response.text().await.unwrap()
 }
 
+/// An ended batch's results (`GET results_url`), one JSON line each.
+pub async fn results(http: &reqwest::Client, ended: &Value) -> Vec<Value> {
+    let url = ended["results_url"]
+        .as_str()
+        .expect("an ended batch has results");
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 pub fn succeeded(b: &Value) -> u64 {
     b["request_counts"]["succeeded"].as_u64().unwrap()
 }

@@ -37,6 +37,22 @@ impl TempDatabase {
         }
     }
 
+    /// Runs `scenario` with a fresh database's URL in a task of its own,
+    /// so a failed assertion still drops the database (processes the
+    /// scenario started are killed by their guards as its task unwinds);
+    /// the failure is then raised here.
+    pub async fn around<F>(prefix: &str, scenario: impl FnOnce(String) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let db = Self::create(prefix).await;
+        let outcome = tokio::spawn(scenario(db.url.clone())).await;
+        db.drop_now().await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     pub async fn drop_now(&self) {
         let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
         sqlx::query(&format!(
