@@ -14,9 +14,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, results, succeeded};
+use support::binary::{batch, create_batch, results, succeeded};
 use support::postgres::TempDatabase;
 use support::replica::Replica;
 
@@ -86,26 +85,9 @@ async fn scenario(postgres_url: String) {
     let mut b = replica("b", dir.path(), &sim.base_url(), &postgres_url);
     b.wait_healthy(&http).await;
 
-    let requests: Vec<Value> = (0..ITEMS)
-        .map(|i| {
-            json!({"custom_id": format!("item-{i}"), "params": {
-                "model": HAIKU, "max_tokens": 16,
-                "messages": [{"role": "user", "content": format!("SIM_OUTPUT_TOKENS=2 {i}")}]}})
-        })
-        .collect();
-    let created: Value = http
-        .post(format!("{}/v1/messages/batches", a.url))
-        .json(&json!({ "requests": requests }))
-        .send()
+    let id = create_batch(&http, &a.url, ITEMS, 2)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("batch created: {created}\n{}", a.log_text()))
-        .to_string();
+        .unwrap_or_else(|answer| panic!("batch created: {answer}\n{}", a.log_text()));
 
     // Each replica's quota is 600 a minute (10 a second): both together
     // take about 6 s for the batch. Kill B once both have finished items

@@ -8,9 +8,11 @@ use std::collections::HashSet;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use spillway_sim::{Fault, FaultKind, SimConfig, Simulator};
-use support::binary::{batch, free_port, results, succeeded, wait_healthy, write_config};
+use support::binary::{
+    batch, create_batch, free_port, results, succeeded, wait_healthy, write_config,
+};
 
 mod support;
 
@@ -69,31 +71,14 @@ lease_secs = 30
     let mut gateway = start_gateway(&config, &log);
     wait_healthy(&http, &url, &mut gateway).await;
     assert!(db.exists(), "the SQLite file is created on first start");
-    let requests: Vec<Value> = (0..ITEMS)
-        .map(|i| {
-            json!({"custom_id": format!("item-{i}"), "params": {
-                "model": HAIKU, "max_tokens": 16,
-                "messages": [{"role": "user", "content": format!("SIM_OUTPUT_TOKENS=2 {i}")}]}})
-        })
-        .collect();
-    let created: Value = http
-        .post(format!("{url}/v1/messages/batches"))
-        .json(&json!({ "requests": requests }))
-        .send()
+    let id = create_batch(&http, &url, ITEMS, 2)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"]
-        .as_str()
-        .unwrap_or_else(|| {
+        .unwrap_or_else(|answer| {
             panic!(
-                "batch created: {created}\n{}",
+                "batch created: {answer}\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             )
-        })
-        .to_string();
+        });
 
     // 1200 a minute is 20 a second: about 6 s for the batch. Kill it a
     // third of the way in.

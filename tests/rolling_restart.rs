@@ -34,10 +34,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
-use serde_json::{json, Value};
+use serde_json::json;
 use spillway_sim::{Fault, FaultKind, SimConfig, SimHandle, SimModel, SimRegion, Simulator};
 use support::arrivals::busiest_window;
-use support::binary::{batch, results, succeeded};
+use support::binary::{batch, create_batch, results, succeeded};
 use support::postgres::TempDatabase;
 use support::replica::Replica;
 
@@ -275,26 +275,9 @@ async fn scenario(pg_url: String) {
         tokio::time::sleep(PROBE).await;
     }
 
-    let requests: Vec<Value> = (0..BATCH_ITEMS)
-        .map(|i| {
-            json!({"custom_id": format!("item-{i}"), "params": {
-                "model": HAIKU, "max_tokens": 16,
-                "messages": [{"role": "user", "content": format!("SIM_OUTPUT_TOKENS=4 {i}")}]}})
-        })
-        .collect();
-    let created: Value = http
-        .post(format!("{}/v1/messages/batches", replicas[0].url))
-        .json(&json!({ "requests": requests }))
-        .send()
+    let id = create_batch(&http, &replicas[0].url, BATCH_ITEMS, 4)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("batch created: {created}"))
-        .to_string();
+        .unwrap_or_else(|answer| panic!("batch created: {answer}"));
 
     let stop_traffic = Arc::new(AtomicBool::new(false));
     let out = Arc::new(Outcomes::default());

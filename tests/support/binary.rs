@@ -85,6 +85,38 @@ pub async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
     response.text().await.unwrap()
 }
 
+/// Creates a batch of `items` Claude 3 Haiku requests, `item-0` onwards,
+/// each answered with `output_tokens` tokens: its id, or the answer that
+/// was not a created batch.
+pub async fn create_batch(
+    http: &reqwest::Client,
+    url: &str,
+    items: usize,
+    output_tokens: u32,
+) -> Result<String, Value> {
+    let requests: Vec<Value> = (0..items)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("item-{i}"), "params": {
+                "model": "claude-3-haiku@20240307", "max_tokens": 16,
+                "messages": [{"role": "user",
+                              "content": format!("SIM_OUTPUT_TOKENS={output_tokens} {i}")}]}})
+        })
+        .collect();
+    let created: Value = http
+        .post(format!("{url}/v1/messages/batches"))
+        .json(&serde_json::json!({ "requests": requests }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    match created["id"].as_str() {
+        Some(id) => Ok(id.to_string()),
+        None => Err(created),
+    }
+}
+
 /// An ended batch's results (`GET results_url`), one JSON line each.
 pub async fn results(http: &reqwest::Client, ended: &Value) -> Vec<Value> {
     let url = ended["results_url"]
