@@ -130,9 +130,7 @@ async fn metric(replica: &Replica, name: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    support::series(&text, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

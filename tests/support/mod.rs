@@ -144,13 +144,16 @@ impl Drop for Harness {
 /// The value of the series named exactly `series` (name and labels, labels
 /// in Prometheus's order), or panics naming it.
 pub fn series_value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    self::series(metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
+/// The value of `series` (a name, with its labels if it has any) in a
+/// `/metrics` text, if it is there.
+pub fn series(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }
 
 pub fn hello(model: &str) -> Value {

@@ -90,9 +90,7 @@ impl Replica {
             .text()
             .await
             .ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        super::series(&text, name)
     }
 
     /// The sum of every series of `name`, whatever its labels.
