@@ -23,10 +23,13 @@
 //!   held over the window while demand exceeds it.
 //! - [`ledger`]: one (region, model) budget as a reservation log that is
 //!   never over quota in any window and can be settled to actual usage.
+//! - [`bucket`]: one budget on Anthropic's own API as its continuously
+//!   refilling token buckets, exact, and what its rate-limit headers teach.
 //! - [`spend`]: what a request cost, from its tokens and the model's
 //!   prices, in exact integer picodollars; UTC days and months; spend caps.
 
 pub mod adaptive;
+pub mod bucket;
 pub mod catalog;
 pub mod estimate;
 pub mod image;
