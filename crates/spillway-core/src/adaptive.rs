@@ -156,6 +156,11 @@ impl Adaptive {
         self.configured
     }
 
+    /// Configured × headroom: the most learning may ever set.
+    pub fn ceiling(&self) -> Limits {
+        self.ceiling
+    }
+
     /// Operators changed the quota (Google raised it): start over from it.
     pub fn set_configured(&mut self, configured: Limits) {
         *self = Self::new(configured, self.config);
@@ -180,6 +185,14 @@ impl Adaptive {
             .min(self.config.cooldown_max);
         let jittered = base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0));
         self.cooldown_until = self.cooldown_until.max(now + jittered);
+    }
+
+    /// Upstream said when to come back (a 429's `retry-after`): closed until
+    /// `until` exactly, unless a longer cooldown is already in force. A
+    /// strike like any 429, so later guessed cooldowns still grow.
+    pub fn hold_until(&mut self, until: Duration) {
+        self.strikes = self.strikes.saturating_add(1);
+        self.cooldown_until = self.cooldown_until.max(until);
     }
 
     /// Upstream answered 429 although the ledger had room. `observed` is the

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::adaptive::{Adaptive, AdaptiveConfig, Exhausted};
+use crate::bucket::{RateLimitReport, TokenBucket};
 use crate::keys::QuotaGroup;
 use crate::ledger::{Charge, EntryId, Ledger, Limits, Usage};
 
@@ -164,45 +165,200 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn replicas(&self) -> u32 {
         1
     }
+    /// What upstream's rate-limit headers said in answer to `grant`: call
+    /// it when they arrive, before [`QuotaStore::settle`]. A no-op for a
+    /// store that cannot use them (Vertex sends none; its budgets are
+    /// windows).
+    fn learn<'a>(&'a self, grant: &'a Grant, report: &'a RateLimitReport) -> StoreFuture<'a, ()> {
+        let _ = (grant, report);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// What a meter makes of an upstream 429 for one of its reservations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RateLimitLesson {
+    /// A window's usage without the refused request: upstream's real limit
+    /// is about this much ([`Adaptive::on_rate_limited`] learns it).
+    Window(Usage),
+    /// Nothing to learn about limits (the headers teach those); keep the
+    /// location closed until this store time, or for the usual cooldown
+    /// when `None`.
+    Hold(Option<Duration>),
+}
+
+/// How a budget counts: a sliding window ([`Ledger`], Vertex) or token
+/// buckets ([`TokenBucket`], Anthropic). The store does everything else
+/// (choice, locks, cooldowns, drains) the same way for both.
+pub trait Meter: std::fmt::Debug + Send + 'static {
+    fn limits(&self) -> Limits;
+    fn set_limits(&mut self, limits: Limits, now: Duration);
+    fn reserve(&mut self, charge: Charge, now: Duration) -> Option<EntryId>;
+    fn settle(&mut self, id: EntryId, actual: Charge, now: Duration);
+    /// The request was never sent.
+    fn cancel(&mut self, id: EntryId, now: Duration);
+    /// Upstream answered 429 naming `which`.
+    fn rate_limited(&mut self, id: EntryId, which: Exhausted, now: Duration) -> RateLimitLesson;
+    /// Usage admitted elsewhere, stamped `at`.
+    fn import(&mut self, at: Duration, usage: Usage, now: Duration);
+    fn earliest_fit(&mut self, charge: Charge, now: Duration) -> Option<Duration>;
+    /// When the meter holds nothing again: the window empty, the buckets
+    /// full ([`BudgetView::empty_at`]).
+    fn empty_at(&mut self, now: Duration) -> Duration;
+    fn headroom_after(&mut self, charge: Charge, now: Duration) -> Option<f64>;
+    fn usage(&mut self, now: Duration) -> Usage;
+    fn in_flight(&mut self, now: Duration) -> Usage;
+    /// Applies a response's rate-limit report for reservation `id`, with
+    /// `ceiling` the most the limits may be and `share` the replicas
+    /// splitting upstream's bucket. Returns a store time to stay closed
+    /// until (`retry-after`). The window meter learns nothing from it.
+    fn learn(
+        &mut self,
+        id: EntryId,
+        report: &RateLimitReport,
+        now: Duration,
+        ceiling: Limits,
+        share: u32,
+    ) -> Option<Duration> {
+        let _ = (id, report, now, ceiling, share);
+        None
+    }
+}
+
+impl Meter for Ledger {
+    fn limits(&self) -> Limits {
+        Ledger::limits(self)
+    }
+    fn set_limits(&mut self, limits: Limits, _now: Duration) {
+        Ledger::set_limits(self, limits);
+    }
+    fn reserve(&mut self, charge: Charge, now: Duration) -> Option<EntryId> {
+        Ledger::reserve(self, charge, now)
+    }
+    fn settle(&mut self, id: EntryId, actual: Charge, _now: Duration) {
+        Ledger::settle(self, id, actual);
+    }
+    fn cancel(&mut self, id: EntryId, _now: Duration) {
+        Ledger::cancel(self, id);
+    }
+    fn rate_limited(&mut self, id: EntryId, _which: Exhausted, now: Duration) -> RateLimitLesson {
+        // Upstream counted the request but spent no tokens on it.
+        Ledger::settle(self, id, Charge::default());
+        let mut observed = Ledger::usage(self, now);
+        observed.requests = observed.requests.saturating_sub(1);
+        RateLimitLesson::Window(observed)
+    }
+    fn import(&mut self, at: Duration, usage: Usage, _now: Duration) {
+        Ledger::import(self, at, usage);
+    }
+    fn earliest_fit(&mut self, charge: Charge, now: Duration) -> Option<Duration> {
+        Ledger::earliest_fit(self, charge, now)
+    }
+    fn empty_at(&mut self, now: Duration) -> Duration {
+        Ledger::empty_at(self, now)
+    }
+    fn headroom_after(&mut self, charge: Charge, now: Duration) -> Option<f64> {
+        Ledger::headroom_after(self, charge, now)
+    }
+    fn usage(&mut self, now: Duration) -> Usage {
+        Ledger::usage(self, now)
+    }
+    fn in_flight(&mut self, now: Duration) -> Usage {
+        Ledger::in_flight(self, now)
+    }
+}
+
+impl Meter for TokenBucket {
+    fn limits(&self) -> Limits {
+        TokenBucket::limits(self)
+    }
+    fn set_limits(&mut self, limits: Limits, now: Duration) {
+        TokenBucket::set_limits(self, limits, now);
+    }
+    fn reserve(&mut self, charge: Charge, now: Duration) -> Option<EntryId> {
+        TokenBucket::reserve(self, charge, now)
+    }
+    fn settle(&mut self, id: EntryId, actual: Charge, now: Duration) {
+        TokenBucket::settle(self, id, actual, now);
+    }
+    fn cancel(&mut self, id: EntryId, now: Duration) {
+        TokenBucket::cancel(self, id, now);
+    }
+    fn rate_limited(&mut self, id: EntryId, which: Exhausted, now: Duration) -> RateLimitLesson {
+        RateLimitLesson::Hold(TokenBucket::rate_limited(self, id, which, now))
+    }
+    fn import(&mut self, _at: Duration, usage: Usage, now: Duration) {
+        TokenBucket::import(self, usage, now);
+    }
+    fn earliest_fit(&mut self, charge: Charge, now: Duration) -> Option<Duration> {
+        TokenBucket::earliest_fit(self, charge, now)
+    }
+    fn empty_at(&mut self, now: Duration) -> Duration {
+        TokenBucket::full_at(self, now)
+    }
+    fn headroom_after(&mut self, charge: Charge, now: Duration) -> Option<f64> {
+        TokenBucket::headroom_after(self, charge, now)
+    }
+    fn usage(&mut self, now: Duration) -> Usage {
+        TokenBucket::usage(self, now)
+    }
+    fn in_flight(&mut self, now: Duration) -> Usage {
+        TokenBucket::in_flight(self, now)
+    }
+    fn learn(
+        &mut self,
+        id: EntryId,
+        report: &RateLimitReport,
+        now: Duration,
+        ceiling: Limits,
+        share: u32,
+    ) -> Option<Duration> {
+        TokenBucket::learn(self, id, report, now, ceiling, share)
+    }
 }
 
 /// One region-model budget in memory.
 #[derive(Debug)]
-struct Budget {
-    ledger: Ledger,
+struct Budget<M> {
+    meter: M,
     adaptive: Adaptive,
     drained: bool,
 }
 
-impl Budget {
-    fn sync_limits(&mut self) {
-        self.ledger.set_limits(self.adaptive.limits());
+impl<M: Meter> Budget<M> {
+    fn sync_limits(&mut self, now: Duration) {
+        self.meter.set_limits(self.adaptive.limits(), now);
     }
 }
 
 /// One bucket's budget, shared by every requester pointing at it.
 #[derive(Debug)]
-struct SharedBudget {
+struct SharedBudget<M> {
     /// The bucket group; with `region`, the budget's key.
     bucket: QuotaGroup,
     region: Arc<str>,
-    budget: Mutex<Budget>,
+    budget: Mutex<Budget<M>>,
 }
 
 /// A requester's locations in configured order, each with the index of the
 /// budget it draws on.
 type Locations = Vec<(Arc<str>, usize)>;
 
-/// The in-memory store: exact for one replica.
-pub struct MemoryStore<C: Clock> {
+/// The in-memory store: exact for one replica. `M` is how its budgets
+/// count: sliding windows ([`MemoryStore::new`]) or token buckets
+/// ([`MemoryStore::buckets`]).
+pub struct MemoryStore<C: Clock, M: Meter = Ledger> {
     clock: C,
     /// Every bucket's budget once, sorted by (bucket group, location). A
     /// budget's index here is its place in the one global lock order.
-    budgets: Vec<SharedBudget>,
+    budgets: Vec<SharedBudget<M>>,
     /// requester → its locations, in configured order. Built once; only the
     /// budgets' contents change, under their own locks.
     requesters: HashMap<QuotaGroup, Locations>,
     jitter_state: AtomicU64,
+    /// Replicas splitting upstream's real buckets (report limits and
+    /// levels are divided by it); 1 unless [`MemoryStore::with_share`].
+    share: u32,
 }
 
 /// One (requester, location) for [`MemoryStore::new`]: which bucket it
@@ -219,19 +375,55 @@ pub struct BudgetConfig {
     pub limits: Limits,
 }
 
-fn lock(budget: &Mutex<Budget>) -> MutexGuard<'_, Budget> {
+fn lock<M>(budget: &Mutex<Budget<M>>) -> MutexGuard<'_, Budget<M>> {
     // A panic while holding the lock left consistent-enough state; keep serving.
     budget
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<C: Clock> MemoryStore<C> {
+impl<C: Clock> MemoryStore<C, Ledger> {
+    /// Budgets as sliding windows of length `window` (Vertex).
     pub fn new(
         clock: C,
         window: Duration,
         adaptive: AdaptiveConfig,
         budgets: &[BudgetConfig],
+    ) -> Self {
+        Self::with_meters(clock, adaptive, budgets, |limits| {
+            Ledger::new(window, limits)
+        })
+    }
+}
+
+impl<C: Clock> MemoryStore<C, TokenBucket> {
+    /// Budgets as token buckets refilling their limits every `period`
+    /// (Anthropic's first-party API: 60 s). Each starts full.
+    pub fn buckets(
+        clock: C,
+        period: Duration,
+        adaptive: AdaptiveConfig,
+        budgets: &[BudgetConfig],
+    ) -> Self {
+        Self::with_meters(clock, adaptive, budgets, |limits| {
+            TokenBucket::new(period, limits)
+        })
+    }
+
+    /// This replica's budgets are one of `share` (≥ 1) equal slices of
+    /// upstream's real buckets: reports are divided by it before learning.
+    pub fn with_share(mut self, share: u32) -> Self {
+        self.share = share.max(1);
+        self
+    }
+}
+
+impl<C: Clock, M: Meter> MemoryStore<C, M> {
+    fn with_meters(
+        clock: C,
+        adaptive: AdaptiveConfig,
+        budgets: &[BudgetConfig],
+        meter: impl Fn(Limits) -> M,
     ) -> Self {
         let mut keys: Vec<(&QuotaGroup, &str, Limits)> = Vec::new();
         for b in budgets {
@@ -243,7 +435,7 @@ impl<C: Clock> MemoryStore<C> {
             }
         }
         keys.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let shared: Vec<SharedBudget> = keys
+        let shared: Vec<SharedBudget<M>> = keys
             .iter()
             .map(|&(bucket, region, limits)| {
                 let adaptive = Adaptive::new(limits, adaptive);
@@ -251,7 +443,7 @@ impl<C: Clock> MemoryStore<C> {
                     bucket: bucket.clone(),
                     region: Arc::from(region),
                     budget: Mutex::new(Budget {
-                        ledger: Ledger::new(window, adaptive.limits()),
+                        meter: meter(adaptive.limits()),
                         adaptive,
                         drained: false,
                     }),
@@ -274,6 +466,7 @@ impl<C: Clock> MemoryStore<C> {
             budgets: shared,
             requesters,
             jitter_state: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            share: 1,
         }
     }
 
@@ -288,7 +481,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     /// The budget (requester, region) draws on.
-    fn budget_of(&self, requester: &str, region: &str) -> Option<&Mutex<Budget>> {
+    fn budget_of(&self, requester: &str, region: &str) -> Option<&Mutex<Budget<M>>> {
         let (_, index) = self
             .requesters
             .get(requester)?
@@ -308,7 +501,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     /// The budget of the bucket (bucket group, region).
-    fn bucket(&self, bucket: &str, region: &str) -> Option<&Mutex<Budget>> {
+    fn bucket(&self, bucket: &str, region: &str) -> Option<&Mutex<Budget<M>>> {
         self.budgets
             .iter()
             .find(|b| b.bucket.as_str() == bucket && &*b.region == region)
@@ -322,10 +515,10 @@ impl<C: Clock> MemoryStore<C> {
     fn lock_in_order<'s>(
         &'s self,
         candidates: &[&'s (Arc<str>, usize)],
-    ) -> Vec<(&'s Arc<str>, MutexGuard<'s, Budget>)> {
+    ) -> Vec<(&'s Arc<str>, MutexGuard<'s, Budget<M>>)> {
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         order.sort_by_key(|&k| candidates[k].1);
-        let mut guards: Vec<Option<MutexGuard<'s, Budget>>> =
+        let mut guards: Vec<Option<MutexGuard<'s, Budget<M>>>> =
             candidates.iter().map(|_| None).collect();
         for k in order {
             guards[k] = Some(lock(&self.budgets[candidates[k].1].budget));
@@ -365,7 +558,7 @@ impl<C: Clock> MemoryStore<C> {
             if budget.drained || budget.adaptive.in_cooldown(now) {
                 continue;
             }
-            if let Some(headroom) = budget.ledger.headroom_after(request.charge, now) {
+            if let Some(headroom) = budget.meter.headroom_after(request.charge, now) {
                 let better = best.is_none_or(|(_, h)| headroom > h);
                 if better {
                     best = Some((i, headroom));
@@ -381,13 +574,13 @@ impl<C: Clock> MemoryStore<C> {
             }
             let (region, budget) = &mut candidates[i];
             let entry = budget
-                .ledger
+                .meter
                 .reserve(request.charge, now)
                 .expect("headroom_after said it fits");
             let view = BudgetView {
-                limits: budget.ledger.limits(),
-                usage: budget.ledger.usage(now),
-                empty_at: budget.ledger.empty_at(now),
+                limits: budget.meter.limits(),
+                usage: budget.meter.usage(now),
+                empty_at: budget.meter.empty_at(now),
                 now,
             };
             return Ok(Some(Grant {
@@ -403,7 +596,7 @@ impl<C: Clock> MemoryStore<C> {
             if budget.drained {
                 continue;
             }
-            let when = match budget.ledger.earliest_fit(request.charge, now) {
+            let when = match budget.meter.earliest_fit(request.charge, now) {
                 Some(t) => Some(t.max(budget.adaptive.cooldown_until())),
                 // Too big for the learned limit but not for the ceiling:
                 // learning will raise the limit again within a probe period.
@@ -432,30 +625,55 @@ impl<C: Clock> MemoryStore<C> {
         let mut budget = lock(budget);
         match outcome {
             Outcome::Used(actual) => {
-                budget.ledger.settle(grant.entry, actual);
+                budget.meter.settle(grant.entry, actual, now);
                 if budget.adaptive.on_success(now) {
-                    budget.sync_limits();
+                    budget.sync_limits(now);
                 }
             }
             Outcome::RateLimited(which) => {
-                // Upstream counted the request but spent no tokens on it.
-                budget.ledger.settle(grant.entry, Charge::default());
-                let mut observed = budget.ledger.usage(now);
-                observed.requests = observed.requests.saturating_sub(1);
-                budget
-                    .adaptive
-                    .on_rate_limited(now, observed, which, jitter);
-                budget.sync_limits();
+                match budget.meter.rate_limited(grant.entry, which, now) {
+                    RateLimitLesson::Window(observed) => {
+                        budget
+                            .adaptive
+                            .on_rate_limited(now, observed, which, jitter);
+                        budget.sync_limits(now);
+                    }
+                    // Upstream said when: exactly that long.
+                    RateLimitLesson::Hold(Some(until)) => budget.adaptive.hold_until(until),
+                    RateLimitLesson::Hold(None) => budget.adaptive.on_unavailable(now, jitter),
+                }
             }
             Outcome::Unavailable => {
-                budget.ledger.settle(grant.entry, Charge::default());
+                budget.meter.settle(grant.entry, Charge::default(), now);
                 budget.adaptive.on_unavailable(now, jitter);
             }
             Outcome::Broken(used) => {
-                budget.ledger.settle(grant.entry, used);
+                budget.meter.settle(grant.entry, used, now);
                 budget.adaptive.on_unavailable(now, jitter);
             }
-            Outcome::NotSent => budget.ledger.cancel(grant.entry),
+            Outcome::NotSent => budget.meter.cancel(grant.entry, now),
+        }
+    }
+
+    /// The synchronous heart of [`QuotaStore::learn`]: applies `report`
+    /// (upstream's rate-limit headers in answer to `grant`) to the grant's
+    /// budget, with its ceiling (configured limits, headroom applied) as
+    /// the most learning may set, and keeps the location closed until
+    /// `retry-after` when the report carries one. Call it when the headers
+    /// arrive, before [`MemoryStore::settle_now`]. A window budget learns
+    /// nothing from it.
+    pub fn learn_now(&self, grant: &Grant, report: &RateLimitReport) {
+        let Some(budget) = self.budget_of(grant.group.as_str(), &grant.region) else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut budget = lock(budget);
+        let ceiling = budget.adaptive.ceiling();
+        if let Some(until) = budget
+            .meter
+            .learn(grant.entry, report, now, ceiling, self.share)
+        {
+            budget.adaptive.hold_until(until);
         }
     }
 
@@ -467,7 +685,8 @@ impl<C: Clock> MemoryStore<C> {
         let Some(budget) = self.bucket(bucket, region) else {
             return false;
         };
-        lock(budget).ledger.import(at, usage);
+        let now = self.clock.now();
+        lock(budget).meter.import(at, usage, now);
         true
     }
 
@@ -482,9 +701,9 @@ impl<C: Clock> MemoryStore<C> {
                     group: shared.bucket.clone(),
                     region: Arc::clone(&shared.region),
                     configured: b.adaptive.configured(),
-                    effective: b.ledger.limits(),
-                    usage: b.ledger.usage(now),
-                    in_flight: b.ledger.in_flight(now),
+                    effective: b.meter.limits(),
+                    usage: b.meter.usage(now),
+                    in_flight: b.meter.in_flight(now),
                     cooldown_remaining: b.adaptive.cooldown_until().saturating_sub(now),
                     drained: b.drained,
                 }
@@ -493,7 +712,7 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
-impl<C: Clock> QuotaStore for MemoryStore<C> {
+impl<C: Clock, M: Meter> QuotaStore for MemoryStore<C, M> {
     fn now(&self) -> Duration {
         self.clock.now()
     }
@@ -525,10 +744,11 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
         region: &'a str,
         limits: Limits,
     ) -> StoreFuture<'a, bool> {
+        let now = self.clock.now();
         let found = self.bucket(group.as_str(), region).map(|b| {
             let mut b = lock(b);
             b.adaptive.set_configured(limits);
-            b.sync_limits();
+            b.sync_limits(now);
         });
         Box::pin(std::future::ready(found.is_some()))
     }
@@ -540,6 +760,11 @@ impl<C: Clock> QuotaStore for MemoryStore<C> {
             count += 1;
         }
         Box::pin(std::future::ready(count))
+    }
+
+    fn learn<'a>(&'a self, grant: &'a Grant, report: &'a RateLimitReport) -> StoreFuture<'a, ()> {
+        self.learn_now(grant, report);
+        Box::pin(std::future::ready(()))
     }
 }
 
