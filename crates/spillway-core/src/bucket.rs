@@ -240,6 +240,11 @@ impl TokenBucket {
                 (Some(_), Some(cap)) => {
                     self.level[dim] = self.level[dim].min(cap);
                     self.clamp_gaps(dim, cap);
+                    // No level was ever above the capacity: a remembered
+                    // one above it would read the cut as a discrepancy.
+                    for e in self.entries.values_mut() {
+                        e.snapshot[dim] = e.snapshot[dim].min(cap);
+                    }
                 }
                 (_, None) => self.level[dim] = 0,
             }
@@ -857,4 +862,791 @@ pub fn parse_rfc3339(s: &str) -> Option<Duration> {
     let secs =
         days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
     Some(Duration::new(u64::try_from(secs).ok()?, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Ledger;
+    use proptest::prelude::*;
+
+    const P: Duration = Duration::from_secs(60);
+    const NS: Duration = Duration::from_nanos(1);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+
+    fn input(n: u64) -> Charge {
+        Charge {
+            input: n,
+            output: 0,
+        }
+    }
+
+    fn output(n: u64) -> Charge {
+        Charge {
+            input: 0,
+            output: n,
+        }
+    }
+
+    #[test]
+    fn half_a_period_after_a_full_burst_exactly_half_is_back() {
+        let limits = Limits::new(60, 60_000);
+        let mut b = TokenBucket::new(P, limits);
+        let mut window = Ledger::new(P, limits);
+        for _ in 0..60 {
+            assert!(b.reserve(input(1_000), Duration::ZERO).is_some());
+            assert!(window.reserve(input(1_000), Duration::ZERO).is_some());
+        }
+        assert!(b.reserve(input(0), Duration::ZERO).is_none(), "drained");
+        // One nanosecond early, 30 requests are not quite back.
+        let mut early = b.clone();
+        for _ in 0..29 {
+            assert!(early.reserve(input(1_000), secs(30) - NS).is_some());
+        }
+        assert!(early.reserve(input(1_000), secs(30) - NS).is_none());
+        // At 30 s exactly: 30 requests and 30,000 tokens, not one more.
+        for _ in 0..30 {
+            assert!(b.reserve(input(1_000), secs(30)).is_some());
+        }
+        assert!(b.reserve(input(0), secs(30)).is_none());
+        assert_eq!(b.usage(secs(30)).requests, 60);
+        // The window would still be closed for another 30 s.
+        assert!(!window.fits(input(1_000), secs(30)));
+    }
+
+    #[test]
+    fn debt_from_an_under_estimate_delays_the_next_admission_exactly() {
+        // 1,000 tokens a minute: 1 token per 60 ms.
+        let mut b = TokenBucket::new(P, Limits::new(100, 1_000));
+        let a = b.reserve(input(1_000), Duration::ZERO).unwrap();
+        b.settle(a, input(1_500), Duration::ZERO);
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 1_500, "500 in debt");
+        // 600 tokens to regain before 100 fit: 36 s.
+        assert_eq!(b.earliest_fit(input(100), Duration::ZERO), Some(secs(36)));
+        assert!(b.reserve(input(100), secs(36) - NS).is_none());
+        assert!(b.reserve(input(100), secs(36)).is_some());
+    }
+
+    #[test]
+    fn settle_credit_is_capped_at_capacity() {
+        let mut b = TokenBucket::new(P, Limits::new(10, 1_000));
+        let a = b.reserve(output(800), Duration::ZERO).unwrap();
+        // Full again after a period; the unused 800 cannot overfill it.
+        b.settle(a, output(0), secs(60));
+        assert_eq!(b.usage(secs(60)).tokens(), 0);
+        assert!(b.reserve(output(1_000), secs(60)).is_some());
+        assert!(b.reserve(output(1), secs(60)).is_none());
+    }
+
+    #[test]
+    fn an_input_over_estimate_is_credited_as_if_never_debited() {
+        // 1,000 tokens a minute; Anthropic counts the real input (0) at
+        // admission, so its bucket stays full while ours refills.
+        let mut b = TokenBucket::new(P, Limits::new(10, 1_000));
+        let a = b.reserve(input(500), Duration::ZERO).unwrap();
+        // 18 s: 300 back, 800 here; Anthropic's was full and gained nothing.
+        assert!(b.reserve(input(800), secs(18)).is_some());
+        // Anthropic has 200 left. A plain credit of 500 would claim 500.
+        b.settle(a, input(0), secs(18));
+        assert!(b.fits(input(200), secs(18)));
+        assert!(!b.fits(input(201), secs(18)));
+    }
+
+    #[test]
+    fn cancel_refunds_everything() {
+        let mut b = TokenBucket::new(P, Limits::new(1, 1_000));
+        let a = b.reserve(input(600), secs(1)).unwrap();
+        assert!(!b.fits(input(1), secs(2)));
+        assert_eq!(b.in_flight(secs(2)).requests, 1);
+        b.cancel(a, secs(2));
+        assert_eq!(b.usage(secs(2)), Usage::default());
+        assert_eq!(b.in_flight(secs(2)), Usage::default());
+        assert!(b.reserve(input(1_000), secs(2)).is_some());
+        // Cancelling twice (or settling after) changes nothing.
+        b.cancel(a, secs(2));
+        b.settle(a, input(0), secs(2));
+        assert!(!b.fits(input(0), secs(2)));
+    }
+
+    #[test]
+    fn earliest_fit_is_exact_per_dimension() {
+        // 6,000 tokens a minute: 100 a second; 2 requests: one per 30 s.
+        let mut b = TokenBucket::new(P, Limits::new(2, 6_000));
+        b.reserve(input(6_000), Duration::ZERO).unwrap();
+        assert_eq!(b.earliest_fit(input(150), Duration::ZERO), Some(ms(1_500)));
+        assert!(!b.fits(input(150), ms(1_500) - NS));
+        assert!(b.fits(input(150), ms(1_500)));
+        assert_eq!(b.earliest_fit(input(6_001), secs(1)), None);
+        b.reserve(input(0), ms(1_500)).unwrap();
+        // Requests bind now: the second request spent what 1.5 s had
+        // brought back (0.05 of one), so a whole one is back at 30 s.
+        assert_eq!(b.earliest_fit(input(0), ms(1_500)), Some(secs(30)));
+        assert!(!b.fits(input(0), secs(30) - NS));
+        // Both buckets were drained at 0 (less what 1.5 s refilled, spent
+        // again): full a period after the drain.
+        assert_eq!(b.full_at(ms(1_500)), secs(60));
+    }
+
+    #[test]
+    fn full_at_and_headroom_match_the_ledger_on_a_fresh_budget() {
+        let limits = Limits::new(10, 1_000);
+        let mut b = TokenBucket::new(P, limits);
+        let mut l = Ledger::new(P, limits);
+        assert_eq!(b.full_at(secs(5)), secs(5));
+        assert_eq!(
+            b.headroom_after(input(100), Duration::ZERO),
+            l.headroom_after(input(100), Duration::ZERO)
+        );
+        assert_eq!(b.headroom_after(input(1_001), secs(5)), None);
+        b.reserve(input(600), secs(5)).unwrap();
+        // 600 tokens at 1,000 a minute: 36 s.
+        assert_eq!(b.full_at(secs(5)), secs(41));
+    }
+
+    #[test]
+    fn set_limits_clamps_levels_and_never_creates_room() {
+        let mut b = TokenBucket::new(P, Limits::new(10, 1_000));
+        b.set_limits(Limits::new(10, 400), Duration::ZERO);
+        assert!(b.fits(input(400), Duration::ZERO));
+        assert!(!b.fits(input(401), Duration::ZERO));
+        b.set_limits(Limits::new(10, 1_000), Duration::ZERO);
+        assert_eq!(
+            b.usage(Duration::ZERO).tokens(),
+            600,
+            "raising adds no room"
+        );
+        b.reserve(input(300), Duration::ZERO).unwrap();
+        b.set_limits(Limits::new(10, 50), Duration::ZERO);
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 0, "cut to the capacity");
+        assert!(b.fits(input(50), Duration::ZERO));
+        // A dimension newly limited starts full.
+        b.set_limits(Limits::split(10, 500, 100), Duration::ZERO);
+        assert_eq!(
+            b.usage(Duration::ZERO),
+            Usage {
+                requests: 1,
+                input: 0,
+                output: 0
+            }
+        );
+        assert!(!b.fits(output(101), Duration::ZERO));
+    }
+
+    #[test]
+    fn split_buckets_bind_separately_and_usage_reads_each() {
+        let mut b = TokenBucket::new(P, Limits::split(10, 1_000, 100));
+        b.reserve(
+            Charge {
+                input: 900,
+                output: 100,
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(!b.fits(output(1), Duration::ZERO));
+        assert!(b.fits(input(100), Duration::ZERO));
+        assert_eq!(
+            b.usage(Duration::ZERO),
+            Usage {
+                requests: 1,
+                input: 900,
+                output: 100
+            }
+        );
+        assert_eq!(
+            b.in_flight(Duration::ZERO),
+            Usage {
+                requests: 1,
+                input: 900,
+                output: 100
+            }
+        );
+    }
+
+    #[test]
+    fn a_429_refunds_tokens_keeps_the_request_and_empties_the_named_bucket() {
+        let mut b = TokenBucket::new(P, Limits::new(10, 1_000));
+        let a = b.reserve(input(300), Duration::ZERO).unwrap();
+        assert_eq!(b.rate_limited(a, Exhausted::Tokens, Duration::ZERO), None);
+        assert_eq!(
+            b.usage(Duration::ZERO),
+            Usage {
+                requests: 1,
+                input: 1_000,
+                output: 0
+            }
+        );
+        assert_eq!(b.in_flight(Duration::ZERO), Usage::default());
+        assert_eq!(b.earliest_fit(input(100), Duration::ZERO), Some(secs(6)));
+    }
+
+    const NOW_UNIX: Duration = Duration::from_secs(1_795_774_530); // 2026-11-27T10:15:30Z
+
+    fn headers(pairs: &[(&str, &str)]) -> RateLimitReport {
+        RateLimitReport::from_headers(pairs.iter().copied(), NOW_UNIX)
+    }
+
+    #[test]
+    fn reads_a_real_looking_header_set() {
+        let r = headers(&[
+            ("Anthropic-RateLimit-Requests-Limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2026-11-27T10:15:31Z"),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "27000"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-11-27T10:15:36.5Z",
+            ),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "7000"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-11-27T11:15:38+01:00",
+            ),
+            ("anthropic-ratelimit-tokens-limit", " 38000 "),
+            ("anthropic-ratelimit-tokens-remaining", "34000"),
+            (
+                "anthropic-ratelimit-tokens-reset",
+                "2026-11-27T05:15:37-05:00",
+            ),
+            ("request-id", "req_011"),
+            ("content-type", "application/json"),
+        ]);
+        assert_eq!(
+            r.requests,
+            Some(BucketReport {
+                limit: 50,
+                remaining: 49,
+                reset_in: secs(1)
+            })
+        );
+        assert_eq!(
+            r.input_tokens,
+            Some(BucketReport {
+                limit: 30_000,
+                remaining: 27_000,
+                reset_in: ms(6_500)
+            })
+        );
+        assert_eq!(r.output_tokens.unwrap().reset_in, secs(8));
+        assert_eq!(
+            r.tokens,
+            Some(BucketReport {
+                limit: 38_000,
+                remaining: 34_000,
+                reset_in: secs(7)
+            })
+        );
+        assert_eq!(r.retry_after, None);
+    }
+
+    #[test]
+    fn retry_after_in_whole_or_fractional_seconds_garbage_ignored() {
+        assert_eq!(
+            headers(&[("Retry-After", "12")]).retry_after,
+            Some(secs(12))
+        );
+        assert_eq!(
+            headers(&[("retry-after", "1.25")]).retry_after,
+            Some(ms(1_250))
+        );
+        assert_eq!(headers(&[("retry-after", ".5")]).retry_after, Some(ms(500)));
+        for garbage in [
+            "soon",
+            "-3",
+            "1e3",
+            "",
+            ".",
+            "1.2.3",
+            "+4",
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+        ] {
+            assert_eq!(
+                headers(&[("retry-after", garbage)]).retry_after,
+                None,
+                "{garbage:?}"
+            );
+        }
+        // Garbage after a good value does not erase it.
+        let r = headers(&[("retry-after", "3"), ("retry-after", "x")]);
+        assert_eq!(r.retry_after, Some(secs(3)));
+    }
+
+    #[test]
+    fn a_dimension_needs_limit_remaining_and_reset() {
+        let r = headers(&[
+            ("anthropic-ratelimit-requests-limit", "abc"),
+            ("anthropic-ratelimit-requests-remaining", "4"),
+            ("anthropic-ratelimit-requests-reset", "2026-11-27T10:15:31Z"),
+            ("anthropic-ratelimit-tokens-limit", "1000"),
+            ("anthropic-ratelimit-tokens-remaining", "1000"),
+            ("anthropic-ratelimit-tokens-reset", "2026-13-27T10:15:31Z"),
+            ("anthropic-ratelimit-output-tokens-limit", "1000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "-1"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-11-27T10:15:31Z",
+            ),
+            ("anthropic-ratelimit-input-tokens-limit", "1000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "0"),
+            // A reset already past is 0, not an error.
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2020-01-01T00:00:00Z",
+            ),
+        ]);
+        assert_eq!((r.requests, r.tokens, r.output_tokens), (None, None, None));
+        assert_eq!(r.input_tokens.unwrap().reset_in, Duration::ZERO);
+    }
+
+    #[test]
+    fn rfc3339_by_hand() {
+        let t = |s: &str| parse_rfc3339(s);
+        assert_eq!(t("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(t("2000-02-29T00:00:00Z"), Some(secs(951_782_400)));
+        assert_eq!(t("2026-11-27T10:15:30Z"), Some(NOW_UNIX));
+        assert_eq!(t("2026-11-27t10:15:30z"), Some(NOW_UNIX));
+        assert_eq!(t("2026-11-27 10:15:30Z"), Some(NOW_UNIX));
+        assert_eq!(t("2026-11-27T12:45:30+02:30"), Some(NOW_UNIX));
+        assert_eq!(t("2026-11-27T00:15:30-10:00"), Some(NOW_UNIX));
+        assert_eq!(
+            t("2026-11-27T10:15:30.123456789123Z"),
+            Some(NOW_UNIX + Duration::from_nanos(123_456_789))
+        );
+        assert_eq!(t("2026-12-31T23:59:59Z"), Some(secs(1_798_761_599)));
+        for bad in [
+            "2023-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-11-27T24:00:00Z",
+            "2026-11-27T10:15:30",
+            "2026-11-27T10:15:30.Z",
+            "2026-11-27T10:15:30+0100",
+            "2026-11-27T10:15:30+01:00x",
+            "2026-11-27T10:15:30Zx",
+            "1969-12-31T23:59:59Z",
+            "2026-1-27T10:15:30Z",
+            "２026-11-27T10:15:30Z",
+            "",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
+
+    fn report_tokens(limit: u64, remaining: u64) -> RateLimitReport {
+        RateLimitReport {
+            tokens: Some(BucketReport {
+                limit,
+                remaining,
+                reset_in: Duration::ZERO,
+            }),
+            ..RateLimitReport::default()
+        }
+    }
+
+    #[test]
+    fn learn_lowers_limits_raises_back_to_the_ceiling_and_never_above() {
+        let ceiling = Limits::split(50, 40_000, 8_000);
+        let mut b = TokenBucket::new(P, ceiling);
+        let a = b.reserve(input(1), Duration::ZERO).unwrap();
+        let lower = RateLimitReport {
+            requests: Some(BucketReport {
+                limit: 40,
+                remaining: 39,
+                reset_in: secs(1),
+            }),
+            input_tokens: Some(BucketReport {
+                limit: 30_000,
+                remaining: 30_000,
+                reset_in: secs(1),
+            }),
+            // No combined limit here: a header for it teaches nothing.
+            tokens: Some(BucketReport {
+                limit: 10,
+                remaining: 10,
+                reset_in: secs(1),
+            }),
+            ..RateLimitReport::default()
+        };
+        assert_eq!(b.learn(a, &lower, Duration::ZERO, ceiling, 1), None);
+        assert_eq!(b.limits(), Limits::split(40, 30_000, 8_000));
+        // Lowered capacity clamps the level too.
+        assert!(!b.fits(input(30_001), Duration::ZERO));
+        let higher = RateLimitReport {
+            requests: Some(BucketReport {
+                limit: 4_000,
+                remaining: 3_999,
+                reset_in: secs(1),
+            }),
+            input_tokens: Some(BucketReport {
+                limit: 35_000,
+                remaining: 35_000,
+                reset_in: secs(1),
+            }),
+            ..RateLimitReport::default()
+        };
+        let b2 = b.reserve(input(1), Duration::ZERO).unwrap();
+        b.learn(b2, &higher, Duration::ZERO, ceiling, 1);
+        assert_eq!(
+            b.limits(),
+            Limits::split(50, 35_000, 8_000),
+            "ceiling bounds it"
+        );
+    }
+
+    #[test]
+    fn learn_divides_by_share() {
+        let ceiling = Limits::new(100, 100_000);
+        let mut b = TokenBucket::new(P, ceiling);
+        let a = b.reserve(input(1_000), Duration::ZERO).unwrap();
+        // Four replicas split 200,000: ours is 50,000.
+        b.learn(
+            a,
+            &report_tokens(200_000, 196_000),
+            Duration::ZERO,
+            ceiling,
+            4,
+        );
+        assert_eq!(b.limits().tokens, Some(50_000));
+        // The level (99,000) is cut to the new capacity, and so is the one
+        // remembered; 196,000 / 4 = 49,000 was left of our slice: the other
+        // replicas spent our 1,000 more.
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 1_000);
+    }
+
+    #[test]
+    fn discrepancy_sync_with_requests_in_flight_debits_once() {
+        let ceiling = Limits::new(100, 100_000);
+        let mut b = TokenBucket::new(P, ceiling);
+        let t = Duration::ZERO;
+        let a = b.reserve(input(10_000), t).unwrap(); // remembered 90,000
+        let c = b.reserve(input(10_000), t).unwrap(); // remembered 80,000
+        let late = b.reserve(input(10_000), t).unwrap(); // remembered 70,000
+                                                         // A's report: Anthropic had 90,000 too. That our level is 70,000
+                                                         // now (two more in flight) is no discrepancy.
+        b.learn(a, &report_tokens(100_000, 90_000), t, ceiling, 1);
+        assert_eq!(b.usage(t).tokens(), 30_000);
+        // C's: 3,000 less than we thought then; still true now.
+        b.learn(c, &report_tokens(100_000, 77_000), t, ceiling, 1);
+        assert_eq!(b.usage(t).tokens(), 33_000);
+        // The late one shows the same 3,000 gap: already corrected.
+        b.learn(late, &report_tokens(100_000, 67_000), t, ceiling, 1);
+        assert_eq!(b.usage(t).tokens(), 33_000);
+        // Each report is used once.
+        b.learn(c, &report_tokens(100_000, 0), t, ceiling, 1);
+        assert_eq!(b.usage(t).tokens(), 33_000);
+        // Higher than ours: stay conservative.
+        let d = b.reserve(input(1_000), t).unwrap();
+        b.learn(d, &report_tokens(100_000, 99_000), t, ceiling, 1);
+        assert_eq!(b.usage(t).tokens(), 34_000);
+    }
+
+    #[test]
+    fn discrepancy_within_rounding_is_ignored() {
+        let ceiling = Limits::new(100, 100_000);
+        let fresh = || {
+            let mut b = TokenBucket::new(P, ceiling);
+            let a = b.reserve(input(10_000), Duration::ZERO).unwrap();
+            (b, a)
+        };
+        let (mut b, a) = fresh();
+        b.learn(
+            a,
+            &report_tokens(100_000, 89_500),
+            Duration::ZERO,
+            ceiling,
+            1,
+        );
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_000);
+        let (mut b, a) = fresh();
+        b.learn(
+            a,
+            &report_tokens(100_000, 89_499),
+            Duration::ZERO,
+            ceiling,
+            1,
+        );
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_501);
+        // With two replicas the rounding halves with the numbers: 89,750
+        // each is within 250 of 90,000; 89,700 is not.
+        let (mut b, a) = fresh();
+        b.learn(
+            a,
+            &report_tokens(200_000, 179_500),
+            Duration::ZERO,
+            ceiling,
+            2,
+        );
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_000);
+        let (mut b, a) = fresh();
+        b.learn(
+            a,
+            &report_tokens(200_000, 179_400),
+            Duration::ZERO,
+            ceiling,
+            2,
+        );
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_300);
+        // Requests are exact: one missing request is news.
+        let (mut b, a) = fresh();
+        let report = RateLimitReport {
+            requests: Some(BucketReport {
+                limit: 100,
+                remaining: 98,
+                reset_in: secs(1),
+            }),
+            ..RateLimitReport::default()
+        };
+        b.learn(a, &report, Duration::ZERO, ceiling, 1);
+        assert_eq!(b.usage(Duration::ZERO).requests, 2);
+    }
+
+    #[test]
+    fn learn_returns_the_retry_after_and_a_429_recalls_it() {
+        let ceiling = Limits::new(10, 1_000);
+        let mut b = TokenBucket::new(P, ceiling);
+        let a = b.reserve(input(100), secs(5)).unwrap();
+        let report = headers(&[("retry-after", "7")]);
+        assert_eq!(b.learn(a, &report, secs(5), ceiling, 1), Some(secs(12)));
+        assert_eq!(
+            b.rate_limited(a, Exhausted::Requests, secs(5)),
+            Some(secs(12))
+        );
+        assert_eq!(
+            b.usage(secs(5)).requests,
+            10,
+            "the requests bucket is empty"
+        );
+    }
+
+    // ---- Property tests -------------------------------------------------
+
+    /// Anthropic's bucket as documented, written independently: a level per
+    /// limited dimension that refills continuously and is capped; at
+    /// admission it debits the real input and `max_tokens` of output; at
+    /// the end it adjusts output to the real count. Levels × period nanos.
+    struct Anthropic {
+        period: i128,
+        limits: [Option<i128>; 4],
+        level: [i128; 4],
+        at: Duration,
+    }
+
+    impl Anthropic {
+        fn new(limits: Limits) -> Self {
+            let period = P.as_nanos() as i128;
+            let l = [
+                Some(i128::from(limits.requests)),
+                limits.tokens.map(i128::from),
+                limits.input_tokens.map(i128::from),
+                limits.output_tokens.map(i128::from),
+            ];
+            Self {
+                period,
+                limits: l,
+                level: l.map(|x| x.unwrap_or(0) * period),
+                at: Duration::ZERO,
+            }
+        }
+
+        fn refill(&mut self, now: Duration) {
+            let dt = (now - self.at).as_nanos() as i128;
+            self.at = now;
+            for (level, limit) in self.level.iter_mut().zip(self.limits) {
+                if let Some(limit) = limit {
+                    *level = (*level + dt * limit).min(limit * self.period);
+                }
+            }
+        }
+
+        /// Admits (requests, tokens, input, output): whether it had room.
+        fn admit(&mut self, now: Duration, input: u64, output: u64) -> bool {
+            self.refill(now);
+            let take = [1, input + output, input, output].map(i128::from);
+            let mut ok = true;
+            for ((level, limit), take) in self.level.iter_mut().zip(self.limits).zip(take) {
+                if limit.is_some() {
+                    ok &= *level >= take * self.period;
+                    *level -= take * self.period;
+                }
+            }
+            ok
+        }
+
+        fn end(&mut self, now: Duration, unused_output: u64) {
+            self.refill(now);
+            for i in [1, 3] {
+                if let Some(limit) = self.limits[i] {
+                    self.level[i] = (self.level[i] + i128::from(unused_output) * self.period)
+                        .min(limit * self.period);
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Advance(u64),
+        Reserve {
+            input: u64,
+            output: u64,
+            input_pct: u64,
+            output_pct: u64,
+            cancel: bool,
+        },
+        End {
+            pick: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u64..20_000).prop_map(Op::Advance),
+            (
+                0u64..4_000,
+                0u64..4_000,
+                0u64..=100,
+                0u64..=100,
+                proptest::bool::weighted(0.2)
+            )
+                .prop_map(|(input, output, input_pct, output_pct, cancel)| {
+                    Op::Reserve {
+                        input,
+                        output,
+                        input_pct,
+                        output_pct,
+                        cancel,
+                    }
+                }),
+            any::<usize>().prop_map(|pick| Op::End { pick }),
+        ]
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        (
+            1u32..20,
+            proptest::option::of(1_000u64..12_000),
+            proptest::option::of(1_000u64..8_000),
+            proptest::option::of(1_000u64..8_000),
+        )
+            .prop_map(|(requests, tokens, input_tokens, output_tokens)| Limits {
+                requests,
+                tokens,
+                input_tokens,
+                output_tokens,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the bucket admits, Anthropic's bucket has room for,
+        /// though the bucket only ever learns the real input at settlement.
+        #[test]
+        fn never_admits_what_anthropic_would_refuse(
+            ops in proptest::collection::vec(op(), 1..300),
+            limits in limits(),
+        ) {
+            let mut ours = TokenBucket::new(P, limits);
+            let mut theirs = Anthropic::new(limits);
+            // (id, reserved, actual, cancel)
+            let mut live: Vec<(EntryId, Charge, Charge, bool)> = Vec::new();
+            let mut now = Duration::ZERO;
+            for op in ops {
+                match op {
+                    Op::Advance(ms) => now += Duration::from_millis(ms),
+                    Op::Reserve { input, output, input_pct, output_pct, cancel } => {
+                        let reserved = Charge { input, output };
+                        let fits = ours.fits(reserved, now);
+                        let earliest = ours.earliest_fit(reserved, now);
+                        let Some(id) = ours.reserve(reserved, now) else {
+                            prop_assert!(!fits);
+                            if let Some(t) = earliest {
+                                prop_assert!(t > now);
+                                // Room comes then, and not a nanosecond sooner.
+                                prop_assert!(!ours.clone().fits(reserved, t - NS));
+                                prop_assert!(ours.clone().fits(reserved, t));
+                            }
+                            continue;
+                        };
+                        prop_assert!(fits);
+                        prop_assert_eq!(earliest, Some(now));
+                        let actual = Charge {
+                            input: input * input_pct / 100,
+                            output: output * output_pct / 100,
+                        };
+                        if !cancel {
+                            prop_assert!(
+                                theirs.admit(now, actual.input, reserved.output),
+                                "Anthropic would refuse {:?} at {:?}", reserved, now
+                            );
+                        }
+                        live.push((id, reserved, actual, cancel));
+                    }
+                    Op::End { pick } if !live.is_empty() => {
+                        let (id, reserved, actual, cancel) = live.swap_remove(pick % live.len());
+                        if cancel {
+                            ours.cancel(id, now);
+                        } else {
+                            ours.settle(id, actual, now);
+                            theirs.end(now, reserved.output - actual.output);
+                        }
+                    }
+                    _ => {}
+                }
+                // Forgotten after ten periods, never before.
+                let in_flight = ours.in_flight(now);
+                prop_assert!(in_flight.requests as usize <= live.len());
+            }
+        }
+
+        /// What a sliding window admits, the bucket admits too: within any
+        /// period the window spent at most the capacity, and over a longer
+        /// span the bucket has refilled more than the window allowed.
+        #[test]
+        fn a_window_admissible_sequence_is_bucket_admissible(
+            asks in proptest::collection::vec((0u64..15_000, 0u64..3_000, 0u64..3_000), 1..300),
+            limits in limits(),
+        ) {
+            let mut window = Ledger::new(P, limits);
+            let mut bucket = TokenBucket::new(P, limits);
+            let mut now = Duration::ZERO;
+            for (advance, input, output) in asks {
+                now += Duration::from_millis(advance);
+                let charge = Charge { input, output };
+                if window.reserve(charge, now).is_some() {
+                    prop_assert!(bucket.reserve(charge, now).is_some(), "{:?} at {:?}", charge, now);
+                }
+            }
+        }
+
+        #[test]
+        fn parsing_never_panics(
+            pairs in proptest::collection::vec((".{0,40}", ".{0,40}"), 0..12),
+            stamp in "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,12})?([Zz]|[+-][0-9]{2}:[0-9]{2})?.{0,2}",
+            field in "(requests|tokens|input-tokens|output-tokens)-(limit|remaining|reset)",
+            value in ".{0,30}",
+            now in any::<u64>(),
+        ) {
+            let now = Duration::from_nanos(now);
+            let _ = RateLimitReport::from_headers(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())), now);
+            let _ = parse_rfc3339(&stamp);
+            let name = format!("anthropic-ratelimit-{field}");
+            let r = RateLimitReport::from_headers(
+                [(name.as_str(), value.as_str()), (name.as_str(), stamp.as_str()), ("retry-after", value.as_str())],
+                now,
+            );
+            // And learning from whatever came out never panics either.
+            let mut b = TokenBucket::new(P, Limits::new(10, 10_000));
+            let id = b.reserve(input(10), Duration::ZERO).unwrap();
+            let _ = b.learn(id, &r, Duration::ZERO, Limits::new(10, 10_000), 3);
+        }
+    }
 }
