@@ -1132,6 +1132,189 @@ mod tests {
         assert!(asker.join().unwrap());
     }
 
+    fn bucket_store(clock: TestClock) -> MemoryStore<TestClock, TokenBucket> {
+        let budgets = ["us-central1", "europe-west4"].map(|region| BudgetConfig {
+            group: HAIKU.into(),
+            bucket: HAIKU.into(),
+            region: region.into(),
+            limits: Limits::new(60, 60_000),
+        });
+        MemoryStore::buckets(
+            clock,
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &budgets,
+        )
+    }
+
+    fn state_of<C: Clock, M: Meter>(s: &MemoryStore<C, M>, region: &str) -> BudgetState {
+        s.states_now()
+            .into_iter()
+            .find(|b| &*b.region == region)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_bucket_store_reserves_settles_and_refills_through_the_trait() {
+        let clock = TestClock::default();
+        let s = bucket_store(clock.clone());
+        let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+        let g = futures_ready(s.reserve(ask(&only, 60_000, Strategy::Ordered))).unwrap();
+        assert_eq!(g.view.usage.tokens(), 60_000);
+        assert_eq!(g.view.empty_at, Duration::from_secs(60), "full again at");
+        assert_eq!(
+            futures_ready(s.probe(ask(&only, 1, Strategy::Ordered))),
+            Err(Denial::Later {
+                retry_at: Duration::from_millis(1)
+            })
+        );
+        futures_ready(s.settle(
+            &g,
+            Outcome::Used(Charge {
+                input: 30_000,
+                output: 0,
+            }),
+        ));
+        let state = state_of(&s, "us-central1");
+        assert_eq!(state.usage.tokens(), 30_000);
+        assert_eq!(state.in_flight, Usage::default());
+        // Half a period later half the capacity is back, on top.
+        clock.advance(30_000);
+        assert!(s.reserve_now(ask(&only, 60_000, Strategy::Ordered)).is_ok());
+        assert_eq!(
+            s.reserve_now(ask(&only, 60_001, Strategy::Ordered))
+                .unwrap_err(),
+            Denial::Never
+        );
+        let states = futures_ready(s.states());
+        assert_eq!(states.len(), 2);
+        assert!(futures_ready(s.set_configured(
+            &HAIKU_GROUP,
+            "us-central1",
+            Limits::new(60, 10_000)
+        )));
+        assert_eq!(
+            state_of(&s, "us-central1").effective,
+            Limits::new(60, 10_000)
+        );
+        assert_eq!(futures_ready(s.set_drained("europe-west4", true)), 1);
+    }
+
+    #[test]
+    fn a_bucket_429_with_retry_after_closes_the_location_exactly_that_long() {
+        let clock = TestClock::default();
+        let s = bucket_store(clock.clone());
+        let r = regions();
+        let g = s.reserve_now(ask(&r, 1_000, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "us-central1");
+        let report = RateLimitReport::from_headers([("retry-after", "7")], Duration::ZERO);
+        futures_ready(s.learn(&g, &report));
+        s.settle_now(&g, Outcome::RateLimited(Exhausted::Tokens));
+        let state = state_of(&s, "us-central1");
+        // No window learning: the limits stand; the tokens bucket is empty.
+        assert_eq!(state.effective, Limits::new(60, 60_000));
+        assert_eq!(
+            state.usage,
+            Usage {
+                requests: 1,
+                input: 60_000,
+                output: 0
+            }
+        );
+        assert_eq!(state.cooldown_remaining, Duration::from_secs(7));
+        clock.advance(6_999);
+        let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "europe-west4", "still closed");
+        clock.advance(1);
+        let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+        assert_eq!(&*g.region, "us-central1", "open again at 7 s");
+    }
+
+    #[test]
+    fn a_bucket_429_without_retry_after_and_a_529_cool_down_as_usual() {
+        for outcome in [
+            Outcome::RateLimited(Exhausted::Requests),
+            Outcome::Unavailable,
+        ] {
+            let clock = TestClock::default();
+            let s = bucket_store(clock.clone());
+            let r = regions();
+            let g = s.reserve_now(ask(&r, 1_000, Strategy::Ordered)).unwrap();
+            s.settle_now(&g, outcome);
+            let state = state_of(&s, "us-central1");
+            assert!(
+                state.cooldown_remaining >= Duration::from_millis(800),
+                "{outcome:?}"
+            );
+            assert!(
+                state.cooldown_remaining <= Duration::from_millis(1_200),
+                "{outcome:?}"
+            );
+            assert_eq!(state.effective, Limits::new(60, 60_000), "{outcome:?}");
+            let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+            assert_eq!(&*g.region, "europe-west4", "{outcome:?}");
+            clock.advance(1_200);
+            let g = s.reserve_now(ask(&r, 10, Strategy::Ordered)).unwrap();
+            assert_eq!(&*g.region, "us-central1", "{outcome:?}");
+        }
+        // A 529 refunds the tokens; the request counts.
+        let s = bucket_store(TestClock::default());
+        let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+        let g = s.reserve_now(ask(&only, 5_000, Strategy::Ordered)).unwrap();
+        s.settle_now(&g, Outcome::Unavailable);
+        assert_eq!(
+            state_of(&s, "us-central1").usage,
+            Usage {
+                requests: 1,
+                input: 0,
+                output: 0
+            }
+        );
+    }
+
+    #[test]
+    fn learn_now_lowers_a_bucket_limit_by_share_and_never_above_configured() {
+        let s = bucket_store(TestClock::default()).with_share(2);
+        let only: Vec<Arc<str>> = vec![Arc::from("us-central1")];
+        let g = s.reserve_now(ask(&only, 1_000, Strategy::Ordered)).unwrap();
+        let report = RateLimitReport::from_headers(
+            [
+                ("anthropic-ratelimit-requests-limit", "50"),
+                ("anthropic-ratelimit-requests-remaining", "48"),
+                ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:02Z"),
+                ("anthropic-ratelimit-tokens-limit", "400000"),
+                ("anthropic-ratelimit-tokens-remaining", "398000"),
+                ("anthropic-ratelimit-tokens-reset", "1970-01-01T00:00:02Z"),
+            ],
+            Duration::ZERO,
+        );
+        s.learn_now(&g, &report);
+        let state = state_of(&s, "us-central1");
+        // 50 / 2 = 25 requests; 400,000 / 2 is above the configured 60,000.
+        assert_eq!(state.effective, Limits::new(25, 60_000));
+        assert_eq!(state.configured, Limits::new(60, 60_000));
+        assert_eq!(state.cooldown_remaining, Duration::ZERO);
+        // The cut to 25 filled the requests bucket; 48 / 2 = 24 left right
+        // after ours says one is used, and the discrepancy sync restores it.
+        assert_eq!(state.usage.requests, 1);
+        // The window store learns nothing from the same report.
+        let w = store(TestClock::default());
+        let g = w.reserve_now(ask(&only, 1_000, Strategy::Ordered)).unwrap();
+        let report = RateLimitReport::from_headers(
+            [
+                ("anthropic-ratelimit-requests-limit", "5"),
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:02Z"),
+                ("retry-after", "30"),
+            ],
+            Duration::ZERO,
+        );
+        futures_ready(w.learn(&g, &report));
+        let state = state_of(&w, "us-central1");
+        assert_eq!(state.effective, Limits::new(60, 50_000));
+        assert_eq!(state.cooldown_remaining, Duration::ZERO);
+    }
+
     #[test]
     fn unknown_models_never_fit() {
         let s = store(TestClock::default());
