@@ -12,6 +12,20 @@ use serde::Deserialize;
 struct Limits {
     requests_per_min: u32,
     tokens_per_min: Option<u64>,
+    #[serde(default)]
+    input_tokens_per_min: Option<u64>,
+    #[serde(default)]
+    output_tokens_per_min: Option<u64>,
+}
+
+impl Limits {
+    /// Input plus output tokens a window allows: the combined limit, or
+    /// the split ones summed (Vertex's today, Anthropic's).
+    fn tokens(&self) -> u64 {
+        self.tokens_per_min.unwrap_or_else(|| {
+            self.input_tokens_per_min.unwrap_or(0) + self.output_tokens_per_min.unwrap_or(0)
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -25,6 +39,9 @@ struct Usage {
 struct Quota {
     model: String,
     region: String,
+    /// Absent from gateways older than the overflow provider: Vertex.
+    #[serde(default = "vertex")]
+    provider: String,
     configured: Limits,
     effective: Limits,
     used: Usage,
@@ -33,6 +50,10 @@ struct Quota {
     drained: bool,
     queued_interactive: usize,
     queued_batch: usize,
+}
+
+fn vertex() -> String {
+    "vertex".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,27 +170,28 @@ fn percent(used: u64, limit: u64) -> String {
 
 fn render(quotas: &[Quota]) -> String {
     let mut out = format!(
-        "{:<28} {:<16} {:>13} {:>5} {:>19} {:>5} {:>9} {:>8} {:>7}\n",
-        "MODEL", "REGION", "REQUESTS", "", "TOKENS", "", "IN FLIGHT", "QUEUED", "STATE"
+        "{:<28} {:<16} {:<9} {:>13} {:>5} {:>19} {:>5} {:>9} {:>8} {:>7}\n",
+        "MODEL", "REGION", "PROVIDER", "REQUESTS", "", "TOKENS", "", "IN FLIGHT", "QUEUED", "STATE"
     );
     for q in quotas {
         let tokens_used = q.used.input_tokens + q.used.output_tokens;
-        let tokens_limit = q.effective.tokens_per_min.unwrap_or(0);
+        let tokens_limit = q.effective.tokens();
         let state = if q.drained {
             "drained".to_string()
         } else if q.cooldown_ms > 0 {
             format!("cool {:.1}s", q.cooldown_ms as f64 / 1000.0)
         } else if q.effective.requests_per_min < q.configured.requests_per_min
-            || q.effective.tokens_per_min < q.configured.tokens_per_min
+            || q.effective.tokens() < q.configured.tokens()
         {
             "learned".to_string()
         } else {
             "ok".to_string()
         };
         out.push_str(&format!(
-            "{:<28} {:<16} {:>6}/{:<6} {:>5} {:>9}/{:<9} {:>5} {:>9} {:>3}+{:<4} {:>7}\n",
+            "{:<28} {:<16} {:<9} {:>6}/{:<6} {:>5} {:>9}/{:<9} {:>5} {:>9} {:>3}+{:<4} {:>7}\n",
             q.model,
             q.region,
+            q.provider,
             q.used.requests,
             q.effective.requests_per_min,
             percent(

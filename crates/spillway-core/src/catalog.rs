@@ -144,6 +144,13 @@ pub struct ModelSpec {
     /// What Vertex bills for the model's tokens, where configured; `None`:
     /// the model has no spend (none is made up).
     pub prices: Option<crate::spend::ModelPrices>,
+    /// Locations of other providers (Anthropic's own API) tried only when
+    /// no location in `regions` can admit a request before its deadline,
+    /// and only for tenants that allow it. Each is named after its provider
+    /// and keeps a budget of its own, on its provider's terms (a token
+    /// bucket for Anthropic): never in `regions`, so nothing that pools,
+    /// plans or shares Vertex quota counts them.
+    pub overflow: Vec<RegionBudget>,
 }
 
 impl ModelSpec {
@@ -152,6 +159,27 @@ impl ModelSpec {
     pub fn requester(&self) -> QuotaGroup {
         QuotaGroup::of_model(&self.id)
     }
+
+    /// The key this model's *overflow* requests are asked and queued
+    /// under: a queue apart from the Vertex one, so a request that turns to
+    /// overflow does not wait behind those still waiting for Vertex.
+    pub fn overflow_requester(&self) -> QuotaGroup {
+        QuotaGroup::from(format!("{}{OVERFLOW_SUFFIX}", self.id).as_str())
+    }
+
+    /// The overflow location named `location`, if the model has one.
+    pub fn overflow_location(&self, location: &str) -> Option<&RegionBudget> {
+        self.overflow.iter().find(|r| r.region == location)
+    }
+}
+
+/// What [`ModelSpec::overflow_requester`] appends to a model's id: a
+/// character no model id contains, so no requester key collides.
+pub const OVERFLOW_SUFFIX: &str = "+overflow";
+
+/// Whether a requester key is an overflow requester's.
+pub fn is_overflow_requester(requester: &str) -> bool {
+    requester.ends_with(OVERFLOW_SUFFIX)
 }
 
 /// Whether a model's cache reads count toward its input quota unless
@@ -188,6 +216,8 @@ pub enum CatalogError {
         bucket: String,
         region: String,
     },
+    #[error("models.{model:?}.overflow: {location:?} is listed twice, or is also one of the model's regions")]
+    DuplicateOverflow { model: String, location: String },
     #[error("models.{model:?}.regions: {region:?} is not a Vertex location (\"global\", a multi-region \"us\" or \"eu\", or a region such as \"us-central1\")")]
     NotAVertexLocation { model: String, region: String },
 }
@@ -242,6 +272,18 @@ impl Catalog {
                         buckets.insert(key, (budget.limits, model.id.clone()));
                     }
                 }
+            }
+            for budget in &mut model.overflow {
+                if seen_regions.contains(&budget.region)
+                    || !seen_regions.insert(budget.region.clone())
+                {
+                    return Err(CatalogError::DuplicateOverflow {
+                        model: model.id.to_string(),
+                        location: budget.region.clone(),
+                    });
+                }
+                // A budget of the model's own at that provider.
+                budget.bucket = QuotaGroup::of_model(&model.id);
             }
         }
         for (index, model) in models.iter().enumerate() {
@@ -305,6 +347,31 @@ impl Catalog {
             .collect()
     }
 
+    /// What the overflow store is built from: one entry per (overflow
+    /// requester, overflow location), each a bucket of the model's own.
+    pub fn overflow_budget_configs(&self) -> Vec<BudgetConfig> {
+        self.models
+            .iter()
+            .flat_map(|m| {
+                m.overflow.iter().map(move |r| BudgetConfig {
+                    group: m.overflow_requester(),
+                    bucket: r.bucket.clone(),
+                    region: r.region.clone(),
+                    limits: r.limits,
+                })
+            })
+            .collect()
+    }
+
+    /// Every overflow requester key, for the models that have overflow.
+    pub fn overflow_requesters(&self) -> Vec<QuotaGroup> {
+        self.models
+            .iter()
+            .filter(|m| !m.overflow.is_empty())
+            .map(ModelSpec::overflow_requester)
+            .collect()
+    }
+
     /// The bucket group `name` stands for at `location`: a model's (by id
     /// or alias) bucket there, or `name` itself taken as a bucket group.
     pub fn bucket_of(&self, name: &str, location: &str) -> QuotaGroup {
@@ -352,6 +419,7 @@ mod tests {
             quota_group: id.into(),
             cache_reads_count: default_cache_reads_count(id),
             prices: None,
+            overflow: Vec::new(),
         }
     }
 

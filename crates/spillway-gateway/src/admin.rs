@@ -99,6 +99,10 @@ impl From<Usage> for UsageView {
 pub struct QuotaView {
     pub model: String,
     pub region: String,
+    /// Who serves the location: `vertex`, or an overflow provider
+    /// (`anthropic`, whose budget is a token bucket: `used` is what the
+    /// bucket lacks of full).
+    pub provider: &'static str,
     pub configured: LimitsView,
     pub effective: LimitsView,
     pub used: UsageView,
@@ -161,17 +165,28 @@ pub(crate) async fn read_batches(
 /// One budget as `/admin/quotas` shows it, its queues read now.
 pub(crate) fn quota_view(state: &AppState, b: &spillway_core::store::BudgetState) -> QuotaView {
     let scheduler = state.forwarder.scheduler();
+    let catalog = state.forwarder.catalog();
+    let overflow = catalog
+        .resolve(b.group.as_str())
+        .filter(|r| r.model.overflow_location(&b.region).is_some())
+        .map(|r| r.model);
     // A bucket's waiters are those of every model drawing on it.
-    let (queued_interactive, queued_batch) = state
-        .forwarder
-        .catalog()
-        .requesters_of(&b.group, &b.region)
-        .into_iter()
-        .map(|requester| scheduler.queue_depth(requester))
-        .fold((0, 0), |(i, b), (qi, qb)| (i + qi, b + qb));
+    let (queued_interactive, queued_batch) = match overflow {
+        Some(model) => scheduler.queue_depth(&model.overflow_requester()),
+        None => catalog
+            .requesters_of(&b.group, &b.region)
+            .into_iter()
+            .map(|requester| scheduler.queue_depth(requester))
+            .fold((0, 0), |(i, b), (qi, qb)| (i + qi, b + qb)),
+    };
+    let provider = match overflow.and_then(|m| m.overflow_location(&b.region)) {
+        Some(location) => crate::upstream::provider_label(&location.provider),
+        None => spillway_core::VERTEX_PROVIDER,
+    };
     QuotaView {
         model: b.group.to_string(),
         region: b.region.to_string(),
+        provider,
         configured: b.configured.into(),
         effective: b.effective.into(),
         used: b.usage.into(),

@@ -24,6 +24,9 @@ use crate::passthrough::SsePassthrough;
 pub struct Served {
     /// The location that answered (`x-spillway-region`).
     pub region: Arc<str>,
+    /// The provider that answered (`x-spillway-provider`): `vertex`, or an
+    /// overflow provider such as `anthropic`.
+    pub provider: &'static str,
     /// The budget as admission saw it (`anthropic-ratelimit-*`); `None` for
     /// calls that spend no quota (`count_tokens`).
     pub budget: Option<BudgetView>,

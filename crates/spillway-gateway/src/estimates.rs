@@ -213,6 +213,7 @@ mod tests {
             quota_group: "claude-3-haiku@20240307".into(),
             cache_reads_count: true,
             prices: None,
+            overflow: Vec::new(),
         }
     }
 

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub upstream_setup_errors: IntCounterVec,
     pub count_tokens: IntCounterVec,
     pub spillovers: IntCounterVec,
+    /// 1 per (location, provider): joins any per-region series to its
+    /// provider (Vertex, or an overflow provider such as Anthropic).
+    pub location_provider: IntGaugeVec,
     pub fallbacks: IntCounterVec,
     pub tokens: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
@@ -233,11 +236,12 @@ impl Metrics {
         Self {
             requests: counter(&r, "spillway_requests_total", "Model requests (messages, count_tokens, Vertex predict; batch items) by how they ended. Admin, batch-API, catalog, health and metrics calls are not counted here: see spillway_http_requests_total.", &["tenant", "model", "outcome"]),
             http_requests: counter(&r, "spillway_http_requests_total", "Every HTTP request answered, by surface (model, batches, models, admin, ops: health, readiness and metrics; other: no route), route template (\"-\" when none matched) and status.", &["surface", "route", "status"]),
-            upstream_requests: counter(&r, "spillway_upstream_requests_total", "Requests sent to Vertex AI, by answer (status code, or transport).", &["region", "model", "status"]),
+            upstream_requests: counter(&r, "spillway_upstream_requests_total", "Requests sent upstream (Vertex AI, or an overflow provider: see spillway_location_provider), by answer (status code, or transport).", &["region", "model", "status"]),
             upstream_rate_limited: counter(&r, "spillway_upstream_429_total", "Upstream 429s: the real quota was lower than the ledger believed.", &["region", "model"]),
             upstream_capacity_limited: counter(&r, "spillway_upstream_capacity_429_total", "Upstream 429s that name no quota metric: Google's shared capacity ran short (not this project's quota). Also counted in spillway_upstream_429_total.", &["region", "model"]),
             count_tokens: counter(&r, "spillway_count_tokens_total", "Exact input counts asked of count-tokens before admission (quota.count_tokens_above), by outcome: ok, error, timeout (the estimate was used).", &["model", "outcome"]),
             upstream_setup_errors: counter(&r, "spillway_upstream_setup_errors_total", "Upstream answers about the gateway's own setup: problem=model_not_enabled (enable the model in Model Garden for that region) or credentials_rejected (check the service account).", &["region", "model", "problem"]),
+            location_provider: int_gauge(&r, "spillway_location_provider", "1 for each location and the provider that serves it (vertex, or anthropic for overflow locations): join per-region series on it to split them by provider, e.g. sum by (provider) (rate(spillway_upstream_requests_total[5m]) * on (region) group_left (provider) spillway_location_provider).", &["region", "provider"]),
             spillovers: counter(&r, "spillway_spillovers_total", "Requests admitted to a region other than the model's primary.", &["model", "from", "to"]),
             fallbacks: counter(&r, "spillway_fallbacks_total", "Retries after an upstream failure, from the failed region to the next.", &["model", "from", "to"]),
             tokens: counter(&r, "spillway_tokens_total", "Tokens by kind: estimated_input, reserved_input, reserved_output, actual_input, actual_output.", &["model", "region", "kind"]),
@@ -323,6 +327,15 @@ impl Metrics {
                     self.fallbacks.with_label_values(&[model, region, to]);
                 }
             }
+        }
+    }
+
+    /// Names each location's provider ([`Metrics::location_provider`]).
+    pub fn set_location_providers<'a>(&self, locations: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        for (region, provider) in locations {
+            self.location_provider
+                .with_label_values(&[region, provider])
+                .set(1);
         }
     }
 

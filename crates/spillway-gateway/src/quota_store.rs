@@ -10,14 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_core::adaptive::AdaptiveConfig;
-use spillway_core::store::{BudgetConfig, Clock, MemoryStore, QuotaStore};
-use spillway_core::Catalog;
+use spillway_core::bucket::{RateLimitReport, TokenBucket};
+use spillway_core::catalog::is_overflow_requester;
+use spillway_core::ledger::Limits;
+use spillway_core::store::{
+    BudgetConfig, BudgetState, Clock, Denial, Grant, MemoryStore, Outcome, QuotaStore,
+    ReserveRequest, StoreFuture,
+};
+use spillway_core::{Catalog, QuotaGroup};
 use spillway_redis::{RedisSettings, ResilientStore, StoreError, StoreMetrics};
 
 use crate::config::{QuotaDefaults, QuotaStoreKind};
 
 /// The store's clock: tokio's, so tests on a paused clock are exact.
-struct TokioClock {
+pub struct TokioClock {
     epoch: tokio::time::Instant,
 }
 
@@ -93,5 +99,172 @@ pub async fn open(
                     })?;
             Ok(Arc::new(store))
         }
+    }
+}
+
+/// The overflow store: one token bucket per (model, overflow location),
+/// in this replica's memory, on Anthropic's terms ([`TokenBucket`]).
+///
+/// Local, not shared in Redis: each replica takes `1/replicas` of every
+/// overflow limit (and of what the provider's headers say is left), so the
+/// replicas together never exceed the provider's bucket, without a round
+/// trip per overflow decision. Overflow is the rare path; a replica with
+/// no overflow traffic leaves its part idle, the price of that choice.
+pub fn open_overflow(
+    q: &QuotaDefaults,
+    catalog: &Catalog,
+) -> Option<Arc<MemoryStore<TokioClock, TokenBucket>>> {
+    let replicas = match q.store {
+        QuotaStoreKind::Memory => 1,
+        QuotaStoreKind::Redis => q.replicas.max(1),
+    };
+    let budgets: Vec<BudgetConfig> = catalog
+        .overflow_budget_configs()
+        .into_iter()
+        .map(|b| BudgetConfig {
+            limits: divided(b.limits, replicas),
+            ..b
+        })
+        .collect();
+    if budgets.is_empty() {
+        return None;
+    }
+    Some(Arc::new(
+        MemoryStore::buckets(
+            TokioClock {
+                epoch: tokio::time::Instant::now(),
+            },
+            Duration::from_secs(q.window_secs),
+            adaptive_config(q),
+            &budgets,
+        )
+        .with_share(replicas),
+    ))
+}
+
+/// One replica's part of `limits`, split `replicas` ways (rounded down,
+/// never to zero).
+fn divided(limits: Limits, replicas: u32) -> Limits {
+    let n = u64::from(replicas.max(1));
+    let part = |v: u64| (v / n).max(1);
+    Limits {
+        requests: (limits.requests / replicas.max(1)).max(1),
+        tokens: limits.tokens.map(part),
+        input_tokens: limits.input_tokens.map(part),
+        output_tokens: limits.output_tokens.map(part),
+    }
+}
+
+/// The Vertex store and the overflow store behind one [`QuotaStore`], so
+/// the scheduler queues, shares and wakes overflow requests exactly as it
+/// does Vertex ones. Which store a question goes to is decided by who asks:
+/// overflow requesters ([`spillway_core::catalog::is_overflow_requester`])
+/// ask the overflow store, every other requester the Vertex one. Times the
+/// overflow store gives (a retry time) are moved onto the Vertex store's
+/// clock, the one the scheduler reads.
+pub struct ProviderStores {
+    vertex: Arc<dyn QuotaStore>,
+    overflow: Arc<dyn QuotaStore>,
+}
+
+impl ProviderStores {
+    pub fn new(vertex: Arc<dyn QuotaStore>, overflow: Arc<dyn QuotaStore>) -> Self {
+        Self { vertex, overflow }
+    }
+
+    fn for_requester(&self, requester: &str) -> &dyn QuotaStore {
+        if is_overflow_requester(requester) {
+            self.overflow.as_ref()
+        } else {
+            self.vertex.as_ref()
+        }
+    }
+
+    /// An overflow store time on the Vertex store's clock.
+    fn to_vertex_time(&self, overflow_time: Duration) -> Duration {
+        let ahead = overflow_time.saturating_sub(self.overflow.now());
+        self.vertex.now() + ahead
+    }
+
+    fn denial(&self, requester: &str, denial: Denial) -> Denial {
+        match denial {
+            Denial::Later { retry_at } if is_overflow_requester(requester) => Denial::Later {
+                retry_at: self.to_vertex_time(retry_at),
+            },
+            other => other,
+        }
+    }
+}
+
+impl QuotaStore for ProviderStores {
+    fn now(&self) -> Duration {
+        self.vertex.now()
+    }
+
+    fn recheck_after(&self) -> Option<Duration> {
+        self.vertex.recheck_after()
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: ReserveRequest<'a>,
+    ) -> StoreFuture<'a, Result<Grant, Denial>> {
+        Box::pin(async move {
+            let group = request.group.as_str();
+            self.for_requester(group)
+                .reserve(request)
+                .await
+                .map_err(|d| self.denial(group, d))
+        })
+    }
+
+    fn probe<'a>(&'a self, request: ReserveRequest<'a>) -> StoreFuture<'a, Result<(), Denial>> {
+        Box::pin(async move {
+            let group = request.group.as_str();
+            self.for_requester(group)
+                .probe(request)
+                .await
+                .map_err(|d| self.denial(group, d))
+        })
+    }
+
+    fn settle<'a>(&'a self, grant: &'a Grant, outcome: Outcome) -> StoreFuture<'a, ()> {
+        self.for_requester(grant.group.as_str())
+            .settle(grant, outcome)
+    }
+
+    fn learn<'a>(&'a self, grant: &'a Grant, report: &'a RateLimitReport) -> StoreFuture<'a, ()> {
+        self.for_requester(grant.group.as_str()).learn(grant, report)
+    }
+
+    fn states(&self) -> StoreFuture<'_, Vec<BudgetState>> {
+        Box::pin(async move {
+            let mut states = self.vertex.states().await;
+            states.extend(self.overflow.states().await);
+            states
+        })
+    }
+
+    fn set_configured<'a>(
+        &'a self,
+        group: &'a QuotaGroup,
+        region: &'a str,
+        limits: Limits,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.vertex.set_configured(group, region, limits).await
+                || self.overflow.set_configured(group, region, limits).await
+        })
+    }
+
+    fn set_drained<'a>(&'a self, region: &'a str, drained: bool) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            self.vertex.set_drained(region, drained).await
+                + self.overflow.set_drained(region, drained).await
+        })
+    }
+
+    fn replicas(&self) -> u32 {
+        self.vertex.replicas()
     }
 }

@@ -225,6 +225,10 @@ fn success_headers(headers: &mut HeaderMap, served: &Served) {
     if let Ok(v) = HeaderValue::from_str(&served.region) {
         headers.insert("x-spillway-region", v);
     }
+    headers.insert(
+        "x-spillway-provider",
+        HeaderValue::from_static(served.provider),
+    );
     if let Some(warning) = served
         .alias_warning
         .as_deref()

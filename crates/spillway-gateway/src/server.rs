@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::observer::observe_requests;
 use crate::routes;
 use crate::state::AppState;
-use crate::upstream::{Providers, UpstreamInitError, Vertex};
+use crate::upstream::{Anthropic, Providers, UpstreamInitError, Vertex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -130,10 +130,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway with the providers the config names (Vertex).
+    /// Builds the gateway with the providers the config names (Vertex, and
+    /// Anthropic where `[providers.anthropic]` is configured).
     pub async fn new(settings: Settings) -> Result<Self, StartError> {
         let vertex = Vertex::from_settings(&settings.upstream).await?;
-        let providers = Providers::default().with(spillway_core::VERTEX_PROVIDER, Arc::new(vertex));
+        let mut providers =
+            Providers::default().with(spillway_core::VERTEX_PROVIDER, Arc::new(vertex));
+        if let Ok(catalog) = settings.catalog() {
+            if let Some(anthropic) = Anthropic::from_settings(&settings, &catalog)? {
+                providers = providers.with(crate::config::ANTHROPIC_PROVIDER, Arc::new(anthropic));
+            }
+        }
         Self::with_providers(settings, providers).await
     }
 
@@ -152,17 +159,18 @@ impl Gateway {
             .catalog()
             .map_err(|e| StartError::Config(e.to_string()))?;
         for model in catalog.models() {
-            if let Some(r) = model
-                .regions
-                .iter()
-                .find(|r| providers.get(&r.provider).is_none())
-            {
-                return Err(StartError::Config(format!(
-                    "models.{:?}.regions: location {:?} names provider {:?}, which is not available",
-                    model.id.as_str(),
-                    r.region,
-                    r.provider
-                )));
+            for (key, locations) in [("regions", &model.regions), ("overflow", &model.overflow)] {
+                if let Some(r) = locations
+                    .iter()
+                    .find(|r| providers.get(&r.provider).is_none())
+                {
+                    return Err(StartError::Config(format!(
+                        "models.{:?}.{key}: location {:?} names provider {:?}, which is not available",
+                        model.id.as_str(),
+                        r.region,
+                        r.provider
+                    )));
+                }
             }
         }
         let metrics = Arc::new(Metrics::new());
@@ -173,11 +181,21 @@ impl Gateway {
                 .map(|m| {
                     (
                         m.id.as_str(),
-                        m.regions.iter().map(|r| r.region.as_str()).collect(),
+                        m.regions
+                            .iter()
+                            .chain(&m.overflow)
+                            .map(|r| r.region.as_str())
+                            .collect(),
                     )
                 })
                 .collect::<Vec<_>>(),
         );
+        metrics.set_location_providers(catalog.models().iter().flat_map(|m| {
+            m.regions
+                .iter()
+                .chain(&m.overflow)
+                .map(|r| (r.region.as_str(), r.provider.as_str()))
+        }));
         let listener_tls = crate::listener_tls::ListenerTls::from_settings(
             &settings.server,
             Some(metrics.tls_reloads.clone()),
@@ -189,9 +207,12 @@ impl Gateway {
         let admin_key_digest = hex::decode(&settings.admin.key_sha256)
             .ok()
             .and_then(|d| <[u8; 32]>::try_from(d).ok());
-        let store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
+        let mut store = crate::quota_store::open(&settings.quota, &catalog, metrics.registry())
             .await
             .map_err(StartError::QuotaStore)?;
+        if let Some(overflow) = crate::quota_store::open_overflow(&settings.quota, &catalog) {
+            store = Arc::new(crate::quota_store::ProviderStores::new(store, overflow));
+        }
         let telemetry = crate::telemetry::Telemetry::start(&settings, &catalog, &metrics)
             .map_err(StartError::Config)?;
         let batches = if settings.batch.enabled {

@@ -54,6 +54,9 @@ pub struct TenantPolicy {
     pub tokens_per_min: Option<u64>,
     /// Spend caps per UTC day and month (`spend`), in nanodollars.
     pub spend_caps: spillway_core::spend::SpendCaps,
+    /// The tenant lets its requests overflow to other providers (its
+    /// models' `overflow`) when Vertex has no room before their deadline.
+    pub allow_overflow: bool,
     requests_cap: Option<DefaultDirectRateLimiter>,
     tokens_cap: Option<(DefaultDirectRateLimiter, u64)>,
 }
@@ -67,6 +70,7 @@ impl Default for TenantPolicy {
             requests_per_min: None,
             tokens_per_min: None,
             spend_caps: Default::default(),
+            allow_overflow: false,
             requests_cap: None,
             tokens_cap: None,
         }
@@ -86,6 +90,7 @@ impl TenantPolicy {
             requests_per_min: t.requests_per_min,
             tokens_per_min: t.tokens_per_min,
             spend_caps: t.spend_caps(),
+            allow_overflow: t.allow_overflow,
             requests_cap: t
                 .requests_per_min
                 .and_then(|n| per_minute(u64::from(n)))
@@ -99,6 +104,14 @@ impl TenantPolicy {
     /// Whether `region` is allowed for this tenant.
     pub fn allows_region(&self, region: &str) -> bool {
         self.regions.is_empty() || self.regions.iter().any(|r| r == region)
+    }
+
+    /// Whether the overflow location `location` (named after its provider)
+    /// is allowed: the tenant opted in, and a tenant pinned to regions
+    /// (data residency) lists the provider among them explicitly — a
+    /// residency list never lets data leave for another provider silently.
+    pub fn allows_overflow(&self, location: &str) -> bool {
+        self.allow_overflow && self.allows_region(location)
     }
 
     /// Takes one request and `tokens` from the tenant's caps.
@@ -147,6 +160,7 @@ mod tests {
             tokens_per_min: tokens,
             spend_cap_usd_per_day: None,
             spend_cap_usd_per_month: None,
+            allow_overflow: false,
         }
     }
 

@@ -22,12 +22,12 @@ use serde_json::Value;
 
 use super::problems::{steps, teach, Problems, Step};
 use super::{
-    AdminSettings, BatchSettings, ModelSettings, QuotaDefaults, SchedulerSettings, ServerSettings,
+    AdminSettings, BatchSettings, ModelSettings, ProvidersSettings, QuotaDefaults, SchedulerSettings, ServerSettings,
     Settings, SpendSettings, TelemetrySettings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
 };
 
 /// The top-level tables a configuration may have.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "server",
     "upstream",
     "quota",
@@ -38,6 +38,7 @@ const SECTIONS: [&str; 10] = [
     "tenants",
     "spend",
     "telemetry",
+    "providers",
 ];
 
 /// Where a layer came from, for messages.
@@ -271,6 +272,7 @@ pub(super) fn read_settings(
     let batch: BatchSettings = optional(tree, "batch", problems, &mut unread);
     let spend: SpendSettings = optional(tree, "spend", problems, &mut unread);
     let telemetry: TelemetrySettings = optional(tree, "telemetry", problems, &mut unread);
+    let providers: ProvidersSettings = optional(tree, "providers", problems, &mut unread);
     let models: BTreeMap<String, ModelSettings> = entries(
         tree,
         "models",
@@ -296,6 +298,7 @@ pub(super) fn read_settings(
         tenants,
         spend,
         telemetry,
+        providers,
     };
     Some((settings, unread))
 }

@@ -75,7 +75,78 @@ pub struct Settings {
     /// OpenTelemetry traces (off unless `otlp_endpoint` is set).
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// Providers other than Vertex (`[providers.anthropic]`), for models'
+    /// `overflow`.
+    #[serde(default)]
+    pub providers: ProvidersSettings,
 }
+
+/// `[providers]`: the upstream APIs other than Vertex.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<AnthropicSettings>,
+}
+
+/// `[providers.anthropic]`: Anthropic's own Messages API, as an overflow
+/// provider.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnthropicSettings {
+    /// Base URL; the only host this provider ever calls.
+    #[serde(default = "default_anthropic_url")]
+    pub url: String,
+    /// The API key (`x-api-key`). A secret: prefer `api_key_env`.
+    #[serde(default)]
+    pub api_key: String,
+    /// The environment variable holding the key when `api_key` is empty.
+    #[serde(default = "default_anthropic_key_env")]
+    pub api_key_env: String,
+    /// The `anthropic-version` header sent with every call.
+    #[serde(default = "default_anthropic_version")]
+    pub version: String,
+}
+
+impl AnthropicSettings {
+    /// The key: `api_key`, else the variable `api_key_env` names; empty if
+    /// neither is set.
+    pub fn key(&self) -> String {
+        if !self.api_key.is_empty() {
+            return self.api_key.clone();
+        }
+        std::env::var(&self.api_key_env).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for AnthropicSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnthropicSettings")
+            .field("url", &self.url)
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() { "" } else { "<redacted>" },
+            )
+            .field("api_key_env", &self.api_key_env)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+fn default_anthropic_url() -> String {
+    "https://api.anthropic.com".into()
+}
+
+fn default_anthropic_key_env() -> String {
+    "ANTHROPIC_API_KEY".into()
+}
+
+fn default_anthropic_version() -> String {
+    "2023-06-01".into()
+}
+
+/// The provider names `overflow` entries may use.
+pub const ANTHROPIC_PROVIDER: &str = "anthropic";
 
 /// `[spend]`: how often each replica writes its tenants' spend to the store
 /// and reads everyone's back (the spend store is the quota store's Redis
@@ -562,6 +633,36 @@ pub struct ModelSettings {
     /// What Vertex bills for the model; unset: the model has no spend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prices: Option<PriceSettings>,
+    /// Other providers to overflow to when no Vertex location can admit a
+    /// request before its deadline (tenants with `allow_overflow` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overflow: Vec<OverflowSettings>,
+}
+
+/// One `overflow` entry of a model: a provider and the limits it grants.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverflowSettings {
+    /// `anthropic`.
+    pub provider: String,
+    /// The provider's id for the model; unset: derived from the Vertex id
+    /// (`claude-3-haiku@20240307` → `claude-3-haiku-20240307`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The provider's limits for the model (Anthropic's RPM, ITPM, OTPM for
+    /// the organisation's tier). Learned lower from its headers if they are.
+    pub requests_per_min: u32,
+    pub input_tokens_per_min: u64,
+    pub output_tokens_per_min: u64,
+}
+
+impl OverflowSettings {
+    /// The provider's id for `vertex_id`.
+    pub fn provider_model(&self, vertex_id: &str) -> String {
+        self.model
+            .clone()
+            .unwrap_or_else(|| spillway_vertex::vertex_to_anthropic_id(vertex_id))
+    }
 }
 
 fn default_context_window() -> u64 {
@@ -613,6 +714,11 @@ pub struct TenantSettings {
     pub spend_cap_usd_per_day: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_cap_usd_per_month: Option<f64>,
+    /// The tenant's requests may overflow to other providers (see models'
+    /// `overflow`): off unless set. With `regions` set, the provider must
+    /// be listed there too (`regions = ["europe-west4", "anthropic"]`).
+    #[serde(default)]
+    pub allow_overflow: bool,
 }
 
 impl TenantSettings {
@@ -885,6 +991,9 @@ impl Settings {
             for (j, region) in model.regions.iter().enumerate() {
                 self.check_location(&format!("{key}.regions[{j}]"), region, p);
             }
+            for (j, overflow) in model.overflow.iter().enumerate() {
+                self.check_overflow(&format!("{key}.overflow[{j}]"), overflow, p);
+            }
             if let Some(Err(field)) = model.prices.as_ref().map(PriceSettings::model_prices) {
                 p.add(
                     format!("{key}.prices.{field}"),
@@ -922,6 +1031,29 @@ impl Settings {
         }
         self.batch.check(self.scheduler.max_queue, p);
         self.telemetry.check(p);
+        if let Some(anthropic) = &self.providers.anthropic {
+            let url = reqwest::Url::parse(&anthropic.url);
+            if !url.as_ref().is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.query().is_none()
+                    && u.username().is_empty()
+            }) {
+                p.add(
+                    "providers.anthropic.url",
+                    format!(
+                        "{:?} is not an http(s) base URL such as \"https://api.anthropic.com\"",
+                        anthropic.url
+                    ),
+                );
+            }
+            if anthropic.version.trim().is_empty() {
+                p.add(
+                    "providers.anthropic.version",
+                    "must name an API version, e.g. \"2023-06-01\"",
+                );
+            }
+        }
         for (name, tenant) in &self.tenants {
             if name.trim().is_empty() {
                 p.add("tenants", "a tenant name must not be empty");
@@ -962,6 +1094,9 @@ impl Settings {
                 }
             }
             for region in &tenant.regions {
+                if region == ANTHROPIC_PROVIDER {
+                    continue;
+                }
                 if !is_region_name(region) {
                     p.add(
                         format!("tenants.{name}.regions"),
@@ -1068,6 +1203,55 @@ impl Settings {
         }
     }
 
+    /// One `overflow` entry: a provider that is configured, a model id it
+    /// can take, and positive limits.
+    fn check_overflow(&self, key: &str, overflow: &OverflowSettings, p: &mut Problems) {
+        if overflow.provider != ANTHROPIC_PROVIDER {
+            p.add(
+                format!("{key}.provider"),
+                format!(
+                    "{:?} is not an overflow provider: the one there is is \"{ANTHROPIC_PROVIDER}\"",
+                    overflow.provider
+                ),
+            );
+        } else {
+            match &self.providers.anthropic {
+                None => p.add(
+                    format!("providers.{ANTHROPIC_PROVIDER}"),
+                    "a model overflows to anthropic, but [providers.anthropic] is not configured",
+                ),
+                Some(a) if a.key().is_empty() => p.add(
+                    format!("providers.{ANTHROPIC_PROVIDER}.api_key"),
+                    format!(
+                        "no API key: set api_key, or the environment variable {} (providers.anthropic.api_key_env)",
+                        a.api_key_env
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(model) = &overflow.model {
+            if !spillway_vertex::is_valid_model_id(model) || model.contains('@') {
+                p.add(
+                    format!("{key}.model"),
+                    format!("{model:?} is not an Anthropic model id (e.g. \"claude-3-haiku-20240307\")"),
+                );
+            }
+        }
+        for (field, value) in [
+            ("requests_per_min", u64::from(overflow.requests_per_min)),
+            ("input_tokens_per_min", overflow.input_tokens_per_min),
+            ("output_tokens_per_min", overflow.output_tokens_per_min),
+        ] {
+            if value == 0 {
+                p.add(
+                    format!("{key}.{field}"),
+                    "must be positive: the provider's limit for this model (Anthropic's console shows them per tier)",
+                );
+            }
+        }
+    }
+
     /// A location's limits: its own values, else the `[quota]` defaults.
     /// The combined `tokens_per_min` is the location's own if set; else
     /// `quota.tokens_per_min` only when no split limit applies there (none
@@ -1112,6 +1296,21 @@ impl Settings {
                         ..RegionBudget::vertex(&r.name, self.location_limits(r))
                     })
                     .collect(),
+                overflow: m
+                    .overflow
+                    .iter()
+                    .map(|o| RegionBudget {
+                        provider: o.provider.clone(),
+                        ..RegionBudget::vertex(
+                            &o.provider,
+                            Limits::split(
+                                o.requests_per_min,
+                                o.input_tokens_per_min,
+                                o.output_tokens_per_min,
+                            ),
+                        )
+                    })
+                    .collect(),
             })
             .collect();
         Catalog::new(models)
@@ -1133,6 +1332,11 @@ impl Settings {
             shown.admin.key_sha256 = format!("{}…", &shown.admin.key_sha256[..8]);
         }
         shown.telemetry = shown.telemetry.redacted();
+        if let Some(anthropic) = shown.providers.anthropic.as_mut() {
+            if !anthropic.api_key.is_empty() {
+                anthropic.api_key = "<redacted>".into();
+            }
+        }
         for tenant in shown.tenants.values_mut() {
             // A digest is not the key, but showing all of it helps nobody.
             if !tenant.key_sha256.is_empty() {

@@ -47,6 +47,7 @@ impl Bodies {
             single_provider: model
                 .regions
                 .iter()
+                .chain(&model.overflow)
                 .all(|r| Some(r.provider.as_str()) == first),
             encoded: Vec::new(),
         }
@@ -88,7 +89,7 @@ fn is_model_not_enabled(error: &ForwardError) -> bool {
 fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
     match error {
         ForwardError::Upstream(e) if e.status == 429 => Some(
-            Exhausted::from_message(&e.message).map_or(Outcome::Unavailable, Outcome::RateLimited),
+            exhausted(&e.message).map_or(Outcome::Unavailable, Outcome::RateLimited),
         ),
         ForwardError::Upstream(e) if e.status == 529 || e.status == 503 => {
             Some(Outcome::Unavailable)
@@ -113,7 +114,25 @@ fn attempt_status(result: &Result<reqwest::Response, ForwardError>) -> AttemptSt
 /// A 429 that names no quota metric.
 fn outcome_is_capacity(error: &ForwardError) -> bool {
     matches!(error, ForwardError::Upstream(e)
-        if e.status == 429 && Exhausted::from_message(&e.message).is_none())
+        if e.status == 429 && exhausted(&e.message).is_none())
+}
+
+/// Which limit a 429 names: Vertex's quota metric, or Anthropic's "Number
+/// of requests / request tokens / output tokens has exceeded your
+/// per-minute rate limit".
+fn exhausted(message: &str) -> Option<Exhausted> {
+    Exhausted::from_message(message).or_else(|| {
+        let rest = message.strip_prefix("Number of ")?;
+        if rest.starts_with("requests ") {
+            Some(Exhausted::Requests)
+        } else if rest.starts_with("request tokens ") || rest.starts_with("input tokens ") {
+            Some(Exhausted::InputTokens)
+        } else if rest.starts_with("output tokens ") {
+            Some(Exhausted::OutputTokens)
+        } else {
+            None
+        }
+    })
 }
 
 /// The refusal when the scheduler gives no grant: an upstream error with
@@ -145,6 +164,22 @@ fn refusal(last_error: Option<ForwardError>, rejection: Rejection, model: &str) 
     }
 }
 
+/// Of two rejections, the one that frees sooner: what a client told to come
+/// back should hear when either Vertex or the overflow has room again.
+fn sooner(vertex: Rejection, overflow: Rejection) -> Rejection {
+    let after = |r: &Rejection| match r {
+        Rejection::NoRoom { retry_after } | Rejection::QueueFull { retry_after } => {
+            Some(*retry_after)
+        }
+        Rejection::NeverFits => None,
+    };
+    match (after(&vertex), after(&overflow)) {
+        (Some(v), Some(o)) if o < v => overflow,
+        (None, Some(_)) => overflow,
+        _ => vertex,
+    }
+}
+
 /// A grant whose request is on its way upstream. Dropped while held, it
 /// settles to the reservation (the upstream may have served it).
 struct Held {
@@ -158,6 +193,10 @@ impl Held {
             forwarder: Arc::clone(forwarder),
             grant: Some(grant),
         }
+    }
+
+    fn grant(&self) -> &Grant {
+        self.grant.as_ref().expect("held until released")
     }
 
     fn release(mut self) -> Grant {
@@ -187,18 +226,35 @@ impl Forwarder {
             alias_warning,
             request,
         } = call;
+        let overflow = self.overflow_demand(model, &request, &demand, plan);
         let (op, endpoint, beta) = (request.op, request.stream_endpoint, request.beta);
         let mut bodies = Bodies::new(model, request.body);
         let mut last_error = None;
         let mut failed_region: Option<Arc<str>> = None;
         while trace.attempts < self.policy.max_attempts && !demand.regions.is_empty() {
-            let grant = self
-                .admit(&demand, model, plan, failed_region.take(), trace)
-                .await
-                .map_err(|rejection| {
-                    trace.outcome = "rejected";
-                    refusal(last_error.take(), rejection, model.id.as_str())
-                })?;
+            let failed = failed_region.take();
+            let grant = match self.admit(&demand, model, plan, failed.clone(), trace).await {
+                Ok(grant) => grant,
+                // No Vertex location can admit it in time: overflow, for
+                // the calls that may.
+                Err(rejection) => match &overflow {
+                    Some(overflow) => self
+                        .admit(overflow, model, plan, failed, trace)
+                        .await
+                        .map_err(|other| {
+                            trace.outcome = "rejected";
+                            refusal(
+                                last_error.take(),
+                                sooner(rejection, other),
+                                model.id.as_str(),
+                            )
+                        })?,
+                    None => {
+                        trace.outcome = "rejected";
+                        return Err(refusal(last_error.take(), rejection, model.id.as_str()));
+                    }
+                },
+            };
             let (name, provider) = match self.provider_for(model, &grant) {
                 Ok(found) => found,
                 Err(e) => {
@@ -213,6 +269,13 @@ impl Forwarder {
             let sent = self
                 .send_checked(provider, trace, op, endpoint, body, beta.clone())
                 .await;
+            if let Some(report) = sent
+                .as_ref()
+                .ok()
+                .and_then(|r| provider.rate_limits(r.headers()))
+            {
+                self.scheduler.store().learn(held.grant(), &report).await;
+            }
             let error = match sent {
                 Ok(response) if response.status().is_success() => {
                     let grant = held.release();
@@ -220,6 +283,7 @@ impl Forwarder {
                     let settle = Settle::new(Arc::clone(self), model, grant, plan, &trace.tenant);
                     let served = Served {
                         region: Arc::clone(&trace.region),
+                        provider: crate::upstream::provider_label(name),
                         budget: Some(settle.grant().view),
                         alias_warning,
                     };
@@ -326,6 +390,7 @@ impl Forwarder {
         let location = model
             .regions
             .iter()
+            .chain(&model.overflow)
             .find(|r| *r.region == *grant.region)
             .expect("grants name the model's locations");
         Ok((&location.provider, self.provider(&location.provider)?))
@@ -361,6 +426,68 @@ impl Forwarder {
                 Err(error)
             }
         }
+    }
+
+    /// What this call asks of its model's overflow locations, if it may
+    /// overflow at all: a Messages call (counting tokens never spills), a
+    /// model with `overflow`, a tenant that allows it (and, pinned to
+    /// regions, lists the provider), a region hint that names the provider
+    /// if there is one. It queues apart (the overflow requester), at the
+    /// call's priority and deadline; it reserves `max_tokens` of output,
+    /// since Anthropic debits that much when the request arrives.
+    fn overflow_demand(
+        &self,
+        model: &ModelSpec,
+        request: &super::call::CallRequest,
+        demand: &Demand,
+        plan: Plan,
+    ) -> Option<Demand> {
+        if model.overflow.is_empty()
+            || request.op != Operation::Messages
+            || request.stream != request.stream_endpoint
+        {
+            return None;
+        }
+        let policy = &request.tenant.policy;
+        let regions: Vec<Arc<str>> = model
+            .overflow
+            .iter()
+            .map(|r| r.region.as_str())
+            .filter(|r| policy.allows_overflow(r))
+            .filter(|r| {
+                request
+                    .region_hint
+                    .as_ref()
+                    .is_none_or(|hint| hint.iter().any(|h| h == r))
+            })
+            .map(Arc::from)
+            .collect();
+        let limits = model
+            .overflow
+            .iter()
+            .find(|r| regions.iter().any(|e| **e == *r.region))?
+            .limits;
+        let charge = Charge {
+            input: plan.charge.input,
+            output: plan.max_tokens,
+        };
+        let part = |used: u64, limit: Option<u64>| {
+            limit
+                .filter(|l| *l > 0)
+                .map_or(0.0, |l| used as f64 / l as f64)
+        };
+        let floor = 1.0 / f64::from(limits.requests.max(1));
+        Some(Demand {
+            group: model.overflow_requester(),
+            regions,
+            charge,
+            strategy: spillway_core::store::Strategy::Ordered,
+            share_cost: floor
+                .max(part(charge.input, limits.input_tokens))
+                .max(part(charge.output, limits.output_tokens)),
+            share_floor: floor,
+            ..demand.clone()
+        })
     }
 
     /// One admission, timed and counted.

@@ -134,7 +134,8 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         spend: Arc<crate::spend::Spend>,
     ) -> Self {
-        let groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
+        let mut groups: Vec<_> = catalog.requesters().into_iter().cloned().collect();
+        groups.extend(catalog.overflow_requesters());
         let reserve = InteractiveReserve {
             min: settings.batch.interactive_reserve_min,
             max: settings.batch.interactive_reserve_max,
@@ -314,6 +315,7 @@ impl Forwarder {
             .await?;
         let served = crate::answer::Served {
             region: Arc::clone(&trace.region),
+            provider: crate::upstream::provider_label(&location.provider),
             budget: None,
             alias_warning,
         };

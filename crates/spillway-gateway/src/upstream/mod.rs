@@ -9,7 +9,10 @@
 //! line where the gateway is built, not a branch in the request path.
 //!
 //! [`vertex`] is the first provider: Vertex AI's Anthropic endpoints with
-//! Google credentials. Three rules bind every provider:
+//! Google credentials. [`anthropic`] is Anthropic's own API, an *overflow*
+//! provider: a model's `overflow` locations are tried only when no Vertex
+//! location can admit a request in time, for tenants that allow it. Three
+//! rules bind every provider:
 //! - **Hosts come only from config.** A URL is built from configured parts
 //!   and catalog ids; nothing a client sends can name a host, and redirects
 //!   are never followed.
@@ -19,6 +22,7 @@
 //!   moment, marked sensitive, never logged; the client's own key was
 //!   removed by the auth layer before the call was built.
 
+pub mod anthropic;
 pub mod vertex;
 
 use std::collections::HashMap;
@@ -29,11 +33,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Map, Value};
+use spillway_core::bucket::RateLimitReport;
 use spillway_core::ModelId;
 use spillway_vertex::Operation;
 
 use crate::answer::ForwardError;
 
+pub use anthropic::Anthropic;
 pub use vertex::{UpstreamInitError, Vertex};
 
 pub type ProviderFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ForwardError>> + Send + 'a>>;
@@ -68,6 +74,22 @@ pub trait Provider: Send + Sync + 'static {
     /// fresh ones (a rotated key, a revoked token) before the one retry.
     fn refresh_credentials(&self) -> ProviderFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+    /// What an answer's headers say about the provider's own rate limits
+    /// (Anthropic's `anthropic-ratelimit-*`), for its budget to learn
+    /// from; `None` for a provider that sends none (Vertex).
+    fn rate_limits(&self, _headers: &http::HeaderMap) -> Option<RateLimitReport> {
+        None
+    }
+}
+
+/// A provider's name as a static label (`x-spillway-provider`, metrics):
+/// providers are modules of this crate, so their names are a closed set.
+pub fn provider_label(name: &str) -> &'static str {
+    match name {
+        spillway_core::VERTEX_PROVIDER => spillway_core::VERTEX_PROVIDER,
+        crate::config::ANTHROPIC_PROVIDER => crate::config::ANTHROPIC_PROVIDER,
+        _ => "other",
     }
 }
 
