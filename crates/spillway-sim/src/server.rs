@@ -10,6 +10,8 @@
 //! POST /v1/projects/{project}/locations/{location}/publishers/anthropic/models/count-tokens:rawPredict
 //! POST /token                      (OAuth, see `oauth`)
 //! GET|POST|PUT|DELETE /_sim/...    (control API, see `control`)
+//! POST /v1/messages                (only with an Anthropic section: see `anthropic`)
+//! POST /v1/messages/count_tokens   (idem)
 //! ```
 //!
 //! axum's router (matchit 0.8) cannot match `{model}:rawPredict` inside one
@@ -79,7 +81,18 @@ const MODEL_ROUTE: &str =
 
 /// Builds the whole router (Vertex surface, OAuth and control API).
 pub(crate) fn router(state: SharedState) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    // Only a configured first-party surface has routes: without one these
+    // paths fall through to the 404 below, as they always did.
+    if state.anthropic.is_some() {
+        router = router
+            .route("/v1/messages", post(crate::anthropic::messages_route))
+            .route(
+                "/v1/messages/count_tokens",
+                post(crate::anthropic::count_tokens_route),
+            );
+    }
+    router
         .route(MODEL_ROUTE, post(model_route))
         .route("/token", post(crate::oauth::token_endpoint))
         .merge(crate::control::routes())
