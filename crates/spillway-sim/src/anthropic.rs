@@ -406,7 +406,11 @@ impl Surface {
 
     /// Logs a request that was not put to the buckets; the levels it
     /// records (and returns, for the headers) are taken under the lock.
-    fn log_other(&self, slot: Option<&Slot>, mut entry: AnthropicLogEntry) -> Option<LimiterSnapshot> {
+    fn log_other(
+        &self,
+        slot: Option<&Slot>,
+        mut entry: AnthropicLogEntry,
+    ) -> Option<LimiterSnapshot> {
         match slot {
             Some(slot) => {
                 let mut limiter = lock(&slot.limiter);
@@ -464,7 +468,11 @@ impl Surface {
     }
 
     pub(crate) fn counters(&self, model: &str) -> AnthropicCounters {
-        lock(&self.counters).1.get(model).cloned().unwrap_or_default()
+        lock(&self.counters)
+            .1
+            .get(model)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub(crate) fn total_counters(&self) -> AnthropicCounters {
@@ -725,10 +733,18 @@ impl ApiError {
                 "Your API key does not have permission to use the specified resource.",
             ),
             404 => Self::new(404, "not_found_error", "Not found"),
-            413 => Self::new(413, "request_too_large", "Request exceeds the maximum allowed number of bytes."),
+            413 => Self::new(
+                413,
+                "request_too_large",
+                "Request exceeds the maximum allowed number of bytes.",
+            ),
             429 => ApiError {
                 retry_after: Some(Duration::from_secs(1)),
-                ..Self::new(429, "rate_limit_error", RateLimitDimension::Requests.message())
+                ..Self::new(
+                    429,
+                    "rate_limit_error",
+                    RateLimitDimension::Requests.message(),
+                )
             },
             529 => Self::overloaded(),
             504 => Self::new(504, "timeout_error", "Request timed out"),
@@ -777,7 +793,11 @@ impl ApiError {
     }
 }
 
-fn base_headers(request_id: &str, content_type: &'static str, snap: Option<&LimiterSnapshot>) -> HeaderMap {
+fn base_headers(
+    request_id: &str,
+    content_type: &'static str,
+    snap: Option<&LimiterSnapshot>,
+) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -820,7 +840,12 @@ fn ratelimit_headers(h: &mut HeaderMap, snap: &LimiterSnapshot, wall: SystemTime
         (i, o) => i.or(o),
     };
     if let Some(s) = tightest {
-        put("tokens", s.limit, round_thousands(s.remaining), s.time_to_full);
+        put(
+            "tokens",
+            s.limit,
+            round_thousands(s.remaining),
+            s.time_to_full,
+        );
     }
 }
 
@@ -830,7 +855,13 @@ fn header_string(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-fn start_call(sur: &Arc<Surface>, route: Route, query: Option<&str>, headers: &HeaderMap, body: &Bytes) -> Call {
+fn start_call(
+    sur: &Arc<Surface>,
+    route: Route,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Call {
     let key = headers.get("x-api-key");
     let beta = query.is_some_and(|q| q.split('&').any(|kv| kv == "beta=true"));
     Call {
@@ -864,10 +895,18 @@ fn start_call(sur: &Arc<Surface>, route: Route, query: Option<&str>, headers: &H
 /// the parsed body object.
 fn check_request(call: &mut Call, body: &Bytes) -> Result<Value, ApiError> {
     if !call.rec.has_x_api_key {
-        return Err(ApiError::new(401, "authentication_error", "x-api-key header is required"));
+        return Err(ApiError::new(
+            401,
+            "authentication_error",
+            "x-api-key header is required",
+        ));
     }
     if !call.rec.x_api_key_valid {
-        return Err(ApiError::new(401, "authentication_error", "invalid x-api-key"));
+        return Err(ApiError::new(
+            401,
+            "authentication_error",
+            "invalid x-api-key",
+        ));
     }
     if call.rec.anthropic_version.is_none() {
         return Err(ApiError::invalid("anthropic-version: header is required"));
@@ -901,7 +940,11 @@ fn check_request(call: &mut Call, body: &Bytes) -> Result<Value, ApiError> {
     };
     call.rec.model = Some(model.clone());
     let Some(slot) = call.sur.slot(&model) else {
-        return Err(ApiError::new(404, "not_found_error", format!("model: {model}")));
+        return Err(ApiError::new(
+            404,
+            "not_found_error",
+            format!("model: {model}"),
+        ));
     };
     call.slot = Some(slot);
     validate_messages(obj.get("messages")).map_err(ApiError::from_sim)?;
@@ -952,7 +995,10 @@ pub(crate) async fn messages_route(
     drop(json);
 
     // Faults that act before the limits.
-    match st.faults.take(ANTHROPIC_REGION, &model, FaultGroup::PreQuota) {
+    match st
+        .faults
+        .take(ANTHROPIC_REGION, &model, FaultGroup::PreQuota)
+    {
         Some(FaultKind::Status(code)) => return call.fail(ApiError::for_status(code)),
         Some(FaultKind::Capacity) => return call.fail(ApiError::overloaded()),
         Some(FaultKind::Reset) => {
@@ -1005,7 +1051,8 @@ pub(crate) async fn messages_route(
     } else {
         (None, None)
     };
-    let (first_token, per_token) = match st.faults.take(ANTHROPIC_REGION, &model, FaultGroup::Delay) {
+    let (first_token, per_token) = match st.faults.take(ANTHROPIC_REGION, &model, FaultGroup::Delay)
+    {
         Some(FaultKind::Delay {
             first_token,
             per_token,
@@ -1062,11 +1109,7 @@ pub(crate) async fn messages_route(
         });
         reservation.finish(outcome.tokens_sent);
     });
-    let h = base_headers(
-        &request_id,
-        "text/event-stream; charset=utf-8",
-        Some(&snap),
-    );
+    let h = base_headers(&request_id, "text/event-stream; charset=utf-8", Some(&snap));
     (StatusCode::OK, h, Body::from_stream(events)).into_response()
 }
 
@@ -1127,11 +1170,17 @@ mod tests {
         ratelimit_headers(&mut h, &snap, wall);
         let g = |n: &str| h.get(n).unwrap().to_str().unwrap().to_owned();
         assert_eq!(g("anthropic-ratelimit-requests-remaining"), "49");
-        assert_eq!(g("anthropic-ratelimit-requests-reset"), "2026-12-04T01:02:05Z");
+        assert_eq!(
+            g("anthropic-ratelimit-requests-reset"),
+            "2026-12-04T01:02:05Z"
+        );
         assert_eq!(g("anthropic-ratelimit-input-tokens-remaining"), "29000");
         assert_eq!(g("anthropic-ratelimit-output-tokens-remaining"), "8000");
         assert_eq!(g("anthropic-ratelimit-tokens-limit"), "8000");
-        assert_eq!(g("anthropic-ratelimit-tokens-reset"), "2026-12-04T01:02:33Z");
+        assert_eq!(
+            g("anthropic-ratelimit-tokens-reset"),
+            "2026-12-04T01:02:33Z"
+        );
         let only_rpm = LimiterSnapshot {
             input_tokens: None,
             output_tokens: None,

@@ -446,7 +446,11 @@ impl SimConfig {
     /// Also serves Anthropic's first-party API, accepting `api_key`, with
     /// `models`: `SimConfig::vertex_defaults().with_anthropic("sk-ant-test",
     /// vec![AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000)])`.
-    pub fn with_anthropic(mut self, api_key: impl Into<String>, models: Vec<AnthropicModel>) -> Self {
+    pub fn with_anthropic(
+        mut self,
+        api_key: impl Into<String>,
+        models: Vec<AnthropicModel>,
+    ) -> Self {
         self.anthropic = Some(AnthropicConfig {
             api_key: api_key.into(),
             models,
@@ -674,7 +678,10 @@ cache_reads_count = false
         .unwrap();
         let a = c.anthropic.unwrap();
         assert_eq!(a.api_key, "sk-ant-sim");
-        assert_eq!(a.models[0], AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000));
+        assert_eq!(
+            a.models[0],
+            AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000)
+        );
         assert_eq!(a.models[1].limits(), AnthropicLimits::default());
         assert!(!a.models[1].counts_cache_reads());
         assert!(AnthropicModel::unlimited("claude-3-haiku-20240307").counts_cache_reads());
@@ -693,9 +700,15 @@ cache_reads_count = false
         );
         let dup = SimConfig::vertex_defaults().with_anthropic(
             "k",
-            vec![AnthropicModel::unlimited("m"), AnthropicModel::unlimited("m")],
+            vec![
+                AnthropicModel::unlimited("m"),
+                AnthropicModel::unlimited("m"),
+            ],
         );
-        assert!(matches!(dup.validate(), Err(ConfigError::DuplicateModel { .. })));
+        assert!(matches!(
+            dup.validate(),
+            Err(ConfigError::DuplicateModel { .. })
+        ));
     }
 
     #[test]

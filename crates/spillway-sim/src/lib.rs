@@ -445,7 +445,10 @@ impl SimHandle {
 
     /// The accepted `x-api-key`, if the first-party surface is configured.
     pub fn anthropic_api_key(&self) -> Option<String> {
-        self.state.anthropic.as_ref().map(|a| a.api_key().to_owned())
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.api_key().to_owned())
     }
 
     /// First-party counters of one model (all zero if unknown or not

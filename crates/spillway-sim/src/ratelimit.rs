@@ -33,7 +33,8 @@
 //! the first short dimension in the order requests, input, output, and
 //! `retry-after` is the time until the request would fit in *every*
 //! bucket. A request that can never fit (it needs more than a bucket's
-//! capacity) gets the time until that bucket is full instead. Otherwise all
+//! capacity) gets one whole period instead (retrying sooner cannot help,
+//! and `0` would invite a hot loop). Otherwise all
 //! three are debited at once. When the answer ends, the unused part of the
 //! reservation (`max_tokens - actual output tokens`) is credited back to
 //! OTPM, capped at capacity.
@@ -406,7 +407,7 @@ impl ModelLimiter {
             if !b.has(n) {
                 short.get_or_insert(d);
             }
-            let w = b.time_until(n).unwrap_or_else(|| b.time_to_full());
+            let w = b.time_until(n).unwrap_or(self.period);
             wait = wait.max(w);
         }
         if let Some(dimension) = short {
@@ -847,11 +848,14 @@ mod tests {
         assert_eq!(r.retry_after, Duration::from_secs(30));
         // Nothing was debited by the refusal.
         let s = l.snapshot(t0);
-        assert_eq!(s.levels(), BucketLevels {
-            requests: Some(9),
-            input_tokens: Some(0),
-            output_tokens: Some(5900),
-        });
+        assert_eq!(
+            s.levels(),
+            BucketLevels {
+                requests: Some(9),
+                input_tokens: Some(0),
+                output_tokens: Some(5900),
+            }
+        );
         l.credit_output(t0, 90);
         assert_eq!(l.snapshot(t0).output_tokens.unwrap().remaining, 5990);
         // More than capacity never fits: the wait is the time to full.
@@ -935,7 +939,8 @@ mod tests {
         assert!(r.within_limits(), "{r:?}");
         assert_eq!(r.admitted, 2);
         assert_eq!(r.min_level.input_tokens, Some(0));
-        assert_eq!(r.min_level.requests, Some(0));
+        // 2 - 1, then + 1 refilled - 1.
+        assert_eq!(r.min_level.requests, Some(1));
         // One nanosecond earlier the second request did not fit.
         let mut bad = good.clone();
         bad.entries[1].at_ns = p / 2 - 1;
@@ -943,10 +948,14 @@ mod tests {
         assert!(!r.within_limits());
         assert_eq!(r.first_violation_seq, Some(2));
         assert_eq!(r.min_level.input_tokens, Some(-1));
-        // A third request at once overdraws the RPM bucket.
+        // One more request at once empties the RPM bucket; two overdraw it.
         let mut bad = good.clone();
         bad.entries.push(entry(3, p / 2, 0, 0));
-        assert!(!replay_admissions(&bad)[0].within_limits());
+        assert!(replay_admissions(&bad)[0].within_limits());
+        bad.entries.push(entry(4, p / 2, 0, 0));
+        let r = &replay_admissions(&bad)[0];
+        assert!(!r.within_limits());
+        assert_eq!((r.violations, r.min_level.requests), (1, Some(-1)));
         // A credit-back makes room; without it the same log is a violation.
         let mut credited = good.clone();
         credited.entries[0].output_actual = Some(10);

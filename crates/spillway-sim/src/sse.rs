@@ -636,7 +636,10 @@ mod tests {
             let mut p = plan(n, true);
             p.flavor = Flavor::FirstParty;
             let (text, _, _, _) = collect(p.clone()).await;
-            assert_eq!(text.split_terminator("\n\n").count() as u64, event_count(&p));
+            assert_eq!(
+                text.split_terminator("\n\n").count() as u64,
+                event_count(&p)
+            );
             assert!(!text.contains("vertex_event") && !text.contains("  }"));
         }
     }
