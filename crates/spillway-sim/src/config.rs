@@ -39,6 +39,31 @@
 //!
 //! Every key is checked: unknown keys (a misspelt `quota_grup`) are errors.
 //!
+//! ## Anthropic's first-party API (optional)
+//!
+//! With an `[anthropic]` section the same listener also serves Anthropic's
+//! own Messages API (`POST /v1/messages`, see [`crate::anthropic`]), so a
+//! gateway can be tested overflowing to `api.anthropic.com`:
+//!
+//! ```toml
+//! [anthropic]
+//! api_key = "sk-ant-sim"          # required: the accepted `x-api-key`
+//! [[anthropic.models]]
+//! id = "claude-sonnet-4-5"         # the id requests name, exactly
+//! requests_per_min = 50            # optional: RPM bucket
+//! input_tokens_per_min = 30000     # optional: ITPM bucket
+//! output_tokens_per_min = 8000     # optional: OTPM bucket
+//! [[anthropic.models]]
+//! id = "claude-3-haiku-20240307"
+//! requests_per_min = 50
+//! cache_reads_count = true         # optional: default rule below
+//! ```
+//!
+//! Each limit is a continuously refilling token bucket whose period is
+//! `window_secs` ([`crate::ratelimit`]); an absent limit is not enforced
+//! (and its `anthropic-ratelimit-*` headers are not sent). Without the
+//! section `/v1/messages` is a 404, as before.
+//!
 //! * **Token limits** are all optional; absent means not enforced. Vertex
 //!   has only the split ones (input and output per minute, reference §5);
 //!   `tokens_per_min` is a combined budget kept for older configurations.
@@ -62,6 +87,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::quota::{BucketId, QuotaLimits};
+use crate::ratelimit::AnthropicLimits;
 
 /// Why a configuration was refused.
 ///
@@ -88,6 +114,8 @@ pub enum ConfigError {
         /// The model id.
         model: String,
     },
+    /// `[anthropic] api_key` is empty (no request could authenticate).
+    EmptyApiKey,
     /// Two models sharing a lineage bucket have different limits.
     GroupLimitsDisagree {
         /// The location.
@@ -112,6 +140,7 @@ impl std::fmt::Display for ConfigError {
             ConfigError::EmptyGroup { location, model } => {
                 write!(f, "location {location}: model {model} has an empty quota_group")
             }
+            ConfigError::EmptyApiKey => write!(f, "anthropic.api_key must not be empty"),
             ConfigError::GroupLimitsDisagree {
                 location,
                 group,
@@ -142,6 +171,114 @@ pub struct SimConfig {
     pub default_output_tokens: u32,
     /// Send Vertex's non-standard `vertex_event` SSE event mid-stream.
     pub emit_vertex_event: bool,
+    /// Also serve Anthropic's first-party Messages API (`/v1/messages`),
+    /// with this key and these models; `None` (the default) leaves it a 404.
+    pub anthropic: Option<AnthropicConfig>,
+}
+
+/// The first-party surface: the accepted API key and the models offered.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// The `x-api-key` every request must carry.
+    pub api_key: String,
+    /// Models offered, with their rate limits.
+    #[serde(default)]
+    pub models: Vec<AnthropicModel>,
+}
+
+/// A model of the first-party surface and its rate limits, each a
+/// continuously refilling token bucket (absent: not enforced).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnthropicModel {
+    /// Anthropic model id as requests name it, e.g. `claude-sonnet-4-5` or
+    /// `claude-3-haiku-20240307` (matched exactly, echoed as sent).
+    pub id: String,
+    /// Requests per minute (RPM).
+    #[serde(default)]
+    pub requests_per_min: Option<u64>,
+    /// Input tokens per minute (ITPM).
+    #[serde(default)]
+    pub input_tokens_per_min: Option<u64>,
+    /// Output tokens per minute (OTPM), charged `max_tokens` up front.
+    #[serde(default)]
+    pub output_tokens_per_min: Option<u64>,
+    /// Whether cache reads count against ITPM; `None` applies
+    /// [`default_cache_reads_count`] (true for `claude-3-…` except `claude-3-7-…`).
+    #[serde(default)]
+    pub cache_reads_count: Option<bool>,
+}
+
+impl AnthropicModel {
+    /// A model with all three limits.
+    pub fn new(id: impl Into<String>, rpm: u64, itpm: u64, otpm: u64) -> Self {
+        AnthropicModel {
+            id: id.into(),
+            requests_per_min: Some(rpm),
+            input_tokens_per_min: Some(itpm),
+            output_tokens_per_min: Some(otpm),
+            cache_reads_count: None,
+        }
+    }
+
+    /// A model with no limit at all.
+    pub fn unlimited(id: impl Into<String>) -> Self {
+        AnthropicModel {
+            id: id.into(),
+            requests_per_min: None,
+            input_tokens_per_min: None,
+            output_tokens_per_min: None,
+            cache_reads_count: None,
+        }
+    }
+
+    /// Replaces all three limits (`None`: not enforced).
+    pub fn with_limits(mut self, limits: AnthropicLimits) -> Self {
+        self.requests_per_min = limits.requests_per_min;
+        self.input_tokens_per_min = limits.input_tokens_per_min;
+        self.output_tokens_per_min = limits.output_tokens_per_min;
+        self
+    }
+
+    /// Overrides [`default_cache_reads_count`].
+    pub fn with_cache_reads_count(mut self, counts: bool) -> Self {
+        self.cache_reads_count = Some(counts);
+        self
+    }
+
+    /// Whether cache reads count against ITPM for this model.
+    pub fn counts_cache_reads(&self) -> bool {
+        self.cache_reads_count
+            .unwrap_or_else(|| default_cache_reads_count(&self.id))
+    }
+
+    /// The model's limits.
+    pub fn limits(&self) -> AnthropicLimits {
+        AnthropicLimits {
+            requests_per_min: self.requests_per_min,
+            input_tokens_per_min: self.input_tokens_per_min,
+            output_tokens_per_min: self.output_tokens_per_min,
+        }
+    }
+}
+
+impl AnthropicConfig {
+    /// `api_key` and three models with Anthropic's tier-1 limits:
+    /// `claude-sonnet-4-5` (50 RPM, 30 000 ITPM, 8 000 OTPM),
+    /// `claude-haiku-4-5` and `claude-3-haiku-20240307` (50 RPM,
+    /// 50 000 ITPM, 10 000 OTPM). What `spillway-sim --anthropic-key`
+    /// serves when the config file has no `[anthropic]` section.
+    pub fn defaults(api_key: impl Into<String>) -> Self {
+        AnthropicConfig {
+            api_key: api_key.into(),
+            models: vec![
+                AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000),
+                AnthropicModel::new("claude-haiku-4-5", 50, 50_000, 10_000),
+                AnthropicModel::new("claude-3-haiku-20240307", 50, 50_000, 10_000),
+            ],
+        }
+    }
 }
 
 /// One location (`{location}`: a region, `global`, `us` or `eu`) and the
@@ -302,11 +439,29 @@ impl SimConfig {
             window: Duration::from_secs(60),
             default_output_tokens: 12,
             emit_vertex_event: true,
+            anthropic: None,
         }
     }
 
+    /// Also serves Anthropic's first-party API, accepting `api_key`, with
+    /// `models`: `SimConfig::vertex_defaults().with_anthropic("sk-ant-test",
+    /// vec![AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000)])`.
+    pub fn with_anthropic(
+        mut self,
+        api_key: impl Into<String>,
+        models: Vec<AnthropicModel>,
+    ) -> Self {
+        self.anthropic = Some(AnthropicConfig {
+            api_key: api_key.into(),
+            models,
+        });
+        self
+    }
+
     /// Checks what the types cannot: no model twice in a location, no empty
-    /// group, and identical limits for the models of each shared bucket.
+    /// group, and identical limits for the models of each shared bucket;
+    /// for the first-party surface, a non-empty key and no model twice
+    /// (reported as a [`ConfigError::DuplicateModel`] in location `anthropic`).
     /// [`crate::Simulator::start`] and [`SimConfig::from_toml`] call it.
     /// (A location listed twice is one location: its model lists add up.)
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -343,6 +498,20 @@ impl SimConfig {
                 }
             }
         }
+        if let Some(a) = &self.anthropic {
+            if a.api_key.is_empty() {
+                return Err(ConfigError::EmptyApiKey);
+            }
+            let mut ids = std::collections::HashSet::new();
+            for m in &a.models {
+                if !ids.insert(m.id.as_str()) {
+                    return Err(ConfigError::DuplicateModel {
+                        location: crate::anthropic::ANTHROPIC_REGION.into(),
+                        model: m.id.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -358,6 +527,7 @@ impl SimConfig {
             window_secs: Option<f64>,
             default_output_tokens: Option<u32>,
             emit_vertex_event: Option<bool>,
+            anthropic: Option<AnthropicConfig>,
         }
         let f: File = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
         let d = SimConfig::vertex_defaults();
@@ -373,6 +543,7 @@ impl SimConfig {
             window,
             default_output_tokens: f.default_output_tokens.unwrap_or(d.default_output_tokens),
             emit_vertex_event: f.emit_vertex_event.unwrap_or(d.emit_vertex_event),
+            anthropic: f.anthropic,
         };
         config.validate()?;
         Ok(config)
@@ -485,6 +656,58 @@ output_tokens_per_min = 100
         assert!(matches!(
             empty.validate(),
             Err(ConfigError::EmptyGroup { .. })
+        ));
+    }
+
+    #[test]
+    fn anthropic_section_from_toml() {
+        let c = SimConfig::from_toml(
+            r#"
+[anthropic]
+api_key = "sk-ant-sim"
+[[anthropic.models]]
+id = "claude-sonnet-4-5"
+requests_per_min = 50
+input_tokens_per_min = 30000
+output_tokens_per_min = 8000
+[[anthropic.models]]
+id = "claude-3-haiku-20240307"
+cache_reads_count = false
+"#,
+        )
+        .unwrap();
+        let a = c.anthropic.unwrap();
+        assert_eq!(a.api_key, "sk-ant-sim");
+        assert_eq!(
+            a.models[0],
+            AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000)
+        );
+        assert_eq!(a.models[1].limits(), AnthropicLimits::default());
+        assert!(!a.models[1].counts_cache_reads());
+        assert!(AnthropicModel::unlimited("claude-3-haiku-20240307").counts_cache_reads());
+        assert!(!AnthropicModel::unlimited("claude-sonnet-4-5").counts_cache_reads());
+        assert!(SimConfig::from_toml("").unwrap().anthropic.is_none());
+        for bad in [
+            "[anthropic]\napi_key = \"k\"\nbogus = 1\n",
+            "[anthropic]\napi_key = \"k\"\n[[anthropic.models]]\nid = \"m\"\nrequests_per_minute = 1\n",
+            "[anthropic]\n[[anthropic.models]]\nid = \"m\"\n",
+        ] {
+            assert!(matches!(SimConfig::from_toml(bad), Err(ConfigError::Toml(_))), "{bad}");
+        }
+        assert_eq!(
+            SimConfig::from_toml("[anthropic]\napi_key = \"\"\n"),
+            Err(ConfigError::EmptyApiKey)
+        );
+        let dup = SimConfig::vertex_defaults().with_anthropic(
+            "k",
+            vec![
+                AnthropicModel::unlimited("m"),
+                AnthropicModel::unlimited("m"),
+            ],
+        );
+        assert!(matches!(
+            dup.validate(),
+            Err(ConfigError::DuplicateModel { .. })
         ));
     }
 

@@ -19,6 +19,22 @@
 //! | `PUT /_sim/output-tokens` | `{"default_output_tokens":N}` | sets the default answer length |
 //! | `GET /_sim/requests` | | the last 64 requests (`RecordedRequest`s), oldest first |
 //!
+//! Anthropic's first-party surface (see `anthropic`; every route answers
+//! `404 {"error":"anthropic mode is not configured"}` without it):
+//!
+//! | method and path | body | effect |
+//! |---|---|---|
+//! | `GET /_sim/anthropic/counters` | | `{"total":counters,"models":{model:counters}}` (`AnthropicCounters`) |
+//! | `GET /_sim/anthropic/limits` | | `{model:{"limits":{requests_per_min,input_tokens_per_min,output_tokens_per_min},"levels":{requests,input_tokens,output_tokens: null or {limit,remaining,time_to_full (ms)}}}}`, exact floor levels now |
+//! | `PUT /_sim/anthropic/limits` | `{"model","requests_per_min"?,"input_tokens_per_min"?,"output_tokens_per_min"?}` | sets the model's limits (absent: not enforced); levels kept, clamped; offers an unknown model (204) |
+//! | `GET /_sim/anthropic/log` | | the complete log since start or reset (`AnthropicLog`: `period_ns`, `complete`, `dropped`, `limit_changes`, `entries`) |
+//! | `GET /_sim/anthropic/report` | | `replay_admissions` of that log: `[AdmissionsReport]` (`model`, `limits`, `admitted`, `rate_limited`, `min_level`, `violations`, `levels_consistent`, `first_violation_seq`, `complete`) |
+//! | `GET /_sim/anthropic/requests` | | the last 256 first-party requests (`AnthropicRequest`s), oldest first |
+//!
+//! `POST /_sim/reset` resets this surface too (buckets full, new log,
+//! counters and requests cleared; key and limits kept). Faults aimed at it
+//! use the region `anthropic` in `POST /_sim/faults`.
+//!
 //! Malformed bodies get `400 {"error":"..."}`.
 
 use std::sync::atomic::Ordering;
@@ -34,6 +50,7 @@ use serde_json::json;
 
 use crate::faults::Fault;
 use crate::quota::{peak_usage, QuotaLimits};
+use crate::ratelimit::{replay_admissions, AnthropicLimits};
 use crate::state::SharedState;
 
 /// Body of `PUT /_sim/quota`.
@@ -59,6 +76,19 @@ struct ModelRef {
     model: String,
 }
 
+/// Body of `PUT /_sim/anthropic/limits`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnthropicLimitsUpdate {
+    model: String,
+    #[serde(default)]
+    requests_per_min: Option<u64>,
+    #[serde(default)]
+    input_tokens_per_min: Option<u64>,
+    #[serde(default)]
+    output_tokens_per_min: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutputTokens {
@@ -81,6 +111,86 @@ pub(crate) fn routes() -> Router<SharedState> {
         .route("/_sim/models/allow", post(allow_model))
         .route("/_sim/models/refused", get(refused_models))
         .route("/_sim/rotate-token", post(rotate_token))
+        .route("/_sim/anthropic/counters", get(anthropic_counters))
+        .route(
+            "/_sim/anthropic/limits",
+            get(anthropic_limits).put(set_anthropic_limits),
+        )
+        .route("/_sim/anthropic/log", get(anthropic_log))
+        .route("/_sim/anthropic/report", get(anthropic_report))
+        .route("/_sim/anthropic/requests", get(anthropic_requests))
+}
+
+fn no_anthropic() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "anthropic mode is not configured"})),
+    )
+        .into_response()
+}
+
+async fn anthropic_counters(State(st): State<SharedState>) -> Response {
+    let Some(a) = &st.anthropic else {
+        return no_anthropic();
+    };
+    let (total, models) = a.all_counters();
+    Json(json!({"total": total, "models": models})).into_response()
+}
+
+async fn anthropic_limits(State(st): State<SharedState>) -> Response {
+    let Some(a) = &st.anthropic else {
+        return no_anthropic();
+    };
+    let out: serde_json::Map<String, serde_json::Value> = a
+        .levels()
+        .into_iter()
+        .map(|(m, (limits, levels))| (m, json!({"limits": limits, "levels": levels})))
+        .collect();
+    Json(out).into_response()
+}
+
+async fn set_anthropic_limits(
+    State(st): State<SharedState>,
+    body: Result<Json<AnthropicLimitsUpdate>, JsonRejection>,
+) -> Response {
+    let Some(a) = &st.anthropic else {
+        return no_anthropic();
+    };
+    match body {
+        Ok(Json(u)) => {
+            a.set_limits(
+                &u.model,
+                AnthropicLimits {
+                    requests_per_min: u.requests_per_min,
+                    input_tokens_per_min: u.input_tokens_per_min,
+                    output_tokens_per_min: u.output_tokens_per_min,
+                },
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn anthropic_log(State(st): State<SharedState>) -> Response {
+    match &st.anthropic {
+        Some(a) => Json(a.log()).into_response(),
+        None => no_anthropic(),
+    }
+}
+
+async fn anthropic_report(State(st): State<SharedState>) -> Response {
+    match &st.anthropic {
+        Some(a) => Json(replay_admissions(&a.log())).into_response(),
+        None => no_anthropic(),
+    }
+}
+
+async fn anthropic_requests(State(st): State<SharedState>) -> Response {
+    match &st.anthropic {
+        Some(a) => Json(a.recent()).into_response(),
+        None => no_anthropic(),
+    }
 }
 
 fn bad_request(e: JsonRejection) -> Response {

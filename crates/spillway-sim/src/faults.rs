@@ -1,9 +1,11 @@
 //! Fault injection: make one region (optionally one model) misbehave.
 //!
 //! A [`Fault`] is scoped to a region and optionally a model, and lives either
-//! for the next `remaining` matching requests or until cleared. Faults only
-//! apply to `:rawPredict` and `:streamRawPredict` (count-tokens is never
-//! faulted). The kinds and when they act:
+//! for the next `remaining` matching requests or until cleared. Faults
+//! apply to `:rawPredict` and `:streamRawPredict`, and to the first-party
+//! `POST /v1/messages` through the pseudo-region `anthropic` (count-tokens
+//! calls only take status faults naming the model `count-tokens`). The
+//! kinds and when they act:
 //!
 //! | kind | effect | consumes quota? |
 //! |---|---|---|
@@ -24,6 +26,11 @@
 //! only happens to admitted requests (it is picked after the quota check, so
 //! a 429 does not use it up). At most one fault of each group (pre-quota,
 //! drop, delay) applies to a request: the oldest matching one.
+//!
+//! The pseudo-region `anthropic` ([`Fault::anthropic`]) aims a fault at
+//! Anthropic's first-party surface instead, where the same kinds are
+//! rendered Anthropic's way (a 529 `overloaded_error`, `Capacity` as 529,
+//! ...: see [`crate::anthropic`]).
 //!
 //! JSON form (control API `POST /_sim/faults`):
 //! `{"region":"us-central1","model":null,"remaining":3,"kind":{"type":"status","status":503}}`,
@@ -61,6 +68,13 @@ impl Fault {
             kind,
             remaining: None,
         }
+    }
+
+    /// A fault on every model of Anthropic's first-party surface
+    /// (region [`crate::anthropic::ANTHROPIC_REGION`]), until cleared;
+    /// `.for_model("claude-sonnet-4-5")` narrows it to one Anthropic id.
+    pub fn anthropic(kind: FaultKind) -> Self {
+        Self::region(crate::anthropic::ANTHROPIC_REGION, kind)
     }
 
     /// Restricts the fault to one model.

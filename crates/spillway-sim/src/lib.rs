@@ -33,7 +33,40 @@
 //!   revoked bearer tokens (401, [`SimHandle::rotate_token`]);
 //! * counters and a ring buffer of recent requests, so tests can assert what
 //!   reached "Google" ([`counters`], [`recorder`]);
-//! * an HTTP control API ([`control`]) and an OAuth JWT-bearer endpoint ([`oauth`]).
+//! * an HTTP control API ([`control`]) and an OAuth JWT-bearer endpoint ([`oauth`]);
+//! * optionally, on the same port, **Anthropic's first-party Messages API**
+//!   (`POST /v1/messages`, `POST /v1/messages/count_tokens`) for testing a
+//!   gateway's overflow to `api.anthropic.com` ([`anthropic`]): `x-api-key`
+//!   and `anthropic-version` checked as the real API does, `request-id` on
+//!   every answer, Anthropic's error bodies, and per-model RPM / ITPM /
+//!   OTPM limits as **continuously refilling token buckets**
+//!   ([`ratelimit`]) with the `anthropic-ratelimit-*` headers, 429s with
+//!   `retry-after`, OTPM charged at `max_tokens` then credited back, a
+//!   complete log of the run and a replay that proves no bucket was ever
+//!   overdrawn ([`SimHandle::anthropic_admissions_report`]).
+//!
+//! ## Anthropic's first-party API in a test
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use spillway_sim::{AnthropicLimits, AnthropicModel, Fault, FaultKind, SimConfig, Simulator};
+//!
+//! let config = SimConfig::vertex_defaults().with_anthropic(
+//!     "sk-ant-test",
+//!     vec![AnthropicModel::new("claude-sonnet-4-5", 50, 30_000, 8_000)],
+//! );
+//! let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap()).await?;
+//! // Point the gateway's Anthropic base URL at `sim.base_url()` (it serves
+//! // `/v1/messages` next to the Vertex routes) and its key at "sk-ant-test".
+//! // The real limit is lower than the gateway believes:
+//! sim.set_anthropic_limits("claude-sonnet-4-5", AnthropicLimits::new(10, 30_000, 8_000));
+//! sim.inject(Fault::anthropic(FaultKind::Status(529)).times(1));
+//! // ... drive the gateway ...
+//! for r in sim.anthropic_admissions_report() {
+//!     assert!(r.within_limits() && r.levels_consistent, "{r:?}");
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! ## Using it in a test
 //!
@@ -84,6 +117,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod anthropic;
 pub mod cache;
 pub mod config;
 pub mod control;
@@ -93,6 +127,7 @@ pub mod faults;
 pub mod message;
 pub mod oauth;
 pub mod quota;
+pub mod ratelimit;
 pub mod recorder;
 pub mod server;
 pub mod sse;
@@ -108,12 +143,17 @@ use axum::serve::ListenerExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{ConfigError, SimConfig, SimModel, SimRegion};
+pub use anthropic::{AnthropicCounters, AnthropicRequest, ANTHROPIC_REGION};
+pub use config::{AnthropicConfig, AnthropicModel, ConfigError, SimConfig, SimModel, SimRegion};
 pub use counters::ModelCounters;
 pub use faults::{Fault, FaultKind};
 pub use message::InputUsage;
 pub use quota::{
     peak_usage, Admission, BucketId, BucketKey, LocationKind, PeakUsage, QuotaLimits, WindowUsage,
+};
+pub use ratelimit::{
+    replay_admissions, AdmissionsReport, AnthropicLimits, AnthropicLog, AnthropicLogEntry,
+    BucketLevels, LimitChange, LimiterSnapshot, RateLimitDimension,
 };
 pub use recorder::RecordedRequest;
 pub use tokenizer::count_tokens;
@@ -388,10 +428,100 @@ impl SimHandle {
     }
 
     /// Clears counters, quota windows, admission logs, faults, model
-    /// refusals and recorded requests (quota limits, the default answer
-    /// length, the bearer token and issued OAuth tokens are kept).
+    /// refusals and recorded requests, and resets the first-party surface
+    /// (buckets full again, a new log, counters and recorded requests
+    /// cleared). Quota limits (Vertex and Anthropic), the default answer
+    /// length, the bearer token, the API key and issued OAuth tokens are kept.
     pub fn reset(&self) {
         self.state.reset();
+    }
+
+    /// The first-party Messages URL, `http://127.0.0.1:PORT/v1/messages`
+    /// (served only with [`SimConfig::anthropic`]; the Anthropic base URL
+    /// to give a client is [`SimHandle::base_url`]).
+    pub fn anthropic_messages_url(&self) -> String {
+        format!("{}/v1/messages", self.base_url())
+    }
+
+    /// The accepted `x-api-key`, if the first-party surface is configured.
+    pub fn anthropic_api_key(&self) -> Option<String> {
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.api_key().to_owned())
+    }
+
+    /// First-party counters of one model (all zero if unknown or not
+    /// configured; see [`AnthropicCounters`] for what counts where).
+    pub fn anthropic_counters(&self, model: &str) -> AnthropicCounters {
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.counters(model))
+            .unwrap_or_default()
+    }
+
+    /// First-party counters over every request (those that never named a
+    /// configured model included: 401s, 404s, ...).
+    pub fn anthropic_total_counters(&self) -> AnthropicCounters {
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.total_counters())
+            .unwrap_or_default()
+    }
+
+    /// The complete first-party log since start or the last reset (see
+    /// [`ratelimit`]); empty if not configured.
+    pub fn anthropic_log(&self) -> AnthropicLog {
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.log())
+            .unwrap_or_default()
+    }
+
+    /// [`replay_admissions`] of [`SimHandle::anthropic_log`]: per model,
+    /// the lowest level each bucket reached and any overdraft. Every report
+    /// must be `within_limits()` and `levels_consistent`.
+    pub fn anthropic_admissions_report(&self) -> Vec<AdmissionsReport> {
+        replay_admissions(&self.anthropic_log())
+    }
+
+    /// The last [`anthropic::RECORDED_ANTHROPIC_REQUESTS`] first-party
+    /// requests (Messages and count_tokens), oldest first.
+    pub fn anthropic_recent_requests(&self) -> Vec<AnthropicRequest> {
+        self.state
+            .anthropic
+            .as_ref()
+            .map(|a| a.recent())
+            .unwrap_or_default()
+    }
+
+    /// Sets a first-party model's limits at run time (`None`: not
+    /// enforced). Each bucket keeps its level, clamped to the new capacity;
+    /// a newly enforced limit starts full. An unconfigured model is offered
+    /// from now on (default cache rule). Returns false, doing nothing, if
+    /// the first-party surface is not configured.
+    pub fn set_anthropic_limits(&self, model: &str, limits: AnthropicLimits) -> bool {
+        match &self.state.anthropic {
+            Some(a) => {
+                a.set_limits(model, limits);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A first-party model's limits, if it is offered.
+    pub fn anthropic_limits(&self, model: &str) -> Option<AnthropicLimits> {
+        self.anthropic_levels(model).map(|(l, _)| l)
+    }
+
+    /// A first-party model's limits and its buckets now (exact floor
+    /// levels, unrounded, and the time until each is full).
+    pub fn anthropic_levels(&self, model: &str) -> Option<(AnthropicLimits, LimiterSnapshot)> {
+        self.state.anthropic.as_ref()?.model_levels(model)
     }
 
     /// OAuth tokens issued by `POST /token` (since start or the last reset).

@@ -3,7 +3,13 @@
 //!
 //! ```text
 //! spillway-sim --listen 127.0.0.1:8790 [--window-secs 60] [--bearer TOKEN] [--config sim.toml]
+//!              [--anthropic-key KEY]
 //! ```
+//!
+//! `--anthropic-key` (or `SPILLWAY_SIM_ANTHROPIC_KEY`) also serves
+//! Anthropic's first-party API (`POST /v1/messages`) with that key: with the
+//! config file's `[anthropic]` models if it has the section (the flag then
+//! only replaces the key), else `AnthropicConfig::defaults`.
 //!
 //! Without `--config` it serves `SimConfig::vertex_defaults()`; flags given
 //! on the command line override the file. It prints its base URL on stdout
@@ -15,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use spillway_sim::{SimConfig, Simulator};
+use spillway_sim::{AnthropicConfig, SimConfig, Simulator};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +47,9 @@ struct Args {
     /// Do not send Vertex's `vertex_event` SSE event.
     #[arg(long)]
     no_vertex_event: bool,
+    /// Also serve Anthropic's first-party API (/v1/messages), accepting this x-api-key.
+    #[arg(long, env = "SPILLWAY_SIM_ANTHROPIC_KEY")]
+    anthropic_key: Option<String>,
 }
 
 #[tokio::main]
@@ -72,6 +81,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.no_vertex_event {
         config.emit_vertex_event = false;
+    }
+    if let Some(key) = args.anthropic_key {
+        match config.anthropic.as_mut() {
+            Some(a) => a.api_key = key,
+            None => config.anthropic = Some(AnthropicConfig::defaults(key)),
+        }
     }
     let sim = Simulator::start(config, args.listen)
         .await

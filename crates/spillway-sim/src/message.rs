@@ -37,7 +37,9 @@
 //!
 //! Responses use the Anthropic model id (`claude-3-haiku-20240307`: the
 //! Vertex `@` becomes `-`) and a `msg_vrtx_` + 24 alphanumerics id, as
-//! Vertex does.
+//! Vertex does. The first-party surface ([`crate::anthropic`]) uses
+//! [`first_party_message_json`] instead: the model id as sent, a `msg_01`
+//! id, Anthropic's field order; the same usage rules.
 
 use rand::distr::{Alphanumeric, SampleString};
 use serde::Serialize;
@@ -90,6 +92,15 @@ pub fn message_id() -> String {
     let mut id = String::with_capacity(33);
     id.push_str("msg_vrtx_");
     Alphanumeric.append_string(&mut rand::rng(), &mut id, 24);
+    id
+}
+
+/// A first-party message id: `msg_01` followed by 22 random alphanumerics
+/// (Anthropic's own API; Vertex uses [`message_id`]).
+pub fn first_party_message_id() -> String {
+    let mut id = String::with_capacity(28);
+    id.push_str("msg_01");
+    Alphanumeric.append_string(&mut rand::rng(), &mut id, 22);
     id
 }
 
@@ -283,6 +294,50 @@ pub fn message_json_with_input(model: &str, input: InputUsage, plan: OutputPlan)
         id: &id,
         kind: "message",
         role: "assistant",
+        content: [TextBlock {
+            kind: "text",
+            text: &text,
+        }],
+        stop_reason: plan.stop_reason,
+        stop_sequence: None,
+        usage: Usage {
+            input_tokens: input.input_tokens,
+            cache_creation_input_tokens: input.cache_creation_input_tokens,
+            cache_read_input_tokens: input.cache_read_input_tokens,
+            output_tokens: plan.tokens,
+            cache_creation: CacheCreation::of(
+                input.cache_creation_input_tokens,
+                input.cache_creation_1h_input_tokens,
+            ),
+        },
+    };
+    serde_json::to_vec(&msg).unwrap_or_default()
+}
+
+/// The first-party `POST /v1/messages` body: Anthropic's field order
+/// (`id`, `type`, `role`, `model`, ...), the model id exactly as the
+/// request sent it and a `msg_01…` id; usage as in
+/// [`message_json_with_input`].
+pub fn first_party_message_json(model: &str, input: InputUsage, plan: OutputPlan) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct FirstParty<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        role: &'static str,
+        model: &'a str,
+        content: [TextBlock<'a>; 1],
+        stop_reason: &'static str,
+        stop_sequence: Option<&'a str>,
+        usage: Usage,
+    }
+    let id = first_party_message_id();
+    let text = text(plan.tokens);
+    let msg = FirstParty {
+        id: &id,
+        kind: "message",
+        role: "assistant",
+        model,
         content: [TextBlock {
             kind: "text",
             text: &text,

@@ -10,6 +10,8 @@
 //! POST /v1/projects/{project}/locations/{location}/publishers/anthropic/models/count-tokens:rawPredict
 //! POST /token                      (OAuth, see `oauth`)
 //! GET|POST|PUT|DELETE /_sim/...    (control API, see `control`)
+//! POST /v1/messages                (only with an Anthropic section: see `anthropic`)
+//! POST /v1/messages/count_tokens   (idem)
 //! ```
 //!
 //! axum's router (matchit 0.8) cannot match `{model}:rawPredict` inside one
@@ -79,7 +81,18 @@ const MODEL_ROUTE: &str =
 
 /// Builds the whole router (Vertex surface, OAuth and control API).
 pub(crate) fn router(state: SharedState) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    // Only a configured first-party surface has routes: without one these
+    // paths fall through to the 404 below, as they always did.
+    if state.anthropic.is_some() {
+        router = router
+            .route("/v1/messages", post(crate::anthropic::messages_route))
+            .route(
+                "/v1/messages/count_tokens",
+                post(crate::anthropic::count_tokens_route),
+            );
+    }
+    router
         .route(MODEL_ROUTE, post(model_route))
         .route("/token", post(crate::oauth::token_endpoint))
         .merge(crate::control::routes())
@@ -88,7 +101,7 @@ pub(crate) fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     SimError::Google {
         code: 404,
         status: "NOT_FOUND",
@@ -357,6 +370,7 @@ async fn model_route(
         per_token_delay: per_token,
         drop_after_events: drop_after,
         error_after_events: error_after,
+        flavor: sse::Flavor::Vertex,
     };
     let events = sse::event_stream(plan, move |outcome| {
         let mut c = lock(&slot.counters);
@@ -387,7 +401,7 @@ fn add_input(c: &mut ModelCounters, input: InputUsage) {
 /// then closes the connection without flushing even the status line, so the
 /// client sees the connection die with no response at all. (Over HTTP/2 the
 /// client would see the headers and a reset stream instead.)
-fn reset_response() -> Response {
+pub(crate) fn reset_response() -> Response {
     let failing = futures::stream::once(async {
         Err::<Bytes, io::Error>(io::Error::new(
             io::ErrorKind::ConnectionReset,
@@ -397,7 +411,7 @@ fn reset_response() -> Response {
     Response::new(Body::from_stream(failing))
 }
 
-async fn sleep(d: Duration) {
+pub(crate) async fn sleep(d: Duration) {
     if d == Duration::MAX {
         std::future::pending::<()>().await;
     } else if !d.is_zero() {
@@ -431,7 +445,14 @@ fn validate_predict(v: &Value) -> Result<u64, SimError> {
             ))
         }
     }
-    let max_tokens = match obj.get("max_tokens") {
+    let max_tokens = validate_max_tokens(obj.get("max_tokens"))?;
+    validate_messages(obj.get("messages"))?;
+    Ok(max_tokens)
+}
+
+/// Validates `max_tokens` (present, an integer >= 1) and returns it.
+pub(crate) fn validate_max_tokens(v: Option<&Value>) -> Result<u64, SimError> {
+    let max_tokens = match v {
         None => return Err(SimError::invalid_request("max_tokens: Field required")),
         Some(m) => m.as_u64().ok_or_else(|| {
             SimError::invalid_request(if m.as_i64().is_some_and(|i| i < 1) {
@@ -446,11 +467,10 @@ fn validate_predict(v: &Value) -> Result<u64, SimError> {
             "max_tokens: Input should be greater than or equal to 1",
         ));
     }
-    validate_messages(obj.get("messages"))?;
     Ok(max_tokens)
 }
 
-fn validate_messages(messages: Option<&Value>) -> Result<(), SimError> {
+pub(crate) fn validate_messages(messages: Option<&Value>) -> Result<(), SimError> {
     let messages = match messages {
         None => return Err(SimError::invalid_request("messages: Field required")),
         Some(Value::Array(a)) => a,

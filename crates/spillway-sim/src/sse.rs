@@ -22,6 +22,16 @@
 //! `vertex_event` in the middle, `content_block_stop`, `message_delta`,
 //! `message_stop`.
 //!
+//! ## The first-party flavor
+//!
+//! Anthropic's own Messages API (`POST /v1/messages`, see
+//! [`crate::anthropic`]) sends the same events *without* Vertex's quirks,
+//! which a plan asks for with [`Flavor::FirstParty`]: no padding, never a
+//! `vertex_event`, the `ping` *after* `content_block_start` (the order in
+//! Anthropic's documentation), the model id echoed exactly as the request
+//! sent it, a `msg_01…` id, and the Message fields in Anthropic's order
+//! (`id`, `type`, `role`, `model`, ...).
+//!
 //! The body is a real `Stream` generated step by step: nothing is buffered
 //! ahead of time. Consecutive events with no delay between them are
 //! coalesced into one chunk; with a per-token delay, each delta is its own
@@ -55,10 +65,25 @@ pub mod padding {
     pub const MESSAGE_STOP: usize = 14;
 }
 
+/// Which service's framing a stream reproduces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Flavor {
+    /// Vertex's `:streamRawPredict`: padding, `ping` before
+    /// `content_block_start`, optional `vertex_event`, `msg_vrtx_` ids and
+    /// the model id with `@` turned into `-`.
+    #[default]
+    Vertex,
+    /// Anthropic's `POST /v1/messages`: no padding, `ping` after
+    /// `content_block_start`, never `vertex_event`, `msg_01` ids, the model
+    /// id as sent.
+    FirstParty,
+}
+
 /// Everything needed to generate one stream.
 #[derive(Debug, Clone)]
 pub struct StreamPlan {
-    /// Vertex model id (converted to the Anthropic form in the events).
+    /// Model id: a Vertex id (converted to the Anthropic form in the
+    /// events) or, with [`Flavor::FirstParty`], the id as the request sent it.
     pub model: String,
     /// `input_tokens` reported in `message_start` (fresh input only).
     pub input_tokens: u64,
@@ -82,6 +107,8 @@ pub struct StreamPlan {
     pub drop_after_events: Option<u32>,
     /// End with an overloaded `event: error` after this many events.
     pub error_after_events: Option<u32>,
+    /// Vertex's framing or Anthropic's (see the module docs).
+    pub flavor: Flavor,
 }
 
 /// How a stream ended, reported once when it is dropped.
@@ -108,7 +135,22 @@ enum Step {
 
 /// The number of events a full stream has.
 pub fn event_count(plan: &StreamPlan) -> u64 {
-    6 + plan.output_tokens + u64::from(plan.emit_vertex_event)
+    6 + plan.output_tokens + u64::from(plan.vertex_event())
+}
+
+impl StreamPlan {
+    /// Whether this stream carries a `vertex_event` (never on first-party ones).
+    fn vertex_event(&self) -> bool {
+        self.emit_vertex_event && self.flavor == Flavor::Vertex
+    }
+
+    /// The padding of an event: Vertex's, or none first-party.
+    fn pad(&self, vertex_padding: usize) -> usize {
+        match self.flavor {
+            Flavor::Vertex => vertex_padding,
+            Flavor::FirstParty => 0,
+        }
+    }
 }
 
 struct Generator<F: FnOnce(StreamOutcome)> {
@@ -140,27 +182,34 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
 
     fn next_step(&self) -> Step {
         let n = self.plan.output_tokens;
+        let ve = self.plan.vertex_event();
         let after_deltas = || {
-            if self.plan.emit_vertex_event && self.vertex_event_after() == n {
+            if ve && self.vertex_event_after() == n {
                 Step::VertexEvent
             } else {
                 Step::BlockStop
             }
         };
-        match self.step {
-            Step::MessageStart => Step::Ping,
-            Step::Ping => Step::BlockStart,
-            Step::BlockStart => {
-                if self.plan.emit_vertex_event && self.vertex_event_after() == 0 {
-                    Step::VertexEvent
-                } else if n == 0 {
-                    Step::BlockStop
-                } else {
-                    Step::Delta(0)
-                }
+        // What follows the two header events (`ping` and `content_block_start`).
+        let first_content = || {
+            if ve && self.vertex_event_after() == 0 {
+                Step::VertexEvent
+            } else if n == 0 {
+                Step::BlockStop
+            } else {
+                Step::Delta(0)
             }
+        };
+        let first_party = self.plan.flavor == Flavor::FirstParty;
+        match self.step {
+            Step::MessageStart if first_party => Step::BlockStart,
+            Step::MessageStart => Step::Ping,
+            Step::BlockStart if first_party => Step::Ping,
+            Step::Ping if first_party => first_content(),
+            Step::Ping => Step::BlockStart,
+            Step::BlockStart => first_content(),
             Step::Delta(i) => {
-                if self.plan.emit_vertex_event && self.vertex_event_after() == i + 1 {
+                if ve && self.vertex_event_after() == i + 1 {
                     Step::VertexEvent
                 } else if i + 1 < n {
                     Step::Delta(i + 1)
@@ -198,43 +247,73 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
                     stop_sequence: Option<()>,
                     usage: Usage,
                 }
+                // Anthropic's own field order (the Vertex one starts with `model`).
                 #[derive(serde::Serialize)]
-                struct Start<'a> {
+                struct FirstPartyMsg<'a> {
+                    id: &'a str,
                     #[serde(rename = "type")]
                     kind: &'static str,
-                    message: Msg<'a>,
+                    role: &'static str,
+                    model: &'a str,
+                    content: [(); 0],
+                    stop_reason: Option<()>,
+                    stop_sequence: Option<()>,
+                    usage: Usage,
                 }
-                let json = serde_json::to_string(&Start {
-                    kind: "message_start",
-                    message: Msg {
-                        model: &message::anthropic_model_id(&self.plan.model),
-                        id: &self.id,
-                        kind: "message",
-                        role: "assistant",
-                        content: [],
-                        stop_reason: None,
-                        stop_sequence: None,
-                        usage: Usage {
-                            input_tokens: self.plan.input_tokens,
-                            cache_creation_input_tokens: self.plan.cache_creation_input_tokens,
-                            cache_read_input_tokens: self.plan.cache_read_input_tokens,
-                            output_tokens: 1 + self.plan.input_tokens % 4,
-                            cache_creation: message::CacheCreation::of(
-                                self.plan.cache_creation_input_tokens,
-                                self.plan.cache_creation_1h_input_tokens,
-                            ),
+                #[derive(serde::Serialize)]
+                struct Start<M> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    message: M,
+                }
+                let usage = Usage {
+                    input_tokens: self.plan.input_tokens,
+                    cache_creation_input_tokens: self.plan.cache_creation_input_tokens,
+                    cache_read_input_tokens: self.plan.cache_read_input_tokens,
+                    output_tokens: 1 + self.plan.input_tokens % 4,
+                    cache_creation: message::CacheCreation::of(
+                        self.plan.cache_creation_input_tokens,
+                        self.plan.cache_creation_1h_input_tokens,
+                    ),
+                };
+                let json = match self.plan.flavor {
+                    Flavor::Vertex => serde_json::to_string(&Start {
+                        kind: "message_start",
+                        message: Msg {
+                            model: &message::anthropic_model_id(&self.plan.model),
+                            id: &self.id,
+                            kind: "message",
+                            role: "assistant",
+                            content: [],
+                            stop_reason: None,
+                            stop_sequence: None,
+                            usage,
                         },
-                    },
-                })
+                    }),
+                    Flavor::FirstParty => serde_json::to_string(&Start {
+                        kind: "message_start",
+                        message: FirstPartyMsg {
+                            id: &self.id,
+                            kind: "message",
+                            role: "assistant",
+                            model: &self.plan.model,
+                            content: [],
+                            stop_reason: None,
+                            stop_sequence: None,
+                            usage,
+                        },
+                    }),
+                }
                 .unwrap_or_default();
-                frame(buf, "message_start", &json, padding::MESSAGE_START);
+                let pad = self.plan.pad(padding::MESSAGE_START);
+                frame(buf, "message_start", &json, pad);
             }
             Step::Ping => frame(buf, "ping", r#"{"type": "ping"}"#, 0),
             Step::BlockStart => frame(
                 buf,
                 "content_block_start",
                 r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
-                padding::CONTENT_BLOCK_START,
+                self.plan.pad(padding::CONTENT_BLOCK_START),
             ),
             Step::Delta(i) => {
                 // The hot path: written straight into the buffer, no temporary
@@ -244,7 +323,7 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
                 buf.put_slice(sep.as_bytes());
                 buf.put_slice(w.as_bytes());
                 buf.put_slice(b"\"}");
-                buf.put_bytes(b' ', padding::CONTENT_BLOCK_DELTA);
+                buf.put_bytes(b' ', self.plan.pad(padding::CONTENT_BLOCK_DELTA));
                 buf.put_slice(b"}\n\n");
                 self.tokens_sent += 1;
             }
@@ -259,20 +338,21 @@ impl<F: FnOnce(StreamOutcome)> Generator<F> {
                 buf,
                 "content_block_stop",
                 r#"{"type":"content_block_stop","index":0}"#,
-                padding::CONTENT_BLOCK_STOP,
+                self.plan.pad(padding::CONTENT_BLOCK_STOP),
             ),
             Step::MessageDelta => {
                 let json = format!(
                     r#"{{"type":"message_delta","delta":{{"stop_reason":"{}","stop_sequence":null}},"usage":{{"output_tokens":{}}}}}"#,
                     self.plan.stop_reason, self.plan.output_tokens
                 );
-                frame(buf, "message_delta", &json, padding::MESSAGE_DELTA);
+                let pad = self.plan.pad(padding::MESSAGE_DELTA);
+                frame(buf, "message_delta", &json, pad);
             }
             Step::MessageStop => frame(
                 buf,
                 "message_stop",
                 r#"{"type":"message_stop"}"#,
-                padding::MESSAGE_STOP,
+                self.plan.pad(padding::MESSAGE_STOP),
             ),
             Step::Done => {}
         }
@@ -369,9 +449,13 @@ pub fn event_stream<F>(
 where
     F: FnOnce(StreamOutcome) + Send + 'static,
 {
+    let id = match plan.flavor {
+        Flavor::Vertex => message::message_id(),
+        Flavor::FirstParty => message::first_party_message_id(),
+    };
     let gen = Generator {
         plan,
-        id: message::message_id(),
+        id,
         step: Step::MessageStart,
         events_sent: 0,
         tokens_sent: 0,
@@ -405,6 +489,7 @@ mod tests {
             per_token_delay: Duration::ZERO,
             drop_after_events: None,
             error_after_events: None,
+            flavor: Flavor::Vertex,
         }
     }
 
@@ -516,5 +601,46 @@ mod tests {
                 completed: false
             }
         );
+    }
+
+    #[tokio::test]
+    async fn first_party_framing_has_no_vertex_quirks() {
+        let mut p = plan(2, true);
+        p.flavor = Flavor::FirstParty;
+        p.model = "claude-3-haiku-20240307".into();
+        assert_eq!(event_count(&p), 8);
+        let (text, _, outcome, errored) = collect(p).await;
+        assert!(!errored && outcome.completed);
+        let start = text.find("msg_01").unwrap();
+        let text = format!("{}msg_X{}", &text[..start], &text[start + 28..]);
+        let expected = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_X\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-3-haiku-20240307\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":16,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: ping\n",
+            "data: {\"type\": \"ping\"}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lorem\"}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" ipsum\"}}\n\n",
+            "event: content_block_stop\n",
+            "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        assert_eq!(text, expected);
+        for n in [0, 1, 5] {
+            let mut p = plan(n, true);
+            p.flavor = Flavor::FirstParty;
+            let (text, _, _, _) = collect(p.clone()).await;
+            assert_eq!(
+                text.split_terminator("\n\n").count() as u64,
+                event_count(&p)
+            );
+            assert!(!text.contains("vertex_event") && !text.contains("  }"));
+        }
     }
 }

@@ -108,6 +108,8 @@ pub(crate) struct State {
     /// Wakes requests hanging on a `Hang` fault (on clear/reset/shutdown).
     pub(crate) hang_release: tokio::sync::Notify,
     pub(crate) shutting_down: AtomicBool,
+    /// Anthropic's first-party surface, if configured.
+    pub(crate) anthropic: Option<Arc<crate::anthropic::Surface>>,
 }
 
 impl State {
@@ -141,6 +143,10 @@ impl State {
             total_requests: AtomicU64::new(0),
             hang_release: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
+            anthropic: config
+                .anthropic
+                .as_ref()
+                .map(|a| Arc::new(crate::anthropic::Surface::new(a, config.window))),
         }
     }
 
@@ -330,8 +336,10 @@ impl State {
     }
 
     /// Clears counters, quota windows and admission logs, faults, model
-    /// refusals and recorded requests. Quota limits, the default output
-    /// length, the bearer token and issued OAuth tokens stay.
+    /// refusals and recorded requests, and resets the first-party surface
+    /// (buckets refilled, new log, counters and ring cleared). Quota
+    /// limits, the default output length, the bearer token, issued OAuth
+    /// tokens and the Anthropic key and limits stay.
     pub(crate) fn reset(&self) {
         {
             let tables = self.read_tables();
@@ -356,5 +364,8 @@ impl State {
         self.recorder.clear();
         self.oauth.reset_count();
         self.total_requests.store(0, Ordering::Relaxed);
+        if let Some(a) = &self.anthropic {
+            a.reset();
+        }
     }
 }
