@@ -135,6 +135,15 @@ pub fn succeeded(b: &Value) -> u64 {
 /// Starts `spillway serve --config FILE`, its output appended to `log`,
 /// with no `SPILLWAY__` variable of the test's environment leaking in.
 pub fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
+    serve_with_env(config, log, &[])
+}
+
+/// [`serve`], with `env` set for the process.
+pub fn serve_with_env(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Child {
     use std::process::{Command, Stdio};
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -155,5 +164,6 @@ pub fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
     for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("SPILLWAY__")) {
         command.env_remove(name);
     }
+    command.envs(env.iter().copied());
     command.spawn().expect("spillway starts")
 }

@@ -55,9 +55,12 @@
 //!   would be wrong: requests admitted since (in flight on either side)
 //!   make the two differ without either being wrong. Instead each
 //!   reservation remembers the level right after its own debit, the same
-//!   moment Anthropic's `remaining` describes. If Anthropic had less (beyond
-//!   its rounding to the nearest thousand), this model was optimistic by
-//!   the difference then, and is still: the difference is debited now, once
+//!   moment Anthropic's `remaining` describes. The most Anthropic can have
+//!   had then is the lower of `remaining` plus its rounding (to the nearest
+//!   thousand) and what its `reset` implies (a bucket `reset_in` from full
+//!   lacks `reset_in × limit / period`: to the second, the sharper bound
+//!   near empty). If this model held more, it was optimistic by at least
+//!   the excess then, and still is: the excess is debited now, once
 //!   (corrections made since are subtracted from the other remembered
 //!   levels, so two reports of one discrepancy do not debit it twice). If
 //!   Anthropic had more, the model stays conservative.
@@ -181,6 +184,22 @@ impl TokenBucket {
     /// `units` in level scale.
     fn scaled(&self, units: u64) -> i128 {
         i128::from(units).saturating_mul(self.period)
+    }
+
+    /// The most a reported bucket can have held, in level scale: no more
+    /// than `remaining` plus its rounding, and no more than its `reset`
+    /// allows — a bucket `reset_in` from full, refilling at `limit` a
+    /// period, lacks `reset_in × limit / period`. The reset, to the second,
+    /// is the sharper bound near empty, where rounding to thousands says
+    /// little (a level of 483 reads as 0).
+    fn most_left(&self, seen: &BucketReport, rounding: u64) -> i128 {
+        let by_remaining = self.scaled(seen.remaining.saturating_add(rounding));
+        let reset_in = i128::try_from(seen.reset_in.as_nanos()).unwrap_or(i128::MAX);
+        let by_reset = self
+            .scaled(seen.limit)
+            .saturating_sub(reset_in.saturating_mul(i128::from(seen.limit)))
+            .max(0);
+        by_remaining.min(by_reset)
     }
 
     /// Capacity of `dim` in level scale, `None` when it has no limit.
@@ -615,13 +634,14 @@ impl TokenBucket {
                 let (Some(seen), true) = (seen, self.capacity(*dim).is_some()) else {
                     continue;
                 };
-                let tolerance = if *dim == REQUESTS { 0 } else { TOKEN_ROUNDING };
+                let rounding = if *dim == REQUESTS { 0 } else { TOKEN_ROUNDING };
                 // Compared in share-scaled units: snapshot × share against
-                // remaining (both × period), so nothing is rounded yet.
+                // the most Anthropic can have had (both × period), so
+                // nothing is rounded yet.
                 let share = i128::from(share);
                 let optimism =
-                    entry.snapshot[*dim].saturating_mul(share) - self.scaled(seen.remaining);
-                if optimism > self.scaled(tolerance) {
+                    entry.snapshot[*dim].saturating_mul(share) - self.most_left(&seen, rounding);
+                if optimism > 0 {
                     let by = (optimism + share - 1) / share;
                     self.correct(*dim, by, |j| j != k);
                 }
@@ -1240,6 +1260,8 @@ mod tests {
         }
     }
 
+    /// A report whose reset says nothing (full now): only `remaining`
+    /// bounds the level.
     fn report_tokens(limit: u64, remaining: u64) -> RateLimitReport {
         RateLimitReport {
             tokens: Some(BucketReport {
@@ -1301,6 +1323,38 @@ mod tests {
         );
     }
 
+    /// Near empty, rounding to thousands says little (483 reads as 0); the
+    /// reset, to the second, says how much is missing.
+    #[test]
+    fn the_reset_bounds_the_level_where_rounding_cannot() {
+        let ceiling = Limits::split(1_000, 100_000, 1_000);
+        let mut b = TokenBucket::new(P, ceiling);
+        let a = b.reserve(output(400), Duration::ZERO).unwrap(); // remembered 600
+        // Anthropic had 483 left: "0" (rounded), full again in 31 s
+        // (517 missing at 1,000 a minute is 31.02 s: rounded up).
+        let report = RateLimitReport {
+            output_tokens: Some(BucketReport {
+                limit: 1_000,
+                remaining: 0,
+                reset_in: secs(32),
+            }),
+            ..RateLimitReport::default()
+        };
+        b.learn(a, &report, Duration::ZERO, ceiling, 1);
+        // At most 1,000 − 32 s × 1,000 / 60 s = 466.7 was left: 134 of
+        // our 600 were not there.
+        let used = b.usage(Duration::ZERO).output;
+        assert!((533..=534).contains(&used), "{used}");
+        // Rounding alone would have allowed up to 500: no correction.
+        let mut b = TokenBucket::new(P, ceiling);
+        let a = b.reserve(output(400), Duration::ZERO).unwrap();
+        let mut rounded_only = report;
+        rounded_only.output_tokens.as_mut().unwrap().reset_in = Duration::ZERO;
+        rounded_only.output_tokens.as_mut().unwrap().remaining = 1_000;
+        b.learn(a, &rounded_only, Duration::ZERO, ceiling, 1);
+        assert_eq!(b.usage(Duration::ZERO).output, 400);
+    }
+
     #[test]
     fn learn_divides_by_share() {
         let ceiling = Limits::new(100, 100_000);
@@ -1316,9 +1370,9 @@ mod tests {
         );
         assert_eq!(b.limits().tokens, Some(50_000));
         // The level (99,000) is cut to the new capacity, and so is the one
-        // remembered; 196,000 / 4 = 49,000 was left of our slice: the other
-        // replicas spent our 1,000 more.
-        assert_eq!(b.usage(Duration::ZERO).tokens(), 1_000);
+        // remembered; at most (196,000 + 500) / 4 = 49,125 was left of our
+        // slice: the other replicas spent 875 of ours.
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 875);
     }
 
     #[test]
@@ -1333,19 +1387,20 @@ mod tests {
                                                          // now (two more in flight) is no discrepancy.
         b.learn(a, &report_tokens(100_000, 90_000), t, ceiling, 1);
         assert_eq!(b.usage(t).tokens(), 30_000);
-        // C's: 3,000 less than we thought then; still true now.
+        // C's: at least 2,500 less than we thought then (77,000 is at
+        // most 77,500 before rounding); still true now.
         b.learn(c, &report_tokens(100_000, 77_000), t, ceiling, 1);
-        assert_eq!(b.usage(t).tokens(), 33_000);
-        // The late one shows the same 3,000 gap: already corrected.
+        assert_eq!(b.usage(t).tokens(), 32_500);
+        // The late one shows the same gap: already corrected.
         b.learn(late, &report_tokens(100_000, 67_000), t, ceiling, 1);
-        assert_eq!(b.usage(t).tokens(), 33_000);
+        assert_eq!(b.usage(t).tokens(), 32_500);
         // Each report is used once.
         b.learn(c, &report_tokens(100_000, 0), t, ceiling, 1);
-        assert_eq!(b.usage(t).tokens(), 33_000);
+        assert_eq!(b.usage(t).tokens(), 32_500);
         // Higher than ours: stay conservative.
         let d = b.reserve(input(1_000), t).unwrap();
         b.learn(d, &report_tokens(100_000, 99_000), t, ceiling, 1);
-        assert_eq!(b.usage(t).tokens(), 34_000);
+        assert_eq!(b.usage(t).tokens(), 33_500);
     }
 
     #[test]
@@ -1373,7 +1428,7 @@ mod tests {
             ceiling,
             1,
         );
-        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_501);
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_001);
         // With two replicas the rounding halves with the numbers: 89,750
         // each is within 250 of 90,000; 89,700 is not.
         let (mut b, a) = fresh();
@@ -1393,7 +1448,7 @@ mod tests {
             ceiling,
             2,
         );
-        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_300);
+        assert_eq!(b.usage(Duration::ZERO).tokens(), 10_050);
         // Requests are exact: one missing request is news.
         let (mut b, a) = fresh();
         let report = RateLimitReport {
