@@ -216,7 +216,10 @@ async fn three_times_the_vertex_pool_overflows_for_the_tenant_that_allows_it_and
                 assert!(region == "us-central1" || region == "europe-west4", "{a:?}");
             }
             (200, Some("anthropic")) => {
-                assert_eq!(a.tenant, "spill", "only the tenant that allows it overflows");
+                assert_eq!(
+                    a.tenant, "spill",
+                    "only the tenant that allows it overflows"
+                );
                 assert_eq!(a.region.as_deref(), Some("anthropic"));
                 from_anthropic += 1;
             }
@@ -247,7 +250,10 @@ async fn three_times_the_vertex_pool_overflows_for_the_tenant_that_allows_it_and
     assert!(counters.succeeded > 0, "overflow was used");
     let replay = h.sim.anthropic_admissions_report();
     assert_eq!(replay.len(), 1);
-    assert!(replay[0].complete && replay[0].levels_consistent, "{replay:?}");
+    assert!(
+        replay[0].complete && replay[0].levels_consistent,
+        "{replay:?}"
+    );
     assert!(replay[0].within_limits(), "{replay:?}");
 
     // The non-allowing tenant never reached Anthropic: every request the
@@ -255,7 +261,11 @@ async fn three_times_the_vertex_pool_overflows_for_the_tenant_that_allows_it_and
     // it kept is one of `stay`'s.
     let log = h.sim.anthropic_log();
     assert!(log.complete);
-    assert_eq!(log.entries.len() as u64, from_anthropic, "one Anthropic request per answer from it");
+    assert_eq!(
+        log.entries.len() as u64,
+        from_anthropic,
+        "one Anthropic request per answer from it"
+    );
     for recorded in h.sim.anthropic_recent_requests() {
         let body = recorded.body.expect("small bodies are kept").to_string();
         assert!(body.contains("tenant spill"), "{body}");
@@ -502,7 +512,8 @@ async fn an_overloaded_anthropic_cools_the_overflow_down() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    h.sim.inject(Fault::region("anthropic", FaultKind::Status(529)).times(1));
+    h.sim
+        .inject(Fault::region("anthropic", FaultKind::Status(529)).times(1));
     let post = || {
         h.http
             .post(format!("{}/v1/messages", h.url))
@@ -525,7 +536,6 @@ async fn an_overloaded_anthropic_cools_the_overflow_down() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-spillway-provider"], "anthropic");
 }
-
 
 /// The Anthropic key, end to end against the release binary with debug
 /// logging: it reaches Anthropic (so the checks below can fail), and it is
@@ -578,7 +588,11 @@ allow_overflow = true
         )
     };
     let served = dir.path().join("spillway.toml");
-    std::fs::write(&served, body("api_key_env = \"SPILLWAY_TEST_ANTHROPIC_KEY\"")).unwrap();
+    std::fs::write(
+        &served,
+        body("api_key_env = \"SPILLWAY_TEST_ANTHROPIC_KEY\""),
+    )
+    .unwrap();
     let log = dir.path().join("spillway.log");
     let mut gateway = serve_with_env(
         &served,
@@ -604,7 +618,12 @@ allow_overflow = true
     for stream in [false, false, false, true] {
         let r = post(stream).await.unwrap();
         assert_eq!(r.status(), 200);
-        providers.push(r.headers()["x-spillway-provider"].to_str().unwrap().to_string());
+        providers.push(
+            r.headers()["x-spillway-provider"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
         let _ = r.bytes().await;
     }
     assert_eq!(providers, ["vertex", "vertex", "anthropic", "anthropic"]);
@@ -630,7 +649,8 @@ allow_overflow = true
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("spillway_location_provider{provider=\"anthropic\",region=\"anthropic\"} 1"));
+    assert!(metrics
+        .contains("spillway_location_provider{provider=\"anthropic\",region=\"anthropic\"} 1"));
     let mut admin = String::new();
     for path in ["/admin/quotas", "/admin/overview", "/admin/tenants"] {
         let r = http
@@ -641,7 +661,10 @@ allow_overflow = true
             .unwrap();
         admin.push_str(&r.text().await.unwrap());
     }
-    assert!(admin.contains("anthropic"), "the admin API shows the overflow");
+    assert!(
+        admin.contains("anthropic"),
+        "the admin API shows the overflow"
+    );
     let _ = gateway.kill();
     let _ = gateway.wait();
     let logged = std::fs::read_to_string(&log).unwrap();
@@ -654,7 +677,11 @@ allow_overflow = true
         .arg(&checked)
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let rendered = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(rendered.contains("<redacted>"), "{rendered}");
 
@@ -671,11 +698,156 @@ allow_overflow = true
     for r in &vertex {
         assert!(!r.has_x_api_key, "no x-api-key goes to Vertex");
         let seen = format!("{:?} {:?} {:?}", r.authorization, r.anthropic_beta, r.body);
-        assert!(!seen.contains(ANTHROPIC_KEY), "the key went to Vertex: {seen}");
+        assert!(
+            !seen.contains(ANTHROPIC_KEY),
+            "the key went to Vertex: {seen}"
+        );
         assert!(!seen.contains(SPILL_KEY), "the client's key went to Vertex");
     }
     for r in &sent {
         let seen = format!("{:?}", r.body);
-        assert!(!seen.contains(SPILL_KEY), "the client's key went to Anthropic");
+        assert!(
+            !seen.contains(SPILL_KEY),
+            "the client's key went to Anthropic"
+        );
     }
+}
+
+/// Batch items overflow too, for a tenant that allows it (at batch
+/// priority, in the overflow's own queue): with every Vertex region of the
+/// model drained, `spill`'s batch is served by Anthropic, `stay`'s waits.
+#[tokio::test(start_paused = true)]
+async fn batch_items_of_an_allowing_tenant_overflow_when_vertex_cannot_take_them() {
+    let otpm = ANTHROPIC_BURST * OUTPUT;
+    let h = Harness::start_custom(sim_config(otpm), |url| {
+        overlay(url, otpm)
+            + &format!(
+                "[admin]\nkey_sha256 = \"{}\"\n",
+                spillway_gateway::auth::hash_key(ADMIN_KEY)
+            )
+    })
+    .await;
+    for region in ["us-central1", "europe-west4"] {
+        let r = h
+            .http
+            .post(format!("{}/admin/regions/{region}/drain", h.url))
+            .header("x-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let submit = |key: &'static str, tenant: &'static str, items: usize| {
+        let (http, url) = (h.http.clone(), h.url.clone());
+        async move {
+            let requests: Vec<Value> = (0..items)
+                .map(
+                    |i| json!({"custom_id": format!("{tenant}-{i}"), "params": request(tenant, i)}),
+                )
+                .collect();
+            let created: Value = http
+                .post(format!("{url}/v1/messages/batches"))
+                .header("x-api-key", key)
+                .json(&json!({ "requests": requests }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            created["id"].as_str().expect("batch created").to_string()
+        }
+    };
+    let status = |key: &'static str, id: String| {
+        let (http, url) = (h.http.clone(), h.url.clone());
+        async move {
+            let b: Value = http
+                .get(format!("{url}/v1/messages/batches/{id}"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            b
+        }
+    };
+    let spill = submit(SPILL_KEY, "spill", 4).await;
+    let stay = submit(STAY_KEY, "stay", 2).await;
+    let mut ended = None;
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let b = status(SPILL_KEY, spill.clone()).await;
+        if b["processing_status"] == "ended" {
+            ended = Some(b);
+            break;
+        }
+    }
+    let ended = ended.expect("the allowing tenant's batch ended");
+    assert_eq!(ended["request_counts"]["succeeded"], 4, "{ended}");
+    let stayed = status(STAY_KEY, stay).await;
+    assert_eq!(stayed["processing_status"], "in_progress", "{stayed}");
+    assert_eq!(stayed["request_counts"]["succeeded"], 0);
+    // Anthropic saw exactly the four items of `spill`, none of `stay`.
+    assert_eq!(h.sim.anthropic_counters(ANTHROPIC_HAIKU).succeeded, 4);
+    for r in h.sim.anthropic_recent_requests() {
+        let body = r.body.unwrap().to_string();
+        assert!(
+            body.contains("tenant spill") && !body.contains("tenant stay"),
+            "{body}"
+        );
+    }
+    // Vertex saw nothing: both regions were drained.
+    assert_eq!(h.sim.total_requests(), 0);
+}
+
+/// `config/examples/anthropic-overflow.toml`, as shipped (the key given
+/// in place of its environment variable, hosts pointed at the simulator):
+/// it loads, and the tenant that allows overflow overflows once Vertex is
+/// full.
+#[tokio::test(start_paused = true)]
+async fn the_shipped_overflow_example_serves_and_overflows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/anthropic-overflow.toml");
+    let example = std::fs::read_to_string(path).expect("the example ships");
+    let sim = SimConfig::vertex_defaults().with_anthropic(
+        ANTHROPIC_KEY,
+        vec![
+            AnthropicModel::new(ANTHROPIC_HAIKU, 50, 50_000, 10_000),
+            AnthropicModel::new("claude-sonnet-4-5-20250929", 50, 30_000, 8_000),
+        ],
+    );
+    let h = Harness::start_custom(sim, |url| {
+        example
+            .replace(
+                "auth = \"gcp\"",
+                &format!("auth = \"static\"\ntoken = \"{UPSTREAM_TOKEN}\""),
+            )
+            .replace(
+                "api_key_env = \"ANTHROPIC_API_KEY\"",
+                &format!("api_key = \"{ANTHROPIC_KEY}\""),
+            )
+            .replace("url = \"https://api.anthropic.com\"", &format!("url = \"{url}\""))
+    })
+    .await;
+    // Vertex takes one request a window in each of Haiku's regions.
+    for region in ["us-central1", "europe-west4"] {
+        h.sim.set_quota(region, HAIKU, 1, 50_000);
+    }
+    let mut providers = Vec::new();
+    for i in 0..3 {
+        let r = h
+            .http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", "test") // the example's `checkout` tenant
+            .header("x-spillway-max-wait-ms", "0")
+            .json(&json!({"model": "claude-3-haiku", "max_tokens": 16,
+                          "messages": [{"role": "user", "content": format!("hello {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        providers.push(r.headers()["x-spillway-provider"].to_str().unwrap().to_string());
+    }
+    assert_eq!(providers, ["vertex", "vertex", "anthropic"]);
 }

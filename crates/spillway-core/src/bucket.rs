@@ -1330,8 +1330,8 @@ mod tests {
         let ceiling = Limits::split(1_000, 100_000, 1_000);
         let mut b = TokenBucket::new(P, ceiling);
         let a = b.reserve(output(400), Duration::ZERO).unwrap(); // remembered 600
-        // Anthropic had 483 left: "0" (rounded), full again in 31 s
-        // (517 missing at 1,000 a minute is 31.02 s: rounded up).
+                                                                 // Anthropic had 483 left: "0" (rounded), full again in 31 s
+                                                                 // (517 missing at 1,000 a minute is 31.02 s: rounded up).
         let report = RateLimitReport {
             output_tokens: Some(BucketReport {
                 limit: 1_000,

@@ -331,7 +331,10 @@ impl Metrics {
     }
 
     /// Names each location's provider ([`Metrics::location_provider`]).
-    pub fn set_location_providers<'a>(&self, locations: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    pub fn set_location_providers<'a>(
+        &self,
+        locations: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
         for (region, provider) in locations {
             self.location_provider
                 .with_label_values(&[region, provider])

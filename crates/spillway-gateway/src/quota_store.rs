@@ -234,7 +234,8 @@ impl QuotaStore for ProviderStores {
     }
 
     fn learn<'a>(&'a self, grant: &'a Grant, report: &'a RateLimitReport) -> StoreFuture<'a, ()> {
-        self.for_requester(grant.group.as_str()).learn(grant, report)
+        self.for_requester(grant.group.as_str())
+            .learn(grant, report)
     }
 
     fn states(&self) -> StoreFuture<'_, Vec<BudgetState>> {

@@ -22,8 +22,9 @@ use serde_json::Value;
 
 use super::problems::{steps, teach, Problems, Step};
 use super::{
-    AdminSettings, BatchSettings, ModelSettings, ProvidersSettings, QuotaDefaults, SchedulerSettings, ServerSettings,
-    Settings, SpendSettings, TelemetrySettings, TenantSettings, UpstreamSettings, DEFAULT_TOML,
+    AdminSettings, BatchSettings, ModelSettings, ProvidersSettings, QuotaDefaults,
+    SchedulerSettings, ServerSettings, Settings, SpendSettings, TelemetrySettings, TenantSettings,
+    UpstreamSettings, DEFAULT_TOML,
 };
 
 /// The top-level tables a configuration may have.

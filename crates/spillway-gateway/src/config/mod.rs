@@ -125,7 +125,11 @@ impl std::fmt::Debug for AnthropicSettings {
             .field("url", &self.url)
             .field(
                 "api_key",
-                &if self.api_key.is_empty() { "" } else { "<redacted>" },
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
             )
             .field("api_key_env", &self.api_key_env)
             .field("version", &self.version)
@@ -1234,7 +1238,9 @@ impl Settings {
             if !spillway_vertex::is_valid_model_id(model) || model.contains('@') {
                 p.add(
                     format!("{key}.model"),
-                    format!("{model:?} is not an Anthropic model id (e.g. \"claude-3-haiku-20240307\")"),
+                    format!(
+                        "{model:?} is not an Anthropic model id (e.g. \"claude-3-haiku-20240307\")"
+                    ),
                 );
             }
         }

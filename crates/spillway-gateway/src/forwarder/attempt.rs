@@ -88,9 +88,9 @@ fn is_model_not_enabled(error: &ForwardError) -> bool {
 /// and leaves the learned limits alone.
 fn attempt_failure(error: &ForwardError) -> Option<Outcome> {
     match error {
-        ForwardError::Upstream(e) if e.status == 429 => Some(
-            exhausted(&e.message).map_or(Outcome::Unavailable, Outcome::RateLimited),
-        ),
+        ForwardError::Upstream(e) if e.status == 429 => {
+            Some(exhausted(&e.message).map_or(Outcome::Unavailable, Outcome::RateLimited))
+        }
         ForwardError::Upstream(e) if e.status == 529 || e.status == 503 => {
             Some(Outcome::Unavailable)
         }
@@ -233,7 +233,10 @@ impl Forwarder {
         let mut failed_region: Option<Arc<str>> = None;
         while trace.attempts < self.policy.max_attempts && !demand.regions.is_empty() {
             let failed = failed_region.take();
-            let grant = match self.admit(&demand, model, plan, failed.clone(), trace).await {
+            let grant = match self
+                .admit(&demand, model, plan, failed.clone(), trace)
+                .await
+            {
                 Ok(grant) => grant,
                 // No Vertex location can admit it in time: overflow, for
                 // the calls that may.

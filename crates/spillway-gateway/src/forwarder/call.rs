@@ -377,16 +377,13 @@ fn allowed_regions(call: &Call<'_>) -> Result<Vec<Arc<str>>, ForwardError> {
         )));
     }
     if let Some(hint) = hint {
-        if let Some(unknown) = hint
-            .iter()
-            .find(|h| {
-                !model
-                    .regions
-                    .iter()
-                    .chain(&model.overflow)
-                    .any(|r| &r.region == *h)
-            })
-        {
+        if let Some(unknown) = hint.iter().find(|h| {
+            !model
+                .regions
+                .iter()
+                .chain(&model.overflow)
+                .any(|r| &r.region == *h)
+        }) {
             return Err(ForwardError::Invalid(format!(
                 "x-spillway-regions: {unknown:?} does not serve {}; it is served in {}",
                 model.id,
