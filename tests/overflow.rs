@@ -851,3 +851,54 @@ async fn the_shipped_overflow_example_serves_and_overflows() {
     }
     assert_eq!(providers, ["vertex", "vertex", "anthropic"]);
 }
+
+/// `spillway status` shows both providers: each Vertex location and the
+/// overflow, with who serves it.
+#[tokio::test]
+async fn spillway_status_shows_both_providers() {
+    let otpm = ANTHROPIC_BURST * OUTPUT;
+    let h = Harness::start_custom(sim_config(otpm), |url| {
+        overlay(url, otpm)
+            + &format!(
+                "[admin]\nkey_sha256 = \"{}\"\n",
+                spillway_gateway::auth::hash_key(ADMIN_KEY)
+            )
+    })
+    .await;
+    let r = h
+        .http
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", SPILL_KEY)
+        .header("x-spillway-regions", "anthropic,us-central1")
+        .json(&request("spill", 0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let args = ["status", "--once", "--url", &h.url, "--admin-key", ADMIN_KEY].map(String::from);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = |region: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(region))
+            .unwrap_or_else(|| panic!("no {region} row in\n{stdout}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(stdout.lines().next().unwrap().contains("PROVIDER"), "{stdout}");
+    assert_eq!(row("us-central1")[2], "vertex");
+    assert_eq!(row("europe-west4")[2], "vertex");
+    let anthropic = row("anthropic");
+    assert_eq!(anthropic[0], HAIKU);
+    assert_eq!(anthropic[2], "anthropic");
+}
