@@ -808,7 +808,10 @@ async fn batch_items_of_an_allowing_tenant_overflow_when_vertex_cannot_take_them
 /// full.
 #[tokio::test(start_paused = true)]
 async fn the_shipped_overflow_example_serves_and_overflows() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/anthropic-overflow.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/anthropic-overflow.toml"
+    );
     let example = std::fs::read_to_string(path).expect("the example ships");
     let sim = SimConfig::vertex_defaults().with_anthropic(
         ANTHROPIC_KEY,
@@ -827,7 +830,10 @@ async fn the_shipped_overflow_example_serves_and_overflows() {
                 "api_key_env = \"ANTHROPIC_API_KEY\"",
                 &format!("api_key = \"{ANTHROPIC_KEY}\""),
             )
-            .replace("url = \"https://api.anthropic.com\"", &format!("url = \"{url}\""))
+            .replace(
+                "url = \"https://api.anthropic.com\"",
+                &format!("url = \"{url}\""),
+            )
     })
     .await;
     // Vertex takes one request a window in each of Haiku's regions.
@@ -847,7 +853,12 @@ async fn the_shipped_overflow_example_serves_and_overflows() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "{:?}", r.text().await);
-        providers.push(r.headers()["x-spillway-provider"].to_str().unwrap().to_string());
+        providers.push(
+            r.headers()["x-spillway-provider"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(providers, ["vertex", "vertex", "anthropic"]);
 }
@@ -875,7 +886,15 @@ async fn spillway_status_shows_both_providers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let args = ["status", "--once", "--url", &h.url, "--admin-key", ADMIN_KEY].map(String::from);
+    let args = [
+        "status",
+        "--once",
+        "--url",
+        &h.url,
+        "--admin-key",
+        ADMIN_KEY,
+    ]
+    .map(String::from);
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
             .args(args)
@@ -885,7 +904,11 @@ async fn spillway_status_shows_both_providers() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let row = |region: &str| {
         stdout
             .lines()
@@ -895,7 +918,10 @@ async fn spillway_status_shows_both_providers() {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    assert!(stdout.lines().next().unwrap().contains("PROVIDER"), "{stdout}");
+    assert!(
+        stdout.lines().next().unwrap().contains("PROVIDER"),
+        "{stdout}"
+    );
     assert_eq!(row("us-central1")[2], "vertex");
     assert_eq!(row("europe-west4")[2], "vertex");
     let anthropic = row("anthropic");

@@ -376,7 +376,13 @@ impl Catalog {
     /// or alias) bucket there, or `name` itself taken as a bucket group.
     pub fn bucket_of(&self, name: &str, location: &str) -> QuotaGroup {
         self.resolve(name)
-            .and_then(|r| r.model.regions.iter().find(|b| b.region == location))
+            .and_then(|r| {
+                r.model
+                    .regions
+                    .iter()
+                    .chain(&r.model.overflow)
+                    .find(|b| b.region == location)
+            })
             .map_or_else(|| QuotaGroup::from(name), |b| b.bucket.clone())
     }
 

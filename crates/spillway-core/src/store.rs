@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -357,8 +357,9 @@ pub struct MemoryStore<C: Clock, M: Meter = Ledger> {
     requesters: HashMap<QuotaGroup, Locations>,
     jitter_state: AtomicU64,
     /// Replicas splitting upstream's real buckets (report limits and
-    /// levels are divided by it); 1 unless [`MemoryStore::with_share`].
-    share: u32,
+    /// levels are divided by it); 1 unless [`MemoryStore::with_share`] or
+    /// [`MemoryStore::set_share`] said otherwise.
+    share: AtomicU32,
 }
 
 /// One (requester, location) for [`MemoryStore::new`]: which bucket it
@@ -412,9 +413,20 @@ impl<C: Clock> MemoryStore<C, TokenBucket> {
 
     /// This replica's budgets are one of `share` (≥ 1) equal slices of
     /// upstream's real buckets: reports are divided by it before learning.
-    pub fn with_share(mut self, share: u32) -> Self {
-        self.share = share.max(1);
+    pub fn with_share(self, share: u32) -> Self {
+        self.set_share(share);
         self
+    }
+
+    /// Changes the number of slices (replicas came or went). The limits
+    /// are the caller's to re-divide ([`QuotaStore::set_configured`]).
+    pub fn set_share(&self, share: u32) {
+        self.share.store(share.max(1), Ordering::Relaxed);
+    }
+
+    /// The number of slices upstream's buckets are split into.
+    pub fn share(&self) -> u32 {
+        self.share.load(Ordering::Relaxed)
     }
 }
 
@@ -466,7 +478,7 @@ impl<C: Clock, M: Meter> MemoryStore<C, M> {
             budgets: shared,
             requesters,
             jitter_state: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
-            share: 1,
+            share: AtomicU32::new(1),
         }
     }
 
@@ -669,10 +681,13 @@ impl<C: Clock, M: Meter> MemoryStore<C, M> {
         let now = self.clock.now();
         let mut budget = lock(budget);
         let ceiling = budget.adaptive.ceiling();
-        if let Some(until) = budget
-            .meter
-            .learn(grant.entry, report, now, ceiling, self.share)
-        {
+        if let Some(until) = budget.meter.learn(
+            grant.entry,
+            report,
+            now,
+            ceiling,
+            self.share.load(Ordering::Relaxed),
+        ) {
             budget.adaptive.hold_until(until);
         }
     }
