@@ -245,19 +245,6 @@ async fn tenants_are_listed_without_their_keys() {
     assert_eq!(tenants[0]["regions"], json!(["europe-west4"]));
 }
 
-/// Runs `spillway status --once` against `url`.
-async fn status_once(url: &str, key: &str) -> std::process::Output {
-    let args = ["status", "--once", "--url", url, "--admin-key", key].map(String::from);
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn spillway_status_prints_the_live_table() {
     let h = Harness::start(&admin_overlay("")).await;

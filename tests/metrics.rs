@@ -205,15 +205,7 @@ async fn admin_and_ops_calls_are_not_model_requests() {
     // What an operator's terminal does: `spillway status`, three refreshes.
     const POLLS: usize = 3;
     for _ in 0..POLLS {
-        let args = ["status", "--once", "--url", &url, "--admin-key", ADMIN].map(String::from);
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-                .args(args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let out = support::status_once(&url, ADMIN).await;
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains(HAIKU),
             "{}\n{}",

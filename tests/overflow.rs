@@ -107,6 +107,15 @@ key_sha256 = "{}"
     )
 }
 
+/// `overlay` with the admin API on, under [`ADMIN_KEY`].
+fn with_admin(overlay: String) -> String {
+    overlay
+        + &format!(
+            "[admin]\nkey_sha256 = \"{}\"\n",
+            spillway_gateway::auth::hash_key(ADMIN_KEY)
+        )
+}
+
 fn request(tenant: &str, i: usize) -> Value {
     json!({
         "model": HAIKU,
@@ -326,14 +335,7 @@ async fn three_times_the_vertex_pool_overflows_for_the_tenant_that_allows_it_and
 #[tokio::test(start_paused = true)]
 async fn a_lower_real_limit_is_learned_from_anthropics_headers_within_a_window() {
     let real = ANTHROPIC_BURST * OUTPUT;
-    let h = Harness::start_custom(sim_config(real), |url| {
-        overlay(url, 2 * real)
-            + &format!(
-                "[admin]\nkey_sha256 = \"{}\"\n",
-                spillway_gateway::auth::hash_key(ADMIN_KEY)
-            )
-    })
-    .await;
+    let h = Harness::start_custom(sim_config(real), |url| with_admin(overlay(url, 2 * real))).await;
     h.sim.reset();
     let start = Instant::now();
     // One request a second for two windows: the Vertex pool takes 30, the
@@ -719,14 +721,7 @@ allow_overflow = true
 #[tokio::test(start_paused = true)]
 async fn batch_items_of_an_allowing_tenant_overflow_when_vertex_cannot_take_them() {
     let otpm = ANTHROPIC_BURST * OUTPUT;
-    let h = Harness::start_custom(sim_config(otpm), |url| {
-        overlay(url, otpm)
-            + &format!(
-                "[admin]\nkey_sha256 = \"{}\"\n",
-                spillway_gateway::auth::hash_key(ADMIN_KEY)
-            )
-    })
-    .await;
+    let h = Harness::start_custom(sim_config(otpm), |url| with_admin(overlay(url, otpm))).await;
     for region in ["us-central1", "europe-west4"] {
         let r = h
             .http
@@ -868,14 +863,7 @@ async fn the_shipped_overflow_example_serves_and_overflows() {
 #[tokio::test]
 async fn spillway_status_shows_both_providers() {
     let otpm = ANTHROPIC_BURST * OUTPUT;
-    let h = Harness::start_custom(sim_config(otpm), |url| {
-        overlay(url, otpm)
-            + &format!(
-                "[admin]\nkey_sha256 = \"{}\"\n",
-                spillway_gateway::auth::hash_key(ADMIN_KEY)
-            )
-    })
-    .await;
+    let h = Harness::start_custom(sim_config(otpm), |url| with_admin(overlay(url, otpm))).await;
     let r = h
         .http
         .post(format!("{}/v1/messages", h.url))
@@ -886,23 +874,7 @@ async fn spillway_status_shows_both_providers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let args = [
-        "status",
-        "--once",
-        "--url",
-        &h.url,
-        "--admin-key",
-        ADMIN_KEY,
-    ]
-    .map(String::from);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = status_once(&h.url, ADMIN_KEY).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

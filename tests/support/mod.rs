@@ -156,6 +156,19 @@ pub fn series(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Runs `spillway status --once` against `url` with the admin `key`.
+pub async fn status_once(url: &str, key: &str) -> std::process::Output {
+    let args = ["status", "--once", "--url", url, "--admin-key", key].map(String::from);
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 pub fn hello(model: &str) -> Value {
     json!({
         "model": model,

@@ -20,7 +20,6 @@
 //! which learns the real limits and levels from them.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -29,7 +28,7 @@ use spillway_core::bucket::RateLimitReport;
 use spillway_core::{Catalog, ModelId};
 use spillway_vertex::Operation;
 
-use super::vertex::{classify_send_error, UpstreamInitError};
+use super::vertex::{classify_send_error, upstream_client, UpstreamInitError};
 use super::{Provider, ProviderFuture, ProviderRequest};
 use crate::answer::ForwardError;
 use crate::config::{AnthropicSettings, Settings, UpstreamSettings, ANTHROPIC_PROVIDER};
@@ -103,18 +102,8 @@ impl Anthropic {
                 UpstreamInitError::Client(format!("providers.anthropic.url {base:?}: {e}"))
             })
         };
-        let client = crate::tls::http_client_builder()
-            .connect_timeout(Duration::from_millis(upstream.connect_timeout_ms))
-            .read_timeout(Duration::from_millis(upstream.read_timeout_ms))
-            .pool_idle_timeout(Duration::from_millis(upstream.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| UpstreamInitError::Client(e.to_string()))?;
         Ok(Self {
-            client,
+            client: upstream_client(upstream)?,
             messages: parse("/v1/messages")?,
             count_tokens: parse("/v1/messages/count_tokens")?,
             key,

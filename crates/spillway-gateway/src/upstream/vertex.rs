@@ -206,16 +206,7 @@ impl Vertex {
         } else {
             return Err(UpstreamInitError::NoProject);
         };
-        let client = crate::tls::http_client_builder()
-            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .read_timeout(Duration::from_millis(settings.read_timeout_ms))
-            .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| UpstreamInitError::Client(e.to_string()))?;
+        let client = upstream_client(settings)?;
         Ok(Self {
             client,
             tokens: Arc::new(RwLock::new(tokens)),
@@ -351,6 +342,23 @@ impl Provider for Vertex {
             .map(|_| ())
         })
     }
+}
+
+/// The HTTP client every provider sends with, from `[upstream]`: connect
+/// and read timeouts but no total one (streams run for minutes), pooled,
+/// no redirects followed and no proxy from the environment (hosts come
+/// only from config).
+pub fn upstream_client(settings: &UpstreamSettings) -> Result<reqwest::Client, UpstreamInitError> {
+    crate::tls::http_client_builder()
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .read_timeout(Duration::from_millis(settings.read_timeout_ms))
+        .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| UpstreamInitError::Client(e.to_string()))
 }
 
 /// Turns a transport failure into a client-facing error without leaking
