@@ -900,3 +900,42 @@ async fn spillway_status_shows_both_providers() {
     assert_eq!(anthropic[0], HAIKU);
     assert_eq!(anthropic[2], "anthropic");
 }
+
+/// Anthropic refusing the gateway's key is the gateway's problem, never
+/// the client's: after one retry the client gets a 500 `api_error`, not a
+/// 401 it would take for its own key.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_anthropic_key_is_a_server_error_not_the_clients_401() {
+    let otpm = ANTHROPIC_BURST * OUTPUT;
+    let h = Harness::start_custom(sim_config(otpm), |url| {
+        overlay(url, otpm).replace(ANTHROPIC_KEY, "sk-ant-revoked")
+    })
+    .await;
+    // europe-west4 full, so the next request of `spill` there overflows.
+    for i in 0..VERTEX_PER_WINDOW as usize {
+        let r = h
+            .http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", STAY_KEY)
+            .header("x-spillway-regions", "europe-west4")
+            .json(&request("stay", i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = h
+        .http
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", SPILL_KEY)
+        .header("x-spillway-regions", "anthropic,europe-west4")
+        .header("x-spillway-max-wait-ms", "0")
+        .json(&request("spill", 99))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 500, "api_error").await;
+    let sent = h.sim.anthropic_recent_requests();
+    assert_eq!(sent.len(), 2, "one attempt and one retry");
+    assert!(sent.iter().all(|r| r.has_x_api_key && !r.x_api_key_valid));
+}

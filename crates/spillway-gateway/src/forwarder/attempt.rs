@@ -374,7 +374,8 @@ impl Forwarder {
                 region = %trace.region,
                 status,
                 refreshed,
-                "Vertex rejected the gateway's Google credential: check that the service account has roles/aiplatform.user on the project and that its key or token is current"
+                "{}",
+                provider.credentials_rejected()
             );
             if refreshed {
                 return Err(ForwardError::Credentials);

@@ -167,6 +167,10 @@ impl Provider for Anthropic {
         Box::pin(async { Ok(()) })
     }
 
+    fn credentials_rejected(&self) -> &'static str {
+        "Anthropic rejected the gateway's API key: check providers.anthropic.api_key, or the variable providers.anthropic.api_key_env names, and that the key's organisation may use the model"
+    }
+
     fn rate_limits(&self, headers: &http::HeaderMap) -> Option<RateLimitReport> {
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

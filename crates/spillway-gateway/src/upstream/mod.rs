@@ -75,6 +75,11 @@ pub trait Provider: Send + Sync + 'static {
     fn refresh_credentials(&self) -> ProviderFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
+    /// What an operator should check when the provider refuses the
+    /// gateway's own credentials (401/403), for the log line that says so.
+    fn credentials_rejected(&self) -> &'static str {
+        "the upstream rejected the gateway's credentials: check them"
+    }
     /// What an answer's headers say about the provider's own rate limits
     /// (Anthropic's `anthropic-ratelimit-*`), for its budget to learn
     /// from; `None` for a provider that sends none (Vertex).

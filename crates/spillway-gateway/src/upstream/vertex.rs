@@ -330,6 +330,10 @@ impl Provider for Vertex {
         })
     }
 
+    fn credentials_rejected(&self) -> &'static str {
+        "Vertex rejected the gateway's Google credential: check that the service account has roles/aiplatform.user on the project and that its key or token is current"
+    }
+
     /// Readiness: can we produce credentials right now?
     fn ready(&self) -> ProviderFuture<'_, ()> {
         Box::pin(async move {
