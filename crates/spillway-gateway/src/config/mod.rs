@@ -1035,6 +1035,24 @@ impl Settings {
         }
         self.batch.check(self.scheduler.max_queue, p);
         self.telemetry.check(p);
+        let overflows_to_anthropic = self
+            .models
+            .values()
+            .any(|m| m.overflow.iter().any(|o| o.provider == ANTHROPIC_PROVIDER));
+        match &self.providers.anthropic {
+            None if overflows_to_anthropic => p.add(
+                format!("providers.{ANTHROPIC_PROVIDER}"),
+                "a model overflows to anthropic, but [providers.anthropic] is not configured",
+            ),
+            Some(a) if overflows_to_anthropic && a.key().is_empty() => p.add(
+                format!("providers.{ANTHROPIC_PROVIDER}.api_key"),
+                format!(
+                    "no API key: set api_key, or the environment variable {} (providers.anthropic.api_key_env)",
+                    a.api_key_env
+                ),
+            ),
+            _ => {}
+        }
         if let Some(anthropic) = &self.providers.anthropic {
             let url = reqwest::Url::parse(&anthropic.url);
             if !url.as_ref().is_ok_and(|u| {
@@ -1218,21 +1236,6 @@ impl Settings {
                     overflow.provider
                 ),
             );
-        } else {
-            match &self.providers.anthropic {
-                None => p.add(
-                    format!("providers.{ANTHROPIC_PROVIDER}"),
-                    "a model overflows to anthropic, but [providers.anthropic] is not configured",
-                ),
-                Some(a) if a.key().is_empty() => p.add(
-                    format!("providers.{ANTHROPIC_PROVIDER}.api_key"),
-                    format!(
-                        "no API key: set api_key, or the environment variable {} (providers.anthropic.api_key_env)",
-                        a.api_key_env
-                    ),
-                ),
-                Some(_) => {}
-            }
         }
         if let Some(model) = &overflow.model {
             if !spillway_vertex::is_valid_model_id(model) || model.contains('@') {
@@ -1602,6 +1605,90 @@ regions = [{ name = "global" }]
             "{err}"
         );
         assert!(err.to_string().contains("claude-opus-4-7"), "{err}");
+    }
+
+    /// `overflow` entries and `[providers.anthropic]`: what they make of the
+    /// catalog, and every mistake named once, at its key.
+    #[test]
+    fn overflow_needs_a_configured_provider_with_a_key_and_positive_limits() {
+        let overflow = r#"
+[models."claude-3-haiku@20240307"]
+overflow = [{ provider = "anthropic", requests_per_min = 50, input_tokens_per_min = 50000, output_tokens_per_min = 10000 }]
+[tenants.eu]
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+regions = ["europe-west4", "anthropic"]
+allow_overflow = true
+"#;
+        let provider = "[providers.anthropic]\napi_key = \"sk-ant-config-test\"\n";
+        let s = Settings::load_layers(&[DEMO_TOML, overflow, provider], &[], env(&[])).unwrap();
+        let catalog = s.catalog().unwrap();
+        let haiku = catalog.resolve("claude-3-haiku@20240307").unwrap().model;
+        assert_eq!(haiku.overflow.len(), 1);
+        assert_eq!(haiku.overflow[0].region, "anthropic");
+        assert_eq!(haiku.overflow[0].limits, Limits::split(50, 50_000, 10_000));
+        assert!(haiku.regions.iter().all(|r| r.provider == "vertex"));
+        assert_eq!(
+            s.models["claude-3-haiku@20240307"].overflow[0]
+                .provider_model("claude-3-haiku@20240307"),
+            "claude-3-haiku-20240307"
+        );
+        // The key is redacted wherever the settings are shown.
+        assert!(!s.redacted_toml().contains("sk-ant-config-test"));
+        assert!(!format!("{s:?}").contains("sk-ant-config-test"));
+
+        let err = |layers: &[&str]| {
+            Settings::load_layers(layers, &[], env(&[]))
+                .unwrap_err()
+                .to_string()
+        };
+        // No provider section; a key missing (named once, not per model).
+        let e = err(&[DEMO_TOML, overflow]);
+        assert!(
+            e.starts_with("providers.anthropic: a model overflows to anthropic"),
+            "{e}"
+        );
+        let keyless = "[providers.anthropic]\napi_key_env = \"SPILLWAY_TEST_UNSET_KEY\"\n";
+        let e = err(&[DEMO_TOML, overflow, keyless]);
+        assert!(
+            e.starts_with("providers.anthropic.api_key: no API key"),
+            "{e}"
+        );
+        assert_eq!(e.matches("no API key").count(), 1, "{e}");
+        // An unknown provider, a Vertex-style id, a zero limit.
+        let e = err(&[
+            DEMO_TOML,
+            &overflow.replace("\"anthropic\", requests", "\"openai\", requests"),
+            provider,
+        ]);
+        assert!(
+            e.contains("models.\"claude-3-haiku@20240307\".overflow[0].provider"),
+            "{e}"
+        );
+        let e = err(&[
+            DEMO_TOML,
+            &overflow.replace(
+                "requests_per_min = 50,",
+                "model = \"claude-3-haiku@20240307\", requests_per_min = 50,",
+            ),
+            provider,
+        ]);
+        assert!(e.contains("overflow[0].model"), "{e}");
+        let e = err(&[
+            DEMO_TOML,
+            &overflow.replace("requests_per_min = 50", "requests_per_min = 0"),
+            provider,
+        ]);
+        assert!(
+            e.contains("overflow[0].requests_per_min: must be positive"),
+            "{e}"
+        );
+        // A URL that is not an http(s) base.
+        let e = err(&[
+            DEMO_TOML,
+            overflow,
+            &format!("{provider}url = \"ftp://example.com\"\n"),
+        ]);
+        assert!(e.contains("providers.anthropic.url"), "{e}");
     }
 
     /// Two Sonnet versions of one lineage on global, us and a region each,
