@@ -939,3 +939,68 @@ async fn a_rejected_anthropic_key_is_a_server_error_not_the_clients_401() {
     assert_eq!(sent.len(), 2, "one attempt and one retry");
     assert!(sent.iter().all(|r| r.has_x_api_key && !r.x_api_key_valid));
 }
+
+/// A model id Anthropic does not know is the gateway's misconfiguration
+/// (`overflow[].model`), not the client's: a 502 naming the setup, a
+/// setup-error metric, and the overflow routed around afterwards (not
+/// asked again while it is out).
+#[tokio::test(start_paused = true)]
+async fn an_overflow_model_anthropic_does_not_know_is_a_setup_error_routed_around() {
+    let otpm = ANTHROPIC_BURST * OUTPUT;
+    let h = Harness::start_custom(sim_config(otpm), |url| {
+        overlay(url, otpm).replace(
+            "{ provider = \"anthropic\", ",
+            "{ provider = \"anthropic\", model = \"claude-3-haiku-19990101\", ",
+        )
+    })
+    .await;
+    let post = |i: usize| {
+        h.http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", SPILL_KEY)
+            .header("x-spillway-regions", "anthropic")
+            .header("x-spillway-max-wait-ms", "0")
+            .json(&request("spill", i))
+            .send()
+    };
+    // The hint leaves no Vertex region: refused before anything is sent.
+    let r = post(0).await.unwrap();
+    expect_error(r, 400, "invalid_request_error").await;
+    // With europe-west4 full, overflow is asked, and says "no such model".
+    for i in 0..VERTEX_PER_WINDOW as usize {
+        let r = h
+            .http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", STAY_KEY)
+            .header("x-spillway-regions", "europe-west4")
+            .json(&request("stay", i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let post = |i: usize| {
+        h.http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", SPILL_KEY)
+            .header("x-spillway-regions", "europe-west4,anthropic")
+            .header("x-spillway-max-wait-ms", "0")
+            .json(&request("spill", i))
+            .send()
+    };
+    let message = expect_error(post(1).await.unwrap(), 502, "api_error").await;
+    assert!(message.contains("overflow[].model"), "{message}");
+    assert_eq!(h.sim.anthropic_recent_requests().len(), 1);
+    let metrics = h.metrics().await;
+    assert_eq!(
+        series_value(
+            &metrics,
+            &format!("spillway_upstream_setup_errors_total{{model=\"{HAIKU}\",problem=\"model_not_enabled\",region=\"anthropic\"}}")
+        ),
+        1.0
+    );
+    // Out of routing now: the next one is refused by Spillway, not sent.
+    let r = post(2).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(h.sim.anthropic_recent_requests().len(), 1);
+}

@@ -74,14 +74,6 @@ impl Bodies {
     }
 }
 
-/// Vertex's answer when the project cannot use a model in a region.
-fn is_model_not_enabled(error: &ForwardError) -> bool {
-    matches!(error, ForwardError::Upstream(e)
-        if e.status == 404
-            && (e.message.contains("Publisher Model")
-                || e.google_status.as_deref() == Some("NOT_FOUND")))
-}
-
 /// What an attempt's failure means for retrying and for the budget. A 429
 /// teaches the budget only the quota metric it names; one that names none
 /// (Google's shared capacity ran short) cools the location down like a 529
@@ -226,7 +218,7 @@ impl Forwarder {
             alias_warning,
             request,
         } = call;
-        let overflow = self.overflow_demand(model, &request, &demand, plan);
+        let mut overflow = self.overflow_demand(model, &request, &demand, plan);
         let (op, endpoint, beta) = (request.op, request.stream_endpoint, request.beta);
         let mut bodies = Bodies::new(model, request.body);
         let mut last_error = None;
@@ -305,12 +297,22 @@ impl Forwarder {
             };
             let grant = held.release();
             failed_region = Some(Arc::clone(&grant.region));
-            if is_model_not_enabled(&error) {
+            let missing = match &error {
+                ForwardError::Upstream(e) => provider.model_missing(e),
+                _ => None,
+            };
+            if let Some(fix) = missing {
                 // The budget is fine; the model is not there: refund, and
                 // route this call and the next ones elsewhere.
                 self.scheduler.settle(&grant, Outcome::NotSent).await;
-                last_error = Some(self.not_enabled(model, &grant.region, trace));
+                last_error = Some(self.not_enabled(model, &grant.region, trace, fix));
                 demand.regions.retain(|r| *r != grant.region);
+                if let Some(o) = overflow.as_mut() {
+                    o.regions.retain(|r| *r != grant.region);
+                    if o.regions.is_empty() {
+                        overflow = None;
+                    }
+                }
                 continue;
             }
             last_error = Some(self.failed(&grant, error, trace).await?);
@@ -322,9 +324,16 @@ impl Forwarder {
         }))
     }
 
-    /// Records that `region` does not serve `model` to this project: out of
-    /// routing for a while, a metric, and a log line saying what to fix.
-    fn not_enabled(&self, model: &ModelSpec, region: &Arc<str>, trace: &Trace) -> ForwardError {
+    /// Records that `region` does not serve `model` to the gateway: out of
+    /// routing for a while, a metric, and a log line saying what to fix
+    /// (`fix`, the provider's [`Provider::model_missing`]).
+    fn not_enabled(
+        &self,
+        model: &ModelSpec,
+        region: &Arc<str>,
+        trace: &Trace,
+        fix: &'static str,
+    ) -> ForwardError {
         let out_for = self.setup.model_not_enabled(&model.id, region);
         self.observer
             .setup_error(region, model.id.as_str(), "model_not_enabled");
@@ -333,14 +342,11 @@ impl Forwarder {
             model = %model.id,
             %region,
             out_for_s = out_for.as_secs(),
-            "Vertex says this project cannot use the model in this region: enable it in Vertex AI Model Garden for that region (or remove the region from the model's config); routing around it meanwhile"
+            "{fix}; routing around it meanwhile"
         );
         ForwardError::UpstreamUnavailable {
             region: region.to_string(),
-            reason: format!(
-                "{} is not enabled for the gateway's project there (Vertex AI Model Garden)",
-                model.id
-            ),
+            reason: format!("{} is not served to the gateway there ({fix})", model.id),
         }
     }
 
@@ -457,7 +463,7 @@ impl Forwarder {
             .overflow
             .iter()
             .map(|r| r.region.as_str())
-            .filter(|r| policy.allows_overflow(r))
+            .filter(|r| policy.allows_overflow(r) && !self.setup.is_out(&model.id, r))
             .filter(|r| {
                 request
                     .region_hint

@@ -167,6 +167,14 @@ impl Provider for Anthropic {
         Box::pin(async { Ok(()) })
     }
 
+    /// Anthropic's 404 `not_found_error` for a model id it does not know:
+    /// the gateway's `overflow[].model`, not the client's request.
+    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<&'static str> {
+        (e.status == 404 && e.message.starts_with("model:")).then_some(
+            "Anthropic does not serve this model id to the key's organisation: set the model's overflow[].model to Anthropic's id for it (or remove the overflow)",
+        )
+    }
+
     fn credentials_rejected(&self) -> &'static str {
         "Anthropic rejected the gateway's API key: check providers.anthropic.api_key, or the variable providers.anthropic.api_key_env names, and that the key's organisation may use the model"
     }

@@ -80,6 +80,12 @@ pub trait Provider: Send + Sync + 'static {
     fn credentials_rejected(&self) -> &'static str {
         "the upstream rejected the gateway's credentials: check them"
     }
+    /// When `error` says the provider does not serve the model to the
+    /// gateway there (not the client's fault: its setup), what the
+    /// operator should fix; the location is then routed around for a while.
+    fn model_missing(&self, _error: &spillway_vertex::UpstreamError) -> Option<&'static str> {
+        None
+    }
     /// What an answer's headers say about the provider's own rate limits
     /// (Anthropic's `anthropic-ratelimit-*`), for its budget to learn
     /// from; `None` for a provider that sends none (Vertex).

@@ -330,6 +330,14 @@ impl Provider for Vertex {
         })
     }
 
+    /// Vertex's 404 when the project cannot use a model in a region.
+    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<&'static str> {
+        (e.status == 404
+            && (e.message.contains("Publisher Model")
+                || e.google_status.as_deref() == Some("NOT_FOUND")))
+        .then_some("Vertex says this project cannot use the model in this region: enable it in Vertex AI Model Garden for that region (or remove the region from the model's config)")
+    }
+
     fn credentials_rejected(&self) -> &'static str {
         "Vertex rejected the gateway's Google credential: check that the service account has roles/aiplatform.user on the project and that its key or token is current"
     }
