@@ -28,7 +28,7 @@ use crate::metrics::status_label;
 use crate::observer::{Admission, Trace};
 use crate::scheduler::{Demand, Rejection};
 use crate::telemetry::AttemptStatus;
-use crate::upstream::{Provider, ProviderRequest};
+use crate::upstream::{ModelMissing, Provider, ProviderRequest};
 
 /// The client's body, encoded for each provider the call may reach. Most
 /// models are served by one provider: its body is encoded once, from the
@@ -301,11 +301,11 @@ impl Forwarder {
                 ForwardError::Upstream(e) => provider.model_missing(e),
                 _ => None,
             };
-            if let Some(fix) = missing {
+            if let Some(missing) = missing {
                 // The budget is fine; the model is not there: refund, and
                 // route this call and the next ones elsewhere.
                 self.scheduler.settle(&grant, Outcome::NotSent).await;
-                last_error = Some(self.not_enabled(model, &grant.region, trace, fix));
+                last_error = Some(self.not_enabled(model, &grant.region, trace, missing));
                 demand.regions.retain(|r| *r != grant.region);
                 if let Some(o) = overflow.as_mut() {
                     o.regions.retain(|r| *r != grant.region);
@@ -326,13 +326,13 @@ impl Forwarder {
 
     /// Records that `region` does not serve `model` to the gateway: out of
     /// routing for a while, a metric, and a log line saying what to fix
-    /// (`fix`, the provider's [`Provider::model_missing`]).
+    /// (the provider's [`Provider::model_missing`]).
     fn not_enabled(
         &self,
         model: &ModelSpec,
         region: &Arc<str>,
         trace: &Trace,
-        fix: &'static str,
+        missing: ModelMissing,
     ) -> ForwardError {
         let out_for = self.setup.model_not_enabled(&model.id, region);
         self.observer
@@ -342,11 +342,12 @@ impl Forwarder {
             model = %model.id,
             %region,
             out_for_s = out_for.as_secs(),
-            "{fix}; routing around it meanwhile"
+            "{}; routing around it meanwhile",
+            missing.fix
         );
         ForwardError::UpstreamUnavailable {
             region: region.to_string(),
-            reason: format!("{} is not served to the gateway there ({fix})", model.id),
+            reason: format!("{} {}", model.id, missing.reason),
         }
     }
 

@@ -29,7 +29,7 @@ use spillway_core::{Catalog, ModelId};
 use spillway_vertex::Operation;
 
 use super::vertex::{classify_send_error, upstream_client, UpstreamInitError};
-use super::{Provider, ProviderFuture, ProviderRequest};
+use super::{ModelMissing, Provider, ProviderFuture, ProviderRequest};
 use crate::answer::ForwardError;
 use crate::config::{AnthropicSettings, Settings, UpstreamSettings, ANTHROPIC_PROVIDER};
 
@@ -169,10 +169,11 @@ impl Provider for Anthropic {
 
     /// Anthropic's 404 `not_found_error` for a model id it does not know:
     /// the gateway's `overflow[].model`, not the client's request.
-    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<&'static str> {
-        (e.status == 404 && e.message.starts_with("model:")).then_some(
-            "Anthropic does not serve this model id to the key's organisation: set the model's overflow[].model to Anthropic's id for it (or remove the overflow)",
-        )
+    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<ModelMissing> {
+        (e.status == 404 && e.message.starts_with("model:")).then_some(ModelMissing {
+            reason: "is not known to Anthropic under the configured id (the model's overflow[].model)",
+            fix: "Anthropic does not serve this model id to the key's organisation: set the model's overflow[].model to Anthropic's id for it (or remove the overflow)",
+        })
     }
 
     fn credentials_rejected(&self) -> &'static str {

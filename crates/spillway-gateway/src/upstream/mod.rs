@@ -83,7 +83,7 @@ pub trait Provider: Send + Sync + 'static {
     /// When `error` says the provider does not serve the model to the
     /// gateway there (not the client's fault: its setup), what the
     /// operator should fix; the location is then routed around for a while.
-    fn model_missing(&self, _error: &spillway_vertex::UpstreamError) -> Option<&'static str> {
+    fn model_missing(&self, _error: &spillway_vertex::UpstreamError) -> Option<ModelMissing> {
         None
     }
     /// What an answer's headers say about the provider's own rate limits
@@ -102,6 +102,16 @@ pub fn provider_label(name: &str) -> &'static str {
         crate::config::ANTHROPIC_PROVIDER => crate::config::ANTHROPIC_PROVIDER,
         _ => "other",
     }
+}
+
+/// A provider's answer that it does not serve a model to the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelMissing {
+    /// What the client is told, after the model id ("… is not enabled for
+    /// the gateway's project there").
+    pub reason: &'static str,
+    /// What the operator should fix, for the log line.
+    pub fix: &'static str,
 }
 
 /// The configured providers, by the name the catalog uses.

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use spillway_core::ModelId;
 use spillway_vertex::{to_vertex_body, vertex_path, Operation};
 
-use super::{Provider, ProviderFuture, ProviderRequest};
+use super::{ModelMissing, Provider, ProviderFuture, ProviderRequest};
 use crate::answer::ForwardError;
 use crate::config::{UpstreamAuth, UpstreamSettings};
 
@@ -331,11 +331,14 @@ impl Provider for Vertex {
     }
 
     /// Vertex's 404 when the project cannot use a model in a region.
-    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<&'static str> {
+    fn model_missing(&self, e: &spillway_vertex::UpstreamError) -> Option<ModelMissing> {
         (e.status == 404
             && (e.message.contains("Publisher Model")
                 || e.google_status.as_deref() == Some("NOT_FOUND")))
-        .then_some("Vertex says this project cannot use the model in this region: enable it in Vertex AI Model Garden for that region (or remove the region from the model's config)")
+        .then_some(ModelMissing {
+            reason: "is not enabled for the gateway's project there (Vertex AI Model Garden)",
+            fix: "Vertex says this project cannot use the model in this region: enable it in Vertex AI Model Garden for that region (or remove the region from the model's config)",
+        })
     }
 
     fn credentials_rejected(&self) -> &'static str {
