@@ -107,6 +107,23 @@ key_sha256 = "{}"
     )
 }
 
+/// Fills europe-west4's window with `stay`'s requests (all served there).
+async fn fill_europe(h: &Harness) {
+    for i in 0..VERTEX_PER_WINDOW as usize {
+        let r = h
+            .http
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", STAY_KEY)
+            .header("x-spillway-regions", "europe-west4")
+            .json(&request("stay", i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-spillway-region"], "europe-west4");
+    }
+}
+
 /// `overlay` with the admin API on, under [`ADMIN_KEY`].
 fn with_admin(overlay: String) -> String {
     overlay
@@ -912,18 +929,7 @@ async fn a_rejected_anthropic_key_is_a_server_error_not_the_clients_401() {
     })
     .await;
     // europe-west4 full, so the next request of `spill` there overflows.
-    for i in 0..VERTEX_PER_WINDOW as usize {
-        let r = h
-            .http
-            .post(format!("{}/v1/messages", h.url))
-            .header("x-api-key", STAY_KEY)
-            .header("x-spillway-regions", "europe-west4")
-            .json(&request("stay", i))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    fill_europe(&h).await;
     let r = h
         .http
         .post(format!("{}/v1/messages", h.url))
@@ -967,18 +973,7 @@ async fn an_overflow_model_anthropic_does_not_know_is_a_setup_error_routed_aroun
     let r = post(0).await.unwrap();
     expect_error(r, 400, "invalid_request_error").await;
     // With europe-west4 full, overflow is asked, and says "no such model".
-    for i in 0..VERTEX_PER_WINDOW as usize {
-        let r = h
-            .http
-            .post(format!("{}/v1/messages", h.url))
-            .header("x-api-key", STAY_KEY)
-            .header("x-spillway-regions", "europe-west4")
-            .json(&request("stay", i))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    fill_europe(&h).await;
     let post = |i: usize| {
         h.http
             .post(format!("{}/v1/messages", h.url))

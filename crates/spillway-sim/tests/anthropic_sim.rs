@@ -395,33 +395,21 @@ async fn key_version_and_body_are_checked_like_the_real_api() {
     .await;
     let r = send(&sim, &body("claude-nope", "hi", 10)).await;
     check(r, 404, "not_found_error", "model: claude-nope").await;
-    let mut no_max = ok.clone();
-    no_max.as_object_mut().unwrap().remove("max_tokens");
-    check(
-        send(&sim, &no_max).await,
-        400,
-        "invalid_request_error",
-        "max_tokens: Field required",
-    )
-    .await;
-    let mut no_msgs = ok.clone();
-    no_msgs.as_object_mut().unwrap().remove("messages");
-    check(
-        send(&sim, &no_msgs).await,
-        400,
-        "invalid_request_error",
-        "messages: Field required",
-    )
-    .await;
-    let mut no_model = ok.clone();
-    no_model.as_object_mut().unwrap().remove("model");
-    check(
-        send(&sim, &no_model).await,
-        400,
-        "invalid_request_error",
-        "model: Field required",
-    )
-    .await;
+    for (field, message) in [
+        ("max_tokens", "max_tokens: Field required"),
+        ("messages", "messages: Field required"),
+        ("model", "model: Field required"),
+    ] {
+        let mut without = ok.clone();
+        without.as_object_mut().unwrap().remove(field);
+        check(
+            send(&sim, &without).await,
+            400,
+            "invalid_request_error",
+            message,
+        )
+        .await;
+    }
     // A beta call, recorded with its headers.
     let r = c
         .post(format!("{url}?beta=true"))
