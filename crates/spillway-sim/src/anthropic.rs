@@ -114,7 +114,9 @@ use crate::ratelimit::{
     LimiterSnapshot, ModelLimiter, RateLimitDimension, ANTHROPIC_LOG_LEN,
 };
 use crate::recorder::MAX_RECORDED_BODY;
-use crate::server::{not_found, reset_response, sleep, validate_max_tokens, validate_messages};
+use crate::server::{
+    hang, not_found, reset_response, sleep, validate_max_tokens, validate_messages,
+};
 use crate::sse::{self, StreamPlan};
 use crate::state::SharedState;
 use crate::tokenizer::count_tokens;
@@ -1006,11 +1008,7 @@ pub(crate) async fn messages_route(
             return reset_response();
         }
         Some(FaultKind::Hang(d)) if !st.shutting_down.load(Ordering::Relaxed) => {
-            let released = st.hang_release.notified();
-            tokio::select! {
-                _ = sleep(d) => {}
-                _ = released => {}
-            }
+            hang(&st, d).await;
         }
         _ => {}
     }

@@ -266,6 +266,22 @@ pub(crate) struct Usage {
     pub cache_creation: Option<CacheCreation>,
 }
 
+impl Usage {
+    /// An answer's usage: the input as planned, `output` tokens produced.
+    fn of(input: InputUsage, output: u64) -> Self {
+        Usage {
+            input_tokens: input.input_tokens,
+            cache_creation_input_tokens: input.cache_creation_input_tokens,
+            cache_read_input_tokens: input.cache_read_input_tokens,
+            output_tokens: output,
+            cache_creation: CacheCreation::of(
+                input.cache_creation_input_tokens,
+                input.cache_creation_1h_input_tokens,
+            ),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Message<'a> {
     model: &'a str,
@@ -300,16 +316,7 @@ pub fn message_json_with_input(model: &str, input: InputUsage, plan: OutputPlan)
         }],
         stop_reason: plan.stop_reason,
         stop_sequence: None,
-        usage: Usage {
-            input_tokens: input.input_tokens,
-            cache_creation_input_tokens: input.cache_creation_input_tokens,
-            cache_read_input_tokens: input.cache_read_input_tokens,
-            output_tokens: plan.tokens,
-            cache_creation: CacheCreation::of(
-                input.cache_creation_input_tokens,
-                input.cache_creation_1h_input_tokens,
-            ),
-        },
+        usage: Usage::of(input, plan.tokens),
     };
     serde_json::to_vec(&msg).unwrap_or_default()
 }
@@ -344,16 +351,7 @@ pub fn first_party_message_json(model: &str, input: InputUsage, plan: OutputPlan
         }],
         stop_reason: plan.stop_reason,
         stop_sequence: None,
-        usage: Usage {
-            input_tokens: input.input_tokens,
-            cache_creation_input_tokens: input.cache_creation_input_tokens,
-            cache_read_input_tokens: input.cache_read_input_tokens,
-            output_tokens: plan.tokens,
-            cache_creation: CacheCreation::of(
-                input.cache_creation_input_tokens,
-                input.cache_creation_1h_input_tokens,
-            ),
-        },
+        usage: Usage::of(input, plan.tokens),
     };
     serde_json::to_vec(&msg).unwrap_or_default()
 }

@@ -287,11 +287,7 @@ async fn model_route(
             return reset_response();
         }
         Some(FaultKind::Hang(d)) if !st.shutting_down.load(Ordering::Relaxed) => {
-            let released = st.hang_release.notified();
-            tokio::select! {
-                _ = sleep(d) => {}
-                _ = released => {}
-            }
+            hang(&st, d).await;
         }
         _ => {}
     }
@@ -409,6 +405,16 @@ pub(crate) fn reset_response() -> Response {
         ))
     });
     Response::new(Body::from_stream(failing))
+}
+
+/// A `Hang` fault: no answer for `d`, or until the simulator is told to
+/// release every hang (shutdown, reset).
+pub(crate) async fn hang(st: &SharedState, d: Duration) {
+    let released = st.hang_release.notified();
+    tokio::select! {
+        _ = sleep(d) => {}
+        _ = released => {}
+    }
 }
 
 pub(crate) async fn sleep(d: Duration) {
