@@ -976,3 +976,15 @@ async fn the_window_picture_adds_up_to_the_usage_and_ages_no_entry_early() {
     assert_eq!(parts[1].at, newest(&grants[3..]));
     assert!(picture.taken >= parts[1].at);
 }
+
+/// Tests run in parallel and each picks a free port: a server already on a
+/// port must never be mistaken for the one a test just started (CI once
+/// handed a test another test's server, which then went away under it).
+#[test]
+fn a_port_held_by_another_server_is_never_taken_for_ours() {
+    let first = RedisServer::start();
+    let second = std::panic::catch_unwind(|| RedisServer::start_on(first.port));
+    assert!(second.is_err(), "start_on a taken port must fail");
+    let third = RedisServer::start();
+    assert_ne!(third.port, first.port);
+}

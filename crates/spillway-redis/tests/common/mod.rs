@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,6 +11,32 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+}
+
+/// Whether the Redis answering on `port` is process `pid` (`INFO server`
+/// names it), so a test never talks to another test's server.
+fn serves(port: u16, pid: u32) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let wanted = format!("process_id:{pid}\r\n");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut chunk) {
+        seen.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if text.contains(&wanted) {
+            return true;
+        }
+        if text.contains("process_id:") && text.contains("tcp_port:") {
+            return false;
+        }
+    }
+    false
 }
 
 fn free_port() -> u16 {
@@ -20,13 +47,29 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// Starts a server on a free port. Tests run in parallel, so a port seen
+    /// free can be taken by another test's server before ours binds it; then
+    /// ours exits and this tries another port, rather than handing the test a
+    /// server that belongs to someone else and dies with them.
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start_on(free_port()) {
+                return server;
+            }
+        }
+        panic!("redis-server found no free port in five tries");
     }
 
     /// Starts `redis-server` on `port` and waits until it accepts connections.
     pub fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
+        Self::try_start_on(port)
+            .unwrap_or_else(|| panic!("redis-server could not take port {port}: it is in use"))
+    }
+
+    /// `None` when the server exited (the port was taken); otherwise waits
+    /// until the server answering on `port` is the one this started.
+    fn try_start_on(port: u16) -> Option<Self> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -34,16 +77,22 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is installed (apt-get install redis-server)");
         let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not start on port {port}"
-            );
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            if serves(port, child.id()) {
+                return Some(Self {
+                    child: Some(child),
+                    port,
+                });
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not start on port {port}");
+            }
             std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            child: Some(child),
-            port,
         }
     }
 
