@@ -167,6 +167,8 @@ fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking::Wor
 async fn serve(settings: Settings, files: Vec<PathBuf>) -> anyhow::Result<()> {
     let _flush_logs = init_logging(settings.server.log_format);
     let gateway = Gateway::new(settings).await?;
+    #[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+    allocator::register(gateway.state().metrics.registry())?;
     let listener = gateway.bind().await?;
     let scheme = if gateway.state().listener_tls.is_some() {
         "https"

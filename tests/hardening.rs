@@ -556,3 +556,23 @@ async fn metrics_and_interactive_traffic_do_not_wait_on_a_dead_batch_store() {
     drop(gw);
     db.drop_now().await;
 }
+
+/// The soak's memory figures split RSS into what the gateway holds live and
+/// what the allocator keeps; the binary exports jemalloc's own account for
+/// that (and for an operator telling a leak from kept pages).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_binary_exports_the_allocators_live_and_resident_bytes() {
+    let gw = Running::start("", "").await;
+    let text = support::binary::metrics_text(&spillway_gateway::tls::http_client(), &gw.url).await;
+    let kind = |k: &str| {
+        support::series(&text, &format!("spillway_allocator_bytes{{kind=\"{k}\"}}"))
+            .unwrap_or_else(|| panic!("spillway_allocator_bytes{{kind=\"{k}\"}} is exported"))
+    };
+    let (allocated, active, resident) = (kind("allocated"), kind("active"), kind("resident"));
+    assert!(allocated > 0.0, "a running gateway holds live memory");
+    assert!(active >= allocated, "allocations sit on active pages");
+    assert!(resident >= active, "active pages are resident");
+    assert!(kind("metadata") > 0.0);
+    assert!(kind("retained") >= 0.0);
+}

@@ -714,6 +714,27 @@ impl Report<'_> {
             }
         );
 
+        // The allocator's own account, idle vs after: live heap (allocated)
+        // against what it keeps in RAM (resident) tells a leak from pages
+        // kept. Absent (all zero) on builds without jemalloc.
+        let heap = |m: &Metrics, kind: &str| {
+            m.sum("spillway_allocator_bytes", &[("kind", kind)]) / (1024.0 * 1024.0)
+        };
+        let kinds = ["allocated", "active", "resident", "metadata", "retained"];
+        let _ = writeln!(
+            s,
+            "Allocator, idle → after the run (MiB): {}.\n",
+            kinds
+                .iter()
+                .map(|k| format!(
+                    "{k} {:.1} → {:.1}",
+                    heap(self.idle_metrics, k),
+                    heap(self.final_metrics, k)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+
         // Streams and settlement.
         let c = |k: &str| self.client[k].as_u64().unwrap_or(0);
         let fm = self.final_metrics;
