@@ -126,6 +126,9 @@ enum Command {
     Cost(cost::Args),
     /// The cheapest Vertex that answers like one (started by `cost`).
     CannedUpstream(cost::canned::Args),
+    /// The upstream HTTP client's own CPU per request: the gateway's reqwest
+    /// client beside a hyper-util one, against the canned upstream.
+    ClientCost(cost::client::Args),
 }
 
 fn report(label: &str, pid: u32) -> anyhow::Result<()> {
@@ -329,5 +332,6 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(cost::run(args)),
         Command::CannedUpstream(args) => cost::canned::run(args),
+        Command::ClientCost(args) => cost::client::run(args),
     }
 }

@@ -44,6 +44,7 @@ use crate::children::{
 };
 
 pub mod canned;
+pub mod client;
 mod load;
 
 use load::{Outcome, Run, Target};

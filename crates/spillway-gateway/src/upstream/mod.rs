@@ -40,7 +40,7 @@ use spillway_vertex::Operation;
 use crate::answer::ForwardError;
 
 pub use anthropic::Anthropic;
-pub use vertex::{UpstreamInitError, Vertex};
+pub use vertex::{upstream_client, UpstreamInitError, Vertex};
 
 pub type ProviderFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ForwardError>> + Send + 'a>>;
 
