@@ -19,7 +19,6 @@
 //! taskset -c 1 target/release/spillway-bench client-cost
 //! ```
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +29,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::{median, wait_tcp, VERTEX_PATH};
-use crate::children::{free_port, proc_figures, spawn, stop, TICKS_PER_SEC};
+use super::{median, VERTEX_PATH};
+use crate::children::{proc_figures, stop, TICKS_PER_SEC};
 
 /// `spillway-bench client-cost` (see the module docs).
 #[derive(Debug, Clone, clap::Args)]
@@ -177,19 +176,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn drive(args: Args) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
-    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let mut child = spawn(
-        &me,
-        &[
-            "canned-upstream".into(),
-            "--listen".into(),
-            upstream.to_string(),
-        ],
-        &[],
-        Stdio::null(),
-        Stdio::null(),
-    )?;
-    wait_tcp(upstream, &mut child).await?;
+    let (upstream, mut child) = super::start_canned(&me, Stdio::null()).await?;
     let method = if args.stream {
         "streamRawPredict"
     } else {

@@ -220,6 +220,25 @@ async fn wait_tcp(addr: SocketAddr, child: &mut Child) -> anyhow::Result<()> {
     bail!("nothing listens at {addr} after 10 s")
 }
 
+/// Starts `me canned-upstream` on a free loopback port and waits until it
+/// listens: its address and process.
+async fn start_canned(me: &std::path::Path, stderr: Stdio) -> anyhow::Result<(SocketAddr, Child)> {
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut child = spawn(
+        me,
+        &[
+            "canned-upstream".into(),
+            "--listen".into(),
+            upstream.to_string(),
+        ],
+        &[],
+        Stdio::null(),
+        stderr,
+    )?;
+    wait_tcp(upstream, &mut child).await?;
+    Ok((upstream, child))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let spillway = match &args.spillway {
@@ -234,19 +253,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let out = out_dir(args.out.as_deref(), "cost")?;
 
-    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let mut upstream_child = spawn(
-        &me,
-        &[
-            "canned-upstream".into(),
-            "--listen".into(),
-            upstream.to_string(),
-        ],
-        &[],
-        Stdio::null(),
-        log_file(&out, "upstream.err")?,
-    )?;
-    wait_tcp(upstream, &mut upstream_child).await?;
+    let (upstream, mut upstream_child) = start_canned(&me, log_file(&out, "upstream.err")?).await?;
 
     let port = free_port()?;
     std::fs::write(out.join("cost.toml"), gateway_toml(port, upstream))?;
