@@ -71,13 +71,12 @@ impl Client {
     }
 
     async fn call(&self, url: &str, uri: &http::Uri, body: &Bytes, stream: bool) -> bool {
-        let bearer = BEARER;
         match self {
             Client::Reqwest(client) => {
                 let mut request = client
                     .post(url)
                     .header(http::header::CONTENT_TYPE, "application/json")
-                    .header(http::header::AUTHORIZATION, bearer)
+                    .header(http::header::AUTHORIZATION, BEARER)
                     .body(body.clone());
                 if stream {
                     request = request.header(http::header::ACCEPT, "text/event-stream");
@@ -90,7 +89,7 @@ impl Client {
             Client::Hyper(client) => {
                 let mut request = http::Request::post(uri.clone())
                     .header(http::header::CONTENT_TYPE, "application/json")
-                    .header(http::header::AUTHORIZATION, bearer);
+                    .header(http::header::AUTHORIZATION, BEARER);
                 if stream {
                     request = request.header(http::header::ACCEPT, "text/event-stream");
                 }
