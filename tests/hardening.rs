@@ -574,5 +574,6 @@ async fn the_binary_exports_the_allocators_live_and_resident_bytes() {
     assert!(active >= allocated, "allocations sit on active pages");
     assert!(resident >= active, "active pages are resident");
     assert!(kind("metadata") > 0.0);
-    assert!(kind("retained") >= 0.0);
+    // Exported too; zero is fine while nothing has been retained.
+    kind("retained");
 }

@@ -20,6 +20,7 @@
 //! ```
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,8 +115,8 @@ async fn measure(
     args: &Args,
 ) -> anyhow::Result<(u64, f64)> {
     let uri: http::Uri = url.parse()?;
-    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     // A short warm-up fills the pool, so connects are not counted.
     let warm_until = Instant::now() + Duration::from_millis(500);
     let end = warm_until + Duration::from_secs(args.secs);
@@ -138,8 +139,7 @@ async fn measure(
                         }
                         let ok = client.call(&url, &uri, &body, stream).await;
                         if now >= warm_until {
-                            if ok { &done } else { &failed }
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if ok { &done } else { &failed }.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }));
@@ -153,8 +153,8 @@ async fn measure(
         })
         .await?;
     let ticks = proc_figures(me)?.cpu_ticks - before.unwrap_or(0);
-    let done = done.load(std::sync::atomic::Ordering::Relaxed);
-    let failed = failed.load(std::sync::atomic::Ordering::Relaxed);
+    let done = done.load(Ordering::Relaxed);
+    let failed = failed.load(Ordering::Relaxed);
     anyhow::ensure!(
         failed == 0,
         "{failed} requests failed with {}",
