@@ -10,6 +10,8 @@
 # cut of a few percent that CPU time on a shared 2-core box cannot. The
 # kernel's share (two loopback hops) is not counted.
 # SPILLWAY_BIN measures another gateway binary (e.g. a build of an older commit).
+# PROXY=bare measures `spillway-bench bare-proxy` instead of the gateway: the
+# floor, an HTTP/1.1 proxy that does nothing but the two hops.
 # Writes both callgrind files and `per-function.txt` (the per-request
 # difference by function, exclusive) to OUT. Needs valgrind and python3.
 set -euo pipefail
@@ -62,8 +64,12 @@ sqlite_path = ":memory:"
 [models."claude-3-haiku@20240307"]
 regions = [{ name = "us-central1", requests_per_min = 4000000000, tokens_per_min = 1000000000000000 }]
 TOML
+  local proxy=("${SPILLWAY_BIN:-$TARGET/release/spillway}" serve --config "$OUT/gateway.toml")
+  if [[ ${PROXY:-} == bare ]]; then
+    proxy=("$TARGET/release/spillway-bench" bare-proxy --listen "127.0.0.1:$gw" --upstream "127.0.0.1:$up")
+  fi
   RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.$MODE.$1" \
-    "${SPILLWAY_BIN:-$TARGET/release/spillway}" serve --config "$OUT/gateway.toml" 2>"$OUT/gateway.$1.log" &
+    "${proxy[@]}" 2>"$OUT/gateway.$1.log" &
   vpid=$!
   for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$gw/healthz" && break; sleep 0.2; done
   python3 "$OUT/drive.py" "$gw" 50 "$MODE"

@@ -126,6 +126,9 @@ enum Command {
     Cost(cost::Args),
     /// The cheapest Vertex that answers like one (started by `cost`).
     CannedUpstream(cost::canned::Args),
+    /// The least an HTTP/1.1 proxy can do per request: the floor `cost
+    /// --floor` measures the gateway against (started by `cost`).
+    BareProxy(cost::bare::Args),
     /// The upstream HTTP client's own CPU per request: the gateway's reqwest
     /// client beside a hyper-util one, against the canned upstream.
     ClientCost(cost::client::Args),
@@ -332,6 +335,7 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(cost::run(args)),
         Command::CannedUpstream(args) => cost::canned::run(args),
+        Command::BareProxy(args) => cost::bare::run(args),
         Command::ClientCost(args) => cost::client::run(args),
     }
 }

@@ -43,6 +43,7 @@ use crate::children::{
     TICKS_PER_SEC,
 };
 
+pub mod bare;
 pub mod canned;
 pub mod client;
 mod load;
@@ -86,6 +87,11 @@ pub struct Args {
     /// The gateway binary (default: `spillway` beside this one).
     #[arg(long)]
     pub spillway: Option<PathBuf>,
+    /// Also measure the bare proxy (`spillway-bench bare-proxy`, on the
+    /// gateway's CPUs) as a third path in every round: the floor that two
+    /// loopback hops cost on this box, with none of the gateway's work.
+    #[arg(long)]
+    pub floor: bool,
     /// Extra config layered over the generated one (e.g. to try a setting).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -111,27 +117,62 @@ fn gateway_toml(port: u16, upstream: SocketAddr) -> String {
 #[derive(Debug, Clone)]
 struct Figures {
     outcome: Outcome,
-    /// CPU µs per request of the gateway (None on the direct path).
-    gateway_cpu_us: Option<f64>,
+    /// CPU µs per request of the proxy in the path, the gateway or the bare
+    /// one (None on the direct path).
+    proxy_cpu_us: Option<f64>,
     upstream_cpu_us: f64,
+}
+
+/// Which path a run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Straight to the canned upstream.
+    Direct,
+    /// Through the bare proxy ([`bare`]).
+    Floor,
+    /// Through Spillway.
+    Gateway,
+}
+
+/// A proxy process in the path: where it listens and its pid.
+#[derive(Debug, Clone, Copy)]
+struct Proxy {
+    addr: SocketAddr,
+    pid: u32,
+}
+
+/// One round: the direct run, the bare proxy's (with `--floor`) and the
+/// gateway's.
+struct Round {
+    direct: Figures,
+    floor: Option<Figures>,
+    gateway: Figures,
 }
 
 struct Bench {
     args: Args,
-    gateway: SocketAddr,
-    gateway_pid: u32,
+    gateway: Proxy,
+    floor: Option<Proxy>,
     upstream: SocketAddr,
     upstream_pid: u32,
 }
 
 impl Bench {
-    fn target(&self, via_gateway: bool, stream: bool) -> Target {
+    fn proxy(&self, via: Via) -> Option<Proxy> {
+        match via {
+            Via::Direct => None,
+            Via::Floor => self.floor,
+            Via::Gateway => Some(self.gateway),
+        }
+    }
+
+    fn target(&self, via: Via, stream: bool) -> Target {
         let stream_field = if stream { r#","stream":true"# } else { "" };
         let messages = r#""messages":[{"role":"user","content":"Hello, Claude"}]"#;
         let must_contain = stream.then_some(&b"message_stop"[..]);
-        if via_gateway {
+        if let Some(proxy) = self.proxy(via) {
             Target {
-                addr: self.gateway,
+                addr: proxy.addr,
                 path: "/v1/messages".into(),
                 body: Bytes::from(format!(
                     r#"{{"model":"{HAIKU}","max_tokens":64{stream_field},{messages}}}"#
@@ -157,11 +198,12 @@ impl Bench {
         }
     }
 
-    async fn run(&self, via_gateway: bool, stream: bool, conns: usize) -> anyhow::Result<Figures> {
-        let run = Run::start(self.target(via_gateway, stream), conns).await?;
+    async fn run(&self, via: Via, stream: bool, conns: usize) -> anyhow::Result<Figures> {
+        let run = Run::start(self.target(via, stream), conns).await?;
         tokio::time::sleep(Duration::from_secs(self.args.warmup_secs)).await;
         let ticks = |pid: u32| proc_figures(pid).map(|p| p.cpu_ticks).unwrap_or(0);
-        let (gw, up) = (self.gateway_pid, self.upstream_pid);
+        let (gw, up) = (self.gateway.pid, self.upstream_pid);
+        let gw = self.proxy(via).map_or(gw, |p| p.pid);
         let (outcome, start, end) = run
             .measure(
                 Duration::from_secs(self.args.secs),
@@ -180,21 +222,47 @@ impl Bench {
         let per_request =
             |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / outcome.requests.max(1) as f64;
         Ok(Figures {
-            gateway_cpu_us: via_gateway.then(|| per_request(end.0 - start.0)),
+            proxy_cpu_us: (via != Via::Direct).then(|| per_request(end.0 - start.0)),
             upstream_cpu_us: per_request(end.1 - start.1),
             outcome,
         })
     }
 
-    /// `rounds` pairs of (direct, gateway) runs, alternating.
-    async fn pairs(&self, stream: bool, conns: usize) -> anyhow::Result<Vec<(Figures, Figures)>> {
-        let mut pairs = Vec::new();
+    /// `rounds` rounds of direct, bare-proxy (with `--floor`) and gateway
+    /// runs, alternating.
+    async fn rounds(&self, stream: bool, conns: usize) -> anyhow::Result<Vec<Round>> {
+        let mut rounds = Vec::new();
         for _ in 0..self.args.rounds {
-            let direct = self.run(false, stream, conns).await?;
-            let gateway = self.run(true, stream, conns).await?;
-            pairs.push((direct, gateway));
+            let direct = self.run(Via::Direct, stream, conns).await?;
+            let floor = match self.floor {
+                Some(_) => Some(self.run(Via::Floor, stream, conns).await?),
+                None => None,
+            };
+            let gateway = self.run(Via::Gateway, stream, conns).await?;
+            rounds.push(Round {
+                direct,
+                floor,
+                gateway,
+            });
         }
-        Ok(pairs)
+        Ok(rounds)
+    }
+}
+
+/// `bin args`, or `taskset -c CPUS bin args` when pinned: the program to
+/// spawn and its arguments.
+fn pinned(cpus: Option<&str>, bin: &std::path::Path, args: Vec<String>) -> (PathBuf, Vec<String>) {
+    match cpus {
+        Some(cpus) => {
+            let mut taskset = vec![
+                "-c".to_string(),
+                cpus.to_string(),
+                bin.to_string_lossy().into_owned(),
+            ];
+            taskset.extend(args);
+            (PathBuf::from("taskset"), taskset)
+        }
+        None => (bin.to_path_buf(), args),
     }
 }
 
@@ -257,27 +325,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let port = free_port()?;
     std::fs::write(out.join("cost.toml"), gateway_toml(port, upstream))?;
-    let mut gateway_args = vec![];
-    let gateway_bin = match &args.gateway_cpus {
-        Some(cpus) => {
-            gateway_args.extend([
-                "-c".to_string(),
-                cpus.clone(),
-                spillway.to_string_lossy().into_owned(),
-            ]);
-            PathBuf::from("taskset")
-        }
-        None => spillway.clone(),
-    };
-    gateway_args.extend([
+    let mut gateway_args = vec![
         "serve".to_string(),
         "--config".into(),
         out.join("cost.toml").to_string_lossy().into_owned(),
-    ]);
+    ];
     if let Some(extra) = &args.config {
         gateway_args.push("--config".into());
         gateway_args.push(extra.to_string_lossy().into_owned());
     }
+    let (gateway_bin, gateway_args) = pinned(args.gateway_cpus.as_deref(), &spillway, gateway_args);
     let mut gateway_child = spawn(
         &gateway_bin,
         &gateway_args,
@@ -295,16 +352,48 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &mut gateway_child,
     )
     .await?;
+    let mut floor_child = None;
+    let floor = if args.floor {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let floor_args = vec![
+            "bare-proxy".to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+        ];
+        let (bin, floor_args) = pinned(args.gateway_cpus.as_deref(), &me, floor_args);
+        let child = floor_child.insert(spawn(
+            &bin,
+            &floor_args,
+            &[],
+            Stdio::null(),
+            log_file(&out, "bare-proxy.err")?,
+        )?);
+        wait_http(&http, &format!("http://{addr}/healthz"), child).await?;
+        Some(Proxy {
+            addr,
+            pid: child.id().context("bare proxy pid")?,
+        })
+    } else {
+        None
+    };
 
     let bench = Bench {
-        gateway_pid: gateway_child.id().context("gateway pid")?,
+        gateway: Proxy {
+            addr: gateway,
+            pid: gateway_child.id().context("gateway pid")?,
+        },
+        floor,
         upstream_pid: upstream_child.id().context("upstream pid")?,
-        gateway,
         upstream,
         args: args.clone(),
     };
     let result = measure_all(&bench).await;
     stop(&mut gateway_child).await;
+    if let Some(child) = &mut floor_child {
+        stop(child).await;
+    }
     stop(&mut upstream_child).await;
     let (summary, figures) = result?;
     std::fs::write(out.join("summary.md"), &summary)?;
@@ -330,30 +419,66 @@ async fn measure_all(bench: &Bench) -> anyhow::Result<(String, serde_json::Value
         args.log,
         args.gateway_cpus.as_deref().unwrap_or("any")
     );
+    let floor = bench.floor.is_some();
     if args.parts.iter().any(|p| p == "latency") {
         for stream in [false, true] {
             let kind = if stream { "streaming" } else { "unary" };
-            let pairs = bench.pairs(stream, 1).await?;
+            let rounds = bench.rounds(stream, 1).await?;
+            let floor_columns = if floor {
+                (
+                    "| bare proxy p50 | bare proxy p99 | bare added p50 | bare added p99 ",
+                    "---:|---:|---:|---:|",
+                )
+            } else {
+                ("", "")
+            };
             let _ = writeln!(
                 md,
-                "### c=1 closed loop, {kind}: latency to the full body (µs)\n\n| round | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 |\n|---|---:|---:|---:|---:|---:|---:|"
+                "### c=1 closed loop, {kind}: latency to the full body (µs)\n\n| round | direct p50 | direct p99 {}| gateway p50 | gateway p99 | added p50 | added p99 |\n|---|---:|---:|{}---:|---:|---:|---:|",
+                floor_columns.0, floor_columns.1
             );
             let (mut add50, mut add99) = (Vec::new(), Vec::new());
-            for (i, (d, g)) in pairs.iter().enumerate() {
-                let (d50, d99) = (d.outcome.quantile_us(0.5), d.outcome.quantile_us(0.99));
-                let (g50, g99) = (g.outcome.quantile_us(0.5), g.outcome.quantile_us(0.99));
+            let (mut bare50, mut bare99) = (Vec::new(), Vec::new());
+            for (i, round) in rounds.iter().enumerate() {
+                let q = |f: &Figures| (f.outcome.quantile_us(0.5), f.outcome.quantile_us(0.99));
+                let (d50, d99) = q(&round.direct);
+                let (g50, g99) = q(&round.gateway);
                 add50.push(g50 - d50);
                 add99.push(g99 - d99);
+                let mut row = format!("| {} | {d50:.0} | {d99:.0} |", i + 1);
+                if let Some(f) = &round.floor {
+                    let (f50, f99) = q(f);
+                    bare50.push(f50 - d50);
+                    bare99.push(f99 - d99);
+                    let _ = write!(
+                        row,
+                        " {f50:.0} | {f99:.0} | {:.0} | {:.0} |",
+                        f50 - d50,
+                        f99 - d99
+                    );
+                }
                 let _ = writeln!(
                     md,
-                    "| {} | {d50:.0} | {d99:.0} | {g50:.0} | {g99:.0} | {:.0} | {:.0} |",
-                    i + 1,
+                    "{row} {g50:.0} | {g99:.0} | {:.0} | {:.0} |",
                     g50 - d50,
                     g99 - d99
                 );
             }
             let (m50, m99) = (median(add50), median(add99));
-            let _ = writeln!(md, "| **median** | | | | | **{m50:.0}** | **{m99:.0}** |\n");
+            let bare = if floor {
+                let (b50, b99) = (median(bare50), median(bare99));
+                figures.insert(
+                    format!("bare_proxy_added_latency_{kind}_us"),
+                    json!({"p50": b50, "p99": b99}),
+                );
+                format!(" | | **{b50:.0}** | **{b99:.0}** |")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                md,
+                "| **median** | | |{bare} | | **{m50:.0}** | **{m99:.0}** |\n"
+            );
             figures.insert(
                 format!("added_latency_{kind}_us"),
                 json!({"p50": m50, "p99": m99}),
@@ -365,24 +490,40 @@ async fn measure_all(bench: &Bench) -> anyhow::Result<(String, serde_json::Value
             continue;
         }
         let kind = if stream { "streaming" } else { "unary" };
-        let pairs = bench.pairs(stream, args.conns).await?;
+        let rounds = bench.rounds(stream, args.conns).await?;
+        let floor_columns = if floor {
+            ("| bare proxy req/s | bare proxy CPU µs/req ", "---:|---:|")
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             md,
-            "### c={} closed loop, {kind}\n\n| round | direct req/s | upstream CPU µs/req (direct) | gateway req/s | **gateway CPU µs/req** | upstream CPU µs/req (via gateway) | gateway p50 / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|",
-            args.conns
+            "### c={} closed loop, {kind}\n\n| round | direct req/s | upstream CPU µs/req (direct) {}| gateway req/s | **gateway CPU µs/req** | upstream CPU µs/req (via gateway) | gateway p50 / p99 ms |\n|---|---:|---:|{}---:|---:|---:|---:|",
+            args.conns, floor_columns.0, floor_columns.1
         );
         let (mut cpu, mut rps, mut direct_rps) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, (d, g)) in pairs.iter().enumerate() {
-            let gcpu = g.gateway_cpu_us.unwrap_or(f64::NAN);
+        let (mut bare_cpu, mut bare_rps) = (Vec::new(), Vec::new());
+        for (i, round) in rounds.iter().enumerate() {
+            let (d, g) = (&round.direct, &round.gateway);
+            let gcpu = g.proxy_cpu_us.unwrap_or(f64::NAN);
             cpu.push(gcpu);
             rps.push(g.outcome.per_sec());
             direct_rps.push(d.outcome.per_sec());
-            let _ = writeln!(
-                md,
-                "| {} | {:.0} | {:.1} | {:.0} | {gcpu:.1} | {:.1} | {:.2} / {:.2} |",
+            let mut row = format!(
+                "| {} | {:.0} | {:.1} |",
                 i + 1,
                 d.outcome.per_sec(),
-                d.upstream_cpu_us,
+                d.upstream_cpu_us
+            );
+            if let Some(f) = &round.floor {
+                let fcpu = f.proxy_cpu_us.unwrap_or(f64::NAN);
+                bare_cpu.push(fcpu);
+                bare_rps.push(f.outcome.per_sec());
+                let _ = write!(row, " {:.0} | {fcpu:.1} |", f.outcome.per_sec());
+            }
+            let _ = writeln!(
+                md,
+                "{row} {:.0} | {gcpu:.1} | {:.1} | {:.2} / {:.2} |",
                 g.outcome.per_sec(),
                 g.upstream_cpu_us,
                 g.outcome.quantile_us(0.5) / 1000.0,
@@ -390,14 +531,20 @@ async fn measure_all(bench: &Bench) -> anyhow::Result<(String, serde_json::Value
             );
         }
         let (mcpu, mrps, mdirect) = (median(cpu), median(rps), median(direct_rps));
+        let mut entry = json!({"conns": args.conns, "direct_rps": mdirect, "gateway_rps": mrps, "gateway_cpu_us_per_request": mcpu});
+        let bare = if floor {
+            let (bcpu, brps) = (median(bare_cpu), median(bare_rps));
+            entry["bare_proxy_rps"] = json!(brps);
+            entry["bare_proxy_cpu_us_per_request"] = json!(bcpu);
+            format!(" **{brps:.0}** | **{bcpu:.1}** |")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             md,
-            "| **median** | {mdirect:.0} | | **{mrps:.0}** | **{mcpu:.1}** | | |\n"
+            "| **median** | {mdirect:.0} | |{bare} **{mrps:.0}** | **{mcpu:.1}** | | |\n"
         );
-        figures.insert(
-            format!("closed_loop_{kind}"),
-            json!({"conns": args.conns, "direct_rps": mdirect, "gateway_rps": mrps, "gateway_cpu_us_per_request": mcpu}),
-        );
+        figures.insert(format!("closed_loop_{kind}"), entry);
     }
     Ok((md, serde_json::Value::Object(figures)))
 }
