@@ -12,8 +12,10 @@
 # upstream on CPU 0, so the gateway's CPU time is not taken by the others;
 # 0: no pinning, everything shares both cores), SECS (measured seconds per
 # run, 10), ROUNDS (3), OUT (result folder), SKIP_BUILD (1: use built bins),
+# FLOOR (1, the default: also the bare proxy, `spillway-bench bare-proxy`, as
+# a third path on the gateway's CPUs, the floor two hops cost on this box),
 # CARGO_TARGET_DIR, SPILLWAY_BIN (measure this gateway binary instead, e.g. a
-# build of an older commit, for a before/after in one sitting). About 6
+# build of an older commit, for a before/after in one sitting). About 9
 # minutes with the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,7 +36,9 @@ if [[ -n ${SPILLWAY_BIN:-} ]]; then cp "$SPILLWAY_BIN" "$OUT/spillway"; fi
   echo "gateway sha256: $(sha256sum "$OUT/spillway" | cut -c1-16)"
 } | tee "$OUT/machine.txt"
 ulimit -n "$(ulimit -Hn)"
-args=(cost --spillway "$OUT/spillway" --secs "${SECS:-10}" --rounds "${ROUNDS:-3}" "$@")
+args=(cost --spillway "$OUT/spillway" --secs "${SECS:-10}" --rounds "${ROUNDS:-3}")
+if [[ ${FLOOR:-1} == 1 ]]; then args+=(--floor); fi
+args+=("$@")
 if [[ ${PIN:-1} == 1 && $(nproc) -ge 2 ]]; then
   # c=1 latency: all three processes on one CPU. On these VMs a wake-up
   # across CPUs costs ~90 µs (an IPI through the hypervisor): with the
