@@ -23,6 +23,7 @@
 //!   removed by the auth layer before the call was built.
 
 pub mod anthropic;
+pub mod client;
 pub mod vertex;
 
 use std::collections::HashMap;

@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use spillway_core::ModelId;
 use spillway_vertex::{to_vertex_body, vertex_path, Operation};
 
+use super::client::{SendError, UpstreamClient};
 use super::{ModelMissing, Provider, ProviderFuture, ProviderRequest};
 use crate::answer::ForwardError;
 use crate::config::{UpstreamAuth, UpstreamSettings};
@@ -96,7 +97,7 @@ impl std::fmt::Debug for CredentialSettings {
 /// The Vertex client: one connection pool for every location.
 #[derive(Debug, Clone)]
 pub struct Vertex {
-    client: reqwest::Client,
+    client: UpstreamClient,
     /// Replaced when Vertex rejects a token ([`Provider::refresh_credentials`]).
     tokens: Arc<RwLock<TokenSource>>,
     credentials: CredentialSettings,
@@ -116,7 +117,7 @@ struct Endpoints(RwLock<HashMap<String, ModelEndpoints>>);
 
 /// One location's endpoints by model; per model, one slot per
 /// ([`Operation`], streaming) pair ([`Endpoints::slot`]).
-type ModelEndpoints = HashMap<String, [Option<reqwest::Url>; 4]>;
+type ModelEndpoints = HashMap<String, [Option<http::Uri>; 4]>;
 
 impl Endpoints {
     fn slot(op: Operation, stream: bool) -> usize {
@@ -127,12 +128,12 @@ impl Endpoints {
         op + usize::from(stream)
     }
 
-    fn get(&self, region: &str, model: &str, op: Operation, stream: bool) -> Option<reqwest::Url> {
+    fn get(&self, region: &str, model: &str, op: Operation, stream: bool) -> Option<http::Uri> {
         let map = self.0.read().unwrap_or_else(|p| p.into_inner());
         map.get(region)?.get(model)?[Self::slot(op, stream)].clone()
     }
 
-    fn insert(&self, region: &str, model: &str, op: Operation, stream: bool, url: reqwest::Url) {
+    fn insert(&self, region: &str, model: &str, op: Operation, stream: bool, url: http::Uri) {
         let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
         map.entry(region.to_string())
             .or_default()
@@ -206,7 +207,7 @@ impl Vertex {
         } else {
             return Err(UpstreamInitError::NoProject);
         };
-        let client = upstream_client(settings)?;
+        let client = UpstreamClient::new(settings)?;
         Ok(Self {
             client,
             tokens: Arc::new(RwLock::new(tokens)),
@@ -254,11 +255,11 @@ impl Vertex {
         model: &str,
         op: Operation,
         stream: bool,
-    ) -> Result<reqwest::Url, ForwardError> {
+    ) -> Result<http::Uri, ForwardError> {
         if let Some(url) = self.endpoints.get(region, model, op, stream) {
             return Ok(url);
         }
-        let url = reqwest::Url::parse(&self.url(region, model, op, stream)).map_err(|_| {
+        let url = http::Uri::try_from(self.url(region, model, op, stream)).map_err(|_| {
             // The URL names the project: say only that it is malformed.
             tracing::error!(%region, "the configured upstream URL does not parse");
             ForwardError::UpstreamUnavailable {
@@ -280,25 +281,32 @@ impl Vertex {
 
     /// Sends one request; the caller interprets status and body.
     async fn send_one(&self, r: ProviderRequest<'_>) -> Result<reqwest::Response, ForwardError> {
-        let (region, stream, beta) = (r.location, r.stream, r.beta);
-        let mut request = self
-            .client
-            .post(self.endpoint(region, r.model.as_str(), r.op, stream)?)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(r.body);
-        if stream {
-            request = request.header(http::header::ACCEPT, "text/event-stream");
-        }
-        if let Some(beta) = beta {
-            request = request.header("anthropic-beta", beta);
+        use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+        let (region, stream) = (r.location, r.stream);
+        let uri = self.endpoint(region, r.model.as_str(), r.op, stream)?;
+        let mut request = http::Request::post(uri)
+            .body(http_body_util::Full::new(r.body))
+            .map_err(|_| ForwardError::UpstreamUnavailable {
+                region: region.to_string(),
+                reason: "invalid upstream request".into(),
+            })?;
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            ACCEPT,
+            // What reqwest sent by default, so Vertex sees the same request.
+            HeaderValue::from_static(if stream { "text/event-stream" } else { "*/*" }),
+        );
+        if let Some(beta) = r.beta {
+            headers.insert("anthropic-beta", beta);
         }
         if let Some(authorization) = self.current_tokens().authorization().await? {
-            request = request.header(http::header::AUTHORIZATION, authorization);
+            request.headers_mut().insert(AUTHORIZATION, authorization);
         }
-        request
-            .send()
+        self.client
+            .send(request)
             .await
-            .map_err(|e| classify_send_error(region, e))
+            .map_err(|e| classify_client_error(region, e))
     }
 }
 
@@ -400,6 +408,23 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ForwardError 
     }
 }
 
+/// [`classify_send_error`] for the Vertex path's own client: the same
+/// verdicts (timeout; connect failure; other transport error) and the same
+/// care to name neither the URL nor a header.
+fn classify_client_error(region: &str, error: SendError) -> ForwardError {
+    let region = region.to_string();
+    let reason = match &error {
+        SendError::Timeout => return ForwardError::UpstreamTimeout { region },
+        SendError::Connect(_) => "connection failed",
+        SendError::Transport(_) => "connection error",
+    };
+    tracing::warn!(%region, error = %error, cause = %causes(&error), "upstream transport error");
+    ForwardError::UpstreamUnavailable {
+        region,
+        reason: reason.into(),
+    }
+}
+
 /// The chain of `error`'s sources, outermost first, joined by `: `.
 fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = Vec::new();
@@ -436,7 +461,16 @@ mod tests {
 
     fn upstream() -> Vertex {
         Vertex {
-            client: crate::tls::http_client(),
+            client: UpstreamClient::new(
+                &crate::Settings::load_layers(
+                    &["[server]\nauth = \"none\"\n"],
+                    &[],
+                    Some(Default::default()),
+                )
+                .expect("the shipped defaults load")
+                .upstream,
+            )
+            .expect("the client builds"),
             tokens: Arc::new(RwLock::new(TokenSource::None)),
             credentials: CredentialSettings {
                 auth: UpstreamAuth::None,
@@ -485,9 +519,11 @@ mod tests {
         let count = u
             .endpoint("us-central1", "m@1", Operation::CountTokens, false)
             .unwrap();
-        assert!(unary.as_str().ends_with("/models/m@1:rawPredict"));
-        assert!(stream.as_str().ends_with("/models/m@1:streamRawPredict"));
-        assert!(count.as_str().ends_with("/models/count-tokens:rawPredict"));
+        assert!(unary.to_string().ends_with("/models/m@1:rawPredict"));
+        assert!(stream.to_string().ends_with("/models/m@1:streamRawPredict"));
+        assert!(count
+            .to_string()
+            .ends_with("/models/count-tokens:rawPredict"));
         // The second lookup is the cached one, and the same URL.
         assert_eq!(
             u.endpoints
