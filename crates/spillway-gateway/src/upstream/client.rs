@@ -180,3 +180,101 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    fn settings(read_timeout_ms: u64) -> UpstreamSettings {
+        let mut upstream = crate::Settings::load_layers(
+            &["[server]\nauth = \"none\"\n"],
+            &[],
+            Some(Default::default()),
+        )
+        .expect("the shipped defaults load")
+        .upstream;
+        upstream.read_timeout_ms = read_timeout_ms;
+        upstream
+    }
+
+    /// A server that reads one request and then writes `answer`, and then
+    /// holds the connection open without another byte.
+    async fn stalling_server(answer: &'static [u8]) -> http::Uri {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            socket.write_all(answer).await.unwrap();
+            std::future::pending::<()>().await;
+            drop(socket);
+        });
+        format!("http://{addr}/v1/x:rawPredict").parse().unwrap()
+    }
+
+    fn post(uri: http::Uri) -> http::Request<Full<Bytes>> {
+        http::Request::post(uri)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_response_head_within_the_read_timeout_is_a_timeout() {
+        let client = UpstreamClient::new(&settings(30_000)).unwrap();
+        let uri = stalling_server(b"").await;
+        let started = Instant::now();
+        let sent = client.send(post(uri)).await;
+        assert!(matches!(sent, Err(SendError::Timeout)), "{sent:?}");
+        assert!(started.elapsed() >= Duration::from_secs(30));
+    }
+
+    // On the real clock: with a paused one, the runtime could skip ahead to
+    // the deadline while the answer's head is still in the socket.
+    #[tokio::test]
+    async fn a_body_read_that_stalls_past_the_read_timeout_is_a_reqwest_timeout() {
+        let client = UpstreamClient::new(&settings(300)).unwrap();
+        let uri = stalling_server(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await;
+        let response = client.send(post(uri)).await.expect("the head arrives");
+        assert_eq!(response.status(), 200);
+        let started = Instant::now();
+        // The outer bound only turns a missing read timeout into a failure
+        // rather than a hang.
+        let error = tokio::time::timeout(Duration::from_secs(20), response.bytes())
+            .await
+            .expect("the read timeout ends the read")
+            .expect_err("the body never ends");
+        assert!(error.is_timeout(), "{error:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_arrives_with_its_status_headers_and_body() {
+        let client = UpstreamClient::new(&settings(30_000)).unwrap();
+        let uri = stalling_server(
+            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await;
+        let response = client.send(post(uri)).await.unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(&response.bytes().await.unwrap()[..], b"{}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_failure() {
+        let client = UpstreamClient::new(&settings(30_000)).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let uri: http::Uri = format!("http://127.0.0.1:{port}/x").parse().unwrap();
+        let sent = client.send(post(uri)).await;
+        assert!(matches!(sent, Err(SendError::Connect(_))), "{sent:?}");
+    }
+}
