@@ -120,7 +120,8 @@ impl UpstreamClient {
             reqwest::Body::wrap(ReadTimeout {
                 inner: body,
                 timeout,
-                sleep: Box::pin(tokio::time::sleep(timeout)),
+                last_read: Instant::now(),
+                timer: None,
             })
         })))
     }
@@ -140,11 +141,15 @@ fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A body whose every read must make progress within `timeout`.
+/// A body whose every read must make progress within `timeout`. As the
+/// client's request body ([`crate::client_limits::PacedBody`]), the timer
+/// is armed only when a read has to wait: a unary answer that is already in
+/// the socket never registers one.
 struct ReadTimeout<B> {
     inner: B,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    last_read: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Body for ReadTimeout<B>
@@ -161,11 +166,17 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            let deadline = Instant::now() + this.timeout;
-            this.sleep.as_mut().reset(deadline);
+            this.last_read = Instant::now();
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        ready!(this.sleep.as_mut().poll(cx));
+        let at = this.last_read + this.timeout;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        ready!(timer.as_mut().poll(cx));
         Poll::Ready(Some(Err(Box::new(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "upstream read timed out",
