@@ -367,10 +367,11 @@ impl Provider for Vertex {
     }
 }
 
-/// The HTTP client every provider sends with, from `[upstream]`: connect
-/// and read timeouts but no total one (streams run for minutes), pooled,
-/// no redirects followed and no proxy from the environment (hosts come
-/// only from config).
+/// The reqwest client the other providers (Anthropic) send with, from
+/// `[upstream]`: connect and read timeouts but no total one (streams run
+/// for minutes), pooled, no redirects followed and no proxy from the
+/// environment (hosts come only from config). Vertex itself sends on
+/// [`UpstreamClient`], built from the same settings.
 pub fn upstream_client(settings: &UpstreamSettings) -> Result<reqwest::Client, UpstreamInitError> {
     crate::tls::http_client_builder()
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
