@@ -174,11 +174,15 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     // u128 and i128 fall to `record_debug`: a quoted string, as in `json()`.
@@ -192,7 +196,10 @@ impl Visit for Fields<'_, '_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
         // JSON has no NaN or infinity; serde_json writes them as null too.
         if value.is_finite() {
-            self.member(field, |out| write!(out, "{value}"));
+            // ryu's shortest form, as serde_json (and so `json()`) writes it.
+            self.member(field, |out| {
+                out.write_str(ryu::Buffer::new().format_finite(value))
+            });
         } else {
             self.member(field, |out| out.write_str("null"));
         }
@@ -260,6 +267,9 @@ mod tests {
             big = u128::MAX,
             ok = true,
             latency_ms = 1.25f64,
+            // A whole number stays a float (`0.0`), as serde_json writes it.
+            cost_usd = 0.0f64,
+            tokens = 1e21f64,
             nan = f64::NAN,
             odd = %Odd,
             debug = ?vec!["a", "b"],
