@@ -47,10 +47,10 @@ pub enum SendError {
     #[error("timed out")]
     Timeout,
     /// The connection could not be made (refused, unreachable, TLS).
-    #[error("connection failed: {0}")]
+    #[error("connection failed")]
     Connect(#[source] hyper_util::client::legacy::Error),
     /// The connection broke while the request was sent or the head read.
-    #[error("connection error: {0}")]
+    #[error("connection error")]
     Transport(#[source] hyper_util::client::legacy::Error),
 }
 
@@ -193,12 +193,13 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
-    fn settings(read_timeout_ms: u64) -> UpstreamSettings {
+    /// The shipped `[upstream]` defaults with this read timeout.
+    pub(in crate::upstream) fn settings(read_timeout_ms: u64) -> UpstreamSettings {
         let mut upstream = crate::Settings::load_layers(
             &["[server]\nauth = \"none\"\n"],
             &[],

@@ -284,12 +284,9 @@ impl Vertex {
         use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
         let (region, stream) = (r.location, r.stream);
         let uri = self.endpoint(region, r.model.as_str(), r.op, stream)?;
-        let mut request = http::Request::post(uri)
-            .body(http_body_util::Full::new(r.body))
-            .map_err(|_| ForwardError::UpstreamUnavailable {
-                region: region.to_string(),
-                reason: "invalid upstream request".into(),
-            })?;
+        let mut request = http::Request::new(http_body_util::Full::new(r.body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
         let headers = request.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
@@ -397,29 +394,36 @@ pub fn classify_send_error(region: &str, error: reqwest::Error) -> ForwardError 
         } else {
             "connection error"
         };
-        // The causes say what broke (a refused connection, an untrusted
-        // certificate); reqwest's own message is only "error sending
-        // request". None of them carries the URL or a header.
-        let error = error.without_url();
-        tracing::warn!(%region, error = %error, cause = %causes(&error), "upstream transport error");
-        ForwardError::UpstreamUnavailable {
-            region,
-            reason: reason.into(),
-        }
+        transport_failure(region, reason, &error.without_url())
     }
 }
 
 /// [`classify_send_error`] for the Vertex path's own client: the same
-/// verdicts (timeout; connect failure; other transport error) and the same
-/// care to name neither the URL nor a header.
+/// verdicts (timeout; connect failure; other transport error).
 fn classify_client_error(region: &str, error: SendError) -> ForwardError {
-    let region = region.to_string();
     let reason = match &error {
-        SendError::Timeout => return ForwardError::UpstreamTimeout { region },
+        SendError::Timeout => {
+            return ForwardError::UpstreamTimeout {
+                region: region.to_string(),
+            }
+        }
         SendError::Connect(_) => "connection failed",
         SendError::Transport(_) => "connection error",
     };
-    tracing::warn!(%region, error = %error, cause = %causes(&error), "upstream transport error");
+    transport_failure(region.to_string(), reason, &error)
+}
+
+/// A transport failure, logged with what broke and turned into a
+/// client-facing error. The causes say what broke (a refused connection,
+/// an untrusted certificate) where the clients' own messages are only
+/// "error sending request"; neither they nor `error` carry the URL (which
+/// names the project) or a header.
+fn transport_failure(
+    region: String,
+    reason: &'static str,
+    error: &(dyn std::error::Error + 'static),
+) -> ForwardError {
+    tracing::warn!(%region, error = %error, cause = %causes(error), "upstream transport error");
     ForwardError::UpstreamUnavailable {
         region,
         reason: reason.into(),
@@ -462,16 +466,8 @@ mod tests {
 
     fn upstream() -> Vertex {
         Vertex {
-            client: UpstreamClient::new(
-                &crate::Settings::load_layers(
-                    &["[server]\nauth = \"none\"\n"],
-                    &[],
-                    Some(Default::default()),
-                )
-                .expect("the shipped defaults load")
-                .upstream,
-            )
-            .expect("the client builds"),
+            client: UpstreamClient::new(&super::super::client::tests::settings(30_000))
+                .expect("the client builds"),
             tokens: Arc::new(RwLock::new(TokenSource::None)),
             credentials: CredentialSettings {
                 auth: UpstreamAuth::None,
