@@ -202,8 +202,9 @@ impl Bench {
         let run = Run::start(self.target(via, stream), conns).await?;
         tokio::time::sleep(Duration::from_secs(self.args.warmup_secs)).await;
         let ticks = |pid: u32| proc_figures(pid).map(|p| p.cpu_ticks).unwrap_or(0);
-        let (gw, up) = (self.gateway.pid, self.upstream_pid);
-        let gw = self.proxy(via).map_or(gw, |p| p.pid);
+        // On the direct path the gateway's ticks are read but not used.
+        let gw = self.proxy(via).unwrap_or(self.gateway).pid;
+        let up = self.upstream_pid;
         let (outcome, start, end) = run
             .measure(
                 Duration::from_secs(self.args.secs),
