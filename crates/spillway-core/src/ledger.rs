@@ -31,6 +31,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::capacity::GiveBack;
+
 /// Limits for one window. `tokens` bounds input + output; the split limits
 /// mirror Vertex's separate input and output token quotas when configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +216,7 @@ impl Ledger {
             self.entries.pop_front();
             self.first_id += 1;
         }
+        self.entries.give_back();
     }
 
     /// Usage in the window ending at `now`, reservations included.
@@ -399,6 +402,25 @@ mod tests {
             Some(W + Duration::from_nanos(1))
         );
         assert!(l.reserve(c(1), W + Duration::from_nanos(1)).is_some());
+    }
+
+    #[test]
+    fn a_peak_leaves_no_capacity_behind_and_ids_hold() {
+        let mut l = Ledger::new(W, Limits::new(20_000, 1_000_000));
+        for i in 0..10_000 {
+            assert!(l.reserve(c(1), secs(i as f64 / 1_000.0)).is_some());
+        }
+        let peak = l.entries.capacity();
+        let late = l.reserve(c(5), secs(30.0)).unwrap();
+        // Once the peak's entries leave the window, so does their room.
+        assert_eq!(l.usage(secs(70.5)).requests, 1);
+        assert!(
+            l.entries.capacity() <= 64,
+            "{peak} -> {}",
+            l.entries.capacity()
+        );
+        l.settle(late, c(2));
+        assert_eq!(l.usage(secs(70.5)).input, 2);
     }
 
     #[test]

@@ -27,9 +27,11 @@
 //!   refilling token buckets, exact, and what its rate-limit headers teach.
 //! - [`spend`]: what a request cost, from its tokens and the model's
 //!   prices, in exact integer picodollars; UTC days and months; spend caps.
+//! - [`capacity`]: request logs give back the capacity a peak grew.
 
 pub mod adaptive;
 pub mod bucket;
+pub mod capacity;
 pub mod catalog;
 pub mod estimate;
 pub mod image;

@@ -31,6 +31,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::capacity::GiveBack;
+
 /// The recent-rate horizon: demand is at least the arrivals of the last
 /// `window / RATE_SLICES`, scaled to the window.
 const RATE_SLICES: u32 = 12;
@@ -91,6 +93,7 @@ impl Window {
                 }
             }
         }
+        self.entries.give_back();
         if self.entries.is_empty() {
             // No float drift survives an empty window.
             self.sum = 0.0;

@@ -47,6 +47,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use spillway_core::capacity::GiveBack;
 use spillway_core::ledger::Charge;
 use spillway_core::shares::{InteractiveReserve, PoolShares, ShareDecision, TenantShare};
 use spillway_core::store::{Denial, Grant, Outcome, QuotaStore, ReserveRequest, Strategy};
@@ -182,6 +183,7 @@ impl WaitQueue {
     fn remove(&mut self, ticket: &Ticket) {
         self.waiting.remove(ticket);
         self.owners.remove(&ticket.2);
+        self.owners.give_back();
         if self.head_blocked.is_some_and(|(t, ..)| t == *ticket) {
             self.head_blocked = None;
         }
@@ -358,6 +360,7 @@ impl Scheduler {
         let a = list.swap_remove(i);
         if list.is_empty() {
             q.admissions.remove(&key);
+            q.admissions.give_back();
         }
         let reserved = a.charge.total().max(1) as f64;
         let cost = match outcome {
@@ -791,6 +794,56 @@ mod tests {
         assert!(
             waited < Duration::from_secs(2),
             "woken by the refund, waited {waited:?}"
+        );
+    }
+
+    /// A peak of unsettled admissions leaves no capacity behind once they
+    /// settle (BENCHMARKS.md, "Soak": 896 KiB after 9,000 streams).
+    #[tokio::test(start_paused = true)]
+    async fn settled_admissions_give_their_room_back() {
+        let configs = [BudgetConfig {
+            group: S45.into(),
+            bucket: S45.into(),
+            region: "global".into(),
+            limits: Limits::new(100_000, 100_000_000),
+        }];
+        let store = MemoryStore::new(
+            TokioClock(Instant::now()),
+            Duration::from_secs(60),
+            AdaptiveConfig::default(),
+            &configs,
+        );
+        let scheduler = Scheduler::new(Arc::new(store), &[S45.into()], 8)
+            .with_sharing(Duration::from_secs(60), InteractiveReserve::default());
+        let mut grants = Vec::new();
+        for _ in 0..5_000 {
+            grants.push(scheduler.admit(&demand(S45)).await.unwrap());
+        }
+        let room = |s: &Scheduler| {
+            s.queues[&QuotaGroup::from(S45)]
+                .lock()
+                .admissions
+                .capacity()
+        };
+        let peak = room(&scheduler);
+        assert!(peak >= 5_000);
+        for grant in &grants[10..] {
+            let used = Charge {
+                input: 5,
+                output: 5,
+            };
+            scheduler.settle(grant, Outcome::Used(used)).await;
+        }
+        assert!(room(&scheduler) <= 64, "{peak} -> {}", room(&scheduler));
+        for grant in &grants[..10] {
+            scheduler.settle(grant, Outcome::NotSent).await;
+        }
+        assert_eq!(
+            scheduler.queues[&QuotaGroup::from(S45)]
+                .lock()
+                .admissions
+                .len(),
+            0
         );
     }
 
