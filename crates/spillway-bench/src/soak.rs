@@ -24,13 +24,16 @@
 //! (`/proc/PID/stat`) and from `GET /metrics` the open-stream gauge
 //! (`spillway_open_streams`) and the in-flight reservations
 //! (`spillway_budget_reserved`, requests and tokens); RSS and descriptors
-//! of the simulator and the client too. Phases: **idle** (before any
-//! request), **load** (while streams are open), **after** (the client has
-//! exited; sampled for `--settle-secs`, 200 s by default: pooled upstream
-//! connections idle 90 s are closed by a reaper that runs every 90 s).
+//! of the simulator and the client too. Phases: **idle** (after a warm-up
+//! of `--warmup` short streams, so a gateway that has served; the cold
+//! start before them is sampled and reported beside it), **load** (while
+//! streams are open), **after** (the client has exited; sampled for
+//! `--settle-secs`, 300 s by default: pooled upstream connections idle 90 s
+//! are closed by a reaper that runs every 90 s, and RSS settles in about a
+//! minute after that).
 //!
-//! Then it checks that nothing was lost: the gauges are back at their idle
-//! values; every stream the simulator started was recorded by the gateway
+//! Then it checks that nothing was lost, counting from idle (the warm-up
+//! is not the run's): the gauges are back at their idle values; every stream the simulator started was recorded by the gateway
 //! as ended (`spillway_requests_total` with outcome `ok`, `client_gone` or
 //! `stream_error`) and counted as a 200 from upstream; completed streams
 //! agree across simulator, gateway and client; the client's drops are the
@@ -87,9 +90,17 @@ pub struct Args {
     pub sample_secs: u64,
     /// Seconds sampled after the last stream ended. The upstream pool closes
     /// idle connections 90 s after their last use, but its reaper only runs
-    /// every 90 s, so they can stay up to ~180 s.
-    #[arg(long, default_value_t = 200)]
+    /// every 90 s, so they can stay up to ~180 s; RSS then takes about a
+    /// minute more to settle (threads' caches, the windows' last entries).
+    #[arg(long, default_value_t = 300)]
     pub settle_secs: u64,
+    /// Streams sent, all at once, before the idle sample (each two tokens
+    /// long), so that idle is a gateway that has served: its request path's
+    /// code paged in and its first-use state (metric series, pooled
+    /// buffers, thread caches) built. The cold start before them is
+    /// reported too. 0 takes idle cold.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
     /// A short run: 200 streams for 10 s, 5% dropped every 2 s, 1-s samples,
     /// 15-s settle (overrides those flags). Not a measurement; a check that
     /// the soak works.
@@ -383,9 +394,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         t0: Instant::now(),
     };
 
-    // 3. Idle: a few seconds after start, before any request.
+    // 3. Idle: a few seconds after start, cold; then after a warm-up.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let cold = watch.sample(Phase::Idle, None, 0).await?;
+    print!("cold start: ");
+    print_sample(&cold);
+    if args.warmup > 0 {
+        warm_up(&gw_addr, args.warmup).await?;
+        // Idle holds no connection: the upstream pool's (idle up to twice
+        // its 90-s timeout) must have closed too.
+        let waited = Instant::now();
+        while proc_figures(gateway_pid)?.fds > cold.gateway.fds
+            && waited.elapsed() < Duration::from_secs(args.settle_secs)
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        println!(
+            "warm-up: connections closed after {:.0} s",
+            waited.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let idle_metrics = watch.metrics().await?;
+    let idle_sim = sim_counters(&http, &sim_url).await?;
     let idle = watch.sample(Phase::Idle, None, 0).await?;
     print_sample(&idle);
     let mut samples = vec![idle];
@@ -472,12 +503,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         samples.push(s);
     }
     let final_metrics = watch.metrics().await?;
-    let sim_counters: Value = http
-        .get(format!("{sim_url}/_sim/counters"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let final_sim = sim_counters(&http, &sim_url).await?;
     if let Some(g) = children.gateway.as_mut() {
         stop(g).await;
     }
@@ -486,9 +512,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         args: &args,
         samples: &samples,
+        cold,
         idle_metrics: &idle_metrics,
         final_metrics: &final_metrics,
-        sim_counters: &sim_counters,
+        idle_sim: &idle_sim,
+        final_sim: &final_sim,
         client: &client_final,
         limits: &limits,
         load_seconds: load_ended - load_started,
@@ -502,6 +530,52 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bail!("the soak found a mismatch (see MISMATCH above)");
     }
     Ok(())
+}
+
+/// `n` streaming requests through the gateway, four at a time, each read to
+/// its end, on connections that close after their request.
+async fn warm_up(gw_addr: &str, n: usize) -> anyhow::Result<()> {
+    let http = spillway_gateway::tls::http_client_builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let body = json!({
+        "model": HAIKU,
+        "max_tokens": 2,
+        "stream": true,
+        "messages": [{"role": "user", "content": "Soak warm-up. SIM_OUTPUT_TOKENS=2"}],
+    });
+    let one = |_| async {
+        let response = http
+            .post(format!("http://{gw_addr}/v1/messages"))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() || !text.contains("message_stop") {
+            bail!("warm-up stream: {status}: {text}");
+        }
+        anyhow::Ok(())
+    };
+    use futures::{StreamExt as _, TryStreamExt as _};
+    futures::stream::iter(0..n)
+        .map(one)
+        .buffer_unordered(4)
+        .try_collect::<()>()
+        .await?;
+    println!("warm-up: {n} streams served");
+    Ok(())
+}
+
+async fn sim_counters(http: &reqwest::Client, sim_url: &str) -> anyhow::Result<Value> {
+    Ok(http
+        .get(format!("{sim_url}/_sim/counters"))
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 fn csv(samples: &[Sample]) -> String {
@@ -535,9 +609,12 @@ fn csv(samples: &[Sample]) -> String {
 struct Report<'a> {
     args: &'a Args,
     samples: &'a [Sample],
+    /// Before the warm-up (`samples[0]`, idle, is after it).
+    cold: Sample,
     idle_metrics: &'a Metrics,
     final_metrics: &'a Metrics,
-    sim_counters: &'a Value,
+    idle_sim: &'a Value,
+    final_sim: &'a Value,
     client: &'a Value,
     limits: &'a [(&'static str, String)],
     load_seconds: f64,
@@ -699,19 +776,31 @@ impl Report<'_> {
         );
         let rss_ok = full_rss_max <= 400 * 1024;
         let after_ok = last_after.gateway.rss_kib as f64 <= 1.2 * idle.gateway.rss_kib as f64;
+        let over = |base: &Sample| {
+            (last_after.gateway.rss_kib as f64 / base.gateway.rss_kib as f64 - 1.0) * 100.0
+        };
         let _ = writeln!(
             s,
-            "RSS at full load ≤ 400 MiB: **{}** (max sample {:.1} MiB). Back within 20% of idle after the run: **{}** ({:.1} MiB vs idle {:.1}, limit {:.1}; {}).\n",
+            "RSS at full load ≤ 400 MiB: **{}** (max sample {:.1} MiB). Back within 20% of idle after the run: **{}** ({:.1} MiB vs idle {:.1}, {:+.0}%, limit {:.1}; {}).\n",
             if rss_ok { "met" } else { "missed" },
             mib(full_rss_max),
             if after_ok { "met" } else { "missed" },
             mib(last_after.gateway.rss_kib),
             mib(idle.gateway.rss_kib),
+            over(&idle),
             mib(idle.gateway.rss_kib) * 1.2,
             match back_within_20 {
                 Some(t) => format!("first within at +{t:.0} s"),
                 None => "never within during the settle".into(),
             }
+        );
+        let _ = writeln!(
+            s,
+            "Idle is after a warm-up of {} streams. The cold start before them: RSS {:.1} MiB, {} fds; after the run is {:+.0}% over it.\n",
+            a.warmup,
+            mib(self.cold.gateway.rss_kib),
+            self.cold.gateway.fds,
+            over(&self.cold),
         );
 
         // The allocator's own account, idle vs after: live heap (allocated)
@@ -739,7 +828,11 @@ impl Report<'_> {
         let c = |k: &str| self.client[k].as_u64().unwrap_or(0);
         let fm = self.final_metrics;
         let im = self.idle_metrics;
-        let outcome = |o: &str| fm.sum("spillway_requests_total", &[("outcome", o)]) as u64;
+        // Counted since idle: the warm-up's requests are not the run's.
+        let since_idle = |name: &str, labels: &[(&str, &str)]| {
+            (fm.sum(name, labels) - im.sum(name, labels)) as u64
+        };
+        let outcome = |o: &str| since_idle("spillway_requests_total", &[("outcome", o)]);
         let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
         for (name, labels, v) in &fm.0 {
             if name == "spillway_requests_total" {
@@ -749,6 +842,18 @@ impl Report<'_> {
                     .map(|o| o.trim_end_matches('"').to_string())
                     .unwrap_or_default();
                 *outcomes.entry(o).or_default() += *v as u64;
+            }
+        }
+        for (name, labels, v) in &im.0 {
+            if name == "spillway_requests_total" {
+                if let Some(o) = labels
+                    .split(',')
+                    .find_map(|p| p.strip_prefix("outcome=\""))
+                    .map(|o| o.trim_end_matches('"').to_string())
+                {
+                    let n = outcomes.entry(o).or_default();
+                    *n = n.saturating_sub(*v as u64);
+                }
             }
         }
         let _ = writeln!(
@@ -777,15 +882,17 @@ impl Report<'_> {
                 .join(", ")
         );
 
-        let sc = self.sim_counters;
-        let sim_started = sim_total(sc, "streams_started");
-        let sim_completed = sim_total(sc, "streams_completed");
-        let sim_input = sim_total(sc, "input_tokens")
-            + sim_total(sc, "cache_read_input_tokens")
-            + sim_total(sc, "cache_creation_input_tokens");
-        let upstream_200 = fm.sum("spillway_upstream_requests_total", &[("status", "200")]) as u64;
+        let sim = |field: &str| {
+            sim_total(self.final_sim, field).saturating_sub(sim_total(self.idle_sim, field))
+        };
+        let sim_started = sim("streams_started");
+        let sim_completed = sim("streams_completed");
+        let sim_input = sim("input_tokens")
+            + sim("cache_read_input_tokens")
+            + sim("cache_creation_input_tokens");
+        let upstream_200 = since_idle("spillway_upstream_requests_total", &[("status", "200")]);
         let gw_ended = outcome("ok") + outcome("client_gone") + outcome("stream_error");
-        let gw_input = fm.sum("spillway_tokens_total", &[("kind", "actual_input")]) as u64;
+        let gw_input = since_idle("spillway_tokens_total", &[("kind", "actual_input")]);
         let checks: Vec<(String, bool)> = vec![
             (
                 format!(
