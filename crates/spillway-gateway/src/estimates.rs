@@ -23,6 +23,8 @@ use spillway_core::learn::{
 };
 use spillway_core::{ModelId, ModelSpec, Rates};
 
+use crate::fast_hash::FastHash;
+
 /// How the output side of a request is reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,11 +52,11 @@ struct Learned {
     input: InputModel,
     /// Prompt prefixes answers showed cached: (fingerprint, location) →
     /// when.
-    cached: HashMap<(u64, Arc<str>), Instant>,
+    cached: HashMap<(u64, Arc<str>), Instant, FastHash>,
     /// The model's outputs by `max_tokens` class, for tenants with no
     /// history of their own.
     output: OutputModel,
-    by_tenant: HashMap<Arc<str>, OutputModel>,
+    by_tenant: HashMap<Arc<str>, OutputModel, FastHash>,
 }
 
 /// Per-model estimate learning.
@@ -63,7 +65,7 @@ pub struct EstimateLearner {
     learn: bool,
     output_reserve: OutputReserve,
     quantile: Quantile,
-    models: HashMap<ModelId, Mutex<Learned>>,
+    models: HashMap<ModelId, Mutex<Learned>, FastHash>,
 }
 
 impl EstimateLearner {
@@ -78,9 +80,9 @@ impl EstimateLearner {
             .map(|m| {
                 let learned = Learned {
                     input: InputModel::new(Rates::prior(m.chars_per_token), quantile),
-                    cached: HashMap::new(),
+                    cached: HashMap::default(),
                     output: OutputModel::default(),
-                    by_tenant: HashMap::new(),
+                    by_tenant: HashMap::default(),
                 };
                 (m.id.clone(), Mutex::new(learned))
             })

@@ -22,6 +22,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod estimates;
+pub mod fast_hash;
 pub mod feed;
 pub mod forwarder;
 pub mod ids;

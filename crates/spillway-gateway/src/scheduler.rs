@@ -55,6 +55,8 @@ use spillway_core::QuotaGroup;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::fast_hash::FastHash;
+
 /// Scheduling class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Priority {
@@ -143,16 +145,16 @@ struct Owner {
 #[derive(Default)]
 struct WaitQueue {
     waiting: BTreeSet<Ticket>,
-    owners: HashMap<u64, Owner>,
+    owners: HashMap<u64, Owner, FastHash>,
     shares: PoolShares,
     /// Admissions not yet settled, by (location, store entry).
-    admissions: HashMap<(Arc<str>, u64), Vec<Admitted>>,
+    admissions: HashMap<(Arc<str>, u64), Vec<Admitted>, FastHash>,
     /// The first waiter under its share last found no room for its
     /// charge (of this priority and pool cost): a smaller waiter over its
     /// share may backfill what room there is.
     head_blocked: Option<(Ticket, Priority, f64)>,
     /// Each tenant's last finish tag.
-    tenant_tags: HashMap<Arc<str>, f64>,
+    tenant_tags: HashMap<Arc<str>, f64, FastHash>,
     /// Virtual time: the start tag of the last admitted waiter.
     virtual_time: f64,
     next_seq: u64,
@@ -245,10 +247,10 @@ impl Drop for Waiting<'_> {
 pub struct Scheduler {
     store: Arc<dyn QuotaStore>,
     /// One wait queue per requester (a model's key). Built once.
-    queues: HashMap<QuotaGroup, GroupQueue>,
+    queues: HashMap<QuotaGroup, GroupQueue, FastHash>,
     max_queue: usize,
     /// The admission-decision histogram's handle for each requester.
-    decision_seconds: HashMap<QuotaGroup, prometheus::Histogram>,
+    decision_seconds: HashMap<QuotaGroup, prometheus::Histogram, FastHash>,
     sharing: Option<InteractiveReserve>,
     /// The origin of the times [`PoolShares`] is given.
     epoch: Instant,
@@ -273,7 +275,7 @@ impl Scheduler {
             store,
             queues,
             max_queue,
-            decision_seconds: HashMap::new(),
+            decision_seconds: HashMap::default(),
             sharing: None,
             epoch: Instant::now(),
         }
