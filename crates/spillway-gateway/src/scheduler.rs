@@ -799,22 +799,27 @@ mod tests {
         );
     }
 
-    /// A peak of unsettled admissions leaves no capacity behind once they
-    /// settle (BENCHMARKS.md, "Soak": 896 KiB after 9,000 streams).
-    #[tokio::test(start_paused = true)]
-    async fn settled_admissions_give_their_room_back() {
+    /// A store with one Sonnet 4.5 budget on `global`.
+    fn one_budget(limits: Limits) -> MemoryStore<TokioClock> {
         let configs = [BudgetConfig {
             group: S45.into(),
             bucket: S45.into(),
             region: "global".into(),
-            limits: Limits::new(100_000, 100_000_000),
+            limits,
         }];
-        let store = MemoryStore::new(
+        MemoryStore::new(
             TokioClock(Instant::now()),
             Duration::from_secs(60),
             AdaptiveConfig::default(),
             &configs,
-        );
+        )
+    }
+
+    /// A peak of unsettled admissions leaves no capacity behind once they
+    /// settle (BENCHMARKS.md, "Soak": 896 KiB after 9,000 streams).
+    #[tokio::test(start_paused = true)]
+    async fn settled_admissions_give_their_room_back() {
+        let store = one_budget(Limits::new(100_000, 100_000_000));
         let scheduler = Scheduler::new(Arc::new(store), &[S45.into()], 8)
             .with_sharing(Duration::from_secs(60), InteractiveReserve::default());
         let mut grants = Vec::new();
@@ -853,18 +858,7 @@ mod tests {
     /// longest has; a waiter that leaves is no longer counted.
     #[tokio::test(start_paused = true)]
     async fn queue_state_counts_waiters_and_their_longest_wait() {
-        let configs = [BudgetConfig {
-            group: S45.into(),
-            bucket: S45.into(),
-            region: "global".into(),
-            limits: Limits::new(1, 1_000),
-        }];
-        let store = MemoryStore::new(
-            TokioClock(Instant::now()),
-            Duration::from_secs(60),
-            AdaptiveConfig::default(),
-            &configs,
-        );
+        let store = one_budget(Limits::new(1, 1_000));
         let scheduler = Arc::new(Scheduler::new(Arc::new(store), &[S45.into()], 8));
         assert_eq!(scheduler.queue_state(&S45.into()), QueueState::default());
         let _first = scheduler.admit(&demand(S45)).await.unwrap();
