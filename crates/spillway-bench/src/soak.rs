@@ -33,7 +33,8 @@
 //! minute after that).
 //!
 //! Then it checks that nothing was lost, counting from idle (the warm-up
-//! is not the run's): the gauges are back at their idle values; every stream the simulator started was recorded by the gateway
+//! is not the run's): the gauges are back at their idle values; every
+//! stream the simulator started was recorded by the gateway
 //! as ended (`spillway_requests_total` with outcome `ok`, `client_gone` or
 //! `stream_error`) and counted as a 200 from upstream; completed streams
 //! agree across simulator, gateway and client; the client's drops are the
@@ -94,7 +95,7 @@ pub struct Args {
     /// minute more to settle (threads' caches, the windows' last entries).
     #[arg(long, default_value_t = 300)]
     pub settle_secs: u64,
-    /// Streams sent, all at once, before the idle sample (each two tokens
+    /// Streams sent before the idle sample, four at a time (each two tokens
     /// long), so that idle is a gateway that has served: its request path's
     /// code paged in and its first-use state (metric series, pooled
     /// buffers, thread caches) built. The cold start before them is
@@ -833,29 +834,22 @@ impl Report<'_> {
             (fm.sum(name, labels) - im.sum(name, labels)) as u64
         };
         let outcome = |o: &str| since_idle("spillway_requests_total", &[("outcome", o)]);
-        let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
-        for (name, labels, v) in &fm.0 {
-            if name == "spillway_requests_total" {
-                let o = labels
-                    .split(',')
-                    .find_map(|p| p.strip_prefix("outcome=\""))
-                    .map(|o| o.trim_end_matches('"').to_string())
-                    .unwrap_or_default();
-                *outcomes.entry(o).or_default() += *v as u64;
-            }
-        }
-        for (name, labels, v) in &im.0 {
-            if name == "spillway_requests_total" {
-                if let Some(o) = labels
-                    .split(',')
-                    .find_map(|p| p.strip_prefix("outcome=\""))
-                    .map(|o| o.trim_end_matches('"').to_string())
-                {
-                    let n = outcomes.entry(o).or_default();
-                    *n = n.saturating_sub(*v as u64);
+        // `spillway_requests_total` by outcome, counted since idle.
+        let by_outcome = |m: &Metrics, sign: i64, into: &mut BTreeMap<String, i64>| {
+            for (name, labels, v) in &m.0 {
+                if name == "spillway_requests_total" {
+                    let o = labels
+                        .split(',')
+                        .find_map(|p| p.strip_prefix("outcome=\""))
+                        .map(|o| o.trim_end_matches('"').to_string())
+                        .unwrap_or_default();
+                    *into.entry(o).or_default() += sign * *v as i64;
                 }
             }
-        }
+        };
+        let mut outcomes = BTreeMap::new();
+        by_outcome(fm, 1, &mut outcomes);
+        by_outcome(im, -1, &mut outcomes);
         let _ = writeln!(
             s,
             "Client: {} requests, peak {} open, {} completed, {} dropped mid-stream and reconnected, {} HTTP errors, {} stream errors, {} unfinished, {} events read{}.",
